@@ -1,0 +1,173 @@
+"""The ``cai`` command line: ``cai run | validate | config | model``.
+
+Configuration is one rule everywhere: defaults < ``--config`` (a preset name or a YAML
+file) < ``KEY=VALUE`` overrides such as ``engine.batch_size=8`` (values read as YAML).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+
+from cai.errors import CaiError
+
+
+def _fields_epilog() -> str:
+    from cai.config import describe, list_presets
+
+    lines = ["config fields (override with KEY=VALUE, values read as YAML):"]
+    for name, default, help_ in describe():
+        lines.append(f"  {name} = {default}")
+        lines += textwrap.wrap(help_, 72, initial_indent="      ", subsequent_indent="      ")
+    lines.append("")
+    lines.append("presets: " + ", ".join(list_presets()))
+    return "\n".join(lines)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="preset name (see `cai config --presets`) or YAML file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. engine.batch_size=8")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cai import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="cai",
+        description="Constitutional AI: critique/revision data, SFT, AI feedback, preference "
+        "models, RL and evaluation, from a constitution and red-team prompts.",
+    )
+    parser.add_argument("--version", action="version", version=f"cai {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser(
+        "run", help="run the pipeline's stages into a run directory (skips finished stages)",
+        description="Run the configured stages. With no arguments: the cpu-tiny preset on the "
+        "embedded SmolLM2-135M-Instruct, offline.", epilog=_fields_epilog(), formatter_class=fmt,
+    )
+    _add_config_args(p)
+    p.add_argument("--force", action="store_true", help="rerun stages even if finished (the request cache still applies)")
+
+    p = sub.add_parser(
+        "validate", help="check a config, constitution or prompt file without running anything",
+        description="Check a config (and the constitution and prompt sets it names), or single "
+        "files given with --constitution / --prompts. Exits non-zero on the first problem.",
+        epilog=_fields_epilog(), formatter_class=fmt,
+    )
+    _add_config_args(p)
+    p.add_argument("--constitution", help="check only this constitution file (cai YAML, Anthropic or HF JSON)")
+    p.add_argument("--prompts", help="check only this prompt file or directory")
+
+    p = sub.add_parser(
+        "config", help="print the resolved config, its fields, or the presets",
+        description="Print the resolved configuration as YAML.", epilog=_fields_epilog(), formatter_class=fmt,
+    )
+    _add_config_args(p)
+    p.add_argument("--presets", action="store_true", help="list the shipped presets")
+
+    p = sub.add_parser(
+        "model", help="resolve a model name to a local checkpoint (converts the embedded default once)",
+        description="Resolve 'default', a directory or a hub id and print the checkpoint path.",
+    )
+    p.add_argument("name", nargs="?", default="default", help="model name (default: the embedded SmolLM2-135M-Instruct)")
+    return parser
+
+
+def _default_config(args) -> str:
+    from cai.config import resolve_config_path
+
+    if args.config:
+        return args.config
+    resolve_config_path("cpu-tiny")
+    return "cpu-tiny"
+
+
+def cmd_run(args) -> int:
+    from cai.config import load_config
+    from cai.pipeline import run_pipeline
+
+    cfg = load_config(_default_config(args), args.overrides)
+    run_pipeline(cfg, force=args.force)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from cai.config import load_config
+    from cai.constitution import load_constitution
+    from cai.prompts import load_prompt_set
+
+    if args.constitution or args.prompts:
+        if args.constitution:
+            c = load_constitution(args.constitution)
+            print(
+                f"ok: {args.constitution}: constitution '{c.name}' with {len(c.principles)} principles, "
+                f"{len(c.comparison_principles)} comparison principles, "
+                f"{len(c.critique_revision_examples)} + {len(c.comparison_examples)} demonstrations"
+            )
+            for n in c.notes:
+                print(f"note: {n}")
+        if args.prompts:
+            splits = load_prompt_set(args.prompts)
+            sizes = ", ".join(f"{s}={len(p)}" for s, p in splits.items())
+            print(f"ok: {args.prompts}: {sizes}")
+        return 0
+    from cai.pipeline import stage_names
+    from cai.stages.prepare import load_inputs
+
+    cfg = load_config(_default_config(args), args.overrides)
+    unknown = [s for s in cfg.stages if s not in stage_names()]
+    if unknown:
+        raise CaiError(f"config field 'stages': unknown stage '{unknown[0]}' (available: {', '.join(stage_names())})")
+    const, sets = load_inputs(cfg)
+    print(f"ok: config ({', '.join(cfg.stages)}) -> {cfg.run_dir}")
+    print(f"ok: constitution '{const.name}': {len(const.principles)} principles, {len(const.comparison_principles)} comparison principles")
+    for name, splits in sets.items():
+        print(f"ok: {name}: " + ", ".join(f"{s}={len(p)}" for s, p in splits.items()))
+    return 0
+
+
+def cmd_config(args) -> int:
+    import yaml
+
+    from cai.config import list_presets, load_config, to_dict
+
+    if args.presets:
+        print("\n".join(list_presets()))
+        return 0
+    cfg = load_config(_default_config(args), args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def cmd_model(args) -> int:
+    from cai.models import resolve_model
+
+    print(resolve_model(args.name, progress=lambda m: print(m, file=sys.stderr)))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "config": cmd_config, "model": cmd_model}
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except CaiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Configuration: one dataclass per concern, with help text on every field.
+
+Precedence is one rule: dataclass defaults < YAML file (``--config``) < command-line
+``key.sub=value`` overrides. Unknown keys and wrong types are errors that name the
+field and where the value came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cai.errors import CaiError
+
+PRESET_DIR = Path(__file__).parent / "data" / "presets"
+
+
+def _f(default, help: str, choices: tuple | None = None, **kw):
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=type(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class EngineConfig:
+    kind: str = _f("local", "Which engine generates and scores text.", choices=("local",))
+    model: str = _f(
+        "default",
+        "'default' (the embedded SmolLM2-135M-Instruct), a local directory with a "
+        "transformers checkpoint, or a Hugging Face hub id (only when online).",
+    )
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) for a hub id.")
+    device: str = _f("auto", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    dtype: str = _f(
+        "auto",
+        "Weights dtype. 'auto' is float32 on CPU (bfloat16 is ~400x slower there) and "
+        "bfloat16 on GPU.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    batch_size: int = _f(32, "Sequences per generation batch (batches are length-sorted).")
+    score_batch_size: int = _f(16, "Sequences per forward pass when scoring options.")
+    trust_remote_code: bool = _f(
+        False, "Run model code shipped with a checkpoint. Only for checkpoints you trust."
+    )
+    cache: bool = _f(True, "Keep every request's answer in the run's SQLite cache (resume, reuse).")
+
+
+@dataclass
+class DataConfig:
+    constitution: str = _f(
+        "builtin:default",
+        "Constitution: 'builtin:NAME', a cai YAML file, Anthropic's principle JSON or "
+        "the Hugging Face recipe's JSON.",
+    )
+    red_team: str = _f(
+        "builtin:red_team",
+        "Red-team prompts: 'builtin:red_team', a JSONL/JSON/CSV/TXT/Parquet file, a "
+        "directory with train/test files, or 'hf:NAME' (hub, online only).",
+    )
+    helpful: str = _f("builtin:helpful", "Helpfulness prompts, same forms as red_team.")
+    benign: str = _f(
+        "builtin:benign",
+        "Benign prompts that only sound harmful (over-refusal checks), same forms.",
+    )
+    test_fraction: float = _f(
+        0.25, "Share of a single unsplit prompt file that goes to the fixed test split."
+    )
+    max_per_split: int | None = _f(
+        None, "Keep at most this many prompts per set and split (None keeps all)."
+    )
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = _f("runs/default", "Folder for every artifact of this run.")
+    seed: int = _f(0, "Seed for every sampled choice (principles, splits, sampling).")
+    stages: list[str] = _f(["prepare"], "Stages to run, in order.")
+    engine: EngineConfig = _f(EngineConfig(), "The policy engine.")
+    data: DataConfig = _f(DataConfig(), "Inputs: constitution and prompt sets.")
+
+
+# ---------------------------------------------------------------------------
+# Strict conversion from plain data (YAML, JSON, overrides) to dataclasses.
+
+
+def _type_name(tp) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        tp, str(tp).replace("typing.", "")
+    )
+
+
+def _coerce(value: Any, tp, name: str, source: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name, source)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):  # allow a single value for a list
+            value = [value]
+        if not isinstance(value, list):
+            raise CaiError(f"{source}: field '{name}' expects a list, got {value!r}")
+        return [_coerce(v, item, f"{name}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise CaiError(f"{source}: field '{name}' expects a mapping, got {value!r}")
+        return from_dict(tp, value, source, prefix=name + ".")
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }[tp]
+    if not ok(value):
+        raise CaiError(
+            f"{source}: field '{name}' expects {_type_name(tp)}, got {value!r}"
+        )
+    return float(value) if tp is float else value
+
+
+def from_dict(cls, data: dict, source: str = "config", prefix: str = ""):
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise."""
+    if not isinstance(data, dict):
+        raise CaiError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        known = ", ".join(sorted(fields))
+        raise CaiError(
+            f"{source}: unknown key '{prefix}{unknown[0]}' (known keys here: {known})"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        name = prefix + key
+        kwargs[key] = _coerce(value, hints[key], name, source)
+        choices = fields[key].metadata.get("choices")
+        if choices and kwargs[key] not in choices:
+            raise CaiError(
+                f"{source}: field '{name}' must be one of {', '.join(choices)}; got {value!r}"
+            )
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """Turn ``engine.batch_size=8`` into ``{"engine": {"batch_size": 8}}``.
+
+    The value is read as a YAML scalar or flow collection, so ``false``, ``8``,
+    ``null`` and ``[a, b]`` have their YAML meaning; quote to force a string.
+    """
+    if "=" not in text:
+        raise CaiError(
+            f"override '{text}' is not KEY=VALUE (example: engine.batch_size=8)"
+        )
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise CaiError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def resolve_config_path(name: str) -> Path:
+    """A preset name (``cpu-tiny``) or a path to a YAML file."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise CaiError(f"config file '{name}' does not exist")
+        return p
+    preset = PRESET_DIR / f"{name}.yaml"
+    if not preset.is_file():
+        names = ", ".join(list_presets())
+        raise CaiError(f"no config file or preset named '{name}' (presets: {names})")
+    return preset
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise CaiError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CaiError(f"{path}: expected a mapping of config fields at the top level")
+    return data
+
+
+def load_config(config: str | None = None, overrides: list[str] = (), cls=RunConfig):
+    """Defaults < YAML (preset name or file) < ``key=value`` overrides."""
+    data: dict = {}
+    source = "defaults"
+    if config:
+        path = resolve_config_path(config)
+        data = read_yaml(path)
+        source = str(path)
+        from_dict(cls, data, source)  # report file errors against the file
+    for ov in overrides:
+        one = parse_override(ov)
+        from_dict(cls, _merge(to_dict(cls()), one), f"override '{ov}'")
+        data = _merge(data, one)
+    return from_dict(cls, data, source if not overrides else f"{source} + overrides")
+
+
+def config_hash(obj) -> str:
+    blob = json.dumps(obj if isinstance(obj, dict) else to_dict(obj), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def describe(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, help) for every field, for ``--help`` and docs."""
+    rows = []
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(inst, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe(type(value), prefix + f.name + ".")
+        else:
+            rows.append((prefix + f.name, json.dumps(value), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,25 @@
+"""Engines: one small protocol (``Engine``), a local transformers engine, a cache."""
+
+from cai.engines.base import Engine, SamplingParams
+from cai.engines.cache import CachedEngine, RequestCache
+
+__all__ = ["Engine", "SamplingParams", "CachedEngine", "RequestCache", "build_engine"]
+
+
+def build_engine(cfg, cache_path=None, progress=print) -> Engine:
+    """An engine from an ``EngineConfig``, wrapped in the request cache if asked."""
+    from cai.engines.local import LocalEngine
+    from cai.models import resolve_model
+
+    path = resolve_model(cfg.model, cfg.revision, progress=progress)
+    engine = LocalEngine(
+        path,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        batch_size=cfg.batch_size,
+        score_batch_size=cfg.score_batch_size,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if cfg.cache and cache_path is not None:
+        engine = CachedEngine(engine, RequestCache(cache_path), chunk_size=max(4 * cfg.batch_size, 64))
+    return engine

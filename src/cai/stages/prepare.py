@@ -1,0 +1,74 @@
+"""The prepare stage: resolve the model, validate the inputs, freeze them in the run.
+
+It writes the constitution as cai YAML and every prompt set as fixed train/test
+JSONL splits (``id, category, prompt, messages``), so later stages, and anyone
+auditing the run, read exactly what was used.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cai.constitution import load_constitution
+from cai.models import resolve_model
+from cai.pipeline import StageContext, StageSpec
+from cai.prompts import BUILTIN_DIR as PROMPTS_DIR
+from cai.prompts import load_prompt_set, write_jsonl
+
+PROMPT_SETS = ("red_team", "helpful", "benign")
+
+
+def load_inputs(cfg):
+    """The constitution and the three prompt sets, validated (used by `cai validate`)."""
+    const = load_constitution(cfg.data.constitution)
+    sets = {}
+    for name in PROMPT_SETS:
+        splits = load_prompt_set(getattr(cfg.data, name), cfg.data.test_fraction, cfg.seed)
+        if cfg.data.max_per_split is not None:
+            splits = {s: ps[: cfg.data.max_per_split] for s, ps in splits.items()}
+        sets[name] = splits
+    return const, sets
+
+
+def _source_files(spec: str) -> list[Path]:
+    if spec.startswith("builtin:"):
+        return sorted((PROMPTS_DIR / spec.split(":", 1)[1]).glob("*.jsonl"))
+    p = Path(spec)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        return sorted(x for x in p.iterdir() if x.is_file())
+    return []
+
+
+def run(ctx: StageContext) -> dict:
+    cfg = ctx.cfg
+    const, sets = load_inputs(cfg)
+    const.save(ctx.out / "constitution.yaml")
+    if not const.source.startswith(str(Path(__file__).parent.parent)):
+        ctx.record_input("constitution", Path(const.source))
+    for note in const.notes:
+        ctx.log(f"[prepare] constitution: {note}")
+    counts = {"principles": len(const.principles), "comparison_principles": len(const.comparison_principles)}
+    for name, splits in sets.items():
+        folder = ctx.out / "prompts" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, prompts in splits.items():
+            write_jsonl(folder / f"{split}.jsonl", (p.to_record() for p in prompts))
+            counts[f"{name}_{split}"] = len(prompts)
+        for f in _source_files(getattr(cfg.data, name)):
+            ctx.record_input(f"{name}:{f.name}", f)
+    model_path = resolve_model(cfg.engine.model, cfg.engine.revision, progress=ctx.log)
+    (ctx.out / "model.json").write_text(
+        json.dumps({"name": cfg.engine.model, "path": model_path}, indent=2) + "\n", encoding="utf-8"
+    )
+    return counts
+
+
+STAGE = StageSpec(
+    name="prepare",
+    run=run,
+    config_keys=("data", "seed", "engine"),
+    help="Validate and freeze the constitution and prompt splits; resolve the model.",
+)
