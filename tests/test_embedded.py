@@ -1,0 +1,42 @@
+"""End-to-end on the embedded SmolLM2-135M-Instruct (slow: converts and runs the real model)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    # Reuse the user's converted checkpoint if present; otherwise convert into a temp dir.
+    return os.environ.get("CAI_TEST_MODEL_CACHE") or str(tmp_path_factory.mktemp("cai-cache"))
+
+
+def test_cai_run_on_the_embedded_default(tmp_path, shared_cache):
+    env = {**os.environ, "CAI_CACHE_DIR": shared_cache, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "cai", "run", f"run_dir={tmp_path / 'run'}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "run" / "prepare" / "manifest.json").is_file()
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert "already finished" in again.stdout
+
+
+def test_embedded_model_answers_and_scores_sensibly(shared_cache, monkeypatch):
+    monkeypatch.setenv("CAI_CACHE_DIR", shared_cache)
+    from cai.engines.base import SamplingParams
+    from cai.engines.local import LocalEngine
+    from cai.models import resolve_model
+
+    engine = LocalEngine(resolve_model("default"), batch_size=4)
+    (answer,) = engine.generate(
+        [[{"role": "user", "content": "What is the capital of France?"}]], SamplingParams(max_new_tokens=20)
+    )
+    assert "Paris" in answer[0]
+    q = [{"role": "user", "content": "Which word is a colour? (A) table (B) green"},
+         {"role": "assistant", "content": "The answer is: ("}]
+    (scores,) = engine.choice_logprobs([q], [["A", "B"]])
+    assert all(s < 0 for s in scores)

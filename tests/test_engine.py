@@ -1,0 +1,106 @@
+"""The local engine and the request cache, on a tiny in-process model."""
+
+import math
+
+import pytest
+import torch
+
+from cai.engines.base import SamplingParams
+from cai.engines.cache import CachedEngine, RequestCache
+
+CONVS = [
+    [{"role": "user", "content": "How do I kill a Python process?"}],
+    [{"role": "user", "content": "hello there"}],
+    [{"role": "user", "content": "Critique the response."}, {"role": "assistant", "content": "Revision: here"}],
+]
+
+
+def test_greedy_matches_transformers_generate(tiny_engine):
+    """Our decode loop (left padding, finished rows leaving the batch) == HF greedy."""
+    params = SamplingParams(max_new_tokens=12)
+    ours = tiny_engine.generate(CONVS, params)
+    for conv, out in zip(CONVS, ours):
+        ids = tiny_engine.tok(tiny_engine.render(conv), return_tensors="pt", add_special_tokens=False)
+        ref = tiny_engine.model.generate(
+            **ids, max_new_tokens=12, do_sample=False, eos_token_id=tiny_engine.tok.eos_token_id,
+            pad_token_id=tiny_engine.tok.pad_token_id,
+        )
+        text = tiny_engine.tok.decode(ref[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        assert out == [text]
+
+
+def test_sampling_is_seeded_per_request_not_per_batch(tiny_engine):
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=8, seed=7)
+    together = tiny_engine.generate(CONVS, params)
+    alone = tiny_engine.generate(CONVS[1:2], params)
+    assert together[1] == alone[0]
+    assert len(together[0]) == 3
+    # Different seeds give different samples (a random 400-token model is very diverse).
+    other = tiny_engine.generate(CONVS, SamplingParams(n=3, temperature=1.0, max_new_tokens=8, seed=8))
+    assert other != together
+
+
+def test_top_p_restricts_to_the_nucleus(tiny_engine):
+    """With top_p tiny, sampling keeps only the most likely token: it equals greedy."""
+    greedy = tiny_engine.generate(CONVS, SamplingParams(max_new_tokens=6))
+    nucleus = tiny_engine.generate(CONVS, SamplingParams(max_new_tokens=6, temperature=1.0, top_p=1e-6, seed=3))
+    assert [g[0] for g in greedy] == [n[0] for n in nucleus]
+
+
+def test_choice_logprobs_match_a_full_forward_pass(tiny_engine):
+    conv = [{"role": "user", "content": "Which is red?"}, {"role": "assistant", "content": "The answer is: ("}]
+    options = ["A", "B)", "A) red"]
+    got = tiny_engine.choice_logprobs([conv, CONVS[0]], [options, ["yes", "no"]])
+    prefix = tiny_engine.render(conv)
+    for opt, score in zip(options, got[0]):
+        p_ids = tiny_engine.encode(prefix)
+        f_ids = tiny_engine.encode(prefix + opt)
+        assert f_ids[: len(p_ids)] == p_ids  # this tokenizer does not merge across the boundary
+        with torch.no_grad():
+            logits = tiny_engine.model(torch.tensor([f_ids])).logits[0]
+        logp = torch.log_softmax(logits.float(), -1)
+        ref = sum(float(logp[t - 1, f_ids[t]]) for t in range(len(p_ids), len(f_ids)))
+        assert math.isclose(score, ref, rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_cache_answers_repeats_and_resumes(tiny_engine, tmp_path):
+    calls = []
+
+    class Counting:
+        identity = tiny_engine.identity
+
+        def generate(self, convs, params, progress=None):
+            calls.append(len(convs))
+            return tiny_engine.generate(convs, params)
+
+        def choice_logprobs(self, convs, options, progress=None):
+            calls.append(len(convs))
+            return tiny_engine.choice_logprobs(convs, options)
+
+    params = SamplingParams(max_new_tokens=5)
+    cache = RequestCache(tmp_path / "c.sqlite")
+    eng = CachedEngine(Counting(), cache, chunk_size=2)
+    first = eng.generate(CONVS[:2], params)
+    assert calls == [2]
+    # A later call with one old and one new request computes only the new one.
+    second = eng.generate(CONVS, params)
+    assert calls == [2, 1]
+    assert second[:2] == first
+    cache.close()
+    # A new process (new connection) finds everything: nothing recomputed.
+    eng2 = CachedEngine(Counting(), RequestCache(tmp_path / "c.sqlite"))
+    assert eng2.generate(CONVS, params) == second
+    assert calls == [2, 1]
+    # Different parameters are different requests.
+    eng2.generate(CONVS[:1], SamplingParams(max_new_tokens=6))
+    assert calls == [2, 1, 1]
+    scores = eng2.choice_logprobs(CONVS[:1], [["A", "B"]])
+    assert eng2.choice_logprobs(CONVS[:1], [["A", "B"]]) == scores
+    assert calls == [2, 1, 1, 1]
+
+
+def test_bad_sampling_params_are_rejected():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="n must"):
+        SamplingParams(n=0)

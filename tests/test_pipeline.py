@@ -1,0 +1,59 @@
+"""The run directory: manifests, skipping finished stages, no half-written output."""
+
+import json
+
+import pytest
+
+from cai.config import load_config
+from cai.constitution import load_constitution
+from cai.errors import CaiError
+from cai.pipeline import run_pipeline
+
+
+def _cfg(tmp_path, tiny_model, *extra):
+    return load_config(None, [f"run_dir={tmp_path / 'run'}", f"engine.model={tiny_model}", *extra])
+
+
+def test_prepare_writes_manifest_and_readable_artifacts(tmp_path, tiny_model):
+    import datasets
+
+    run = run_pipeline(_cfg(tmp_path, tiny_model), log=lambda m: None)
+    manifest = json.loads((run / "prepare" / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["counts"]["red_team_train"] > 100
+    assert manifest["versions"]["torch"] and manifest["inputs"]
+    ds = datasets.load_dataset("json", data_dir=str(run / "prepare" / "prompts" / "red_team"))
+    assert set(ds) == {"train", "test"} and "messages" in ds["test"].column_names
+    assert load_constitution(run / "prepare" / "constitution.yaml").principles
+    assert (run / "config.yaml").is_file() and not (run / "prepare.partial").exists()
+
+
+def test_rerun_skips_finished_and_reruns_changed(tmp_path, tiny_model):
+    logs = []
+    run_pipeline(_cfg(tmp_path, tiny_model), log=logs.append)
+    stamp = (tmp_path / "run" / "prepare" / "manifest.json").stat().st_mtime_ns
+    logs.clear()
+    run_pipeline(_cfg(tmp_path, tiny_model), log=logs.append)
+    assert any("already finished" in m for m in logs)
+    assert (tmp_path / "run" / "prepare" / "manifest.json").stat().st_mtime_ns == stamp
+    logs.clear()
+    run_pipeline(_cfg(tmp_path, tiny_model, "data.max_per_split=5"), log=logs.append)
+    assert not any("already finished" in m for m in logs)
+    counts = json.loads((tmp_path / "run" / "prepare" / "manifest.json").read_text())["counts"]
+    assert counts["red_team_train"] == 5
+
+
+def test_failed_stage_keeps_the_finished_artifact(tmp_path, tiny_model):
+    run_pipeline(_cfg(tmp_path, tiny_model), log=lambda m: None)
+    before = (tmp_path / "run" / "prepare" / "manifest.json").read_text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\nnot json\n')
+    with pytest.raises(CaiError, match="bad.jsonl:2"):
+        run_pipeline(_cfg(tmp_path, tiny_model, f"data.red_team={bad}"), log=lambda m: None)
+    assert (tmp_path / "run" / "prepare" / "manifest.json").read_text() == before
+
+
+def test_unknown_stage_is_an_error_before_anything_runs(tmp_path, tiny_model):
+    with pytest.raises(CaiError, match="unknown stage 'sft2'"):
+        run_pipeline(_cfg(tmp_path, tiny_model, "stages=[prepare, sft2]"), log=lambda m: None)
+    assert not (tmp_path / "run" / "prepare").exists()
