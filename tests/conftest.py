@@ -73,3 +73,16 @@ def tiny_engine(tiny_model):
 def _isolated_cache(tmp_path, monkeypatch):
     """Never write into the user's cache from a unit test."""
     monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path / "cai-cache"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the slow end-to-end tests on the embedded model")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    slow = [i for i in items if i.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [i for i in items if not i.get_closest_marker("slow")]

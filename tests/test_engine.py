@@ -104,3 +104,27 @@ def test_bad_sampling_params_are_rejected():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError, match="n must"):
         SamplingParams(n=0)
+
+
+FEW_SHOT = [
+    {"role": "system", "content": "Critique: the response is harmful. Revision: here is a safer answer. " * 4},
+    {"role": "user", "content": "hello there"},
+    {"role": "assistant", "content": "hi! How can I help you today?"},
+]
+
+
+def test_shared_prefix_gives_the_same_results(tiny_model):
+    """Running the common few-shot prefix once must not change any output."""
+    from cai.engines.local import LocalEngine
+
+    shared = LocalEngine(tiny_model, batch_size=8, score_batch_size=8, min_shared_prefix=1)
+    plain = LocalEngine(tiny_model, batch_size=8, score_batch_size=8, min_shared_prefix=10**9)
+    convs = [FEW_SHOT + c for c in CONVS]
+    for params in (SamplingParams(max_new_tokens=10), SamplingParams(n=2, temperature=1.0, max_new_tokens=10)):
+        assert shared.generate(convs, params) == plain.generate(convs, params)
+    q = [{"role": "assistant", "content": "The answer is: ("}]
+    opts = [["A) red", "A) blue", "B"], ["A", "B"], ["yes", "no"]]
+    a = shared.choice_logprobs([FEW_SHOT + CONVS[0] + q, FEW_SHOT + CONVS[1] + q, FEW_SHOT + CONVS[1]], opts)
+    b = plain.choice_logprobs([FEW_SHOT + CONVS[0] + q, FEW_SHOT + CONVS[1] + q, FEW_SHOT + CONVS[1]], opts)
+    for x, y in zip(a, b):
+        assert x == pytest.approx(y, abs=1e-4)

@@ -43,6 +43,17 @@ def pick_dtype(dtype: str, device: str):
     return getattr(torch, dtype)
 
 
+def _common_prefix_len(seqs: list[list[int]]) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
 def _checkpoint_stamp(path: str) -> str:
     p = Path(path)
     parts = [path]
@@ -83,6 +94,7 @@ class LocalEngine(Engine):
         batch_size: int = 32,
         score_batch_size: int = 16,
         trust_remote_code: bool = False,
+        min_shared_prefix: int = 16,
         model=None,
         tokenizer=None,
     ):
@@ -96,6 +108,7 @@ class LocalEngine(Engine):
         self.tok = tokenizer
         self.device = device
         self.batch_size = batch_size
+        self.min_shared_prefix = min_shared_prefix
         self.score_batch_size = score_batch_size
         self.torch = torch
         if getattr(self.tok, "chat_template", None) is None:
@@ -168,12 +181,45 @@ class LocalEngine(Engine):
                 result.append([texts[(ci, 0)]] * params.n)
         return result
 
-    def _decode_batch(self, seqs: list[list[int]], seeds: list[int], params: SamplingParams) -> list[list[int]]:
+    def _prefill(self, seqs: list[list[int]], keep: int = 1, own: list[int] | None = None):
+        """Run the prompt tokens of a batch through the model, sharing their common start.
+
+        Requests built from one template share a long token prefix (the system prompt and
+        the few-shot demonstrations). That prefix is run once at batch size 1 and its KV
+        cache repeated for every row; only the differing suffixes are run per row, left-
+        padded *after* the shared prefix (the attention mask hides the gap). Returns the
+        last ``keep`` logits, the KV cache, the attention mask, the suffix token ids and
+        the next position id of each row. ``own[i]`` is how many final tokens of row i
+        must stay outside the shared part (so their logits are computed).
+        """
         torch = self.torch
         from transformers import DynamicCache
 
-        ids, mask = self._left_pad(seqs)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        shared = _common_prefix_len(seqs) if len(seqs) > 1 else 0
+        own = own or [1] * len(seqs)
+        shared = min(shared, min(len(s) - o for s, o in zip(seqs, own)))
+        if shared < self.min_shared_prefix:
+            shared = 0
+        if shared:
+            prefix = torch.tensor([seqs[0][:shared]], device=self.device)
+            self.model(
+                input_ids=prefix, position_ids=torch.arange(shared, device=self.device).view(1, -1),
+                use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
+            )
+            cache.batch_repeat_interleave(len(seqs))
+        ids, mask = self._left_pad([s[shared:] for s in seqs])
+        pos = shared + (mask.cumsum(-1) - 1).clamp(min=0)
+        if shared:
+            mask = torch.cat([mask.new_ones((len(seqs), shared)), mask], dim=1)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=pos,
+            use_cache=True, logits_to_keep=keep, **{self._cache_kw: cache},
+        )
+        return out.logits, cache, mask, ids, pos[:, -1:] + 1
+
+    def _decode_batch(self, seqs: list[list[int]], seeds: list[int], params: SamplingParams) -> list[list[int]]:
+        torch = self.torch
         gens = None
         if params.temperature > 0:
             gens = []
@@ -181,18 +227,12 @@ class LocalEngine(Engine):
                 g = torch.Generator(device=self.device)
                 g.manual_seed(s % (2**63))
                 gens.append(g)
-        cache = DynamicCache()
         active = list(range(len(seqs)))
         out_tokens: list[list[int]] = [[] for _ in seqs]
         with torch.inference_mode():
-            out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=pos,
-                use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
-            )
-            next_pos = pos[:, -1:] + 1
+            logits, cache, mask, _, next_pos = self._prefill(seqs)
             for step in range(params.max_new_tokens):
-                logits = out.logits[:, -1, :].float()
-                chosen = self._pick(logits, [gens[i] for i in active] if gens else None, params)
+                chosen = self._pick(logits[:, -1, :].float(), [gens[i] for i in active] if gens else None, params)
                 keep = []
                 for k, row in enumerate(active):
                     t = int(chosen[k])
@@ -211,10 +251,10 @@ class LocalEngine(Engine):
                     chosen = chosen[idx]
                     active = [active[k] for k in keep]
                 mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-                out = self.model(
+                logits = self.model(
                     input_ids=chosen.view(-1, 1), attention_mask=mask, position_ids=next_pos,
                     use_cache=True, **{self._cache_kw: cache},
-                )
+                ).logits
                 next_pos = next_pos + 1
         return out_tokens
 
@@ -267,14 +307,12 @@ class LocalEngine(Engine):
         done = set()
         for start in range(0, len(order), self.score_batch_size):
             batch = [items[i] for i in order[start:start + self.score_batch_size]]
-            ids, mask = self._left_pad([b[2] for b in batch])
-            pos = (mask.cumsum(-1) - 1).clamp(min=0)
             keep = max(b[3] for b in batch) + 1
             with torch.inference_mode():
-                logits = self.model(
-                    input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep
-                ).logits.float()
-            logp = torch.log_softmax(logits, dim=-1)
+                logits, _, _, ids, _ = self._prefill(
+                    [b[2] for b in batch], keep=keep, own=[b[3] + 1 for b in batch]
+                )
+            logp = torch.log_softmax(logits.float(), dim=-1)
             for r, (ci, oi, f, n) in enumerate(batch):
                 targets = ids[r, -n:]
                 lp = logp[r, keep - n - 1: keep - 1, :].gather(-1, targets.view(-1, 1))
