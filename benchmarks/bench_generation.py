@@ -51,6 +51,7 @@ class Result:
     prompts: int
     seconds: float
     new_tokens: int
+    cpu_cores_used: float  # process CPU time / wall time while timed: drops when others compete
 
     @property
     def prompts_per_s(self) -> float:
@@ -71,13 +72,14 @@ def log(msg: str) -> None:
 def measure(engine: str, batch: int, run: RunFn, count: CountFn, prompts: Sequence[Conversation], max_new_tokens: int) -> Result:
     """Warm up with one tiny call, then time one call over all ``prompts``."""
     run(prompts[: max(1, min(batch, len(prompts)))], 2)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     outputs = run(prompts, max_new_tokens)
-    seconds = time.perf_counter() - start
-    result = Result(engine, batch, len(prompts), seconds, sum(count(o) for o in outputs))
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    result = Result(engine, batch, len(prompts), seconds, sum(count(o) for o in outputs), cpu / seconds)
     log(
-        f"  {engine:<10} batch {batch:>3}: {result.prompts:>4} prompts in {seconds:7.1f} s, "
-        f"{result.prompts_per_s:6.2f} prompts/s, {result.tokens_per_s:7.1f} tok/s"
+        f"  {engine:<11} batch {batch:>3}: {result.prompts:>4} prompts in {seconds:7.1f} s, "
+        f"{result.prompts_per_s:6.2f} prompts/s, {result.tokens_per_s:7.1f} tok/s, "
+        f"{result.cpu_cores_used:.2f} cores busy"
     )
     return result
 
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     args = ap.parse_args(argv)
+    import torch
 
     if args.quick:
         batch_sizes, per_batch, n_single, n_llama, hf_batch, n_hf = [8, 32], 1, 3, 6, 32, 32
@@ -195,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     need = max([n_single, n_llama, n_hf] + [per_batch * b for b in batch_sizes])
     prompts = list(itertools.islice(itertools.cycle(train), need))
     max_new = args.max_new_tokens
+    cores = min(len(os.sched_getaffinity(0)), torch.get_num_threads())
     load_before = os.getloadavg()
     wall_start = time.perf_counter()
 
@@ -259,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['best_batch_gflops']:.1f} GFLOP/s = {summary['best_batch_fraction_of_peak']:.0%} of "
           f"{PEAK_FLOPS / 1e9:.0f} GFLOP/s peak")
     print(f"\nload average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; total wall time {wall:.0f} s")
+    starved = [r for r in results if r.cpu_cores_used < 0.75 * cores]
+    if starved:
+        rows = ", ".join(f"{r.engine} batch {r.batch} {r.cpu_cores_used:.2f}" for r in starved)
+        print(f"WARNING: other processes competed for the {cores} cores (cores busy: {rows}); these numbers are noisy")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {

@@ -84,12 +84,39 @@ class DataConfig:
 
 
 @dataclass
+class CritiqueRevisionConfig:
+    rounds: int = _f(4, "Critique/revision rounds per prompt, each under a freshly sampled principle (paper: 4).")
+    critique: bool = _f(
+        True, "Ask for a critique before each revision. false: direct revision, which helps small models."
+    )
+    few_shot: int = _f(-1, "How many of the constitution's demonstrations to prepend (-1: all, 0: none).")
+    skip_if_no_issue: bool = _f(
+        True, "Keep the answer (and record a skipped revision) when the critique says nothing needs changing."
+    )
+    max_new_tokens: int = _f(256, "Token budget for the first answer and for each revision.")
+    critique_max_new_tokens: int = _f(128, "Token budget for each critique.")
+    temperature: float = _f(0.7, "Sampling temperature for answers, critiques and revisions (0: greedy).")
+    top_p: float = _f(0.95, "Nucleus sampling threshold.")
+    helpful_ratio: float = _f(
+        1.0,
+        "Helpful samples (the model's answers to helpfulness prompts) per red-team revision in the SFT data.",
+    )
+    sft_all_revisions: bool = _f(
+        False, "Put every round's revision in the SFT data, not only the final one (the paper trained on all)."
+    )
+    max_prompts: int | None = _f(None, "Use at most this many red-team prompts per split (None: all).")
+
+
+@dataclass
 class RunConfig:
     run_dir: str = _f("runs/default", "Folder for every artifact of this run.")
     seed: int = _f(0, "Seed for every sampled choice (principles, splits, sampling).")
     stages: list[str] = _f(["prepare"], "Stages to run, in order.")
     engine: EngineConfig = _f(EngineConfig(), "The policy engine.")
     data: DataConfig = _f(DataConfig(), "Inputs: constitution and prompt sets.")
+    critique_revision: CritiqueRevisionConfig = _f(
+        CritiqueRevisionConfig(), "SL-CAI data: answer, then critique and revise under sampled principles."
+    )
 
 
 # ---------------------------------------------------------------------------

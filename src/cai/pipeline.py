@@ -16,6 +16,7 @@ engine requests that did not change come from the cache.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -44,9 +45,9 @@ class StageSpec:
 
 
 def _stages() -> dict[str, StageSpec]:
-    from cai.stages import prepare
+    from cai.stages import critique_revision, prepare
 
-    return {s.name: s for s in (prepare.STAGE,)}
+    return {s.name: s for s in (prepare.STAGE, critique_revision.STAGE)}
 
 
 def stage_names() -> list[str]:
@@ -100,6 +101,17 @@ class StageContext:
 
             self._engine = build_engine(self.cfg.engine, self.run_dir / "cache.sqlite", progress=self.log)
         return self._engine
+
+    @contextlib.contextmanager
+    def progress(self, total: int, desc: str):
+        """A progress bar with an ETA; yields ``update(n)``."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=f"[{self.name}] {desc}", unit="req", dynamic_ncols=True, leave=False)
+        try:
+            yield bar.update
+        finally:
+            bar.close()
 
     def record_input(self, label: str, path: Path) -> None:
         if path.is_file():

@@ -1,0 +1,228 @@
+"""SL-CAI data: first answers, then rounds of critique and revision (Bai et al. 2022, §3).
+
+For every red-team prompt the model answers; then, for each round, a principle is
+sampled (seeded per prompt and round), the model critiques its latest answer under it
+and revises the answer to address the critique. The next round critiques that revision.
+
+Work goes round by round across all prompts, in batches, through the engine protocol:
+one engine call for all first answers, then per round one call for all critiques and
+one for all revisions. Every request goes through the run's request cache, so a
+killed run resumes without recomputing anything that finished.
+
+The constitution's demonstrations are prepended as conversation turns. They are the
+same for every request of a kind, so the local engine runs that shared prefix once per
+batch rather than once per prompt.
+
+Artifacts (JSONL, read as-is by ``datasets.load_dataset``), each with train/test
+splits that follow the red-team prompt splits:
+
+* ``chains/``: full provenance per prompt, plus the Hugging Face recipe's columns;
+* ``sft/``: ``messages`` ending in the final revision, plus helpful samples;
+* ``prefs/``: TRL ``prompt``/``chosen``/``rejected`` (revision over first answer).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from cai.constitution import Constitution, CritiqueRevisionExample, load_constitution
+from cai.engines.base import SamplingParams
+from cai.pipeline import StageContext, StageSpec
+from cai.prompts import write_jsonl
+
+SPLITS = ("train", "test")
+
+# A critique that says the answer is already fine: then no revision is needed.
+NO_ISSUE_RE = re.compile(
+    r"\b(no (changes?|revisions?|edits?) (are |is )?(needed|necessary|required)"
+    r"|nothing (needs|has) to (be )?chang|does not need (to be|any) (changed|revis|chang)"
+    r"|there is nothing (harmful|wrong|problematic)|the response is (already )?(fine|appropriate|harmless|acceptable))",
+    re.I,
+)
+_LABEL_RE = re.compile(r"^\s*(revision|revised response|critique|response)\s*:\s*", re.I)
+
+
+def clean(text: str) -> str:
+    """Strip a leading 'Revision:'/'Critique:' label the model may echo."""
+    return _LABEL_RE.sub("", text or "").strip()
+
+
+def says_no_issue(critique: str) -> bool:
+    return bool(NO_ISSUE_RE.search(critique))
+
+
+def sample_principle(const: Constitution, seed: int, prompt_id: str, round_: int):
+    rng = random.Random(f"{seed}:{prompt_id}:{round_}")  # str seeds are stable across runs
+    return const.sample_principle(rng)
+
+
+def demo_turns(examples: list[CritiqueRevisionExample], with_critique: bool) -> list[dict]:
+    """The demonstrations as chat turns: prompt, answer, (critique request, critique), revision."""
+    turns = []
+    for ex in examples:
+        turns += ex.messages
+        turns.append({"role": "assistant", "content": ex.response})
+        if with_critique:
+            turns.append({"role": "user", "content": ex.critique_request})
+            turns.append({"role": "assistant", "content": ex.critique})
+        turns.append({"role": "user", "content": ex.revision_request})
+        turns.append({"role": "assistant", "content": ex.revision})
+    return turns
+
+
+def critique_conversation(demos, messages, answer, principle):
+    return demos + messages + [
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": principle.critique},
+    ]
+
+
+def revision_conversation(demos, messages, answer, principle, critique: str | None):
+    conv = demos + messages + [{"role": "assistant", "content": answer}]
+    if critique is not None:
+        conv += [{"role": "user", "content": principle.critique}, {"role": "assistant", "content": critique}]
+    return conv + [{"role": "user", "content": principle.revision}]
+
+
+def run(ctx: StageContext) -> dict:
+    cfg, cr = ctx.cfg, ctx.cfg.critique_revision
+    prep = ctx.stage_dir("prepare")
+    const = load_constitution(prep / "constitution.yaml")
+    from cai.prompts import load_prompt_file
+
+    prompts = {s: load_prompt_file(prep / "prompts" / "red_team" / f"{s}.jsonl") for s in SPLITS}
+    helpful = {s: load_prompt_file(prep / "prompts" / "helpful" / f"{s}.jsonl") for s in SPLITS}
+    if cr.max_prompts is not None:
+        prompts = {s: ps[: cr.max_prompts] for s, ps in prompts.items()}
+    examples = const.critique_revision_examples
+    if cr.few_shot >= 0:
+        examples = examples[: cr.few_shot]
+    demos = demo_turns(examples, cr.critique)
+    engine = ctx.engine()
+
+    def params(max_new: int, salt: int) -> SamplingParams:
+        return SamplingParams(temperature=cr.temperature, top_p=cr.top_p, max_new_tokens=max_new, seed=cfg.seed + salt)
+
+    items = [(s, p) for s in SPLITS for p in prompts[s]]
+    n_helpful = {s: min(len(helpful[s]), round(cr.helpful_ratio * len(prompts[s]))) for s in SPLITS}
+    helpful_items = [(s, p) for s in SPLITS for p in helpful[s][: n_helpful[s]]]
+
+    def generate(convs, sp, desc):
+        if not convs:
+            return []
+        with ctx.progress(len(convs), desc) as update:
+            return [clean(outs[0]) for outs in engine.generate(convs, sp, progress=update)]
+
+    answers = generate([p.messages for _, p in items] + [p.messages for _, p in helpful_items],
+                       params(cr.max_new_tokens, 0), "first answers")
+    first = answers[: len(items)]
+    helpful_answers = answers[len(items):]
+    latest = list(first)
+    rounds: list[list[dict]] = [[] for _ in items]
+    stats = {"empty_critiques": 0, "empty_revisions": 0, "skipped_revisions": 0, "empty_first_answers": 0}
+    stats["empty_first_answers"] = sum(1 for a in first if not a)
+    for r in range(cr.rounds):
+        principles = [sample_principle(const, cfg.seed, p.id, r) for _, p in items]
+        critiques: list[str | None] = [None] * len(items)
+        if cr.critique:
+            convs = [critique_conversation(demos, p.messages, latest[i], principles[i]) for i, (_, p) in enumerate(items)]
+            critiques = generate(convs, params(cr.critique_max_new_tokens, 1000 + 2 * r), f"round {r + 1} critiques")
+        todo, statuses = [], []
+        for i in range(len(items)):
+            status = "revised"
+            if cr.critique and not critiques[i]:
+                status = "empty_critique"
+            elif cr.critique and cr.skip_if_no_issue and says_no_issue(critiques[i]):
+                status = "skipped_no_issue"
+            else:
+                todo.append(i)
+            statuses.append(status)
+        convs = [revision_conversation(demos, items[i][1].messages, latest[i], principles[i], critiques[i]) for i in todo]
+        revised = dict(zip(todo, generate(convs, params(cr.max_new_tokens, 1001 + 2 * r), f"round {r + 1} revisions")))
+        for i in range(len(items)):
+            revision = revised.get(i)
+            if i in revised and not revision:
+                statuses[i] = "empty_revision"
+            if statuses[i] == "revised":
+                latest[i] = revision
+            stats["empty_critiques"] += statuses[i] == "empty_critique"
+            stats["empty_revisions"] += statuses[i] == "empty_revision"
+            stats["skipped_revisions"] += statuses[i] == "skipped_no_issue"
+            rounds[i].append({
+                "round": r + 1,
+                "principle_id": principles[i].id,
+                "critique_request": principles[i].critique if cr.critique else None,
+                "critique": critiques[i],
+                "revision_request": principles[i].revision,
+                "revision": revision,
+                "status": statuses[i],
+            })
+
+    counts = write_artifacts(ctx, cr, items, first, latest, rounds, helpful_items, helpful_answers)
+    counts.update(stats)
+    counts["rounds"] = cr.rounds
+    return counts
+
+
+def write_artifacts(ctx, cr, items, first, latest, rounds, helpful_items, helpful_answers) -> dict:
+    chains = {s: [] for s in SPLITS}
+    sft = {s: [] for s in SPLITS}
+    prefs = {s: [] for s in SPLITS}
+    for (split, p), init, final, rs in zip(items, first, latest, rounds):
+        last = next((x for x in reversed(rs) if x["status"] == "revised"), rs[-1] if rs else None)
+        chains[split].append({
+            "id": p.id,
+            "category": p.category,
+            "prompt": p.text,
+            "messages": p.messages,
+            "initial_response": init,
+            "rounds": rs,
+            "final_response": final,
+            "revised": final != init,
+            # The Hugging Face recipe's columns (its one round = our last effective round).
+            "init_prompt": p.text,
+            "init_response": init,
+            "critic_prompt": last["critique_request"] if last else None,
+            "critic_response": last["critique"] if last else None,
+            "revision_prompt": last["revision_request"] if last else None,
+            "revision_response": final,
+        })
+        targets = [x["revision"] for x in rs if x["status"] == "revised"] if cr.sft_all_revisions else [final]
+        for k, target in enumerate(targets):
+            if target:
+                sft[split].append({
+                    "id": p.id if len(targets) == 1 else f"{p.id}/r{k + 1}",
+                    "source": "revision",
+                    "messages": p.messages + [{"role": "assistant", "content": target}],
+                })
+        if final and init and final != init:
+            prefs[split].append({
+                "id": p.id,
+                "prompt": p.messages,
+                "chosen": [{"role": "assistant", "content": final}],
+                "rejected": [{"role": "assistant", "content": init}],
+            })
+    for (split, p), answer in zip(helpful_items, helpful_answers):
+        if answer:
+            sft[split].append({
+                "id": p.id, "source": "helpful", "messages": p.messages + [{"role": "assistant", "content": answer}]
+            })
+    counts = {}
+    for name, data in (("chains", chains), ("sft", sft), ("prefs", prefs)):
+        folder = ctx.out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for split in SPLITS:
+            write_jsonl(folder / f"{split}.jsonl", data[split])
+            counts[f"{name}_{split}"] = len(data[split])
+    counts["helpful_samples"] = len([a for a in helpful_answers if a])
+    return counts
+
+
+STAGE = StageSpec(
+    name="critique_revision",
+    run=run,
+    config_keys=("seed", "engine", "critique_revision"),
+    needs=("prepare",),
+    help="SL-CAI data: answer, critique and revise red-team prompts; mix in helpful samples.",
+)
