@@ -21,7 +21,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +31,9 @@ from cai.engines.base import Conversation, SamplingParams
 from cai.engines.local import LocalEngine
 from cai.models import embedded_gguf, resolve_model
 from cai.prompts import load_prompt_set
+
+from _common import log, starved_warning, timed, usable_cores
+from _common import machine_info as _machine_info
 
 TEMPERATURE = 0.7
 MEMORY_BANDWIDTH = 16e9  # bytes/s, assumed DRAM bandwidth for the batch-1 ceiling
@@ -65,17 +67,11 @@ class Result:
         return {**asdict(self), "prompts_per_s": self.prompts_per_s, "new_tokens_per_s": self.tokens_per_s}
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def measure(engine: str, batch: int, run: RunFn, count: CountFn, prompts: Sequence[Conversation], max_new_tokens: int) -> Result:
     """Warm up with one tiny call, then time one call over all ``prompts``."""
     run(prompts[: max(1, min(batch, len(prompts)))], 2)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    outputs = run(prompts, max_new_tokens)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    result = Result(engine, batch, len(prompts), seconds, sum(count(o) for o in outputs), cpu / seconds)
+    outputs, seconds, cores_used = timed(lambda: run(prompts, max_new_tokens))
+    result = Result(engine, batch, len(prompts), seconds, sum(count(o) for o in outputs), cores_used)
     log(
         f"  {engine:<11} batch {batch:>3}: {result.prompts:>4} prompts in {seconds:7.1f} s, "
         f"{result.prompts_per_s:6.2f} prompts/s, {result.tokens_per_s:7.1f} tok/s, "
@@ -159,18 +155,7 @@ def markdown_table(results: list[Result], base: Result) -> str:
 
 
 def machine_info() -> dict:
-    import torch
-    import transformers
-
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
+    info = _machine_info()
     try:
         import llama_cpp
 
@@ -187,8 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
     args = ap.parse_args(argv)
-    import torch
-
     if args.quick:
         batch_sizes, per_batch, n_single, n_llama, hf_batch, n_hf = [8, 32], 1, 3, 6, 32, 32
     else:
@@ -198,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     need = max([n_single, n_llama, n_hf] + [per_batch * b for b in batch_sizes])
     prompts = list(itertools.islice(itertools.cycle(train), need))
     max_new = args.max_new_tokens
-    cores = min(len(os.sched_getaffinity(0)), torch.get_num_threads())
+    cores = usable_cores()
     load_before = os.getloadavg()
     wall_start = time.perf_counter()
 
@@ -263,10 +246,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['best_batch_gflops']:.1f} GFLOP/s = {summary['best_batch_fraction_of_peak']:.0%} of "
           f"{PEAK_FLOPS / 1e9:.0f} GFLOP/s peak")
     print(f"\nload average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; total wall time {wall:.0f} s")
-    starved = [r for r in results if r.cpu_cores_used < 0.75 * cores]
-    if starved:
-        rows = ", ".join(f"{r.engine} batch {r.batch} {r.cpu_cores_used:.2f}" for r in starved)
-        print(f"WARNING: other processes competed for the {cores} cores (cores busy: {rows}); these numbers are noisy")
+    warning = starved_warning(cores, [(f"{r.engine} batch {r.batch}", r.cpu_cores_used) for r in results])
+    if warning:
+        print(warning)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {

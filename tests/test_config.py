@@ -66,3 +66,12 @@ def test_every_shipped_preset_validates(preset):
 def test_every_field_has_help():
     rows = describe()
     assert rows and all(help_.strip() for _, _, help_ in rows)
+
+
+def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sft:\n  learning_rate: 1e-5\n")
+    assert load_config(str(path)).sft.learning_rate == 1e-5
+    assert load_config(None, ["sft.learning_rate=3e-4"]).sft.learning_rate == 3e-4
+    with pytest.raises(CaiError, match="expects a number"):
+        load_config(None, ["sft.learning_rate=fast"])

@@ -108,6 +108,29 @@ class CritiqueRevisionConfig:
 
 
 @dataclass
+class SFTConfig:
+    model: str | None = _f(None, "Model to fine-tune; None uses engine.model (the model that wrote the data).")
+    method: str = _f("full", "Full fine-tuning, or LoRA adapters (merged into the saved model).", choices=("full", "lora"))
+    epochs: float = _f(1.0, "Passes over the SFT data (paper: 1).")
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (None: run the epochs).")
+    learning_rate: float = _f(2e-5, "AdamW learning rate, constant as in the paper (after warmup).")
+    warmup_steps: int = _f(0, "Linear warmup steps before the constant learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    batch_size: int = _f(8, "Sequences per optimizer step (per process).")
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    max_length: int = _f(1024, "Truncate training sequences to this many tokens.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha.")
+    lora_dropout: float = _f(0.05, "LoRA dropout.")
+    checkpoint_every: int = _f(50, "Save a resumable checkpoint every N optimizer steps.")
+    dtype: str = _f(
+        "auto", "Training dtype: 'auto' is float32 on CPU, bfloat16 on GPU.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+
+
+@dataclass
 class RunConfig:
     run_dir: str = _f("runs/default", "Folder for every artifact of this run.")
     seed: int = _f(0, "Seed for every sampled choice (principles, splits, sampling).")
@@ -117,6 +140,7 @@ class RunConfig:
     critique_revision: CritiqueRevisionConfig = _f(
         CritiqueRevisionConfig(), "SL-CAI data: answer, then critique and revise under sampled principles."
     )
+    sft: SFTConfig = _f(SFTConfig(), "SL-CAI model: supervised fine-tuning on the revisions.")
 
 
 # ---------------------------------------------------------------------------
@@ -148,6 +172,11 @@ def _coerce(value: Any, tp, name: str, source: str):
         if not isinstance(value, dict):
             raise CaiError(f"{source}: field '{name}' expects a mapping, got {value!r}")
         return from_dict(tp, value, source, prefix=name + ".")
+    if tp is float and isinstance(value, str):
+        try:  # PyYAML reads 1e-5 (no dot) as a string: accept it as the number it is
+            value = float(value)
+        except ValueError:
+            pass
     ok = {
         bool: lambda v: isinstance(v, bool),
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),

@@ -33,6 +33,7 @@ import yaml
 
 from cai.config import RunConfig, config_hash, to_dict
 from cai.errors import CaiError
+from cai.io import write_json
 
 
 @dataclass
@@ -45,9 +46,9 @@ class StageSpec:
 
 
 def _stages() -> dict[str, StageSpec]:
-    from cai.stages import critique_revision, prepare
+    from cai.stages import critique_revision, prepare, sft
 
-    return {s.name: s for s in (prepare.STAGE, critique_revision.STAGE)}
+    return {s.name: s for s in (prepare.STAGE, critique_revision.STAGE, sft.STAGE)}
 
 
 def stage_names() -> list[str]:
@@ -71,12 +72,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @dataclass

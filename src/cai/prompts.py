@@ -311,12 +311,3 @@ def _normalise_splits(splits: dict, source: str, test_fraction: float, seed: int
     if not merged:
         raise CaiError(f"{source}: no prompts found")
     return _split_by_hash(merged, test_fraction, seed)
-
-
-def write_jsonl(path: Path, records) -> None:
-    """Write records as JSONL atomically (a temp file renamed into place)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

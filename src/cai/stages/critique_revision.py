@@ -29,7 +29,7 @@ import re
 from cai.constitution import Constitution, CritiqueRevisionExample, load_constitution
 from cai.engines.base import SamplingParams
 from cai.pipeline import StageContext, StageSpec
-from cai.prompts import write_jsonl
+from cai.io import write_jsonl
 
 SPLITS = ("train", "test")
 

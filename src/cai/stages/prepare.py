@@ -14,7 +14,8 @@ from cai.constitution import load_constitution
 from cai.models import resolve_model
 from cai.pipeline import StageContext, StageSpec
 from cai.prompts import BUILTIN_DIR as PROMPTS_DIR
-from cai.prompts import load_prompt_set, write_jsonl
+from cai.io import write_jsonl
+from cai.prompts import load_prompt_set
 
 PROMPT_SETS = ("red_team", "helpful", "benign")
 

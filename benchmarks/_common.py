@@ -1,0 +1,63 @@
+"""Helpers shared by the benchmarks in this folder (imported as ``_common``).
+
+The benchmarks run as scripts (``python benchmarks/bench_*.py``), so this folder is
+``sys.path[0]`` and a plain ``import _common`` finds this file.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    """Run ``fn()`` once; return its value, the wall seconds and the CPU cores it kept busy.
+
+    Cores busy is process CPU time / wall time: it drops below the cores torch may use
+    when other processes compete for them, which is how the benchmarks flag noise.
+    """
+    start, cpu_start = time.perf_counter(), time.process_time()
+    value = fn()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return value, seconds, cpu / seconds
+
+
+def usable_cores() -> int:
+    """The cores torch may use here: the affinity mask capped by torch's thread count."""
+    import torch
+
+    return min(len(os.sched_getaffinity(0)), torch.get_num_threads())
+
+
+def starved_warning(cores: int, busy: Sequence[tuple[str, float]]) -> str | None:
+    """A warning line when any timed run kept fewer than 75% of ``cores`` busy.
+
+    ``busy`` holds (label, cores busy) for every timed run.
+    """
+    starved = [(label, used) for label, used in busy if used < 0.75 * cores]
+    if not starved:
+        return None
+    rows = ", ".join(f"{label} {used:.2f}" for label, used in starved)
+    return f"WARNING: other processes competed for the {cores} cores (cores busy: {rows}); these numbers are noisy"
+
+
+def machine_info() -> dict:
+    import torch
+    import transformers
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }

@@ -1,0 +1,175 @@
+"""SL-CAI model: supervised fine-tuning on the critique_revision stage's ``sft`` data.
+
+A short, readable PyTorch loop driven by ``accelerate`` (so ``accelerate launch`` runs it
+in several processes): forward, loss on the final assistant turn only, backward, clip,
+AdamW step. Defaults follow the paper: one epoch at a constant learning rate. LoRA
+(peft) is an option; its adapters are merged into the saved model so later stages load
+an ordinary checkpoint.
+
+Outputs in ``sft/``: ``model/`` (``save_pretrained``: weights, tokenizer, and
+``cai_training.json`` with the resolved config), ``metrics.json`` (loss per step, held-out
+loss before and after), ``loss.png``. A resumable checkpoint is kept in
+``sft.partial/checkpoint`` while training; a rerun after a crash continues from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from cai.errors import CaiError
+from cai.io import read_jsonl, write_json
+from cai.pipeline import StageContext, StageSpec
+from cai.training import (
+    batches_for_epochs,
+    check_finite,
+    encode_chat,
+    load_checkpoint,
+    pad_batch,
+    plot_curve,
+    save_checkpoint,
+    token_loss,
+)
+
+
+def evaluate_loss(model, examples, pad_id, device, batch_size: int) -> float | None:
+    import torch
+
+    if not examples:
+        return None
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = pad_batch(examples[i:i + batch_size], pad_id, device)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(token_loss(logits, batch["labels"])) * n
+            count += n
+    model.train()
+    return total / max(count, 1)
+
+
+def load_examples(tok, path, max_length: int) -> tuple[list[dict], int]:
+    examples, dropped = [], 0
+    for rec in read_jsonl(path):
+        enc = encode_chat(tok, rec["messages"], max_length)
+        if enc is None:
+            dropped += 1
+        else:
+            examples.append(enc)
+    return examples, dropped
+
+
+def run(ctx: StageContext) -> dict:
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from cai.engines.local import load_model_and_tokenizer
+    from cai.models import resolve_model
+
+    cfg, sc = ctx.cfg, ctx.cfg.sft
+    data_dir = ctx.stage_dir("critique_revision") / "sft"
+    accelerator = Accelerator(cpu=cfg.engine.device == "cpu")
+    base = resolve_model(sc.model or cfg.engine.model, cfg.engine.revision, progress=ctx.log)
+    model, tok, _ = load_model_and_tokenizer(
+        base, device="cpu", dtype=sc.dtype if sc.dtype != "auto" else ("float32" if accelerator.device.type == "cpu" else "bfloat16"),
+        trust_remote_code=cfg.engine.trust_remote_code, model_cls=AutoModelForCausalLM,
+    )
+    train, dropped = load_examples(tok, data_dir / "train.jsonl", sc.max_length)
+    test, _ = load_examples(tok, data_dir / "test.jsonl", sc.max_length)
+    if not train:
+        raise CaiError(f"{data_dir / 'train.jsonl'}: no usable SFT examples (is the critique_revision output empty?)")
+    if sc.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=sc.lora_r, lora_alpha=sc.lora_alpha, lora_dropout=sc.lora_dropout,
+            target_modules="all-linear", task_type="CAUSAL_LM",
+        ))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=sc.learning_rate, weight_decay=sc.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    micro = max(1, sc.batch_size // sc.grad_accum)
+    batches = batches_for_epochs(len(train), sc.batch_size, sc.epochs, cfg.seed)
+    if sc.max_steps is not None:
+        batches = batches[: sc.max_steps]
+    total_steps = len(batches)
+    # Each process takes its share of every batch (plain data parallelism).
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    ckpt = ctx.out / "checkpoint"
+    start, history = 0, []
+    state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer) if ckpt.exists() else None
+    if state is not None and state.get("total_steps") == total_steps:
+        start, history = state["step"], state["history"]
+        ctx.log(f"[sft] resuming from checkpoint at step {start}/{total_steps}")
+    pad_id = tok.pad_token_id
+    eval_before = evaluate_loss(model, test, pad_id, accelerator.device, micro) if start == 0 else state.get("eval_before")
+
+    def lr_at(step: int) -> float:
+        return sc.learning_rate * min(1.0, (step + 1) / sc.warmup_steps) if sc.warmup_steps else sc.learning_rate
+
+    tokens_seen, t0 = 0, time.time()
+    with ctx.progress(total_steps, "training") as update:
+        update(start)
+        for step in range(start, total_steps):
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step)
+            mine = batches[step][rank::world]
+            n_labels = sum(sum(1 for x in train[i]["labels"] if x != -100) for i in mine) or 1
+            step_loss = 0.0
+            for m in range(0, len(mine), micro):
+                chunk = [train[i] for i in mine[m:m + micro]]
+                batch = pad_batch(chunk, pad_id, accelerator.device)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                k = int((batch["labels"][:, 1:] != -100).sum())
+                loss = token_loss(logits, batch["labels"]) * (k / n_labels)  # token mean over the step
+                check_finite(loss, step, ckpt)
+                accelerator.backward(loss)
+                step_loss += float(loss.detach())
+                tokens_seen += int(batch["attention_mask"].sum())
+            accelerator.clip_grad_norm_(params, sc.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append([step + 1, step_loss])
+            update(1)
+            done = step + 1
+            if accelerator.is_main_process and (done % sc.checkpoint_every == 0) and done < total_steps:
+                save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, done,
+                                {"history": history, "total_steps": total_steps, "eval_before": eval_before})
+    seconds = time.time() - t0
+    eval_after = evaluate_loss(model, test, pad_id, accelerator.device, micro)
+    accelerator.wait_for_everyone()
+    counts = {
+        "examples": len(train), "dropped_examples": dropped, "steps": total_steps,
+        "train_tokens_per_s": round(tokens_seen / seconds, 1) if seconds and tokens_seen else None,
+        "final_loss": round(history[-1][1], 4) if history else None,
+        "test_loss_before": round(eval_before, 4) if eval_before is not None else None,
+        "test_loss_after": round(eval_after, 4) if eval_after is not None else None,
+    }
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        if sc.method == "lora":
+            final.save_pretrained(ctx.out / "adapter")
+            final = final.merge_and_unload()
+        final.save_pretrained(ctx.out / "model")
+        tok.save_pretrained(ctx.out / "model")
+        write_json(ctx.out / "model" / "cai_training.json", {"stage": "sft", "base_model": base, "config": dataclasses.asdict(sc), "seed": cfg.seed})
+        write_json(ctx.out / "metrics.json", {"loss": history, **counts})
+        plot_curve(ctx.out / "loss.png", {"train loss": [tuple(h) for h in history]}, "SFT on critique/revision data")
+        import shutil
+
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return counts
+
+
+STAGE = StageSpec(
+    name="sft",
+    run=run,
+    config_keys=("seed", "engine", "sft"),
+    needs=("critique_revision",),
+    help="SL-CAI model: fine-tune on the final revisions plus helpful samples.",
+)

@@ -1,0 +1,141 @@
+"""Pieces shared by the training stages: chat tokenization with assistant-only labels,
+padding, resumable checkpoints and loss plots. Each stage's loop stays in its own file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+
+from cai.errors import CaiError
+
+IGNORE = -100
+
+
+def encode_chat(tok, messages: list[dict], max_length: int) -> dict | None:
+    """Token ids and labels for a conversation; only the final assistant turn is learned.
+
+    The prefix is the chat-template rendering of every turn before the last with the
+    assistant cue; the target is what the full rendering adds after it (the answer and
+    its end-of-turn token). Returns None when the prefix leaves no room for a target.
+    """
+    if not messages or messages[-1]["role"] != "assistant":
+        raise CaiError("a training conversation must end with an assistant turn")
+    prefix = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(messages, tokenize=False)
+    p_ids = tok(prefix, add_special_tokens=False)["input_ids"]
+    f_ids = tok(full, add_special_tokens=False)["input_ids"]
+    k = 0
+    while k < min(len(p_ids), len(f_ids)) and p_ids[k] == f_ids[k]:
+        k += 1
+    f_ids = f_ids[:max_length]
+    if k >= len(f_ids):
+        return None
+    labels = [IGNORE] * k + f_ids[k:]
+    return {"input_ids": f_ids, "labels": labels}
+
+
+def pad_batch(examples: list[dict], pad_id: int, device) -> dict:
+    import torch
+
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def token_loss(logits, labels):
+    """Mean cross-entropy over the labelled tokens (labels shifted inside)."""
+    import torch.nn.functional as F
+
+    logits = logits[:, :-1, :].float()
+    labels = labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE)
+
+
+def batches_for_epochs(n: int, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
+    """Shuffled index batches covering ``epochs`` passes (a fractional last pass is cut)."""
+    order: list[int] = []
+    rng = random.Random(seed)
+    full = math.ceil(epochs)
+    for _ in range(full):
+        idx = list(range(n))
+        rng.shuffle(idx)
+        order += idx
+    order = order[: max(1, round(n * epochs))]
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def check_finite(loss, step: int, where: Path) -> None:
+    import torch
+
+    if not torch.isfinite(loss):
+        raise CaiError(
+            f"training loss is {float(loss)} at step {step}; stopped. The last good checkpoint is in "
+            f"{where} (lower the learning rate or check the data)"
+        )
+
+
+def save_checkpoint(folder: Path, model, optimizer, step: int, extra: dict) -> None:
+    """Save weights, optimizer and step atomically (a temp folder renamed into place)."""
+    import torch
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, **extra}, tmp / "trainer_state.pt")
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, model, optimizer) -> dict | None:
+    import torch
+    from safetensors.torch import load_file
+
+    state_file = folder / "trainer_state.pt"
+    if not state_file.is_file():
+        return None
+    weights = sorted(folder.glob("*.safetensors"))
+    state = {}
+    for w in weights:
+        state.update(load_file(str(w)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if "lm_head" not in m]:
+        return None  # an incompatible checkpoint: start over rather than mix weights
+    trainer = torch.load(state_file, weights_only=False)
+    optimizer.load_state_dict(trainer["optimizer"])
+    return trainer
+
+
+def plot_curve(path: Path, series: dict[str, list[tuple[int, float]]], title: str, ylabel: str = "loss") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, points in series.items():
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=name, marker="." if len(points) < 30 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
