@@ -161,8 +161,6 @@ def naive_runner(cfg: RunConfig) -> Callable[[CountingEngine], dict]:
     items = red_team_items(cfg)
     const = load_constitution(CONSTITUTION)
 
-    def params(max_new: int, salt: int) -> SamplingParams:  # as the stage's params()
-        return SamplingParams(temperature=cr.temperature, top_p=cr.top_p, max_new_tokens=max_new, seed=cfg.seed + salt)
 
     def run(engine: CountingEngine) -> dict:
         examples = const.critique_revision_examples
@@ -175,15 +173,15 @@ def naive_runner(cfg: RunConfig) -> Callable[[CountingEngine], dict]:
 
         answers = {}
         for split, p in items:
-            first = latest = one(p.messages, params(cr.max_new_tokens, 0))
+            first = latest = one(p.messages, stage.sampling(cr, cfg.seed, "answer"))
             for r in range(cr.rounds):
                 principle = sample_principle(const, cfg.seed, p.id, r)
                 critique = one(critique_conversation(demos, p.messages, latest, principle),
-                               params(cr.critique_max_new_tokens, 1000 + 2 * r))
+                               stage.sampling(cr, cfg.seed, "critique", r))
                 if not critique:  # the stage revises nothing after an empty critique
                     continue
                 revision = one(revision_conversation(demos, p.messages, latest, principle, critique),
-                               params(cr.max_new_tokens, 1001 + 2 * r))
+                               stage.sampling(cr, cfg.seed, "revision", r))
                 if revision:  # the stage keeps the previous answer after an empty revision
                     latest = revision
             answers[(split, p.id)] = (first, latest)

@@ -133,3 +133,16 @@ def test_hub_sets_need_the_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CaiError, match="HF_HUB_OFFLINE"):
         load_prompt_set("hf:Anthropic/hh-rlhf")
+
+
+def test_saved_dataset_folder_loads(tmp_path):
+    import datasets
+
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_list([{"prompt": "a"}, {"prompt": "b"}]),
+        "test": datasets.Dataset.from_list([{"prompt": "\n\nHuman: c: d\n\nAssistant:"}]),
+    })
+    dd.save_to_disk(str(tmp_path / "saved"))
+    splits = load_prompt_set(str(tmp_path / "saved"))
+    assert [p.text for p in splits["train"]] == ["a", "b"]
+    assert [p.text for p in splits["test"]] == ["c: d"]

@@ -57,6 +57,13 @@ def sample_principle(const: Constitution, seed: int, prompt_id: str, round_: int
     return const.sample_principle(rng)
 
 
+def sampling(cr, seed: int, step: str, round_: int = 0) -> SamplingParams:
+    """The sampling parameters of one kind of request: 'answer', 'critique' or 'revision'."""
+    salt = {"answer": 0, "critique": 1000 + 2 * round_, "revision": 1001 + 2 * round_}[step]
+    budget = cr.critique_max_new_tokens if step == "critique" else cr.max_new_tokens
+    return SamplingParams(temperature=cr.temperature, top_p=cr.top_p, max_new_tokens=budget, seed=seed + salt)
+
+
 def demo_turns(examples: list[CritiqueRevisionExample], with_critique: bool) -> list[dict]:
     """The demonstrations as chat turns: prompt, answer, (critique request, critique), revision."""
     turns = []
@@ -101,9 +108,6 @@ def run(ctx: StageContext) -> dict:
     demos = demo_turns(examples, cr.critique)
     engine = ctx.engine()
 
-    def params(max_new: int, salt: int) -> SamplingParams:
-        return SamplingParams(temperature=cr.temperature, top_p=cr.top_p, max_new_tokens=max_new, seed=cfg.seed + salt)
-
     items = [(s, p) for s in SPLITS for p in prompts[s]]
     n_helpful = {s: min(len(helpful[s]), round(cr.helpful_ratio * len(prompts[s]))) for s in SPLITS}
     helpful_items = [(s, p) for s in SPLITS for p in helpful[s][: n_helpful[s]]]
@@ -115,7 +119,7 @@ def run(ctx: StageContext) -> dict:
             return [clean(outs[0]) for outs in engine.generate(convs, sp, progress=update)]
 
     answers = generate([p.messages for _, p in items] + [p.messages for _, p in helpful_items],
-                       params(cr.max_new_tokens, 0), "first answers")
+                       sampling(cr, cfg.seed, "answer"), "first answers")
     first = answers[: len(items)]
     helpful_answers = answers[len(items):]
     latest = list(first)
@@ -127,7 +131,7 @@ def run(ctx: StageContext) -> dict:
         critiques: list[str | None] = [None] * len(items)
         if cr.critique:
             convs = [critique_conversation(demos, p.messages, latest[i], principles[i]) for i, (_, p) in enumerate(items)]
-            critiques = generate(convs, params(cr.critique_max_new_tokens, 1000 + 2 * r), f"round {r + 1} critiques")
+            critiques = generate(convs, sampling(cr, cfg.seed, "critique", r), f"round {r + 1} critiques")
         todo, statuses = [], []
         for i in range(len(items)):
             status = "revised"
@@ -139,7 +143,7 @@ def run(ctx: StageContext) -> dict:
                 todo.append(i)
             statuses.append(status)
         convs = [revision_conversation(demos, items[i][1].messages, latest[i], principles[i], critiques[i]) for i in todo]
-        revised = dict(zip(todo, generate(convs, params(cr.max_new_tokens, 1001 + 2 * r), f"round {r + 1} revisions")))
+        revised = dict(zip(todo, generate(convs, sampling(cr, cfg.seed, "revision", r), f"round {r + 1} revisions")))
         for i in range(len(items)):
             revision = revised.get(i)
             if i in revised and not revision:
