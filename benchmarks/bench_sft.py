@@ -27,7 +27,10 @@ Timing, tokens = non-padding tokens (the attention mask's sum, as the stage coun
 * ``cai, whole run()``: the whole ``sft.run`` call: model loading, tokenization,
   held-out loss before and after, training, saving the model and plotting.
 
-The plain loop runs first, then the stage (which loads its own fresh copy of the model).
+Before either mode, one untimed plain step on a separate model copy warms up the
+process (allocator, kernel selection), so neither mode pays those one-time costs.
+Then the plain loop runs (``--order cai-first`` swaps the modes), then the stage,
+which loads its own fresh copy of the model.
 Prints a markdown table and writes JSON to ``benchmarks/results/sft.json``.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_sft.py [--quick]
@@ -149,6 +152,30 @@ def prepare_run_dir(run_dir: Path, train: list[dict], test: list[dict], override
     return load_config(None, [f"run_dir={run_dir}", "stages=[sft]", *overrides])
 
 
+def trainable_checkpoint(model_dir: str, folder: Path) -> tuple[str, str | None]:
+    """``model_dir``, or a copy of it without a leftover GGUF ``quantization_config``.
+
+    The embedded checkpoint's config.json still carries the ``quantization_config`` of
+    the GGUF it was converted from; transformers then attaches a GGUF quantizer to the
+    loaded (plain float32) model and refuses ``save_pretrained``, which the stage calls
+    at the end. The copy (symlinked weights, cleaned config) loads the same float32
+    weights into the same modules; both modes train it. Returns the path and a note.
+    """
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    if "quantization_config" not in config:
+        return model_dir, None
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in Path(model_dir).iterdir():
+        if f.name != "config.json" and not (folder / f.name).exists():
+            (folder / f.name).symlink_to(f.resolve())
+    del config["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return str(folder), (
+        f"{model_dir}/config.json carries a GGUF quantization_config, so sft.run could not save_pretrained "
+        f"the trained model; both modes train a copy without it ({folder}: same float32 weights, symlinked)"
+    )
+
+
 # -- the two modes --------------------------------------------------------------------
 
 
@@ -217,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"batch {QUICK[0]}, {QUICK[1]} timed steps (a minute or two)")
     ap.add_argument("--batch-size", type=int, help=f"sequences per optimizer step (default {FULL[0]})")
     ap.add_argument("--steps", type=int, help=f"timed optimizer steps after {WARMUP_STEPS} warm-up step (default {FULL[1]})")
+    ap.add_argument("--order", choices=("plain-first", "cai-first"), default="plain-first",
+                    help="which mode runs first (default plain-first)")
+    ap.add_argument("--no-process-warmup", dest="process_warmup", action="store_false",
+                    help="skip the untimed plain step (on a separate model copy) that warms up the process first")
     ap.add_argument("--seed", type=int, default=0, help="seed of the batch order (the stage's cfg.seed)")
     ap.add_argument("--run-dir", type=Path, help="keep the prepared run directory here (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
@@ -226,21 +257,25 @@ def main(argv: list[str] | None = None) -> int:
         for given, default in zip((args.batch_size, args.steps), QUICK if args.quick else FULL)
     )
     total_steps = WARMUP_STEPS + steps
-    overrides = [
-        f"seed={args.seed}", "engine.model=default", "engine.device=cpu",
-        "sft.method=full", "sft.dtype=float32", "sft.epochs=1", "sft.grad_accum=1", "sft.warmup_steps=0",
-        f"sft.batch_size={batch_size}", f"sft.max_steps={total_steps}", "sft.checkpoint_every=1000000",
-    ]
     cores = usable_cores()
     load_before = os.getloadavg()
     wall_start = time.perf_counter()
 
     with contextlib.ExitStack() as stack:
         run_dir = args.run_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cai-bench-sft-")))
+        run_dir = run_dir.resolve()
+        embedded = resolve_model("default", progress=log)
+        model_dir, checkpoint_note = trainable_checkpoint(embedded, run_dir / "base-model")
+        if checkpoint_note:
+            log(f"NOTE: {checkpoint_note}")
+        overrides = [
+            f"seed={args.seed}", f"engine.model={model_dir if checkpoint_note else 'default'}", "engine.device=cpu",
+            "sft.method=full", "sft.dtype=float32", "sft.epochs=1", "sft.grad_accum=1", "sft.warmup_steps=0",
+            f"sft.batch_size={batch_size}", f"sft.max_steps={total_steps}", "sft.checkpoint_every=1000000",
+        ]
         train_recs, test_recs = conversations(batch_size * total_steps, TEST_EXAMPLES)
-        cfg = prepare_run_dir(run_dir.resolve(), train_recs, test_recs, overrides)
+        cfg = prepare_run_dir(run_dir, train_recs, test_recs, overrides)
         sc = cfg.sft
-        model_dir = resolve_model("default", progress=log)
 
         # The stage's examples (its own loader) must be what encode_chat gives us.
         from transformers import AutoTokenizer
@@ -262,27 +297,48 @@ def main(argv: list[str] | None = None) -> int:
             f"{sum(step_tokens)} tokens ({sum(step_tokens) / padded:.0%} of the padded batches); "
             f"torch threads {cores}")
 
-        log("  plain loop ...")
-        plain_stamps, plain_losses = plain_loop(model_dir, cfg, train, batches)
-        plain = window("plain", batch_size, plain_stamps, WARMUP_STEPS + 1, total_steps, step_tokens, "plain")
-        plain_all = window("plain, incl. warm-up", batch_size, plain_stamps, 1, total_steps, step_tokens, "plain, incl. warm-up")
-        log(f"  plain: {plain.tokens_per_s:.1f} tok/s over steps {plain.steps_timed}, "
-            f"{plain_all.tokens_per_s:.1f} tok/s incl. warm-up, {plain.cpu_cores_used:.2f} cores busy")
+        measured: dict = {}
 
-        log("  cai sft stage ...")
-        threads_before = usable_cores()
-        counts, run_seconds, run_cores, cai_stamps, cai_losses = cai_run(cfg)
-        threads_after = usable_cores()
-        if len(cai_stamps) != total_steps + 1:
-            raise SystemExit(f"expected {total_steps + 1} progress updates from the stage, got {len(cai_stamps)}")
-        cai = window("cai", batch_size, cai_stamps, WARMUP_STEPS + 1, total_steps, step_tokens, "plain")
-        reported = counts["train_tokens_per_s"]
-        cai_reported = Result("cai, stage-reported train_tokens_per_s", batch_size, total_steps, f"1-{total_steps}",
-                              sum(step_tokens), sum(step_tokens) / reported, None, "plain, incl. warm-up")
-        cai_whole = Result("cai, whole run() call", batch_size, total_steps, f"1-{total_steps} + overhead",
-                           sum(step_tokens), run_seconds, run_cores, "plain, incl. warm-up")
-        log(f"  cai: {cai.tokens_per_s:.1f} tok/s over steps {cai.steps_timed}, stage reports {reported} tok/s, "
-            f"whole run() {run_seconds:.1f} s, {cai.cpu_cores_used:.2f} cores busy")
+        def measure_plain() -> None:
+            log("  plain loop ...")
+            measured["plain"] = plain_loop(model_dir, cfg, train, batches)
+            stamps = measured["plain"][0]
+            log(f"  plain: {sum(step_tokens[WARMUP_STEPS:]) / (stamps[-1][0] - stamps[WARMUP_STEPS][0]):.1f} tok/s over "
+                f"steps {WARMUP_STEPS + 1}-{total_steps}")
+
+        def measure_cai() -> None:
+            log("  cai sft stage ...")
+            threads_before = usable_cores()
+            measured["cai"] = cai_run(cfg)
+            measured["threads"] = [threads_before, usable_cores()]
+            counts, run_seconds, _, stamps, _ = measured["cai"]
+            log(f"  cai: {sum(step_tokens[WARMUP_STEPS:]) / (stamps[-1][0] - stamps[WARMUP_STEPS][0]):.1f} tok/s over "
+                f"steps {WARMUP_STEPS + 1}-{total_steps}, stage reports {counts['train_tokens_per_s']} tok/s, "
+                f"whole run() {run_seconds:.1f} s")
+
+        if args.process_warmup:
+            # One untimed plain step on a model loaded and dropped: the process's one-time costs
+            # (allocator growth, kernel selection) then fall on neither mode.
+            log("  process warm-up (untimed): one plain step ...")
+            plain_loop(model_dir, cfg, train, batches[:1])
+            gc.collect()
+        for measure in (measure_plain, measure_cai) if args.order == "plain-first" else (measure_cai, measure_plain):
+            measure()
+            gc.collect()
+
+    plain_stamps, plain_losses = measured["plain"]
+    counts, run_seconds, run_cores, cai_stamps, cai_losses = measured["cai"]
+    threads_before, threads_after = measured["threads"]
+    if len(cai_stamps) != total_steps + 1:
+        raise SystemExit(f"expected {total_steps + 1} progress updates from the stage, got {len(cai_stamps)}")
+    plain = window("plain", batch_size, plain_stamps, WARMUP_STEPS + 1, total_steps, step_tokens, "plain")
+    plain_all = window("plain, incl. warm-up", batch_size, plain_stamps, 1, total_steps, step_tokens, "plain, incl. warm-up")
+    cai = window("cai", batch_size, cai_stamps, WARMUP_STEPS + 1, total_steps, step_tokens, "plain")
+    reported = counts["train_tokens_per_s"]
+    cai_reported = Result("cai, stage-reported train_tokens_per_s", batch_size, total_steps, f"1-{total_steps}",
+                          sum(step_tokens), sum(step_tokens) / reported, None, "plain, incl. warm-up")
+    cai_whole = Result("cai, whole run() call", batch_size, total_steps, f"1-{total_steps} + overhead",
+                       sum(step_tokens), run_seconds, run_cores, "plain, incl. warm-up")
     wall = time.perf_counter() - wall_start
     load_after = os.getloadavg()
     results = [plain, cai, plain_all, cai_reported, cai_whole]
@@ -312,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nSL-CAI SFT training throughput, SmolLM2-135M-Instruct, full fine-tuning in float32 on CPU, "
           f"batch {batch_size}, {WARMUP_STEPS} warm-up + {steps} timed optimizer steps, {len(train)} examples "
-          f"({PROMPT_SET} prompts + a fixed ~100-word answer){' (quick)' if args.quick else ''}\n")
+          f"({PROMPT_SET} prompts + a fixed ~100-word answer), {args.order}{' (quick)' if args.quick else ''}\n")
     print(markdown_table(results))
     print()
     print(f"cai / plain tokens/s (steps {plain.steps_timed}, same batches, warm-up step excluded): "
@@ -322,11 +378,19 @@ def main(argv: list[str] | None = None) -> int:
           "which includes the warm-up step (so compare it with 'plain, incl. warm-up'); 'whole run()' adds model "
           f"loading, tokenization, held-out loss before/after on {len(test_recs)} examples, saving and plotting "
           f"({summary['stage_outside_training_loop_seconds']:.1f} s of {run_seconds:.1f} s outside the training loop).")
-    print(f"warm-up step: plain {summary['warmup_step_seconds']['plain']:.2f} s, cai {summary['warmup_step_seconds']['cai']:.2f} s")
+    print(f"warm-up step (step 1): plain {summary['warmup_step_seconds']['plain']:.2f} s, "
+          f"cai {summary['warmup_step_seconds']['cai']:.2f} s; " + (
+              "an untimed plain step on a separate model copy warmed up the process before both modes, so step 1 "
+              "holds only each mode's own first-step costs (e.g. AdamW state allocation)" if args.process_warmup else
+              f"no process warm-up: with {args.order}, the first mode's step 1 also pays the process's one-time costs, "
+              "so the rows that include step 1 depend on --order"
+          ) + f"; modes ran {args.order}")
     if loss_diff is None:
         print(f"per-step losses: DIFFERENT step counts (plain {len(plain_losses)}, cai {len(cai_losses)})")
     else:
         print(f"per-step losses agree to {loss_diff:.2e} (same examples, batches and updates in both modes)")
+    if checkpoint_note:
+        print(f"NOTE: {checkpoint_note}")
     if threads_before != threads_after:
         print(f"NOTE: torch threads changed during the stage run: {threads_before} -> {threads_after}")
     print(f"\nload average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; total wall time {wall:.0f} s")
@@ -336,9 +400,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "model": {"name": "SmolLM2-135M-Instruct", "checkpoint": model_dir},
+        "model": {"name": "SmolLM2-135M-Instruct", "checkpoint": embedded, "trained_copy": model_dir if checkpoint_note else None,
+                  "note": checkpoint_note},
         "settings": {
-            "quick": args.quick, "seed": cfg.seed, "batch_size": batch_size, "warmup_steps_excluded": WARMUP_STEPS,
+            "quick": args.quick, "order": args.order, "process_warmup": args.process_warmup, "seed": cfg.seed, "batch_size": batch_size, "warmup_steps_excluded": WARMUP_STEPS,
             "timed_steps": steps, "train_examples": len(train), "test_examples": len(test_recs),
             "prompt_set": PROMPT_SET, "answer_words": len(ANSWER.split()), "dtype": "float32", "device": "cpu",
             "learning_rate": sc.learning_rate, "weight_decay": sc.weight_decay, "max_grad_norm": sc.max_grad_norm,

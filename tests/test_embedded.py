@@ -17,12 +17,25 @@ def shared_cache(tmp_path_factory):
 
 def test_cai_run_on_the_embedded_default(tmp_path, shared_cache):
     env = {**os.environ, "CAI_CACHE_DIR": shared_cache, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "cai", "run", f"run_dir={tmp_path / 'run'}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    # The cpu-tiny preset's stages, shrunk so the test takes minutes, not a full run.
+    cmd = [sys.executable, "-m", "cai", "run", f"run_dir={tmp_path / 'run'}",
+           "critique_revision.max_prompts=3", "critique_revision.max_new_tokens=32",
+           "critique_revision.critique_max_new_tokens=24", "sft.max_steps=2", "sft.batch_size=2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert (tmp_path / "run" / "prepare" / "manifest.json").is_file()
+    for stage in ("prepare", "critique_revision", "sft"):
+        assert (tmp_path / "run" / stage / "manifest.json").is_file(), stage
+    chains = (tmp_path / "run" / "critique_revision" / "chains" / "train.jsonl").read_text().splitlines()
+    assert len(chains) == 3
+    # The SL-CAI model is an ordinary checkpoint the engine can load and generate from.
+    from cai.engines.base import SamplingParams
+    from cai.engines.local import LocalEngine
+
+    sl = LocalEngine(str(tmp_path / "run" / "sft" / "model"))
+    (answer,) = sl.generate([[{"role": "user", "content": "Say hello."}]], SamplingParams(max_new_tokens=8))
+    assert answer[0].strip()
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert "already finished" in again.stdout
+    assert again.stdout.count("already finished") == 3
 
 
 def test_embedded_model_answers_and_scores_sensibly(shared_cache, monkeypatch):

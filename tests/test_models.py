@@ -44,3 +44,12 @@ def test_model_without_chat_template_is_refused(tmp_path, tiny_model):
     (copy / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(CaiError, match="no chat template"):
         LocalEngine(str(copy))
+
+
+def test_old_conversions_lose_the_gguf_quantization_config(tmp_path):
+    """A converted float32 checkpoint must not claim GGUF quantization (save_pretrained refuses it)."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "gguf"}}))
+    models._drop_gguf_quantization(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text()) == {"model_type": "llama"}

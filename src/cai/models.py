@@ -84,6 +84,7 @@ def embedded_model_dir(progress=print) -> Path:
     target = cache_root() / "models" / f"smollm2-135m-instruct-{_fingerprint(gguf)}"
     marker = target / "cai_model.json"
     if marker.is_file():
+        _drop_gguf_quantization(target)
         return target
     with _file_lock(target.with_name(target.name + ".lock")):
         if marker.is_file():
@@ -96,8 +97,13 @@ def embedded_model_dir(progress=print) -> Path:
         loaded = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
-        # A GGUF-loaded model refuses save_pretrained: rebuild it from its config.
-        model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained: rebuild it from its config, without
+        # the GGUF quantization_config (the weights are plain float32 now; keeping it would
+        # make every later load refuse save_pretrained too).
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
         missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
         if missing or unexpected:
@@ -115,6 +121,17 @@ def embedded_model_dir(progress=print) -> Path:
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     return target
+
+
+def _drop_gguf_quantization(folder: Path) -> None:
+    """Repair a conversion made before the quantization_config was dropped."""
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if "quantization_config" in cfg:
+        cfg.pop("quantization_config")
+        tmp = cfg_path.with_name("config.json.tmp")
+        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+        os.replace(tmp, cfg_path)
 
 
 def resolve_model(name: str, revision: str | None = None, progress=print) -> str:

@@ -14,6 +14,7 @@ loss before and after), ``loss.png``. A resumable checkpoint is kept in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -93,6 +94,7 @@ def run(ctx: StageContext) -> dict:
     optimizer = torch.optim.AdamW(params, lr=sc.learning_rate, weight_decay=sc.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     micro = max(1, sc.batch_size // sc.grad_accum)
+    n_learned = [sum(1 for x in e["labels"][1:] if x != -100) for e in train]
     batches = batches_for_epochs(len(train), sc.batch_size, sc.epochs, cfg.seed)
     if sc.max_steps is not None:
         batches = batches[: sc.max_steps]
@@ -119,18 +121,21 @@ def run(ctx: StageContext) -> dict:
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step)
             mine = batches[step][rank::world]
-            n_labels = sum(sum(1 for x in train[i]["labels"] if x != -100) for i in mine) or 1
+            n_labels = sum(n_learned[i] for i in mine) or 1
             step_loss = 0.0
             for m in range(0, len(mine), micro):
-                chunk = [train[i] for i in mine[m:m + micro]]
-                batch = pad_batch(chunk, pad_id, accelerator.device)
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                k = int((batch["labels"][:, 1:] != -100).sum())
-                loss = token_loss(logits, batch["labels"]) * (k / n_labels)  # token mean over the step
-                check_finite(loss, step, ckpt)
-                accelerator.backward(loss)
+                chunk = mine[m:m + micro]
+                batch = pad_batch([train[i] for i in chunk], pad_id, accelerator.device)
+                # Sync gradients across processes once per optimizer step, not per micro-batch.
+                sync = contextlib.nullcontext() if m + micro >= len(mine) else accelerator.no_sync(model)
+                with sync:
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    share = sum(n_learned[i] for i in chunk) / n_labels
+                    loss = token_loss(logits, batch["labels"]) * share  # token mean over the step
+                    check_finite(loss, step, ckpt)
+                    accelerator.backward(loss)
                 step_loss += float(loss.detach())
-                tokens_seen += int(batch["attention_mask"].sum())
+                tokens_seen += sum(len(train[i]["input_ids"]) for i in chunk)
             accelerator.clip_grad_norm_(params, sc.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -141,6 +146,7 @@ def run(ctx: StageContext) -> dict:
                 save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, done,
                                 {"history": history, "total_steps": total_steps, "eval_before": eval_before})
     seconds = time.time() - t0
+    tokens_seen = int(accelerator.reduce(torch.tensor(tokens_seen, device=accelerator.device), "sum"))
     eval_after = evaluate_loss(model, test, pad_id, accelerator.device, micro)
     accelerator.wait_for_everyone()
     counts = {
