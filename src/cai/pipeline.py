@@ -98,11 +98,11 @@ class StageContext:
         return self._engine
 
     @contextlib.contextmanager
-    def progress(self, total: int, desc: str):
+    def progress(self, total: int, desc: str, unit: str = "req"):
         """A progress bar with an ETA; yields ``update(n)``."""
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc=f"[{self.name}] {desc}", unit="req", dynamic_ncols=True, leave=False)
+        bar = tqdm(total=total, desc=f"[{self.name}] {desc}", unit=unit, dynamic_ncols=True, leave=False)
         try:
             yield bar.update
         finally:

@@ -115,7 +115,7 @@ def run(ctx: StageContext) -> dict:
         return sc.learning_rate * min(1.0, (step + 1) / sc.warmup_steps) if sc.warmup_steps else sc.learning_rate
 
     tokens_seen, t0 = 0, time.time()
-    with ctx.progress(total_steps, "training") as update:
+    with ctx.progress(total_steps, "training", unit="step") as update:
         update(start)
         for step in range(start, total_steps):
             for g in optimizer.param_groups:
