@@ -88,7 +88,7 @@ class QuietContext(StageContext):
     """The stage's context without tqdm bars (the naive loop draws none either)."""
 
     @contextlib.contextmanager
-    def progress(self, total: int, desc: str):
+    def progress(self, total: int, desc: str, unit: str = "req"):
         yield lambda n: None
 
 

@@ -90,7 +90,7 @@ class QuietContext(StageContext):
     stamps: list[tuple[float, float]]
 
     @contextlib.contextmanager
-    def progress(self, total: int, desc: str):
+    def progress(self, total: int, desc: str, unit: str = "req"):
         self.stamps = []
         yield lambda n: self.stamps.append((time.perf_counter(), time.process_time()))
 

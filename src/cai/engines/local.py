@@ -6,8 +6,9 @@ Generation runs our own short decode loop over a KV cache rather than
 * every row samples with its own seeded generator (``request_seed``), so an answer
   does not depend on which other requests shared its batch. The request cache and a
   resumed run therefore see the same text a fresh run would;
-* rows that reach end-of-sequence leave the batch, so a batch does not keep paying
-  for its finished members while one long answer completes;
+* rows that reach end-of-sequence leave the batch (once a quarter of it has finished,
+  since each removal copies the KV cache), so a batch does not keep paying for its
+  finished members while one long answer completes;
 * prompts are sorted by length and left-padded, so padding stays small.
 
 ``choice_logprobs`` scores options in batched forward passes (no generation) and
@@ -227,23 +228,27 @@ class LocalEngine(Engine):
                 g = torch.Generator(device=self.device)
                 g.manual_seed(s % (2**63))
                 gens.append(g)
-        active = list(range(len(seqs)))
+        active = list(range(len(seqs)))  # batch position -> row
+        done = [False] * len(seqs)
         out_tokens: list[list[int]] = [[] for _ in seqs]
         with torch.inference_mode():
             logits, cache, mask, _, next_pos = self._prefill(seqs)
             for step in range(params.max_new_tokens):
                 chosen = self._pick(logits[:, -1, :].float(), [gens[i] for i in active] if gens else None, params)
-                keep = []
                 for k, row in enumerate(active):
+                    if done[row]:
+                        continue
                     t = int(chosen[k])
                     if t in self.eos_ids:
-                        continue
-                    out_tokens[row].append(t)
-                    if step + 1 < params.max_new_tokens:
-                        keep.append(k)
-                if not keep:
+                        done[row] = True
+                    else:
+                        out_tokens[row].append(t)
+                keep = [k for k, row in enumerate(active) if not done[row]]
+                if not keep or step + 1 == params.max_new_tokens:
                     break
-                if len(keep) < len(active):
+                # Drop finished rows from the batch only once a quarter of it has finished:
+                # each drop copies the whole KV cache, which costs more than a few idle rows.
+                if len(active) - len(keep) >= max(1, len(active) // 4):
                     idx = torch.tensor(keep, device=self.device)
                     cache.batch_select_indices(idx)
                     mask = mask[idx]
