@@ -61,3 +61,19 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+
+
+def write_report(out, model: dict, settings: dict, load_before, load_after, wall: float, results, summary: dict) -> None:
+    """Write one benchmark's JSON report (same layout for every benchmark)."""
+    import json
+
+    report = {
+        "model": model,
+        "settings": settings,
+        "machine": {**machine_info(), "loadavg_before": load_before, "loadavg_after": load_after},
+        "wall_seconds": wall,
+        "results": [r.to_dict() for r in results],
+        "summary": summary,
+    }
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")

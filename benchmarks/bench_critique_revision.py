@@ -52,7 +52,7 @@ from cai.stages.critique_revision import (
     sample_principle,
 )
 
-from _common import log, machine_info, starved_warning, timed, usable_cores
+from _common import log, starved_warning, timed, usable_cores, write_report
 
 CONSTITUTION = "builtin:default"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "critique_revision.json"
@@ -320,9 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         print(warning)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "model": {"name": "SmolLM2-135M-Instruct", "checkpoint": model_dir},
-        "settings": {
+    write_report(
+        args.out,
+        model={"name": "SmolLM2-135M-Instruct", "checkpoint": model_dir},
+        settings={
             "quick": args.quick, "seed": cfg.seed, "prompts_per_split": n, "prompts": len(items),
             "rounds": cr.rounds, "max_new_tokens": cr.max_new_tokens,
             "critique_max_new_tokens": cr.critique_max_new_tokens, "temperature": cr.temperature,
@@ -331,13 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             "min_shared_prefix": cai_engine.min_shared_prefix, "constitution": CONSTITUTION,
             "prompt_set": "builtin:red_team (first N of train and of test)",
         },
-        "machine": {**machine_info(), "loadavg_before": load_before, "loadavg_after": load_after},
-        "wall_seconds": wall,
-        "results": [r.to_dict() for r in results],
-        "summary": summary,
-    }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        load_before=load_before, load_after=load_after, wall=wall, results=results, summary=summary,
+    )
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ from cai.engines.local import LocalEngine
 from cai.models import embedded_gguf, resolve_model
 from cai.prompts import load_prompt_set
 
-from _common import log, starved_warning, timed, usable_cores
+from _common import log, starved_warning, timed, usable_cores, write_report
 from _common import machine_info as _machine_info
 
 TEMPERATURE = 0.7
@@ -251,20 +250,16 @@ def main(argv: list[str] | None = None) -> int:
         print(warning)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "model": {"name": "SmolLM2-135M-Instruct", "checkpoint": model_dir, "gguf": str(embedded_gguf())},
-        "settings": {
+    write_report(
+        args.out,
+        model={"name": "SmolLM2-135M-Instruct", "checkpoint": model_dir, "gguf": str(embedded_gguf())},
+        settings={
             "quick": args.quick, "seed": args.seed, "temperature": TEMPERATURE, "max_new_tokens": max_new,
             "prompt_set": "builtin:helpful (train)", "memory_bandwidth_bytes_s": MEMORY_BANDWIDTH,
             "peak_flops": PEAK_FLOPS,
         },
-        "machine": {**machine_info(), "loadavg_before": load_before, "loadavg_after": load_after},
-        "wall_seconds": wall,
-        "results": [r.to_dict() for r in results],
-        "summary": summary,
-    }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        load_before=load_before, load_after=load_after, wall=wall, results=results, summary=summary,
+    )
     return 0
 
 

@@ -59,7 +59,7 @@ from cai.prompts import load_prompt_set
 from cai.stages import sft as stage
 from cai.training import batches_for_epochs, encode_chat, pad_batch, token_loss
 
-from _common import log, machine_info, starved_warning, timed, usable_cores
+from _common import log, starved_warning, timed, usable_cores, write_report
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "sft.json"
 PROMPT_SET = "builtin:helpful"
@@ -399,10 +399,11 @@ def main(argv: list[str] | None = None) -> int:
         print(warning)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "model": {"name": "SmolLM2-135M-Instruct", "checkpoint": embedded, "trained_copy": model_dir if checkpoint_note else None,
+    write_report(
+        args.out,
+        model={"name": "SmolLM2-135M-Instruct", "checkpoint": embedded, "trained_copy": model_dir if checkpoint_note else None,
                   "note": checkpoint_note},
-        "settings": {
+        settings={
             "quick": args.quick, "order": args.order, "process_warmup": args.process_warmup, "seed": cfg.seed, "batch_size": batch_size, "warmup_steps_excluded": WARMUP_STEPS,
             "timed_steps": steps, "train_examples": len(train), "test_examples": len(test_recs),
             "prompt_set": PROMPT_SET, "answer_words": len(ANSWER.split()), "dtype": "float32", "device": "cpu",
@@ -410,13 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             "max_length": sc.max_length, "non_padding_tokens": sum(step_tokens), "padded_tokens": padded,
             "stage_overrides": overrides,
         },
-        "machine": {**machine_info(), "loadavg_before": load_before, "loadavg_after": load_after},
-        "wall_seconds": wall,
-        "results": [r.to_dict() for r in results],
-        "summary": summary,
-    }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        load_before=load_before, load_after=load_after, wall=wall, results=results, summary=summary,
+    )
     return 0
 
 

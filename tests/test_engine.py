@@ -128,3 +128,12 @@ def test_shared_prefix_gives_the_same_results(tiny_model):
     b = plain.choice_logprobs([FEW_SHOT + CONVS[0] + q, FEW_SHOT + CONVS[1] + q, FEW_SHOT + CONVS[1]], opts)
     for x, y in zip(a, b):
         assert x == pytest.approx(y, abs=1e-4)
+
+
+def test_progress_counts_each_conversation_once(tiny_engine):
+    seen = []
+    tiny_engine.generate(CONVS, SamplingParams(n=2, temperature=1.0, max_new_tokens=5), progress=seen.append)
+    assert sum(seen) == len(CONVS)
+    seen.clear()
+    tiny_engine.generate(CONVS, SamplingParams(max_new_tokens=5), progress=seen.append)
+    assert sum(seen) == len(CONVS)

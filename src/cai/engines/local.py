@@ -161,19 +161,21 @@ class LocalEngine(Engine):
                 rows.append((ci, j, ids, request_seed(params.seed, conv, j)))
         order = sorted(range(len(rows)), key=lambda r: -len(rows[r][2]))
         texts: dict[tuple[int, int], str] = {}
-        done_convs = 0
-        finished_rows: dict[int, int] = {}
+        samples = params.n if params.temperature > 0 else 1
+        left = {ci: samples for ci in range(len(conversations))}
+
+        def row_done(row) -> None:  # report a conversation once all its samples finished
+            left[row[0]] -= 1
+            if progress and left[row[0]] == 0:
+                progress(1)
+
         for start in range(0, len(order), self.batch_size):
             batch = [rows[r] for r in order[start:start + self.batch_size]]
-            outs = self._decode_batch([b[2] for b in batch], [b[3] for b in batch], params)
+            outs = self._decode_batch(
+                [b[2] for b in batch], [b[3] for b in batch], params, on_done=lambda k: row_done(batch[k])
+            )
             for (ci, j, _, _), out in zip(batch, outs):
                 texts[(ci, j)] = self.tok.decode(out, skip_special_tokens=True).strip()
-                finished_rows[ci] = finished_rows.get(ci, 0) + 1
-            if progress:
-                need = params.n if params.temperature > 0 else 1
-                now = sum(1 for v in finished_rows.values() if v == need)
-                progress(now - done_convs)
-                done_convs = now
         result = []
         for ci in range(len(conversations)):
             if params.temperature > 0:
@@ -219,7 +221,8 @@ class LocalEngine(Engine):
         )
         return out.logits, cache, mask, ids, pos[:, -1:] + 1
 
-    def _decode_batch(self, seqs: list[list[int]], seeds: list[int], params: SamplingParams) -> list[list[int]]:
+    def _decode_batch(self, seqs, seeds, params: SamplingParams, on_done=None) -> list[list[int]]:
+        """Decode one batch; ``on_done(row)`` is called as each row finishes."""
         torch = self.torch
         gens = None
         if params.temperature > 0:
@@ -241,6 +244,8 @@ class LocalEngine(Engine):
                     t = int(chosen[k])
                     if t in self.eos_ids:
                         done[row] = True
+                        if on_done:
+                            on_done(row)
                     else:
                         out_tokens[row].append(t)
                 keep = [k for k, row in enumerate(active) if not done[row]]
@@ -261,6 +266,10 @@ class LocalEngine(Engine):
                     use_cache=True, **{self._cache_kw: cache},
                 ).logits
                 next_pos = next_pos + 1
+        if on_done:
+            for row in range(len(seqs)):
+                if not done[row]:  # stopped by the token budget
+                    on_done(row)
         return out_tokens
 
     def _pick(self, logits, gens, params: SamplingParams):

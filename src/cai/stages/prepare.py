@@ -47,8 +47,7 @@ def run(ctx: StageContext) -> dict:
     cfg = ctx.cfg
     const, sets = load_inputs(cfg)
     const.save(ctx.out / "constitution.yaml")
-    if not const.source.startswith(str(Path(__file__).parent.parent)):
-        ctx.record_input("constitution", Path(const.source))
+    ctx.record_input("constitution", Path(const.source))
     for note in const.notes:
         ctx.log(f"[prepare] constitution: {note}")
     counts = {"principles": len(const.principles), "comparison_principles": len(const.comparison_principles)}
