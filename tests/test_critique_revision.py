@@ -99,7 +99,8 @@ def test_empty_and_no_issue_critiques_are_recorded_not_dropped(tmp_path, tiny_mo
     from cai.pipeline import StageContext
 
     cfg = _cfg(tmp_path, tiny_model, "critique_revision.rounds=1")
-    run_pipeline(load_config(None, [f"run_dir={tmp_path / 'run'}", f"engine.model={tiny_model}"]), log=lambda m: None)
+    run_pipeline(load_config(None, [f"run_dir={tmp_path / 'run'}", f"engine.model={tiny_model}", "stages=[prepare]"]),
+                 log=lambda m: None)
     out = tmp_path / "out"
     out.mkdir()
     ctx = StageContext(cfg=cfg, run_dir=tmp_path / "run", out=out, name="critique_revision", log=lambda m: None,

@@ -11,7 +11,7 @@ from cai.pipeline import run_pipeline
 
 
 def _cfg(tmp_path, tiny_model, *extra):
-    return load_config(None, [f"run_dir={tmp_path / 'run'}", f"engine.model={tiny_model}", *extra])
+    return load_config(None, [f"run_dir={tmp_path / 'run'}", f"engine.model={tiny_model}", "stages=[prepare]", *extra])
 
 
 def test_prepare_writes_manifest_and_readable_artifacts(tmp_path, tiny_model):

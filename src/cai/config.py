@@ -134,7 +134,10 @@ class SFTConfig:
 class RunConfig:
     run_dir: str = _f("runs/default", "Folder for every artifact of this run.")
     seed: int = _f(0, "Seed for every sampled choice (principles, splits, sampling).")
-    stages: list[str] = _f(["prepare"], "Stages to run, in order.")
+    stages: list[str] = _f(
+        ["prepare", "critique_revision", "sft"],
+        "Stages to run, in order: prepare, critique_revision, sft.",
+    )
     engine: EngineConfig = _f(EngineConfig(), "The policy engine.")
     data: DataConfig = _f(DataConfig(), "Inputs: constitution and prompt sets.")
     critique_revision: CritiqueRevisionConfig = _f(
