@@ -137,3 +137,15 @@ def test_progress_counts_each_conversation_once(tiny_engine):
     seen.clear()
     tiny_engine.generate(CONVS, SamplingParams(max_new_tokens=5), progress=seen.append)
     assert sum(seen) == len(CONVS)
+
+
+def test_int8_quantized_engine_generates_and_caches_separately(tiny_model, tiny_engine):
+    from cai.engines.local import LocalEngine
+
+    q = LocalEngine(tiny_model, batch_size=4, quantize="int8")
+    assert q.identity != tiny_engine.identity  # cached answers are never mixed up
+    (out,) = q.generate(CONVS[:1], SamplingParams(max_new_tokens=4))
+    assert len(out) == 1
+    (scores,) = q.choice_logprobs(CONVS[:1], [["A", "B"]])
+    assert all(s < 0 for s in scores)
+    assert type(q.model.model.layers[0].mlp.up_proj).__module__.startswith("torch.ao.nn.quantized.dynamic")

@@ -55,6 +55,12 @@ class EngineConfig:
     trust_remote_code: bool = _f(
         False, "Run model code shipped with a checkpoint. Only for checkpoints you trust."
     )
+    quantize: str = _f(
+        "none",
+        "'int8': dynamic int8 quantization of the linear layers for generation and scoring "
+        "(CPU only; ~1.5x faster here, slightly different outputs). Training is unaffected.",
+        choices=("none", "int8"),
+    )
     cache: bool = _f(True, "Keep every request's answer in the run's SQLite cache (resume, reuse).")
 
 

@@ -19,6 +19,7 @@ def build_engine(cfg, cache_path=None, progress=print) -> Engine:
         batch_size=cfg.batch_size,
         score_batch_size=cfg.score_batch_size,
         trust_remote_code=cfg.trust_remote_code,
+        quantize=cfg.quantize,
     )
     if cfg.cache and cache_path is not None:
         engine = CachedEngine(engine, RequestCache(cache_path), chunk_size=max(4 * cfg.batch_size, 64))

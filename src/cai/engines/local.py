@@ -55,6 +55,19 @@ def _common_prefix_len(seqs: list[list[int]]) -> int:
     return n
 
 
+def _quantize_int8(model, device: str):
+    """Dynamic int8 linear layers: 1.5x faster sampling on this CPU (docs/engine.md)."""
+    import warnings
+
+    import torch
+
+    if not str(device).startswith("cpu"):
+        raise CaiError(f"engine.quantize=int8 runs on the CPU only; device is '{device}' (use quantize=none)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's notice that this API moves to torchao
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 def _checkpoint_stamp(path: str) -> str:
     p = Path(path)
     parts = [path]
@@ -95,6 +108,7 @@ class LocalEngine(Engine):
         batch_size: int = 32,
         score_batch_size: int = 16,
         trust_remote_code: bool = False,
+        quantize: str = "none",
         min_shared_prefix: int = 16,
         model=None,
         tokenizer=None,
@@ -105,6 +119,8 @@ class LocalEngine(Engine):
             model, tokenizer, device = load_model_and_tokenizer(model_path, device, dtype, trust_remote_code)
         else:
             device = str(next(model.parameters()).device)
+        if quantize == "int8":
+            model = _quantize_int8(model, device)
         self.model = model.eval()
         self.tok = tokenizer
         self.device = device
@@ -126,7 +142,9 @@ class LocalEngine(Engine):
 
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.identity = f"local:{model_path}:{_checkpoint_stamp(model_path)}:{dtype}"
+        self.identity = f"local:{model_path}:{_checkpoint_stamp(model_path)}:{dtype}" + (
+            f":{quantize}" if quantize != "none" else ""
+        )
 
     # -- text <-> tokens ----------------------------------------------------------
 
