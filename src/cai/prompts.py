@@ -239,9 +239,9 @@ def _from_datasets(obj, source: str, column: str | None) -> dict[str, list[Promp
 
 
 def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get(
-        "HF_DATASETS_OFFLINE", "0"
-    ).lower() in ("1", "true", "yes")
+    from cai.models import offline
+
+    return offline() or os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def load_prompt_set(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
 import time
 
 from cai.errors import CaiError
@@ -166,8 +167,6 @@ def run(ctx: StageContext) -> dict:
         write_json(ctx.out / "model" / "cai_training.json", {"stage": "sft", "base_model": base, "config": dataclasses.asdict(sc), "seed": cfg.seed})
         write_json(ctx.out / "metrics.json", {"loss": history, **counts})
         plot_curve(ctx.out / "loss.png", {"train loss": [tuple(h) for h in history]}, "SFT on critique/revision data")
-        import shutil
-
         shutil.rmtree(ckpt, ignore_errors=True)
     return counts
 
