@@ -191,4 +191,6 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
         if hits is not None:
             log(f"engine cache: {hits} hits, {misses} new requests")
     log(f"run finished in {time.time() - total:.1f}s: {run_dir}")
+    for name in cfg.stages:
+        log(f"  {name:<18} {run_dir / name}")
     return run_dir
