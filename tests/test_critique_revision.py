@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cai.config import load_config
-from cai.constitution import Principle, load_constitution
+from cai.constitution import load_constitution
 from cai.pipeline import run_pipeline
 from cai.stages import critique_revision as cr
 
@@ -72,15 +72,18 @@ class FakeEngine:
     def __init__(self, critique):
         self.critique = critique
         self.calls = []
+        principles = load_constitution("builtin:default").principles
+        self.critique_requests = {p.critique for p in principles}
+        self.revision_requests = {p.revision for p in principles}
 
     def generate(self, convs, params, progress=None):
         out = []
         for c in convs:
             last = c[-1]["content"]
             self.calls.append(last)
-            if any(last == p.critique for p in load_constitution("builtin:default").principles):
+            if last in self.critique_requests:
                 out.append([self.critique])
-            elif any(last == p.revision for p in load_constitution("builtin:default").principles):
+            elif last in self.revision_requests:
                 out.append(["Revision: a kinder answer"])
             else:
                 out.append(["first answer"])

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from cai.engines.base import Conversation, Engine, Progress, SamplingParams
+from cai.engines.base import Engine, Progress, SamplingParams
 
 
 def _key(*parts) -> str:

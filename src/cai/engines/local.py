@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Sequence
-
 from cai.engines.base import Conversation, Engine, Progress, SamplingParams, request_seed
 from cai.errors import CaiError
 
@@ -80,7 +78,6 @@ def _checkpoint_stamp(path: str) -> str:
 
 def load_model_and_tokenizer(path: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False, model_cls=None):
     """Load a checkpoint for inference or training, with clear errors."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = pick_device(device)

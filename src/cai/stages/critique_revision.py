@@ -28,8 +28,9 @@ import re
 
 from cai.constitution import Constitution, CritiqueRevisionExample, load_constitution
 from cai.engines.base import SamplingParams
-from cai.pipeline import StageContext, StageSpec
 from cai.io import write_jsonl
+from cai.pipeline import StageContext, StageSpec
+from cai.prompts import load_prompt_file
 
 SPLITS = ("train", "test")
 
@@ -96,8 +97,6 @@ def run(ctx: StageContext) -> dict:
     cfg, cr = ctx.cfg, ctx.cfg.critique_revision
     prep = ctx.stage_dir("prepare")
     const = load_constitution(prep / "constitution.yaml")
-    from cai.prompts import load_prompt_file
-
     prompts = {s: load_prompt_file(prep / "prompts" / "red_team" / f"{s}.jsonl") for s in SPLITS}
     helpful = {s: load_prompt_file(prep / "prompts" / "helpful" / f"{s}.jsonl") for s in SPLITS}
     if cr.max_prompts is not None:
