@@ -25,17 +25,23 @@ CORPUS = [
 ] * 20
 
 
-def build_tiny_model(path, seed: int = 0, split_parens: bool = False):
-    """Save a 2-layer Llama with a byte-level BPE tokenizer and a chat template."""
+def build_tiny_model(path, seed: int = 0, split_parens: bool = False, merge_answer: bool = False):
+    """Save a 2-layer Llama with a byte-level BPE tokenizer and a chat template.
+
+    ``merge_answer`` trains the tokenizer without the pre-tokenizer's word split, so that
+    "The answer is: (A" becomes one token: an odd tokenizer for option scoring.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not merge_answer)
     tk.decoder = decoders.ByteLevel()
     corpus = CORPUS if not split_parens else [c.replace("(", "( ") for c in CORPUS]
+    if merge_answer:
+        corpus = corpus + ["The answer is: (A", "The answer is: (B"] * 30
     trainer = trainers.BpeTrainer(
         vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )

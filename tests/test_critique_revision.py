@@ -107,7 +107,7 @@ def test_empty_and_no_issue_critiques_are_recorded_not_dropped(tmp_path, tiny_mo
     out = tmp_path / "out"
     out.mkdir()
     ctx = StageContext(cfg=cfg, run_dir=tmp_path / "run", out=out, name="critique_revision", log=lambda m: None,
-                       _engine=FakeEngine(critique))
+                       engines={str(tiny_model): FakeEngine(critique)})
     counts = cr.run(ctx)
     chains = _read(out / "chains" / "train.jsonl")
     assert [c["rounds"][0]["status"] for c in chains] == [status] * 3

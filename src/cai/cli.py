@@ -1,4 +1,4 @@
-"""The ``cai`` command line: ``cai run | validate | config | model``.
+"""The ``cai`` command line: ``cai run | validate | config | model | score``.
 
 Configuration is one rule everywhere: defaults < ``--config`` (a preset name or a YAML
 file) < ``KEY=VALUE`` overrides such as ``engine.batch_size=8`` (values read as YAML).
@@ -73,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Resolve 'default', a directory or a hub id and print the checkpoint path.",
     )
     p.add_argument("name", nargs="?", default="default", help="model name (default: the embedded SmolLM2-135M-Instruct)")
+
+    p = sub.add_parser(
+        "score", help="score answers with a saved preference model",
+        description="Print the preference model's reward for one answer (--prompt/--response) or for "
+        "every row of a JSONL file with 'prompt' (text or messages) and 'response' fields (--file; "
+        "prints JSONL with a 'reward' field added).",
+    )
+    p.add_argument("model", help="a preference model folder, e.g. RUN_DIR/preference_model/model")
+    p.add_argument("--prompt", help="the user's prompt")
+    p.add_argument("--response", help="the assistant's answer to score")
+    p.add_argument("--file", help="JSONL rows with 'prompt' and 'response'")
+    p.add_argument("--batch-size", type=int, default=8, help="answers per forward pass (default 8)")
     return parser
 
 
@@ -149,7 +161,35 @@ def cmd_model(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "config": cmd_config, "model": cmd_model}
+def cmd_score(args) -> int:
+    import json
+    from pathlib import Path
+
+    from cai.io import read_jsonl
+    from cai.reward import RewardModel
+
+    if bool(args.file) == bool(args.prompt is not None or args.response is not None):
+        raise CaiError("give either --file, or both --prompt and --response")
+    if not args.file and (args.prompt is None or args.response is None):
+        raise CaiError("give both --prompt and --response (or --file)")
+    if not Path(args.model, "config.json").is_file():
+        raise CaiError(f"'{args.model}' is not a saved model folder (no config.json)")
+    if args.file:
+        rows = read_jsonl(Path(args.file))
+        for n, r in enumerate(rows, 1):
+            if not isinstance(r, dict) or "prompt" not in r or "response" not in r:
+                raise CaiError(f"{args.file}:{n}: each row needs 'prompt' and 'response' fields")
+    pm = RewardModel.load(args.model)
+    if not args.file:
+        print(f"{pm.score(args.prompt, args.response):.6f}")
+        return 0
+    scores = pm.score_many([r["prompt"] for r in rows], [str(r["response"]) for r in rows], args.batch_size)
+    for r, s in zip(rows, scores):
+        print(json.dumps({**r, "reward": round(s, 6)}, ensure_ascii=False))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "config": cmd_config, "model": cmd_model, "score": cmd_score}
 
 
 def main(argv=None) -> int:

@@ -137,12 +137,79 @@ class SFTConfig:
 
 
 @dataclass
+class FeedbackConfig:
+    policy: str = _f(
+        "sl-cai",
+        "Model that writes the answers to compare: 'sl-cai' (this run's SFT model, as in the "
+        "paper), 'default', a checkpoint directory or a hub id.",
+    )
+    model: str | None = _f(
+        None, "Feedback model that labels the pairs; None uses engine.model (the original model, as in the paper)."
+    )
+    samples_per_prompt: int = _f(2, "Answers sampled per prompt; every pair of them is compared.")
+    temperature: float = _f(1.0, "Sampling temperature for the answers (paper: 1).")
+    top_p: float = _f(1.0, "Nucleus sampling threshold for the answers.")
+    max_new_tokens: int = _f(256, "Token budget per answer.")
+    principles_per_comparison: int = _f(
+        1, "Comparison principles sampled per pair; their labels are averaged (an ensemble)."
+    )
+    both_orders: bool = _f(True, "Ask each question with A and B swapped too, and average (removes position bias).")
+    few_shot: int = _f(-1, "How many of the constitution's comparison demonstrations to prepend (-1: all, 0: none).")
+    chain_of_thought: bool = _f(
+        False, "Let the feedback model reason first ('Let's think step by step'), then read the options."
+    )
+    cot_max_new_tokens: int = _f(256, "Token budget for the reasoning.")
+    cot_clamp: list[float] = _f(
+        [0.4, 0.6], "Clamp chain-of-thought labels into [low, high] (paper: 40-60%; [0, 1] switches it off)."
+    )
+    helpful_ratio: float = _f(
+        1.0, "Helpfulness comparisons (answers to helpfulness prompts, labelled under a helpfulness question) "
+        "per harmlessness comparison.",
+    )
+    human_preferences: str | None = _f(
+        None,
+        "A human preference file to mix in as hard labels: hh-rlhf transcripts (chosen/rejected) or TRL "
+        "prompt/chosen/rejected, JSONL/JSON/Parquet, or a folder with train/test files.",
+    )
+    human_ratio: float = _f(1.0, "Human comparisons per harmlessness comparison (capped by the file).")
+    max_prompts: int | None = _f(None, "Use at most this many red-team prompts per split (None: all).")
+
+
+@dataclass
+class PreferenceModelConfig:
+    model: str = _f(
+        "sl-cai",
+        "Starting checkpoint for the reward model: 'sl-cai' (this run's SFT model), 'default', a "
+        "directory or a hub id. A one-output score head is added.",
+    )
+    loss: str = _f(
+        "soft", "'soft': cross-entropy of sigmoid(r_chosen - r_rejected) against the soft label p_chosen; "
+        "'hard': Bradley-Terry on the hard labels.",
+        choices=("soft", "hard"),
+    )
+    epochs: float = _f(1.0, "Passes over the comparisons.")
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (None: run the epochs).")
+    learning_rate: float = _f(1e-5, "AdamW learning rate (constant after warmup).")
+    warmup_steps: int = _f(0, "Linear warmup steps.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    batch_size: int = _f(8, "Comparisons per optimizer step (per process); each is two sequences.")
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    max_length: int = _f(1024, "Keep at most the last this-many tokens of each conversation.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    checkpoint_every: int = _f(50, "Save a resumable checkpoint every N optimizer steps.")
+    dtype: str = _f(
+        "auto", "Training dtype: 'auto' is float32 on CPU, bfloat16 on GPU.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+
+
+@dataclass
 class RunConfig:
     run_dir: str = _f("runs/default", "Folder for every artifact of this run.")
     seed: int = _f(0, "Seed for every sampled choice (principles, splits, sampling).")
     stages: list[str] = _f(
-        ["prepare", "critique_revision", "sft"],
-        "Stages to run, in order: prepare, critique_revision, sft.",
+        ["prepare", "critique_revision", "sft", "feedback", "preference_model"],
+        "Stages to run, in order: prepare, critique_revision, sft, feedback, preference_model.",
     )
     engine: EngineConfig = _f(EngineConfig(), "The policy engine.")
     data: DataConfig = _f(DataConfig(), "Inputs: constitution and prompt sets.")
@@ -150,6 +217,10 @@ class RunConfig:
         CritiqueRevisionConfig(), "SL-CAI data: answer, then critique and revise under sampled principles."
     )
     sft: SFTConfig = _f(SFTConfig(), "SL-CAI model: supervised fine-tuning on the revisions.")
+    feedback: FeedbackConfig = _f(FeedbackConfig(), "AI feedback: pairs of answers labelled by a feedback model.")
+    preference_model: PreferenceModelConfig = _f(
+        PreferenceModelConfig(), "Preference model trained on the AI feedback's soft labels."
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -24,5 +24,16 @@ def write_jsonl(path: Path, records) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    from cai.errors import CaiError
+
+    if not Path(path).is_file():
+        raise CaiError(f"'{path}' does not exist")
+    out = []
     with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise CaiError(f"{path}:{n}: malformed JSON line ({exc.msg})") from None
+    return out

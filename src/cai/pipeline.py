@@ -17,6 +17,7 @@ engine requests that did not change come from the cache.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -36,19 +37,29 @@ from cai.errors import CaiError
 from cai.io import write_json
 
 
+#: A model setting that names the SL-CAI model this run's ``sft`` stage trains.
+SL_CAI = "sl-cai"
+
+
 @dataclass
 class StageSpec:
     name: str
     run: Callable[["StageContext"], dict]
     config_keys: tuple[str, ...]
-    needs: tuple[str, ...] = ()
+    #: Upstream stages, or a function of the config giving them (a stage that reads the
+    #: SL-CAI model needs ``sft`` only when its model setting is ``sl-cai``).
+    needs: tuple[str, ...] | Callable[[RunConfig], tuple[str, ...]] = ()
     help: str = ""
+
+    def upstream(self, cfg: RunConfig) -> tuple[str, ...]:
+        return tuple(self.needs(cfg) if callable(self.needs) else self.needs)
 
 
 def _stages() -> dict[str, StageSpec]:
-    from cai.stages import critique_revision, prepare, sft
+    from cai.stages import critique_revision, feedback, prepare, preference_model, sft
 
-    return {s.name: s for s in (prepare.STAGE, critique_revision.STAGE, sft.STAGE)}
+    specs = (prepare.STAGE, critique_revision.STAGE, sft.STAGE, feedback.STAGE, preference_model.STAGE)
+    return {s.name: s for s in specs}
 
 
 def stage_names() -> list[str]:
@@ -82,7 +93,7 @@ class StageContext:
     name: str
     log: Callable[[str], None] = print
     inputs: dict = field(default_factory=dict)  # name -> sha256, recorded in the manifest
-    _engine: object = None
+    engines: dict = field(default_factory=dict)  # model path -> engine, shared across stages
 
     def stage_dir(self, name: str) -> Path:
         path = self.run_dir / name
@@ -90,12 +101,25 @@ class StageContext:
             raise CaiError(f"stage '{self.name}' needs the finished stage '{name}' in {self.run_dir}")
         return path
 
-    def engine(self):
-        if self._engine is None:
+    def model_path(self, spec: str) -> str:
+        """A model setting as a path or id: ``sl-cai`` is this run's SFT model."""
+        if spec == SL_CAI:
+            return str(self.stage_dir("sft") / "model")
+        return spec
+
+    def engine(self, model: str | None = None):
+        """The engine on ``model`` (default: ``engine.model``) with the run's settings.
+
+        Engines are built once per model and shared by the stages of one ``cai run``;
+        they all write to the run's request cache.
+        """
+        path = self.model_path(model) if model else self.cfg.engine.model
+        if path not in self.engines:
             from cai.engines import build_engine
 
-            self._engine = build_engine(self.cfg.engine, self.run_dir / "cache.sqlite", progress=self.log)
-        return self._engine
+            cfg = dataclasses.replace(self.cfg.engine, model=path)
+            self.engines[path] = build_engine(cfg, self.run_dir / "cache.sqlite", progress=self.log)
+        return self.engines[path]
 
     @contextlib.contextmanager
     def progress(self, total: int, desc: str, unit: str = "req"):
@@ -122,7 +146,7 @@ def fingerprints(cfg: RunConfig) -> dict[str, str]:
     specs = _stages()
     out: dict[str, str] = {}
     for name, spec in specs.items():
-        up = {n: out.get(n) for n in spec.needs}
+        up = {n: out.get(n) for n in spec.upstream(cfg)}
         out[name] = config_hash({"config": _slice(cfg, spec.config_keys), "needs": up, "stage": name})
     return out
 
@@ -146,11 +170,11 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
     prints = fingerprints(cfg)
-    ctx_engine = None
+    engines: dict = {}
     total = time.time()
     for name in cfg.stages:
         spec = specs[name]
-        for need in spec.needs:
+        for need in spec.upstream(cfg):
             if need not in cfg.stages and read_manifest(run_dir, need) is None:
                 raise CaiError(f"stage '{name}' needs stage '{need}'; add it to 'stages' or run it first")
         manifest = read_manifest(run_dir, name)
@@ -160,7 +184,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
         final = run_dir / name
         partial = run_dir / f"{name}.partial"
         partial.mkdir(parents=True, exist_ok=True)
-        ctx = StageContext(cfg=cfg, run_dir=run_dir, out=partial, name=name, log=log, _engine=ctx_engine)
+        ctx = StageContext(cfg=cfg, run_dir=run_dir, out=partial, name=name, log=log, engines=engines)
         log(f"[{name}] running")
         started = time.time()
         counts = spec.run(ctx) or {}
@@ -172,7 +196,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
                 "status": "complete",
                 "fingerprint": prints[name],
                 "config": _slice(cfg, spec.config_keys),
-                "needs": {n: prints.get(n) for n in spec.needs},
+                "needs": {n: prints.get(n) for n in spec.upstream(cfg)},
                 "inputs": ctx.inputs,
                 "counts": counts,
                 "started": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(),
@@ -184,12 +208,13 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
-        ctx_engine = ctx._engine
         log(f"[{name}] done in {seconds:.1f}s: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-    if ctx_engine is not None:
-        hits, misses = getattr(ctx_engine, "hits", None), getattr(ctx_engine, "misses", None)
-        if hits is not None:
-            log(f"engine cache: {hits} hits, {misses} new requests")
+    hits = sum(getattr(e, "hits", 0) for e in engines.values())
+    misses = sum(getattr(e, "misses", 0) for e in engines.values())
+    if engines:
+        log(f"engine cache: {hits} hits, {misses} new requests")
+    for e in engines.values():
+        e.close()
     log(f"run finished in {time.time() - total:.1f}s: {run_dir}")
     for name in cfg.stages:
         log(f"  {name:<18} {run_dir / name}")

@@ -65,7 +65,7 @@ def looks_like_transcript(text: str) -> bool:
     return bool(re.match(r"^\s*(Human|H):", text)) or "\n\nHuman:" in text
 
 
-def parse_transcript(text: str, where: str = "transcript") -> list[Message]:
+def parse_transcript(text: str, where: str = "transcript", keep_answer: bool = False) -> list[Message]:
     """Parse Anthropic's ``\\n\\nHuman: ...\\n\\nAssistant: ...`` format.
 
     Turns are split only at a role name that starts the text or follows a blank line,
@@ -83,6 +83,10 @@ def parse_transcript(text: str, where: str = "transcript") -> list[Message]:
             messages[-1]["content"] += "\n\n" + content
         else:
             messages.append({"role": role, "content": content})
+    if keep_answer:  # a whole exchange (hh-rlhf's chosen/rejected): keep its final answer
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            raise CaiError(f"{where}: the transcript does not end with an 'Assistant:' answer")
+        return messages
     while messages and messages[-1]["role"] == "assistant":
         messages.pop()  # the answer (hh-rlhf) or an empty "Assistant:" cue
     if not messages or not messages[-1]["content"]:

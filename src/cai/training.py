@@ -22,8 +22,12 @@ def encode_chat(tok, messages: list[dict], max_length: int) -> dict | None:
     assistant cue; the target is what the full rendering adds after it (the answer and
     its end-of-turn token). Returns None when the prefix leaves no room for a target.
     """
+    from cai.engines.base import defang, special_strings
+
     if not messages or messages[-1]["role"] != "assistant":
         raise CaiError("a training conversation must end with an assistant turn")
+    specials = special_strings(tok)
+    messages = [{**m, "content": defang(m["content"], specials)} for m in messages]
     prefix = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     full = tok.apply_chat_template(messages, tokenize=False)
     p_ids = tok(prefix, add_special_tokens=False)["input_ids"]

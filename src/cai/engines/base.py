@@ -50,6 +50,28 @@ def request_seed(seed: int, conversation: Conversation, index: int) -> int:
     return int(hashlib.sha256(blob.encode()).hexdigest()[:15], 16)
 
 
+_JOINER = "\u2060"  # WORD JOINER: invisible, and no tokenizer's special token contains it
+
+
+def special_strings(tok) -> list[str]:
+    """The texts a tokenizer turns into special tokens (``<|im_end|>``, ``</s>``...)."""
+    found = set(getattr(tok, "all_special_tokens", []) or [])
+    for t in (getattr(tok, "added_tokens_decoder", None) or {}).values():
+        if getattr(t, "special", False):
+            found.add(str(t.content))
+    return sorted((s for s in found if len(s) > 1), key=len, reverse=True)
+
+
+def defang(text: str, specials: Sequence[str]) -> str:
+    """Break special-token strings inside message text, so content can never close a turn,
+    open a new one or forge the template; it is model output and user data, hence hostile.
+    """
+    for s in specials:
+        if s in text:
+            text = text.replace(s, s[0] + _JOINER + s[1:])
+    return text
+
+
 class Engine(abc.ABC):
     """Generates and scores text for a list of conversations."""
 

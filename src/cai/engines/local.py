@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from cai.engines.base import Conversation, Engine, Progress, SamplingParams, request_seed
+from cai.engines.base import Conversation, Engine, Progress, SamplingParams, defang, request_seed, special_strings
 from cai.errors import CaiError
 
 
@@ -76,7 +76,8 @@ def _checkpoint_stamp(path: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
-def load_model_and_tokenizer(path: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False, model_cls=None):
+def load_model_and_tokenizer(path: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+                             model_cls=None, **model_kwargs):
     """Load a checkpoint for inference or training, with clear errors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,7 +86,7 @@ def load_model_and_tokenizer(path: str, device: str = "auto", dtype: str = "auto
     model_cls = model_cls or AutoModelForCausalLM
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = model_cls.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = model_cls.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **model_kwargs)
     except (OSError, ValueError) as exc:
         msg = str(exc).splitlines()[0]
         hint = " (set engine.trust_remote_code=true only if you trust this checkpoint's code)" if "trust_remote_code" in msg else ""
@@ -134,6 +135,7 @@ class LocalEngine(Engine):
         eos = eos if eos is not None else self.tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = self.tok.pad_token_id
+        self.specials = special_strings(self.tok)
         # transformers >= 5.2x names the KV-cache argument `cache`; older ones `past_key_values`.
         import inspect
 
@@ -148,8 +150,9 @@ class LocalEngine(Engine):
     def render(self, conv: Conversation) -> str:
         """The chat-template text of a conversation, ready for the next token."""
         cont = conv[-1]["role"] == "assistant"
+        safe = [{**m, "content": defang(m["content"], self.specials)} for m in conv]
         return self.tok.apply_chat_template(
-            list(conv), tokenize=False, add_generation_prompt=not cont, continue_final_message=cont
+            safe, tokenize=False, add_generation_prompt=not cont, continue_final_message=cont
         )
 
     def encode(self, text: str) -> list[int]:

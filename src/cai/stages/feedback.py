@@ -1,0 +1,454 @@
+"""AI feedback (Bai et al. 2022, §4.1): pairs of answers labelled by a feedback model.
+
+For every red-team prompt the policy (the SL-CAI model by default) samples a few
+answers at temperature 1, and every pair of them becomes a comparison. The feedback
+model (the original model by default, as in the paper) reads a multiple-choice question:
+the conversation, a comparison principle sampled for this pair, the options "(A) ..." and
+"(B) ...". Its assistant turn is opened with ``The answer is: (`` and the label is the
+normalised probability of the next token being ``A`` or ``B``, read with
+``Engine.choice_logprobs`` in one forward pass; nothing is generated or parsed.
+
+* **Both orders.** Each question is asked again with the answers swapped; the two
+  probabilities that the same answer is better are averaged. How often both orders
+  prefer the same answer is reported as the position-consistency rate.
+* **Ensembles.** ``principles_per_comparison`` samples several principles per pair and
+  averages their labels.
+* **Chain of thought.** The feedback model first continues ``Let's think step by
+  step:``; the options are then scored after its reasoning, and the label is clamped to
+  ``cot_clamp`` (40-60% by default: the paper found unclamped CoT labels too extreme). An
+  empty reasoning is an abstention, counted and recorded, never a crash.
+* **Helpfulness.** Pairs of answers to helpfulness prompts are labelled under the
+  constitution's helpfulness questions, and a human preference file can be mixed in with
+  hard labels (p = 1), as the paper's PM mixed human helpfulness with AI harmlessness.
+
+Answers are hostile data: they are only ever placed inside the question, the label is
+read at a fixed position after the fixed suffix, and the engine defangs special-token
+strings, so an answer that says "(A)" or "The answer is: (B)" cannot move the label
+position or forge a turn.
+
+Artifacts, JSONL with train/test splits that follow the prompt splits:
+
+* ``comparisons/``: every comparison with both answers, each question's principle,
+  order, probabilities and reasoning, and its status (labelled/abstained/identical);
+* ``prefs/``: TRL's ``prompt``/``chosen``/``rejected`` plus ``p_chosen`` (the soft label),
+  ``margin`` (p_chosen - p_rejected), ``principle_ids``, the probability of the chosen
+  answer when shown first and when shown second, ``position_consistent``, ``source`` and
+  ``feedback_model``;
+* ``stats.json``: totals, position consistency, mean |p - 0.5|, per-principle numbers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cai.constitution import ComparisonExample, ComparisonPrinciple, Constitution, load_constitution
+from cai.engines.base import SamplingParams
+from cai.errors import CaiError
+from cai.io import write_json, write_jsonl
+from cai.pipeline import SL_CAI, StageContext, StageSpec
+from cai.prompts import Prompt, load_prompt_file
+
+SPLITS = ("train", "test")
+OPTIONS = ["A", "B"]
+ANSWER_PREFIX = "The answer is: ("
+COT_CUE = "Let's think step by step:"
+QUESTION = (
+    "Consider the following conversation between a human and an assistant:\n\n"
+    "{conversation}\n\n{question}\n\nOptions:\n(A) {a}\n\n(B) {b}"
+)
+_ANSWER_RE = re.compile(r"the answer is", re.I)
+
+
+# -- the question -------------------------------------------------------------------
+
+
+def render_conversation(messages: list[dict]) -> str:
+    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+    return "\n\n".join(f"{names.get(m['role'], m['role'])}: {m['content']}" for m in messages)
+
+
+def question(messages: list[dict], principle_text: str, a: str, b: str) -> str:
+    return QUESTION.format(conversation=render_conversation(messages), question=principle_text, a=a, b=b)
+
+
+def answer_turn(reasoning: str | None) -> str:
+    """The assistant's turn up to the option letter: the label is read right after it."""
+    return ANSWER_PREFIX if reasoning is None else f"{COT_CUE} {reasoning}\n\n{ANSWER_PREFIX}"
+
+
+def demo_turns(examples: list[ComparisonExample], principles: dict[str, str], cot: bool) -> list[dict]:
+    turns = []
+    for ex in examples:
+        text = principles.get(ex.principle_id, ex.principle_id)
+        turns.append({"role": "user", "content": question(ex.messages, text, ex.response_a, ex.response_b)})
+        reasoning = (ex.reasoning or "").strip() if cot else None
+        turns.append({"role": "assistant", "content": answer_turn(reasoning) + f"{ex.answer})"})
+    return turns
+
+
+def clean_reasoning(text: str) -> str:
+    """Keep the reasoning only: cut where the model starts stating its answer itself."""
+    m = _ANSWER_RE.search(text or "")
+    return (text[: m.start()] if m else text or "").strip()
+
+
+def is_abstention(reasoning: str) -> bool:
+    return len(re.findall(r"\w", reasoning)) < 3
+
+
+def softmax2(lp: list[float]) -> float:
+    """Probability of the first of two options from their log-probabilities."""
+    hi = max(lp)
+    ea, eb = math.exp(lp[0] - hi), math.exp(lp[1] - hi)
+    return ea / (ea + eb)
+
+
+# -- comparisons ----------------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    id: str
+    split: str
+    source: str  # harmlessness | helpfulness | human
+    prompt: Prompt
+    a: str
+    b: str
+    principles: list[ComparisonPrinciple] = field(default_factory=list)
+    queries: list[dict] = field(default_factory=list)
+    p_a: float | None = None  # label: probability that answer a is the better one
+    p_a_raw: float | None = None  # before the chain-of-thought clamp
+    status: str = "labelled"
+
+
+def make_pairs(split: str, source: str, prompt: Prompt, answers: list[str], pool, n_principles, seed) -> list[Comparison]:
+    out = []
+    for i, j in itertools.combinations(range(len(answers)), 2):
+        cid = f"{prompt.id}/{i}-{j}"
+        rng = random.Random(f"{seed}:feedback:{source}:{cid}")
+        c = Comparison(cid, split, source, prompt, answers[i], answers[j],
+                       principles=[rng.choice(pool) for _ in range(n_principles)])
+        if answers[i].strip() == answers[j].strip():
+            c.status = "identical"
+        out.append(c)
+    return out
+
+
+def build_queries(comparisons: list[Comparison], both_orders: bool) -> None:
+    for c in comparisons:
+        if c.status != "labelled":
+            continue
+        for k, principle in enumerate(c.principles):
+            for order in ("ab", "ba") if both_orders else ("ab",):
+                first, second = (c.a, c.b) if order == "ab" else (c.b, c.a)
+                c.queries.append({
+                    "principle_id": principle.id,
+                    "k": k,
+                    "order": order,
+                    "question": question(c.prompt.messages, principle.text, first, second),
+                })
+
+
+def label(engine, comparisons, demos, cot: bool, fb, seed: int, progress) -> None:
+    """Fill in every query's probabilities (and reasoning) and each comparison's label."""
+    queries = [q for c in comparisons for q in c.queries]
+    if cot:
+        convs = [demos + [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": COT_CUE}]
+                 for q in queries]
+        params = SamplingParams(temperature=0.0, max_new_tokens=fb.cot_max_new_tokens, seed=seed + 3000)
+        with progress(len(convs), "reasoning") as update:
+            outs = engine.generate(convs, params, progress=update) if convs else []
+        for q, out in zip(queries, outs):
+            q["reasoning"] = clean_reasoning(out[0])
+            q["abstained"] = is_abstention(q["reasoning"])
+    scored = [q for q in queries if not q.get("abstained")]
+    convs = [demos + [{"role": "user", "content": q["question"]},
+                      {"role": "assistant", "content": answer_turn(q.get("reasoning"))}] for q in scored]
+    with progress(len(convs), "labels") as update:
+        lps = engine.choice_logprobs(convs, [OPTIONS] * len(convs), progress=update) if convs else []
+    for q, lp in zip(scored, lps):
+        q["logprobs"] = lp
+        q["p_first"] = softmax2(lp)
+        q["p_a"] = q["p_first"] if q["order"] == "ab" else 1.0 - q["p_first"]
+    lo, hi = fb.cot_clamp if cot else (0.0, 1.0)
+    for c in comparisons:
+        if c.status != "labelled":
+            continue
+        usable = _usable(c.queries, fb.both_orders)
+        if not usable:
+            c.status = "abstained"
+            continue
+        c.p_a_raw = sum(q["p_a"] for q in usable) / len(usable)
+        c.p_a = min(max(c.p_a_raw, lo), hi)
+
+
+def _usable(queries: list[dict], both_orders: bool) -> list[dict]:
+    """Scored queries; with both orders, only principles whose two orders were both scored."""
+    ok = [q for q in queries if "p_a" in q]
+    if not both_orders:
+        return ok
+    by_k: dict[int, list[dict]] = {}
+    for q in ok:
+        by_k.setdefault(q["k"], []).append(q)
+    return [q for qs in by_k.values() if len(qs) == 2 for q in qs]
+
+
+def consistency(c: Comparison) -> list[bool]:
+    """Per principle asked in both orders: did both orders prefer the same answer?"""
+    by_k: dict[int, dict[str, float]] = {}
+    for q in c.queries:
+        if "p_a" in q:
+            by_k.setdefault(q["k"], {})[q["order"]] = q["p_a"]
+    return [(o["ab"] >= 0.5) == (o["ba"] >= 0.5) for o in by_k.values() if len(o) == 2]
+
+
+# -- human preferences ----------------------------------------------------------------
+
+
+def _turns(value, where: str, keep_answer: bool) -> list[dict]:
+    from cai.prompts import parse_transcript
+
+    if isinstance(value, str):
+        if keep_answer and not value.lstrip().startswith(("Human:", "H:")):
+            return [{"role": "assistant", "content": value}]
+        if not keep_answer:
+            return parse_transcript(value, where) if value.lstrip().startswith(("Human:", "H:")) else [
+                {"role": "user", "content": value}]
+        return parse_transcript(value, where, keep_answer=True)
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return [{"role": m["role"], "content": str(m["content"])} for m in value]
+    raise CaiError(f"{where}: expected a transcript string or a list of {{role, content}} messages")
+
+
+def human_record(rec, where: str) -> tuple[list[dict], str, str]:
+    """(prompt messages, chosen answer, rejected answer) from an hh-rlhf or TRL record."""
+    if not isinstance(rec, dict) or "chosen" not in rec or "rejected" not in rec:
+        raise CaiError(f"{where}: a human preference record needs 'chosen' and 'rejected' fields")
+    chosen = _turns(rec["chosen"], f"{where} field 'chosen'", keep_answer=True)
+    rejected = _turns(rec["rejected"], f"{where} field 'rejected'", keep_answer=True)
+    if "prompt" in rec:
+        prompt = _turns(rec["prompt"], f"{where} field 'prompt'", keep_answer=False)
+        if len(chosen) > 1:  # TRL's implicit-prompt form repeats the prompt inside chosen
+            chosen = chosen[len(prompt):] or chosen[-1:]
+            rejected = rejected[len(prompt):] or rejected[-1:]
+    else:  # hh-rlhf: both transcripts share the conversation and differ in the last answer
+        prompt = chosen[:-1]
+        if rejected[:-1] != prompt:
+            raise CaiError(f"{where}: 'chosen' and 'rejected' transcripts differ before their last answer")
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        raise CaiError(f"{where}: 'chosen' and 'rejected' must end with an assistant answer")
+    return prompt, chosen[-1]["content"], rejected[-1]["content"]
+
+
+def load_human_preferences(spec: str, seed: int, test_fraction: float) -> dict[str, list[dict]]:
+    from cai.prompts import _read_records, _split_by_hash, _split_files
+
+    path = Path(spec)
+    files = _split_files(path) if path.is_dir() else None
+    if path.is_dir() and not files:
+        raise CaiError(f"feedback.human_preferences: folder '{spec}' has no train/test files")
+    if not path.exists():
+        raise CaiError(f"feedback.human_preferences: '{spec}' does not exist (a JSONL/JSON/Parquet file or a folder)")
+    raw = {s: _read_records(p) for s, p in files.items()} if files else {"all": _read_records(path)}
+    out: dict[str, list[dict]] = {"train": [], "test": []}
+    for split, records in raw.items():
+        for n, (where, rec) in enumerate(records):
+            prompt, chosen, rejected = human_record(rec, where)
+            item = {"id": str(rec.get("id", f"human-{n}")) if isinstance(rec, dict) else f"human-{n}",
+                    "prompt": prompt, "chosen": chosen, "rejected": rejected}
+            if split == "all":
+                p = Prompt(id=item["id"] + f":{n}", messages=prompt)
+                split_of = "test" if _split_by_hash([p], test_fraction, seed)["test"] else "train"
+                out[split_of].append(item)
+            else:
+                out[split].append(item)
+    return out
+
+
+# -- the stage --------------------------------------------------------------------------
+
+
+def _pref_record(c: Comparison, feedback_model: str, both_orders: bool) -> dict:
+    a_wins = c.p_a >= 0.5
+    p_chosen = c.p_a if a_wins else 1.0 - c.p_a
+    chosen, rejected = (c.a, c.b) if a_wins else (c.b, c.a)
+    usable = _usable(c.queries, both_orders)
+    # Probability that the chosen answer is better, when it was shown first / second.
+    shown_first = [q["p_a"] if a_wins else 1 - q["p_a"] for q in usable if (q["order"] == "ab") == a_wins]
+    shown_second = [q["p_a"] if a_wins else 1 - q["p_a"] for q in usable if (q["order"] == "ab") != a_wins]
+    agree = consistency(c)
+    return {
+        "id": c.id,
+        "source": c.source,
+        "category": c.prompt.category,
+        "prompt": c.prompt.messages,
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "p_chosen": round(p_chosen, 6),
+        "margin": round(2 * p_chosen - 1, 6),
+        "principle_ids": [p.id for p in c.principles],
+        "p_chosen_shown_first": _mean(shown_first),
+        "p_chosen_shown_second": _mean(shown_second),
+        "position_consistent": all(agree) if agree else None,
+        "feedback_model": feedback_model,
+    }
+
+
+def _mean(xs):
+    return round(sum(xs) / len(xs), 6) if xs else None
+
+
+def _comparison_record(c: Comparison) -> dict:
+    return {
+        "id": c.id, "split": c.split, "source": c.source, "category": c.prompt.category,
+        "prompt": c.prompt.messages, "response_a": c.a, "response_b": c.b,
+        "principle_ids": [p.id for p in c.principles],
+        "queries": [{k: v for k, v in q.items() if k != "question"} for q in c.queries],
+        "p_a": None if c.p_a is None else round(c.p_a, 6),
+        "p_a_unclamped": None if c.p_a_raw is None else round(c.p_a_raw, 6),
+        "position_consistent": consistency(c),
+        "status": c.status,
+    }
+
+
+def statistics(comparisons: list[Comparison]) -> dict:
+    labelled = [c for c in comparisons if c.status == "labelled"]
+    agree = [x for c in labelled for x in consistency(c)]
+    per: dict[str, dict] = {}
+    for c in labelled:
+        for q in c.queries:
+            if "p_a" not in q:
+                continue
+            d = per.setdefault(q["principle_id"], {"questions": 0, "abs_margin": 0.0, "agree": []})
+            d["questions"] += 1
+            d["abs_margin"] += abs(q["p_a"] - 0.5)
+        for k, ok in zip(sorted({q["k"] for q in c.queries}), consistency(c)):
+            per[c.principles[k].id]["agree"].append(ok)
+    return {
+        "comparisons": len(comparisons),
+        "labelled": len(labelled),
+        "abstained": sum(c.status == "abstained" for c in comparisons),
+        "identical_pairs": sum(c.status == "identical" for c in comparisons),
+        "abstained_questions": sum(1 for c in comparisons for q in c.queries if q.get("abstained")),
+        "position_consistency": round(sum(agree) / len(agree), 4) if agree else None,
+        "mean_abs_p_minus_half": round(sum(abs(c.p_a - 0.5) for c in labelled) / len(labelled), 4) if labelled else None,
+        "mean_abs_p_minus_half_unclamped": (
+            round(sum(abs(c.p_a_raw - 0.5) for c in labelled) / len(labelled), 4) if labelled else None
+        ),
+        "per_principle": {
+            pid: {
+                "questions": d["questions"],
+                "mean_abs_p_minus_half": round(d["abs_margin"] / d["questions"], 4),
+                "position_consistency": round(sum(d["agree"]) / len(d["agree"]), 4) if d["agree"] else None,
+            }
+            for pid, d in sorted(per.items())
+        },
+    }
+
+
+def run(ctx: StageContext) -> dict:
+    cfg, fb = ctx.cfg, ctx.cfg.feedback
+    if fb.samples_per_prompt < 2:
+        raise CaiError(f"feedback.samples_per_prompt must be at least 2 to make a pair; got {fb.samples_per_prompt}")
+    if fb.principles_per_comparison < 1:
+        raise CaiError("feedback.principles_per_comparison must be at least 1")
+    lo, hi = (fb.cot_clamp + [None, None])[:2]
+    if lo is None or hi is None or not 0 <= lo <= 0.5 <= hi <= 1:
+        raise CaiError(f"feedback.cot_clamp must be [low, high] with 0 <= low <= 0.5 <= high <= 1; got {fb.cot_clamp}")
+    prep = ctx.stage_dir("prepare")
+    const = load_constitution(prep / "constitution.yaml")
+    red = {s: load_prompt_file(prep / "prompts" / "red_team" / f"{s}.jsonl") for s in SPLITS}
+    helpful = {s: load_prompt_file(prep / "prompts" / "helpful" / f"{s}.jsonl") for s in SPLITS}
+    if fb.max_prompts is not None:
+        red = {s: ps[: fb.max_prompts] for s, ps in red.items()}
+    n_help = {s: min(len(helpful[s]), round(fb.helpful_ratio * len(red[s]))) for s in SPLITS}
+    if not const.helpfulness_principles and any(n_help.values()):
+        ctx.log("[feedback] the constitution has no helpfulness_principles: no helpfulness comparisons")
+        n_help = {s: 0 for s in SPLITS}
+    items = [(s, "harmlessness", p) for s in SPLITS for p in red[s]]
+    items += [(s, "helpfulness", p) for s in SPLITS for p in helpful[s][: n_help[s]]]
+
+    policy = ctx.engine(fb.policy)
+    params = SamplingParams(n=fb.samples_per_prompt, temperature=fb.temperature, top_p=fb.top_p,
+                            max_new_tokens=fb.max_new_tokens, seed=cfg.seed + 2000)
+    with ctx.progress(len(items), "answers") as update:
+        answers = policy.generate([p.messages for _, _, p in items], params, progress=update)
+
+    comparisons: list[Comparison] = []
+    for (split, source, p), outs in zip(items, answers):
+        pool = const.comparison_principles if source == "harmlessness" else const.helpfulness_principles
+        comparisons += make_pairs(split, source, p, outs, pool, fb.principles_per_comparison, cfg.seed)
+    build_queries(comparisons, fb.both_orders)
+
+    feedback_model = fb.model or cfg.engine.model
+    engine = ctx.engine(feedback_model)
+    examples = const.comparison_examples if fb.few_shot < 0 else const.comparison_examples[: fb.few_shot]
+    if fb.chain_of_thought:
+        examples = [e for e in examples if e.reasoning]
+    texts = {p.id: p.text for p in const.comparison_principles + const.helpfulness_principles}
+    demos = demo_turns(examples, texts, fb.chain_of_thought)
+    label(engine, comparisons, demos, fb.chain_of_thought, fb, cfg.seed, ctx.progress)
+
+    prefs = {s: [] for s in SPLITS}
+    for c in comparisons:
+        if c.status == "labelled":
+            prefs[c.split].append(_pref_record(c, feedback_model, fb.both_orders))
+    n_human = {"train": 0, "test": 0}
+    if fb.human_preferences:
+        ctx.record_input("human_preferences", Path(fb.human_preferences))
+        human = load_human_preferences(fb.human_preferences, cfg.seed, cfg.data.test_fraction)
+        for s in SPLITS:
+            want = round(fb.human_ratio * len(red[s]))
+            for h in human[s][:want]:
+                prefs[s].append({
+                    "id": f"human/{h['id']}", "source": "human", "category": None, "prompt": h["prompt"],
+                    "chosen": [{"role": "assistant", "content": h["chosen"]}],
+                    "rejected": [{"role": "assistant", "content": h["rejected"]}],
+                    "p_chosen": 1.0, "margin": 1.0, "principle_ids": [],
+                    "p_chosen_shown_first": None, "p_chosen_shown_second": None,
+                    "position_consistent": None, "feedback_model": "human",
+                })
+                n_human[s] += 1
+
+    for name in ("comparisons", "prefs"):
+        (ctx.out / name).mkdir(parents=True, exist_ok=True)
+    for s in SPLITS:
+        write_jsonl(ctx.out / "comparisons" / f"{s}.jsonl", [_comparison_record(c) for c in comparisons if c.split == s])
+        write_jsonl(ctx.out / "prefs" / f"{s}.jsonl", prefs[s])
+    stats = statistics(comparisons)
+    stats["by_source"] = {src: statistics([c for c in comparisons if c.source == src])
+                          for src in ("harmlessness", "helpfulness")}
+    stats["human_pairs"] = n_human
+    stats["feedback_model"] = feedback_model
+    stats["policy"] = fb.policy
+    stats["chain_of_thought"] = fb.chain_of_thought
+    write_json(ctx.out / "stats.json", stats)
+    return {
+        "comparisons": stats["comparisons"],
+        "labelled": stats["labelled"],
+        "abstained": stats["abstained"],
+        "identical_pairs": stats["identical_pairs"],
+        "position_consistency": stats["position_consistency"],
+        "mean_abs_p_minus_half": stats["mean_abs_p_minus_half"],
+        "prefs_train": len(prefs["train"]),
+        "prefs_test": len(prefs["test"]),
+        "human_pairs": n_human["train"] + n_human["test"],
+    }
+
+
+def _needs(cfg) -> tuple[str, ...]:
+    return ("prepare", "sft") if cfg.feedback.policy == SL_CAI else ("prepare",)
+
+
+STAGE = StageSpec(
+    name="feedback",
+    run=run,
+    config_keys=("seed", "engine", "feedback", "data"),
+    needs=_needs,
+    help="AI feedback: sample answer pairs, label them with option log-probabilities in both orders.",
+)

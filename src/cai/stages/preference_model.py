@@ -1,0 +1,236 @@
+"""Preference model (Bai et al. 2022, §4.1): a reward model trained on the AI feedback.
+
+A sequence classifier with one output, started from the SL-CAI model by default, reads
+each conversation ending in an answer and gives a scalar reward. It is trained on the
+feedback stage's **soft labels**: the loss is the cross-entropy of
+``sigmoid(r_chosen - r_rejected)`` against ``p_chosen`` (``preference_model.loss=hard``
+gives plain Bradley-Terry). TRL's RewardTrainer and OpenRLHF take hard labels only; the
+paper found soft labels better.
+
+The loop is the same short accelerate loop as ``sft`` (so ``accelerate launch`` runs it
+in several processes, each taking its share of every batch): both answers of a pair go
+through the model in one padded batch.
+
+Outputs in ``preference_model/``: ``model/`` (``save_pretrained``, plus
+``cai_training.json``), ``metrics.json`` (loss per step; held-out accuracy, ECE and loss
+before and after training, per source), ``test_scores.jsonl`` (every held-out pair's
+rewards), ``loss.png``, ``calibration.png`` (reliability diagram) and ``scores.png``
+(reward distribution of chosen and rejected answers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+import time
+
+from cai.errors import CaiError
+from cai.io import read_jsonl, write_json, write_jsonl
+from cai.pipeline import SL_CAI, StageContext, StageSpec
+from cai.reward import encode_answer, pair_metrics, preference_loss, prepare_for_scoring, reliability, rewards, sigmoid
+from cai.training import batches_for_epochs, check_finite, load_checkpoint, plot_curve, save_checkpoint
+
+
+def load_pairs(tok, path, max_length: int) -> list[dict]:
+    out = []
+    for rec in read_jsonl(path):
+        p = float(rec.get("p_chosen", 1.0))
+        if not 0.0 <= p <= 1.0:
+            raise CaiError(f"{path}: pair '{rec.get('id')}' has p_chosen={p}, outside [0, 1]")
+        out.append({
+            "id": rec.get("id"),
+            "source": rec.get("source", "ai"),
+            "p": p,
+            "chosen": encode_answer(tok, rec["prompt"], rec["chosen"][-1]["content"], max_length),
+            "rejected": encode_answer(tok, rec["prompt"], rec["rejected"][-1]["content"], max_length),
+        })
+    return out
+
+
+def pair_deltas(model, pairs: list[dict], pad_id, device):
+    """r_chosen - r_rejected for a batch of pairs, from one forward pass."""
+    r = rewards(model, [x["chosen"] for x in pairs] + [x["rejected"] for x in pairs], pad_id, device)
+    return r[: len(pairs)], r[len(pairs):]
+
+
+def evaluate(model, pairs, pad_id, device, batch_size: int) -> tuple[dict, list[tuple[float, float]]]:
+    import torch
+
+    if not pairs:
+        return {"pairs": 0}, []
+    scores = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(pairs), batch_size):
+            rc, rr = pair_deltas(model, pairs[i:i + batch_size], pad_id, device)
+            scores += list(zip(rc.tolist(), rr.tolist()))
+    model.train()
+    deltas = [c - r for c, r in scores]
+    return pair_metrics(deltas, [x["p"] for x in pairs], [x["source"] for x in pairs]), scores
+
+
+def plot_calibration(path, q, p, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    bins = reliability(q, p)
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfect calibration")
+    ax.plot([b["mean_q"] for b in bins], [b["mean_p"] for b in bins], marker="o", label="preference model")
+    for b in bins:
+        ax.annotate(str(b["count"]), (b["mean_q"], b["mean_p"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("PM probability sigmoid(r_chosen - r_rejected)")
+    ax.set_ylabel("mean AI label p_chosen")
+    ax.set_title(title)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_scores(path, scores, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist([s[0] for s in scores], bins=20, alpha=0.6, label="chosen")
+    ax.hist([s[1] for s in scores], bins=20, alpha=0.6, label="rejected")
+    ax.set_xlabel("reward")
+    ax.set_ylabel("answers")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(ctx: StageContext) -> dict:
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModelForSequenceClassification
+
+    from cai.engines.local import load_model_and_tokenizer
+    from cai.models import resolve_model
+
+    cfg, pc = ctx.cfg, ctx.cfg.preference_model
+    data_dir = ctx.stage_dir("feedback") / "prefs"
+    accelerator = Accelerator(cpu=cfg.engine.device == "cpu")
+    start_from = ctx.model_path(pc.model)
+    base = resolve_model(start_from, cfg.engine.revision, progress=ctx.log)
+    dtype = pc.dtype if pc.dtype != "auto" else ("float32" if accelerator.device.type == "cpu" else "bfloat16")
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "score.weight newly initialized" is the point here
+    try:
+        model, tok, _ = load_model_and_tokenizer(
+            base, device="cpu", dtype=dtype, trust_remote_code=cfg.engine.trust_remote_code,
+            model_cls=AutoModelForSequenceClassification, num_labels=1,
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    prepare_for_scoring(model, tok)
+    train = load_pairs(tok, data_dir / "train.jsonl", pc.max_length)
+    test = load_pairs(tok, data_dir / "test.jsonl", pc.max_length)
+    if not train:
+        raise CaiError(f"{data_dir / 'train.jsonl'}: no comparisons to train on (did the feedback stage label any?)")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=pc.learning_rate, weight_decay=pc.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    micro = max(1, pc.batch_size // pc.grad_accum)
+    batches = batches_for_epochs(len(train), pc.batch_size, pc.epochs, cfg.seed)
+    if pc.max_steps is not None:
+        batches = batches[: pc.max_steps]
+    total_steps = len(batches)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    pad_id, device = tok.pad_token_id, accelerator.device
+
+    ckpt = ctx.out / "checkpoint"
+    start, history = 0, []
+    state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer) if ckpt.exists() else None
+    if state is not None and state.get("total_steps") == total_steps:
+        start, history = state["step"], state["history"]
+        ctx.log(f"[preference_model] resuming from checkpoint at step {start}/{total_steps}")
+    before = evaluate(model, test, pad_id, device, micro)[0] if start == 0 else state.get("before")
+
+    t0 = time.time()
+    with ctx.progress(total_steps, "training", unit="step") as update:
+        update(start)
+        for step in range(start, total_steps):
+            for g in optimizer.param_groups:
+                g["lr"] = pc.learning_rate * min(1.0, (step + 1) / pc.warmup_steps) if pc.warmup_steps else pc.learning_rate
+            mine = batches[step][rank::world]
+            step_loss = 0.0
+            for m in range(0, len(mine), micro):
+                chunk = [train[i] for i in mine[m:m + micro]]
+                sync = contextlib.nullcontext() if m + micro >= len(mine) else accelerator.no_sync(model)
+                with sync:
+                    rc, rr = pair_deltas(model, chunk, pad_id, device)
+                    p = torch.tensor([x["p"] for x in chunk], device=device)
+                    loss = preference_loss(rc - rr, p, pc.loss) * (len(chunk) / len(mine))
+                    check_finite(loss, step, ckpt)
+                    accelerator.backward(loss)
+                step_loss += float(loss.detach())
+            accelerator.clip_grad_norm_(params, pc.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append([step + 1, step_loss])
+            update(1)
+            done = step + 1
+            if accelerator.is_main_process and done % pc.checkpoint_every == 0 and done < total_steps:
+                save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, done,
+                                {"history": history, "total_steps": total_steps, "before": before})
+    seconds = time.time() - t0
+    after, scores = evaluate(model, test, pad_id, device, micro)
+    train_after = evaluate(model, train, pad_id, device, micro)[0]
+    accelerator.wait_for_everyone()
+    counts = {
+        "train_pairs": len(train), "test_pairs": len(test), "steps": total_steps, "loss": pc.loss,
+        "train_seconds": round(seconds, 1),
+        "final_loss": round(history[-1][1], 4) if history else None,
+        "test_accuracy_before": before.get("accuracy"), "test_accuracy": after.get("accuracy"),
+        "test_ece_before": before.get("ece"), "test_ece": after.get("ece"),
+        "train_accuracy": train_after.get("accuracy"),
+    }
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        final.save_pretrained(ctx.out / "model")
+        tok.save_pretrained(ctx.out / "model")
+        write_json(ctx.out / "model" / "cai_training.json", {
+            "stage": "preference_model", "base_model": base, "config": dataclasses.asdict(pc), "seed": cfg.seed,
+        })
+        write_json(ctx.out / "metrics.json", {
+            "loss_history": history, "test_before": before, "test_after": after, "train_after": train_after, **counts,
+        })
+        write_jsonl(ctx.out / "test_scores.jsonl", [
+            {"id": x["id"], "source": x["source"], "p_chosen": x["p"], "reward_chosen": c, "reward_rejected": r}
+            for x, (c, r) in zip(test, scores)
+        ])
+        plot_curve(ctx.out / "loss.png", {"train loss": [tuple(h) for h in history]}, "Preference model")
+        if scores:
+            q = [sigmoid(c - r) for c, r in scores]
+            plot_calibration(ctx.out / "calibration.png", q, [x["p"] for x in test], "PM calibration (held out)")
+            plot_scores(ctx.out / "scores.png", scores, "Held-out rewards")
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return counts
+
+
+def _needs(cfg) -> tuple[str, ...]:
+    return ("feedback", "sft") if cfg.preference_model.model == SL_CAI else ("feedback",)
+
+
+STAGE = StageSpec(
+    name="preference_model",
+    run=run,
+    config_keys=("seed", "engine", "preference_model"),
+    needs=_needs,
+    help="Preference model: a reward model trained on the AI feedback's soft labels.",
+)
