@@ -77,3 +77,29 @@ def test_kill_during_sft_then_resume_from_checkpoint(tmp_path, tiny_model):
     assert "[sft] resuming from checkpoint at step" in out.stdout
     metrics = json.loads((tmp_path / "run" / "sft" / "metrics.json").read_text())
     assert [s for s, _ in metrics["loss"]] == list(range(1, metrics["steps"] + 1))
+
+
+def test_kill_during_feedback_then_resume(tmp_path, tiny_model):
+    extra = ["stages=[prepare, feedback]", f"feedback.policy={tiny_model}", "feedback.max_prompts=40",
+             "feedback.max_new_tokens=12", "feedback.helpful_ratio=0.5"]
+    cache = tmp_path / "run" / "cache.sqlite"
+    cmd, env, proc = _start(tmp_path, tiny_model, *extra)
+    # 120 answer requests first (80 red-team + 40 helpful prompts), then 2 label requests
+    # per comparison: kill among the labels
+    reached = _wait_for(lambda: _cached_rows(cache) >= 184, proc)
+    assert reached, "the run finished or stalled before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = _cached_rows(cache)
+    assert not (tmp_path / "run" / "feedback").exists()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("engine cache:"))
+    assert int(line.split()[2]) == saved and int(line.split()[4]) > 0
+    comps = [json.loads(l) for s in ("train", "test")
+             for l in (tmp_path / "run" / "feedback" / "comparisons" / f"{s}.jsonl").read_text().splitlines()]
+    ids = [c["id"] for c in comps]
+    assert len(ids) == 120 and len(set(ids)) == 120  # none lost, none duplicated
+    labels = sum(2 for c in comps if c["status"] == "labelled")
+    assert int(line.split()[4]) == 120 + labels - saved  # nothing answered before the kill was recomputed
+    assert all(c["status"] in ("labelled", "identical") for c in comps)

@@ -47,9 +47,9 @@ def test_top_p_restricts_to_the_nucleus(tiny_engine):
     assert [g[0] for g in greedy] == [n[0] for n in nucleus]
 
 
-def test_choice_logprobs_match_a_full_forward_pass(tiny_engine):
+@pytest.mark.parametrize("options", [["A", "B)", "A) red"], ["A", "B"]])  # several tokens; one token each
+def test_choice_logprobs_match_a_full_forward_pass(tiny_engine, options):
     conv = [{"role": "user", "content": "Which is red?"}, {"role": "assistant", "content": "The answer is: ("}]
-    options = ["A", "B)", "A) red"]
     got = tiny_engine.choice_logprobs([conv, CONVS[0]], [options, ["yes", "no"]])
     prefix = tiny_engine.render(conv)
     for opt, score in zip(options, got[0]):

@@ -311,8 +311,8 @@ class LocalEngine(Engine):
     # -- scoring ------------------------------------------------------------------
 
     def choice_logprobs(self, conversations, options, progress: Progress | None = None):
-        torch = self.torch
         items = []  # (conversation index, option index, token ids, option token count)
+        singles = []  # (conversation index, shared token ids, each option's one token)
         for ci, (conv, opts) in enumerate(zip(conversations, options)):
             if not opts:
                 raise ValueError(f"conversation {ci} has no options to score")
@@ -333,8 +333,33 @@ class LocalEngine(Engine):
             for oi, f in enumerate(fulls):
                 if len(f) <= k:
                     raise ValueError(f"option {opts[oi]!r} adds no tokens to the prompt")
-                items.append((ci, oi, f, len(f) - k))
+            if all(len(f) == k + 1 for f in fulls):
+                # The usual case ("A" / "B"): every option is one token after the shared
+                # part, so one forward pass over the shared part scores them all.
+                singles.append((ci, fulls[0][:k], [f[k] for f in fulls]))
+            else:
+                items += [(ci, oi, f, len(f) - k) for oi, f in enumerate(fulls)]
         scores = [[0.0] * len(o) for o in options]
+        self._score_singles(singles, scores, progress)
+        self._score_options(items, scores, progress)
+        return scores
+
+    def _score_singles(self, singles, scores, progress) -> None:
+        torch = self.torch
+        order = sorted(range(len(singles)), key=lambda i: -len(singles[i][1]))
+        for start in range(0, len(order), self.score_batch_size):
+            batch = [singles[i] for i in order[start:start + self.score_batch_size]]
+            with torch.inference_mode():
+                logits = self._prefill([b[1] for b in batch], keep=1)[0]
+            logp = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
+            for r, (ci, _, option_ids) in enumerate(batch):
+                scores[ci] = [float(logp[r, t]) for t in option_ids]
+            if progress:
+                progress(len(batch))
+
+    def _score_options(self, items, scores, progress) -> None:
+        """Options of several tokens: each option is its own sequence."""
+        torch = self.torch
         order = sorted(range(len(items)), key=lambda i: -len(items[i][2]))
         done = set()
         for start in range(0, len(order), self.score_batch_size):
@@ -353,4 +378,3 @@ class LocalEngine(Engine):
                 before = len(done)
                 done.update(b[0] for b in batch)
                 progress(len(done) - before)
-        return scores
