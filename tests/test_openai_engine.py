@@ -111,6 +111,28 @@ def test_generate_sends_sampling_fields_and_keeps_order(stubs):
     assert {b["messages"][0]["content"]: b["seed"] for _, b, _ in s.requests[7:]} == seeds
 
 
+def test_progress_is_reported_as_each_conversation_finishes(stubs):
+    """The last request is held until progress counted the others: batching it fails."""
+    released = threading.Event()
+
+    def reply(stub, path, body):
+        if body["messages"][0]["content"] == "q0" and not released.wait(5):
+            return 400, {"error": "progress was not reported before the end"}
+        return chat_reply()(stub, path, body)
+
+    s = stubs(reply)
+    calls = []
+
+    def progress(n):
+        calls.append(n)
+        if len(calls) == 4:
+            released.set()
+
+    convs = [[{"role": "user", "content": f"q{i}"}] for i in range(5)]
+    assert len(engine(s.url, max_concurrency=5).generate(convs, SamplingParams(max_new_tokens=2), progress)) == 5
+    assert calls == [1] * 5
+
+
 def test_server_that_ignores_n_gets_one_request_per_sample(stubs):
     def reply(stub, path, body):
         return 200, {"choices": [{"index": 0, "message": {"content": f"seed {body['seed']}"}}]}

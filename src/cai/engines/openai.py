@@ -36,7 +36,7 @@ import random
 import threading
 import time
 import urllib.parse
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, Sequence
 
 from cai.engines.base import Conversation, Engine, Progress, SamplingParams, request_seed
@@ -434,7 +434,7 @@ class OpenAIEngine(Engine):
         pending = set(futures)
         try:
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     results[futures[fut]] = fut.result()  # re-raises a job's error here
                     if progress:
