@@ -95,8 +95,11 @@ def start_server(threads: int, log_dir: Path) -> tuple[subprocess.Popen, str]:
 
 
 def measure(setup: str, servers: int, threads: int, engine, count, prompts, max_new: int, seed: int) -> Result:
-    """Warm up with one tiny call, then time one call over all ``prompts``."""
-    engine.generate(prompts[:1], SamplingParams(temperature=TEMPERATURE, max_new_tokens=2, seed=seed))
+    """Warm up every server with a tiny call, then time one call over all ``prompts``."""
+    # Not the workload's prompts (llama.cpp would reuse their cached prefix); in flight
+    # together, so least-busy routing reaches every server.
+    warm = [[{"role": "user", "content": f"Say hello {i}."}] for i in range(max(1, 2 * servers))]
+    engine.generate(warm, SamplingParams(temperature=TEMPERATURE, max_new_tokens=2, seed=seed))
     params = SamplingParams(temperature=TEMPERATURE, max_new_tokens=max_new, seed=seed)
     outs, seconds, cores = timed(lambda: engine.generate(prompts, params))
     result = Result(setup, servers, threads, len(prompts), seconds, sum(count(o[0]) for o in outs), cores)
