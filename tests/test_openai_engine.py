@@ -349,6 +349,8 @@ def test_config_errors_name_the_field(tmp_path):
         check_config(load_config(None, ["engine.kind=openai", "stages=[prepare]"]))
     with pytest.raises(CaiError, match=r"'engine.endpoints\[1\]'.*not an http"):
         check_config(load_config(None, ["engine.kind=openai", "engine.endpoints=[http://a:1/v1, a:1]", "stages=[prepare]"]))
+    with pytest.raises(CaiError, match=r"'engine.endpoints\[0\]'.*api_key_env"):
+        check_config(load_config(None, ["engine.kind=openai", "engine.endpoints=[http://u:secret@a:1/v1]", "stages=[prepare]"]))
     with pytest.raises(CaiError, match="'sft.model' is empty"):
         check_config(load_config(None, ["engine.kind=openai", "engine.endpoints=[http://a:1]"]))
     with pytest.raises(CaiError, match="'engine.max_concurrency' must be >= 1"):

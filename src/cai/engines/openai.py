@@ -70,6 +70,11 @@ def normalize_url(url: str, field: str = "engine.endpoints") -> str:
     parts = urllib.parse.urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise CaiError(f"config field '{field}': '{url}' is not an http:// or https:// URL (example: http://127.0.0.1:8000/v1)")
+    if parts.username or parts.password:
+        raise CaiError(
+            f"config field '{field}': a URL with a user or password would be written to config.yaml; "
+            "put the key in the environment variable named by engine.api_key_env instead"
+        )
     path = parts.path.rstrip("/")
     if not path:
         path = "/v1"
