@@ -107,7 +107,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from cai.config import load_config
+    from cai.config import check_config, load_config
     from cai.constitution import load_constitution
     from cai.prompts import load_prompt_set
 
@@ -133,6 +133,7 @@ def cmd_validate(args) -> int:
     unknown = [s for s in cfg.stages if s not in stage_names()]
     if unknown:
         raise CaiError(f"config field 'stages': unknown stage '{unknown[0]}' (available: {', '.join(stage_names())})")
+    check_config(cfg)
     const, sets = load_inputs(cfg)
     print(f"ok: config ({', '.join(cfg.stages)}) -> {cfg.run_dir}")
     print(f"ok: constitution '{const.name}': {len(const.principles)} principles, {len(const.comparison_principles)} comparison principles")

@@ -36,11 +36,17 @@ def _f(default, help: str, choices: tuple | None = None, **kw):
 
 @dataclass
 class EngineConfig:
-    kind: str = _f("local", "Which engine generates and scores text.", choices=("local",))
+    kind: str = _f(
+        "local",
+        "Which engine generates and scores text: 'local' (transformers in this process) or "
+        "'openai' (OpenAI-compatible servers: vLLM, llama.cpp, TGI, Ollama, hosted APIs).",
+        choices=("local", "openai"),
+    )
     model: str = _f(
         "default",
         "'default' (the embedded SmolLM2-135M-Instruct), a local directory with a "
-        "transformers checkpoint, or a Hugging Face hub id (only when online).",
+        "transformers checkpoint, or a Hugging Face hub id (only when online). With "
+        "kind=openai: the model name sent to the servers.",
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) for a hub id.")
     device: str = _f("auto", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.")
@@ -62,6 +68,27 @@ class EngineConfig:
         choices=("none", "int8"),
     )
     cache: bool = _f(True, "Keep every request's answer in the run's SQLite cache (resume, reuse).")
+    endpoints: list[str] = _f(
+        [], "kind=openai: server base URLs (http://host:8000/v1); requests go to the least busy healthy one."
+    )
+    api_key_env: str = _f(
+        "OPENAI_API_KEY",
+        "kind=openai: the environment variable holding the API key (unset or empty: no auth header). "
+        "The key itself is never written anywhere.",
+    )
+    tokenizer: str | None = _f(
+        None,
+        "kind=openai: a local tokenizer ('default', a directory or hub id) whose chat template is applied "
+        "here; requests then go to /completions (needed for llama.cpp servers). None: /chat/completions.",
+    )
+    max_concurrency: int = _f(16, "kind=openai: requests in flight at once, over all endpoints.")
+    timeout_s: float = _f(600.0, "kind=openai: seconds to wait for a server's reply before retrying.")
+    max_retries: int = _f(
+        4, "kind=openai: retries per endpoint (429, 5xx, timeouts, refused connections), with backoff."
+    )
+    top_logprobs: int = _f(
+        20, "kind=openai: next-token alternatives asked for when scoring options (OpenAI allows <= 20).",
+    )
 
 
 @dataclass
@@ -381,6 +408,19 @@ def load_config(config: str | None = None, overrides: list[str] = (), cls=RunCon
         from_dict(cls, _merge(to_dict(cls()), one), f"override '{ov}'")
         data = _merge(data, one)
     return from_dict(cls, data, source if not overrides else f"{source} + overrides")
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Checks that span several fields, run before anything starts (one-line errors)."""
+    if cfg.engine.kind == "openai":
+        from cai.engines.openai import check_openai_config
+
+        check_openai_config(cfg.engine)
+        if "sft" in cfg.stages and not cfg.sft.model:
+            raise CaiError(
+                "config field 'sft.model' is empty; with engine.kind=openai the engine's model is remote, "
+                "so set sft.model to a local checkpoint ('default', a directory or a hub id) to fine-tune"
+            )
 
 
 def config_hash(obj) -> str:

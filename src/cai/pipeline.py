@@ -32,7 +32,7 @@ from typing import Callable
 
 import yaml
 
-from cai.config import RunConfig, config_hash, to_dict
+from cai.config import RunConfig, check_config, config_hash, to_dict
 from cai.errors import CaiError
 from cai.io import write_json
 
@@ -166,6 +166,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
     for s in cfg.stages:
         if s not in specs:
             raise CaiError(f"config field 'stages': unknown stage '{s}' (available: {', '.join(specs)})")
+    check_config(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

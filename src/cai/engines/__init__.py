@@ -1,4 +1,5 @@
-"""Engines: one small protocol (``Engine``), a local transformers engine, a cache."""
+"""Engines: one small protocol (``Engine``), a local transformers engine, an
+OpenAI-compatible HTTP engine, a cache."""
 
 from cai.engines.base import Engine, SamplingParams
 from cai.engines.cache import CachedEngine, RequestCache
@@ -8,6 +9,13 @@ __all__ = ["Engine", "SamplingParams", "CachedEngine", "RequestCache", "build_en
 
 def build_engine(cfg, cache_path=None, progress=print) -> Engine:
     """An engine from an ``EngineConfig``, wrapped in the request cache if asked."""
+    if cfg.kind == "openai":
+        from cai.engines.openai import build_openai_engine
+
+        engine = build_openai_engine(cfg, progress=progress)
+        if cfg.cache and cache_path is not None:
+            engine = CachedEngine(engine, RequestCache(cache_path), chunk_size=max(4 * engine.max_concurrency, 64))
+        return engine
     from cai.engines.local import LocalEngine
     from cai.models import resolve_model
 

@@ -59,10 +59,11 @@ def run(ctx: StageContext) -> dict:
             counts[f"{name}_{split}"] = len(prompts)
         for f in _source_files(getattr(cfg.data, name)):
             ctx.record_input(f"{name}:{f.name}", f)
-    model_path = resolve_model(cfg.engine.model, cfg.engine.revision, progress=ctx.log)
-    (ctx.out / "model.json").write_text(
-        json.dumps({"name": cfg.engine.model, "path": model_path}, indent=2) + "\n", encoding="utf-8"
-    )
+    if cfg.engine.kind == "openai":  # the model lives on the servers (their URLs stay out of the run dir)
+        model = {"name": cfg.engine.model, "kind": "openai", "tokenizer": cfg.engine.tokenizer}
+    else:
+        model = {"name": cfg.engine.model, "path": resolve_model(cfg.engine.model, cfg.engine.revision, progress=ctx.log)}
+    (ctx.out / "model.json").write_text(json.dumps(model, indent=2) + "\n", encoding="utf-8")
     return counts
 
 

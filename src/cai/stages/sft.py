@@ -74,6 +74,8 @@ def run(ctx: StageContext) -> dict:
     cfg, sc = ctx.cfg, ctx.cfg.sft
     data_dir = ctx.stage_dir("critique_revision") / "sft"
     accelerator = Accelerator(cpu=cfg.engine.device == "cpu")
+    if not sc.model and cfg.engine.kind == "openai":
+        raise CaiError("config field 'sft.model' is empty; with engine.kind=openai the policy is remote, so name a local checkpoint to fine-tune")
     base = resolve_model(sc.model or cfg.engine.model, cfg.engine.revision, progress=ctx.log)
     model, tok, _ = load_model_and_tokenizer(
         base, device="cpu", dtype=sc.dtype if sc.dtype != "auto" else ("float32" if accelerator.device.type == "cpu" else "bfloat16"),

@@ -1,0 +1,489 @@
+"""An engine for any OpenAI-compatible server (vLLM, llama.cpp, TGI, Ollama, hosted APIs).
+
+Only the standard library: one HTTP/1.1 keep-alive connection per worker thread and
+endpoint (``http.client``), a thread pool bounded by ``max_concurrency``. No client
+package to install, and nothing here needs asyncio's event loop inside a stage.
+
+Two ways to render a conversation, picked by whether a tokenizer is configured:
+
+* **template mode** (``tokenizer`` set): the chat template is applied here, with the
+  same code as the local engine, and the text goes to ``/completions``. A conversation
+  ending in an assistant turn is then continued exactly as the local engine does. This
+  is the mode for llama.cpp's servers, which ignore ``continue_final_message``.
+* **chat mode** (no tokenizer): messages go to ``/chat/completions`` and the server
+  applies its template. A final assistant turn is sent with vLLM's
+  ``continue_final_message: true, add_generation_prompt: false``; servers that ignore
+  these fields would answer it instead of continuing it (docs/engine.md).
+
+``choice_logprobs`` reads the server's next-token ``top_logprobs`` and walks each
+option's text token by token (one request per distinct option prefix), because
+prompt log-probabilities (``echo``) are not available everywhere: llama-cpp-python
+returns them shifted by one position, llama.cpp's C++ server not at all.
+
+Several endpoints share the work: each request goes to the healthy endpoint with the
+fewest requests in flight. Failures (429, 5xx, timeouts, refused connections) are
+retried on the same endpoint with exponential backoff and jitter; an endpoint whose
+retries all fail is taken out for ``cooldown_s`` and the request moves on to another.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import random
+import threading
+import time
+import urllib.parse
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from typing import Callable, Sequence
+
+from cai.engines.base import Conversation, Engine, Progress, SamplingParams, request_seed
+from cai.errors import CaiError
+
+_RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
+_SEED_RANGE = 2**31  # llama.cpp samplers take a 32-bit seed; vLLM and OpenAI accept this too
+
+
+class _Failure(Exception):
+    """One failed HTTP exchange; ``retryable`` says whether trying again may help."""
+
+    def __init__(self, message: str, retryable: bool):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class _EndpointDown(Exception):
+    pass
+
+
+def _snippet(raw: bytes | str, n: int = 160) -> str:
+    """A short one-line excerpt of a server's reply, safe to print in an error."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    text = " ".join(text.split())
+    return repr(text[:n] + ("..." if len(text) > n else ""))
+
+
+def normalize_url(url: str, field: str = "engine.endpoints") -> str:
+    """The base URL requests are appended to: ``http://host:8000`` becomes ``.../v1``."""
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CaiError(f"config field '{field}': '{url}' is not an http:// or https:// URL (example: http://127.0.0.1:8000/v1)")
+    if parts.username or parts.password:
+        raise CaiError(
+            f"config field '{field}': a URL with a user or password would be written to config.yaml; "
+            "put the key in the environment variable named by engine.api_key_env instead"
+        )
+    path = parts.path.rstrip("/")
+    if not path:
+        path = "/v1"
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+class Endpoint:
+    """One server: its address, load, health and what it was found to support."""
+
+    def __init__(self, url: str):
+        self.url = normalize_url(url)
+        parts = urllib.parse.urlsplit(self.url)
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname
+        self.port = parts.port
+        self.path = parts.path
+        self.in_flight = 0
+        self.down_until = 0.0
+        self.last_error = ""
+        self.ok = 0  # successful requests
+        self.logprobs_checked = False
+        self.probe_lock = threading.Lock()
+        self._local = threading.local()
+
+    def connection(self, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's keep-alive connection, and whether it was just opened."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn, False
+        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        conn = cls(self.host, self.port, timeout=timeout)
+        self._local.conn = conn
+        return conn, True
+
+    def drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+class EndpointPool:
+    """Least-in-flight choice among the endpoints that are not taken out."""
+
+    def __init__(self, urls: Sequence[str], cooldown_s: float = 60.0):
+        if not urls:
+            raise CaiError("config field 'engine.endpoints' is empty; kind=openai needs at least one server URL")
+        self.endpoints = [Endpoint(u) for u in urls]
+        self.cooldown_s = cooldown_s
+        self._lock = threading.Lock()
+
+    def acquire(self) -> Endpoint:
+        with self._lock:
+            now = time.monotonic()
+            live = [e for e in self.endpoints if e.down_until <= now]
+            if not live:
+                why = "; ".join(f"{e.url}: {e.last_error}" for e in self.endpoints)
+                raise CaiError(f"every OpenAI endpoint failed ({why}); check the servers and engine.endpoints")
+            ep = min(live, key=lambda e: e.in_flight)
+            ep.in_flight += 1
+            return ep
+
+    def release(self, ep: Endpoint, ok: bool) -> None:
+        with self._lock:
+            ep.in_flight -= 1
+            ep.ok += ok
+
+    def take_out(self, ep: Endpoint, reason: str) -> None:
+        with self._lock:
+            ep.last_error = reason
+            ep.down_until = time.monotonic() + self.cooldown_s
+
+
+class OpenAIEngine(Engine):
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        model: str,
+        api_key: str | None = None,
+        tokenizer=None,
+        tokenizer_name: str | None = None,
+        max_concurrency: int = 16,
+        timeout_s: float = 600.0,
+        max_retries: int = 4,
+        top_logprobs: int = 20,
+        backoff_s: float = 0.5,
+        cooldown_s: float = 60.0,
+    ):
+        self.pool = EndpointPool(endpoints, cooldown_s)
+        self.model = model
+        self._api_key = api_key or None  # never logged, never part of identity or repr
+        self.tok = tokenizer
+        self.max_concurrency = max(1, max_concurrency)
+        self.timeout_s = timeout_s
+        self.max_retries = max(0, max_retries)
+        self.top_logprobs = top_logprobs
+        self.backoff_s = backoff_s
+        self._n_ignored = False  # set once a server returned fewer choices than asked
+        self._abort = threading.Event()
+        self.stats = {"requests": 0, "retries": 0, "probes": 0, "below_top_k": 0}
+        self._stats_lock = threading.Lock()
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None) is None:
+            raise CaiError(f"engine.tokenizer '{tokenizer_name}' has no chat template; use a chat model's tokenizer")
+        mode = f"template={tokenizer_name}" if tokenizer is not None else "chat"
+        self.identity = f"openai:{model}:{mode}:top{top_logprobs}"
+
+    def __repr__(self) -> str:
+        return f"OpenAIEngine({[e.url for e in self.pool.endpoints]}, model={self.model!r})"
+
+    # -- HTTP ---------------------------------------------------------------------
+
+    def _count(self, key: str) -> None:
+        with self._stats_lock:
+            self.stats[key] += 1
+
+    def _headers(self) -> dict:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+    def _exchange(self, ep: Endpoint, path: str, payload: bytes) -> tuple[int, bytes]:
+        """One request; reopens a kept-alive connection the server closed meanwhile."""
+        for _ in range(2):
+            conn, fresh = ep.connection(self.timeout_s)
+            try:
+                conn.request("POST", ep.path + path, body=payload, headers=self._headers())
+                resp = conn.getresponse()
+                return resp.status, resp.read()
+            except TimeoutError:
+                ep.drop_connection()
+                raise _Failure(f"no response within timeout_s={self.timeout_s:g}", True) from None
+            except (OSError, http.client.HTTPException) as exc:
+                ep.drop_connection()
+                stale = isinstance(exc, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError))
+                if fresh or not stale:
+                    raise _Failure(f"connection failed ({type(exc).__name__}: {exc})", True) from None
+        raise _Failure("connection failed (closed by the server twice)", True)
+
+    def _send(self, ep: Endpoint, path: str, body: dict) -> dict:
+        status, raw = self._exchange(ep, path, json.dumps(body).encode())
+        if status != 200:
+            retryable = status in _RETRY_STATUS or status >= 500
+            raise _Failure(f"HTTP {status} {_snippet(raw)}", retryable)
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise _Failure(f"reply is not JSON: {_snippet(raw)}", False) from None
+        if not isinstance(data, dict):
+            raise _Failure(f"reply is not a JSON object: {_snippet(raw)}", False)
+        return data
+
+    def _post_to(self, ep: Endpoint, path: str, body: dict) -> dict:
+        """Send to one endpoint with retries; raises _EndpointDown when they run out."""
+        last = None
+        for attempt in range(self.max_retries + 1):
+            if self._abort.is_set():
+                raise CaiError("request cancelled: another request of this call failed")
+            if attempt:
+                self._count("retries")
+                # Exponential backoff with full jitter, so retries from many threads spread out.
+                time.sleep(self.backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random()))
+            self._count("requests")
+            try:
+                return self._send(ep, path, body)
+            except _Failure as f:
+                if not f.retryable:
+                    raise CaiError(f"endpoint {ep.url}{path}: {f}") from None
+                last = f
+        raise _EndpointDown(f"{last} after {self.max_retries + 1} attempts")
+
+    def _post(self, path: str, body: dict, before: Callable[[Endpoint], None] | None = None) -> dict:
+        """Send to the least-busy healthy endpoint, moving on when one goes down."""
+        while True:
+            ep = self.pool.acquire()
+            ok = False
+            try:
+                if before is not None:
+                    before(ep)
+                data = self._post_to(ep, path, body)
+                ok = True
+                return data
+            except _EndpointDown as exc:
+                self.pool.take_out(ep, str(exc))
+            finally:
+                self.pool.release(ep, ok)
+
+    # -- requests -----------------------------------------------------------------
+
+    def render(self, conv: Conversation) -> str:
+        """Template mode: the prompt text, continuing a final assistant turn."""
+        cont = conv[-1]["role"] == "assistant"
+        text = self.tok.apply_chat_template(
+            list(conv), tokenize=False, add_generation_prompt=not cont, continue_final_message=cont
+        )
+        bos = getattr(self.tok, "bos_token", None)
+        if bos and text.startswith(bos):  # the server adds its own BOS where the model wants one
+            text = text[len(bos):]
+        return text
+
+    def _request(self, conv: Conversation, suffix: str = "") -> tuple[str, dict]:
+        """(path, body) asking for what follows ``conv`` plus ``suffix`` of assistant text."""
+        if not conv:
+            raise ValueError("empty conversation")
+        if self.tok is not None:
+            body = {"model": self.model, "prompt": self.render(conv) + suffix}
+            eos = getattr(self.tok, "eos_token", None)
+            if eos:
+                body["stop"] = [eos]
+            return "/completions", body
+        msgs = [dict(m) for m in conv]
+        if suffix:
+            if msgs[-1]["role"] == "assistant":
+                msgs[-1]["content"] += suffix
+            else:
+                msgs.append({"role": "assistant", "content": suffix})
+        body = {"model": self.model, "messages": msgs}
+        if msgs[-1]["role"] == "assistant":
+            body.update(continue_final_message=True, add_generation_prompt=False)
+        return "/chat/completions", body
+
+    def _choices(self, data: dict, path: str) -> list[dict]:
+        choices = data.get("choices")
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
+            raise CaiError(f"OpenAI endpoint reply to {path} has no 'choices' list: {_snippet(json.dumps(data))}")
+        return sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c.get("index"), int) else 0)
+
+    def _text(self, choice: dict, path: str) -> str:
+        if path == "/completions":
+            text = choice.get("text")
+        else:
+            msg = choice.get("message")
+            text = msg.get("content", 0) if isinstance(msg, dict) else None
+            text = "" if text is None else text  # content null: an empty answer (e.g. a refusal)
+        if not isinstance(text, str):
+            raise CaiError(f"OpenAI endpoint reply to {path} has a choice without text: {_snippet(json.dumps(choice))}")
+        return text.strip()
+
+    # -- generation ---------------------------------------------------------------
+
+    def _generate_one(self, conv: Conversation, params: SamplingParams) -> list[str]:
+        samples = params.n if params.temperature > 0 else 1
+        texts: list[str] = []
+        while len(texts) < samples:
+            want = 1 if self._n_ignored else samples - len(texts)
+            path, body = self._request(conv)
+            body.update(
+                n=want, temperature=params.temperature, top_p=params.top_p,
+                max_tokens=params.max_new_tokens,
+                seed=request_seed(params.seed, conv, len(texts)) % _SEED_RANGE,
+            )
+            got = [self._text(c, path) for c in self._choices(self._post(path, body), path)][:want]
+            if len(got) < want:
+                self._n_ignored = True  # this server ignores n: ask one sample at a time
+            texts += got
+        return texts if params.temperature > 0 else texts * params.n
+
+    def generate(self, conversations, params: SamplingParams, progress: Progress | None = None):
+        return self._map(lambda conv: self._generate_one(conv, params), list(conversations), progress)
+
+    # -- scoring ------------------------------------------------------------------
+
+    def _dist(self, data: dict, path: str) -> dict[str, float]:
+        """token text -> logprob of the first generated position, from either API."""
+        choice = self._choices(data, path)[0]
+        lp = choice.get("logprobs")
+        out: dict[str, float] = {}
+        try:
+            if path == "/completions":
+                pairs = list(lp["top_logprobs"][0].items())
+                pairs.append((lp["tokens"][0], lp["token_logprobs"][0]))
+            else:
+                first = lp["content"][0]
+                pairs = [(t["token"], t["logprob"]) for t in first["top_logprobs"]]
+                pairs.append((first["token"], first["logprob"]))
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return {}
+        for token, value in pairs:
+            if isinstance(token, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[token] = max(float(value), -1e30) if not math.isnan(value) else -math.inf
+        return out
+
+    def _next_token_request(self, conv: Conversation, suffix: str) -> tuple[str, dict]:
+        path, body = self._request(conv, suffix)
+        body.update(max_tokens=1, temperature=0.0, n=1)
+        if path == "/completions":
+            body["logprobs"] = self.top_logprobs
+        else:
+            body.update(logprobs=True, top_logprobs=self.top_logprobs)
+        return path, body
+
+    def _check_logprobs(self, ep: Endpoint) -> None:
+        """Once per endpoint: does it return a next-token top-k list at all?"""
+        if ep.logprobs_checked:
+            return
+        with ep.probe_lock:
+            if ep.logprobs_checked:
+                return
+            self._count("probes")
+            path, body = self._next_token_request([{"role": "user", "content": "Say hello."}], "")
+            dist = self._dist(self._post_to(ep, path, body), path)
+            if len(dist) < min(2, self.top_logprobs):
+                field = "logprobs" if path == "/completions" else "logprobs/top_logprobs"
+                raise CaiError(
+                    f"endpoint {ep.url}{path} returns no top-{self.top_logprobs} log-probabilities "
+                    f"('{field}'), which choice_logprobs needs; use a server that does (vLLM, llama.cpp) "
+                    "or score with engine.kind=local"
+                )
+            ep.logprobs_checked = True
+
+    def _next_token(self, conv: Conversation, suffix: str) -> dict[str, float]:
+        path, body = self._next_token_request(conv, suffix)
+        dist = self._dist(self._post(path, body, before=self._check_logprobs), path)
+        if not dist:
+            raise CaiError(f"OpenAI endpoint reply to {path} lacks the requested log-probabilities")
+        return dist
+
+    def _score_one(self, conv: Conversation, options: Sequence[str]) -> list[float]:
+        """Walk each option's text through the next-token top-k lists.
+
+        At each step the longest top-k token that starts the rest of the option is
+        taken (the tokenizer's own split in nearly every case). Options with a shared
+        start share requests. A piece missing from the top-k list scores the smallest
+        listed log-probability, an upper bound on its true value, and ends the walk.
+        """
+        if not options:
+            raise ValueError("a conversation has no options to score")
+        seen: dict[str, dict[str, float]] = {}
+        scores = []
+        for opt in options:
+            if not opt:
+                raise ValueError("an option is empty")
+            total, done = 0.0, ""
+            while len(done) < len(opt):
+                if done not in seen:
+                    seen[done] = self._next_token(conv, done)
+                dist, rest = seen[done], opt[len(done):]
+                match = max((t for t in dist if t and rest.startswith(t)), key=len, default=None)
+                if match is None:
+                    self._count("below_top_k")
+                    total += min(dist.values())
+                    break
+                total += dist[match]
+                done += match
+            scores.append(total)
+        return scores
+
+    def choice_logprobs(self, conversations, options, progress: Progress | None = None):
+        pairs = list(zip(conversations, options))
+        return self._map(lambda p: self._score_one(p[0], p[1]), pairs, progress)
+
+    # -- fan-out ------------------------------------------------------------------
+
+    def _map(self, fn, items: list, progress: Progress | None) -> list:
+        """``fn`` over ``items`` with at most ``max_concurrency`` in flight, in order."""
+        if not items:
+            return []
+        self._abort.clear()
+        results: list = [None] * len(items)
+        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items)), thread_name_prefix="cai-openai")
+        futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+        pending = set(futures)
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    results[futures[fut]] = fut.result()  # re-raises a job's error here
+                    if progress:
+                        progress(1)
+        except BaseException:
+            self._abort.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        return results
+
+
+def build_openai_engine(cfg, progress=print) -> OpenAIEngine:
+    """The engine for ``engine.kind=openai``; the API key comes from the environment only."""
+    check_openai_config(cfg)
+    tok = None
+    if cfg.tokenizer:
+        from transformers import AutoTokenizer
+
+        from cai.models import resolve_model
+
+        path = resolve_model(cfg.tokenizer, cfg.revision, progress=progress)
+        try:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise CaiError(f"config field 'engine.tokenizer': cannot load '{cfg.tokenizer}': {str(exc).splitlines()[0]}") from None
+    return OpenAIEngine(
+        cfg.endpoints, cfg.model, api_key=os.environ.get(cfg.api_key_env) if cfg.api_key_env else None,
+        tokenizer=tok, tokenizer_name=cfg.tokenizer, max_concurrency=cfg.max_concurrency,
+        timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, top_logprobs=cfg.top_logprobs,
+    )
+
+
+def check_openai_config(cfg) -> None:
+    """One-line errors for an ``EngineConfig`` with kind=openai, naming the field."""
+    if not cfg.endpoints:
+        raise CaiError(
+            "config field 'engine.endpoints' is empty; engine.kind=openai needs at least one server URL "
+            "(e.g. engine.endpoints=[http://127.0.0.1:8000/v1])"
+        )
+    for i, url in enumerate(cfg.endpoints):
+        normalize_url(url, f"engine.endpoints[{i}]")
+    for name, low in (("max_concurrency", 1), ("max_retries", 0), ("top_logprobs", 1)):
+        if getattr(cfg, name) < low:
+            raise CaiError(f"config field 'engine.{name}' must be >= {low}; got {getattr(cfg, name)}")
+    if not cfg.timeout_s > 0:
+        raise CaiError(f"config field 'engine.timeout_s' must be > 0; got {cfg.timeout_s}")
