@@ -118,6 +118,10 @@ class StageContext:
             from cai.engines import build_engine
 
             cfg = dataclasses.replace(self.cfg.engine, model=path)
+            if cfg.kind != "local" and Path(path).is_dir():
+                # A checkpoint this run trained (or any local folder) is not on the
+                # user's servers: it runs on the local engine with the same settings.
+                cfg = dataclasses.replace(cfg, kind="local")
             self.engines[path] = build_engine(cfg, self.run_dir / "cache.sqlite", progress=self.log)
         return self.engines[path]
 
