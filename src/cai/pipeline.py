@@ -50,6 +50,9 @@ class StageSpec:
     #: SL-CAI model needs ``sft`` only when its model setting is ``sl-cai``).
     needs: tuple[str, ...] | Callable[[RunConfig], tuple[str, ...]] = ()
     help: str = ""
+    #: A training stage: the run's inference engines are released before it starts, so
+    #: their weights do not sit in (GPU) memory beside the model being trained.
+    trains: bool = False
 
     def upstream(self, cfg: RunConfig) -> tuple[str, ...]:
         return tuple(self.needs(cfg) if callable(self.needs) else self.needs)
@@ -165,6 +168,25 @@ def read_manifest(run_dir: Path, name: str) -> dict | None:
         return None
 
 
+class _Engines(dict):
+    """The run's engines by model path, with the cache counts of those already released."""
+
+    hits = misses = 0
+    used = False
+
+
+def _release(engines: _Engines) -> None:
+    import gc
+
+    for e in engines.values():
+        engines.hits += getattr(e, "hits", 0)
+        engines.misses += getattr(e, "misses", 0)
+        engines.used = True
+        e.close()
+    engines.clear()
+    gc.collect()
+
+
 def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool = False) -> Path:
     specs = _stages()
     for s in cfg.stages:
@@ -175,7 +197,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
     prints = fingerprints(cfg)
-    engines: dict = {}
+    engines = _Engines()
     total = time.time()
     for name in cfg.stages:
         spec = specs[name]
@@ -189,6 +211,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
         final = run_dir / name
         partial = run_dir / f"{name}.partial"
         partial.mkdir(parents=True, exist_ok=True)
+        if spec.trains:
+            _release(engines)
         ctx = StageContext(cfg=cfg, run_dir=run_dir, out=partial, name=name, log=log, engines=engines)
         log(f"[{name}] running")
         started = time.time()
@@ -214,12 +238,9 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
             shutil.rmtree(final)
         os.replace(partial, final)
         log(f"[{name}] done in {seconds:.1f}s: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-    hits = sum(getattr(e, "hits", 0) for e in engines.values())
-    misses = sum(getattr(e, "misses", 0) for e in engines.values())
-    if engines:
-        log(f"engine cache: {hits} hits, {misses} new requests")
-    for e in engines.values():
-        e.close()
+    _release(engines)
+    if engines.used:
+        log(f"engine cache: {engines.hits} hits, {engines.misses} new requests")
     log(f"run finished in {time.time() - total:.1f}s: {run_dir}")
     for name in cfg.stages:
         log(f"  {name:<18} {run_dir / name}")

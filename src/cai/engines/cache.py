@@ -110,3 +110,4 @@ class CachedEngine(Engine):
 
     def close(self) -> None:
         self.engine.close()
+        self.cache.close()

@@ -190,7 +190,6 @@ def run(ctx: StageContext) -> dict:
                                 {"history": history, "total_steps": total_steps, "before": before})
     seconds = time.time() - t0
     after, scores = evaluate(model, test, pad_id, device, micro)
-    train_after = evaluate(model, train, pad_id, device, micro)[0]
     accelerator.wait_for_everyone()
     counts = {
         "train_pairs": len(train), "test_pairs": len(test), "steps": total_steps, "loss": pc.loss,
@@ -198,7 +197,6 @@ def run(ctx: StageContext) -> dict:
         "final_loss": round(history[-1][1], 4) if history else None,
         "test_accuracy_before": before.get("accuracy"), "test_accuracy": after.get("accuracy"),
         "test_ece_before": before.get("ece"), "test_ece": after.get("ece"),
-        "train_accuracy": train_after.get("accuracy"),
     }
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
@@ -208,7 +206,7 @@ def run(ctx: StageContext) -> dict:
             "stage": "preference_model", "base_model": base, "config": dataclasses.asdict(pc), "seed": cfg.seed,
         })
         write_json(ctx.out / "metrics.json", {
-            "loss_history": history, "test_before": before, "test_after": after, "train_after": train_after, **counts,
+            "loss_history": history, "test_before": before, "test_after": after, **counts,
         })
         write_jsonl(ctx.out / "test_scores.jsonl", [
             {"id": x["id"], "source": x["source"], "p_chosen": x["p"], "reward_chosen": c, "reward_rejected": r}
@@ -229,6 +227,7 @@ def _needs(cfg) -> tuple[str, ...]:
 
 STAGE = StageSpec(
     name="preference_model",
+    trains=True,
     run=run,
     config_keys=("seed", "engine", "preference_model"),
     needs=_needs,

@@ -175,6 +175,7 @@ def run(ctx: StageContext) -> dict:
 
 STAGE = StageSpec(
     name="sft",
+    trains=True,
     run=run,
     config_keys=("seed", "engine", "sft"),
     needs=("critique_revision",),
