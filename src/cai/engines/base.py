@@ -72,6 +72,15 @@ def defang(text: str, specials: Sequence[str]) -> str:
     return text
 
 
+def render_chat(tok, conv: Conversation, specials: Sequence[str]) -> str:
+    """The chat-template text of a conversation (message text defanged), ready for the
+    next token: a new assistant turn after a user turn, or the continuation of a final
+    assistant turn."""
+    cont = conv[-1]["role"] == "assistant"
+    safe = [{**m, "content": defang(m["content"], specials)} for m in conv]
+    return tok.apply_chat_template(safe, tokenize=False, add_generation_prompt=not cont, continue_final_message=cont)
+
+
 class Engine(abc.ABC):
     """Generates and scores text for a list of conversations."""
 

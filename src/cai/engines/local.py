@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from cai.engines.base import Conversation, Engine, Progress, SamplingParams, defang, request_seed, special_strings
+from cai.engines.base import Conversation, Engine, Progress, SamplingParams, render_chat, request_seed, special_strings
 from cai.errors import CaiError
 
 
@@ -149,11 +149,7 @@ class LocalEngine(Engine):
 
     def render(self, conv: Conversation) -> str:
         """The chat-template text of a conversation, ready for the next token."""
-        cont = conv[-1]["role"] == "assistant"
-        safe = [{**m, "content": defang(m["content"], self.specials)} for m in conv]
-        return self.tok.apply_chat_template(
-            safe, tokenize=False, add_generation_prompt=not cont, continue_final_message=cont
-        )
+        return render_chat(self.tok, conv, self.specials)
 
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]

@@ -39,7 +39,7 @@ import urllib.parse
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, Sequence
 
-from cai.engines.base import Conversation, Engine, Progress, SamplingParams, request_seed
+from cai.engines.base import Conversation, Engine, Progress, SamplingParams, render_chat, request_seed, special_strings
 from cai.errors import CaiError
 
 _RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
@@ -266,10 +266,7 @@ class OpenAIEngine(Engine):
 
     def render(self, conv: Conversation) -> str:
         """Template mode: the prompt text, continuing a final assistant turn."""
-        cont = conv[-1]["role"] == "assistant"
-        text = self.tok.apply_chat_template(
-            list(conv), tokenize=False, add_generation_prompt=not cont, continue_final_message=cont
-        )
+        text = render_chat(self.tok, conv, special_strings(self.tok))
         bos = getattr(self.tok, "bos_token", None)
         if bos and text.startswith(bos):  # the server adds its own BOS where the model wants one
             text = text[len(bos):]
