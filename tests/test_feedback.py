@@ -252,3 +252,17 @@ def test_policy_defaults_to_the_sl_cai_model_and_needs_sft(tmp_path, tiny_model)
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"engine.model={tiny_model}", "stages=[prepare, feedback]"])
     with pytest.raises(CaiError, match="stage 'feedback' needs stage 'sft'"):
         run_pipeline(cfg, log=lambda m: None)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("feedback.samples_per_prompt=1", "feedback.samples_per_prompt"),
+    ("feedback.cot_clamp=[0.6, 0.7]", "feedback.cot_clamp"),
+    ("feedback.cot_clamp=[0.4]", "feedback.cot_clamp"),
+    ("feedback.principles_per_comparison=0", "feedback.principles_per_comparison"),
+])
+def test_bad_feedback_settings_are_named(override, field):
+    from cai.config import check_config
+    from cai.errors import CaiError
+
+    with pytest.raises(CaiError, match=f"'{field}'"):
+        check_config(load_config(None, [override]))

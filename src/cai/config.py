@@ -412,6 +412,15 @@ def load_config(config: str | None = None, overrides: list[str] = (), cls=RunCon
 
 def check_config(cfg: RunConfig) -> None:
     """Checks that span several fields, run before anything starts (one-line errors)."""
+    fb = cfg.feedback
+    if fb.samples_per_prompt < 2:
+        raise CaiError(f"config field 'feedback.samples_per_prompt' must be at least 2 to make a pair; got {fb.samples_per_prompt}")
+    if fb.principles_per_comparison < 1:
+        raise CaiError("config field 'feedback.principles_per_comparison' must be at least 1")
+    if len(fb.cot_clamp) != 2 or not 0 <= fb.cot_clamp[0] <= 0.5 <= fb.cot_clamp[1] <= 1:
+        raise CaiError(
+            f"config field 'feedback.cot_clamp' must be [low, high] with 0 <= low <= 0.5 <= high <= 1; got {fb.cot_clamp}"
+        )
     if cfg.engine.kind == "openai":
         from cai.engines.openai import check_openai_config
 

@@ -353,13 +353,6 @@ def statistics(comparisons: list[Comparison]) -> dict:
 
 def run(ctx: StageContext) -> dict:
     cfg, fb = ctx.cfg, ctx.cfg.feedback
-    if fb.samples_per_prompt < 2:
-        raise CaiError(f"feedback.samples_per_prompt must be at least 2 to make a pair; got {fb.samples_per_prompt}")
-    if fb.principles_per_comparison < 1:
-        raise CaiError("feedback.principles_per_comparison must be at least 1")
-    lo, hi = (fb.cot_clamp + [None, None])[:2]
-    if lo is None or hi is None or not 0 <= lo <= 0.5 <= hi <= 1:
-        raise CaiError(f"feedback.cot_clamp must be [low, high] with 0 <= low <= 0.5 <= high <= 1; got {fb.cot_clamp}")
     prep = ctx.stage_dir("prepare")
     const = load_constitution(prep / "constitution.yaml")
     red = {s: load_prompt_file(prep / "prompts" / "red_team" / f"{s}.jsonl") for s in SPLITS}
