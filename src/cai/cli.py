@@ -1,4 +1,4 @@
-"""The ``cai`` command line: ``cai run | validate | config | model | score``.
+"""The ``cai`` command line: ``cai run | plan | validate | config | model | score | report | chat | revise``.
 
 Configuration is one rule everywhere: defaults < ``--config`` (a preset name or a YAML
 file) < ``KEY=VALUE`` overrides such as ``engine.batch_size=8`` (values read as YAML).
@@ -85,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--response", help="the assistant's answer to score")
     p.add_argument("--file", help="JSONL rows with 'prompt' and 'response'")
     p.add_argument("--batch-size", type=int, default=8, help="answers per forward pass (default 8)")
+
+    p = sub.add_parser(
+        "report", help="write the run's self-contained HTML audit report",
+        description="Build one HTML file (inline CSS/JS, plots embedded) from whatever stages RUN_DIR has: "
+        "stage timeline, evaluation, training plots, principle statistics and a browser of every chain "
+        "and AI comparison. Opens from disk with no server.",
+    )
+    p.add_argument("run_dir", help="a run directory (e.g. runs/cpu-tiny)")
+    p.add_argument("--out", help="output file (default: RUN_DIR/report/index.html)")
+    p.add_argument("--screenshot", metavar="PNG", help="also save a PNG of the page, taken with headless Chromium")
     return parser
 
 
@@ -190,7 +200,19 @@ def cmd_score(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "config": cmd_config, "model": cmd_model, "score": cmd_score}
+def cmd_report(args) -> int:
+    from cai.report import write_report
+
+    path = write_report(args.run_dir, args.out)
+    print(path)
+    if args.screenshot:
+        from cai.report.browser import screenshot
+
+        print(screenshot(path, args.screenshot))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "config": cmd_config, "model": cmd_model, "score": cmd_score, "report": cmd_report}
 
 
 def main(argv=None) -> int:

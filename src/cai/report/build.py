@@ -37,7 +37,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").split("\n"):  # not splitlines(): U+2028 is text
         if line.strip():
             try:
                 out.append(json.loads(line))
@@ -292,7 +292,8 @@ def _browser(kind: str) -> str:
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    html = build_report(run_dir)  # first: a bad RUN_DIR must not gain a report/ folder
     path = Path(out) if out else Path(run_dir) / "report" / "index.html"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(build_report(run_dir), encoding="utf-8")
+    path.write_text(html, encoding="utf-8")
     return path
