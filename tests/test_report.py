@@ -176,3 +176,12 @@ def test_cli_screenshot(tmp_path):
     assert main(["report", str(run), "--out", str(tmp_path / "r.html"), "--screenshot", str(tmp_path / "r.png")]) == 0
     png = (tmp_path / "r.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_report_stage_depends_on_every_stage_before_it():
+    from cai.config import load_config
+    from cai.stages import report
+
+    cfg = load_config(None, [])
+    assert cfg.stages[-2:] == ["evaluate", "report"]
+    assert report.STAGE.upstream(cfg) == tuple(cfg.stages[:-1])

@@ -49,8 +49,9 @@ def launch(playwright, user_data_dir: str):
     )
 
 
-def screenshot(html: str | Path, png: str | Path, full_page: bool = True, height: int = 2400) -> Path:
-    """A PNG of the page at ``html`` (a file), 1280 px wide."""
+def screenshot(html: str | Path, png: str | Path, full_page: bool = False, height: int = 1800) -> Path:
+    """A PNG of the top of the page at ``html`` (a file), 1280 x ``height`` px (or the
+    whole page with ``full_page``, which for a big run is tens of thousands of px tall)."""
     html, png = Path(html).resolve(), Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cai-chromium-") as profile:
@@ -62,6 +63,7 @@ def screenshot(html: str | Path, png: str | Path, full_page: bool = True, height
             ctx = launch(p, profile)
             try:
                 page = ctx.new_page()
+                page.set_viewport_size({"width": 1280, "height": height})
                 page.goto(html.as_uri())
                 page.wait_for_load_state("load")
                 page.screenshot(path=str(png), full_page=full_page)
