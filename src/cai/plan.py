@@ -107,7 +107,7 @@ def estimate(cfg: RunConfig, count: Counter) -> list[dict]:
                 cr.max_new_tokens + (cr.critique_max_new_tokens if cr.critique else 0))
             prompt = first + cr.rounds * per_round * (2 if cr.critique else 1)
             rows.append(_row(stage, gen=gen, prompt=prompt, new=new,
-                             note=f"{len(ps)} red-team + {len(hs)} helpful prompts, {cr.rounds} rounds"))
+                             note=f"{len(ps)} red-team + {len(hs)} helpful prompts, rounds: {cr.rounds}"))
         elif stage == "sft":
             reds = capped(red, cr.max_prompts)
             n = len(reds.get("train", [])) + min(len(helpful.get("train", [])), round(cr.helpful_ratio * len(reds.get("train", []))))
@@ -148,11 +148,12 @@ def estimate(cfg: RunConfig, count: Counter) -> list[dict]:
             pair_q = math.comb(models, 2) * (r + h) * 2
             judge_q = models * r + models * (r + b) * 2
             score = pair_q + judge_q
+            pm = models * (r + h) if ev.preference_model and "preference_model" in cfg.stages else 0
             prompt = int(models * len(ps) * avg + pair_q * (avg + demo + 2 * ev.max_new_tokens + 80)
-                         + judge_q * (avg + ev.max_new_tokens + 120))
+                         + judge_q * (avg + ev.max_new_tokens + 120) + pm * (avg + ev.max_new_tokens))
             rows.append(_row(stage, gen=models * len(ps), score=score, prompt=prompt,
                              new=models * len(ps) * ev.max_new_tokens,
-                             note=f"{models} models x {len(ps)} test prompts; {pair_q} comparisons"))
+                             note=f"{models} models x {len(ps)} test prompts; {pair_q} comparisons; {pm} PM scores"))
         elif stage == "report":
             rows.append(_row(stage, note="reads the run directory"))
         else:
