@@ -212,7 +212,8 @@ def test_stage_scores_every_model_and_writes_its_artifacts(eval_run):
     assert len(comps) == 18
     for f in ("elo.png", "harmfulness.png", "refusal.png"):
         assert (out / f).stat().st_size > 1000
-    assert (eval_run / "report" / "index.html").is_file()
+    page = (eval_run / "report" / "index.html").read_text()
+    assert "harmlessness Elo" in page and page.count("data:image/png;base64,") >= 3
 
 
 def test_rerun_skips_and_the_same_prompts_give_the_same_answers(eval_run, tiny_model):

@@ -185,3 +185,16 @@ def test_report_stage_depends_on_every_stage_before_it():
     cfg = load_config(None, [])
     assert cfg.stages[-2:] == ["evaluate", "report"]
     assert report.STAGE.upstream(cfg) == tuple(cfg.stages[:-1])
+
+
+def test_rl_stage_metrics_and_curves_are_shown(tmp_path):
+    """Stages this branch does not know (rl, dpo) still get their metrics and plots."""
+    from cai.training import plot_curve
+
+    run = make_run(tmp_path / "run", evil=False)
+    _manifest(run, "rl", 30.0, {"steps": 4})
+    write_json(run / "rl" / "metrics.json", {"mean_reward": 0.25, "kl": 0.01, "history": [[1, 0.1]]})
+    plot_curve(run / "rl" / "reward.png", {"reward": [(1, 0.1), (2, 0.3)]}, "RL", ylabel="reward")
+    html = build_report(run)
+    assert "<h3>rl</h3>" in html and "mean_reward" in html and "history" not in html
+    assert "rl/reward.png" in html
