@@ -1,4 +1,4 @@
-"""The ``cai`` command line: ``cai run | validate | config | model | score``.
+"""The ``cai`` command line: ``cai run | plan | validate | config | model | score | report | chat | revise``.
 
 Configuration is one rule everywhere: defaults < ``--config`` (a preset name or a YAML
 file) < ``KEY=VALUE`` overrides such as ``engine.batch_size=8`` (values read as YAML).
@@ -85,6 +85,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--response", help="the assistant's answer to score")
     p.add_argument("--file", help="JSONL rows with 'prompt' and 'response'")
     p.add_argument("--batch-size", type=int, default=8, help="answers per forward pass (default 8)")
+
+    p = sub.add_parser(
+        "report", help="write the run's self-contained HTML audit report",
+        description="Build one HTML file (inline CSS/JS, plots embedded) from whatever stages RUN_DIR has: "
+        "stage timeline, evaluation, training plots, principle statistics and a browser of every chain "
+        "and AI comparison. Opens from disk with no server.",
+    )
+    p.add_argument("run_dir", help="a run directory (e.g. runs/cpu-tiny)")
+    p.add_argument("--out", help="output file (default: RUN_DIR/report/index.html)")
+    p.add_argument("--screenshot", metavar="PNG", help="also save a PNG of the page, taken with headless Chromium")
+
+    for name, help_ in (
+        ("chat", "talk to a model that critiques and revises each answer under the constitution (stdin)"),
+        ("revise", "answer a file of prompts, then critique and revise each answer under the constitution"),
+    ):
+        p = sub.add_parser(
+            name, help=help_,
+            description=help_ + ". The engine, constitution and sampling come from the config "
+            "(engine.*, data.constitution, critique_revision.*); principles are the --principle ids in "
+            "order, one round each, or else critique_revision.rounds principles sampled per prompt."
+            + (" One message per line; '/reset' clears the conversation, '/quit' ends." if name == "chat" else ""),
+        )
+        _add_config_args(p)
+        p.add_argument("--principle", action="append", default=[], metavar="ID",
+                       help="a principle id for the next round (repeatable); default: sampled")
+        if name == "revise":
+            p.add_argument("--prompts", required=True, help="prompt file (JSONL/JSON/CSV/TXT/Parquet, see docs/formats.md)")
+            p.add_argument("--out", required=True, help="output JSONL, one chain per prompt")
+
+    p = sub.add_parser(
+        "plan", help="estimate what a config will do: requests, tokens and time per stage",
+        description="Print, per stage, the engine requests, tokens (prompt + new) and an estimated time, "
+        "extrapolated from a short calibration on the configured engine (a small generate and a small "
+        "scoring batch are timed). An estimate, not a promise.",
+        epilog=_fields_epilog(), formatter_class=fmt,
+    )
+    _add_config_args(p)
+    p.add_argument("--no-calibrate", action="store_true", help="skip the timing; print counts and tokens only")
     return parser
 
 
@@ -190,7 +228,80 @@ def cmd_score(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "config": cmd_config, "model": cmd_model, "score": cmd_score}
+def cmd_report(args) -> int:
+    from cai.report import write_report
+
+    path = write_report(args.run_dir, args.out)
+    print(path)
+    if args.screenshot:
+        from cai.report.browser import screenshot
+
+        print(screenshot(path, args.screenshot))
+    return 0
+
+
+def _chain(args):
+    from cai.config import load_config
+    from cai.constitutional import ConstitutionalChain
+
+    return ConstitutionalChain.from_config(load_config(_default_config(args), args.overrides), args.principle)
+
+
+def cmd_chat(args) -> int:
+    from cai.constitutional import format_record
+
+    chain = _chain(args)
+    history: list[dict] = []
+    turn = 0
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/quit":
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            history = []
+            print("(conversation cleared)", flush=True)
+            continue
+        turn += 1
+        history.append({"role": "user", "content": text})
+        (rec,) = chain.run([list(history)], ids=[f"chat-{turn}"])
+        print(format_record(rec), flush=True)
+        history.append({"role": "assistant", "content": rec["final_response"]})
+
+
+def cmd_revise(args) -> int:
+    from pathlib import Path
+
+    from cai.io import write_jsonl
+    from cai.prompts import load_prompt_file
+
+    prompts = load_prompt_file(args.prompts)
+    chain = _chain(args)
+    records = chain.run([p.messages for p in prompts], ids=[p.id for p in prompts])
+    for p, rec in zip(prompts, records):
+        rec["category"] = p.category
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(Path(args.out), records)
+    print(f"{len(records)} prompts, {sum(r['revised'] for r in records)} revised -> {args.out}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from cai.config import load_config
+    from cai.plan import plan, render
+
+    cfg = load_config(_default_config(args), args.overrides)
+    print(render(plan(cfg, calibrate=not args.no_calibrate, log=lambda m: print(m, file=sys.stderr))))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "config": cmd_config, "model": cmd_model, "score": cmd_score,
+            "report": cmd_report, "chat": cmd_chat, "revise": cmd_revise, "plan": cmd_plan}
 
 
 def main(argv=None) -> int:

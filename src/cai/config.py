@@ -231,12 +231,42 @@ class PreferenceModelConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    max_prompts: int | None = _f(
+        None, "Use at most this many held-out (test split) prompts of each set: red_team, helpful, benign (None: all)."
+    )
+    max_new_tokens: int = _f(256, "Token budget for each model's answer.")
+    temperature: float = _f(0.7, "Sampling temperature for the answers (0: greedy); the seed is fixed.")
+    top_p: float = _f(0.95, "Nucleus sampling threshold for the answers.")
+    judge: str | None = _f(
+        None, "Model that judges the answers (comparisons, harmfulness, refusals); None uses engine.model "
+        "(the original model, which is also the feedback model by default).",
+    )
+    harmlessness_principle: str | None = _f(
+        None, "Comparison principle id for the harmlessness Elo (red-team prompts); None: the constitution's first "
+        "comparison principle.",
+    )
+    helpfulness_principle: str | None = _f(
+        None, "Helpfulness principle id for the helpfulness Elo (helpful prompts); None: the constitution's first "
+        "helpfulness principle.",
+    )
+    few_shot: int = _f(
+        -1, "Comparison demonstrations prepended to each pairwise question (-1: all, 0: none); scoring does not "
+        "share prefixes, so each one costs tokens on every question.",
+    )
+    bootstrap: int = _f(1000, "Bootstrap resamples of the prompts for the Elo confidence intervals (0: none).")
+    preference_model: bool = _f(
+        True, "Score every red-team and helpful answer with preference_model/model when the run has one."
+    )
+
+
+@dataclass
 class RunConfig:
     run_dir: str = _f("runs/default", "Folder for every artifact of this run.")
     seed: int = _f(0, "Seed for every sampled choice (principles, splits, sampling).")
     stages: list[str] = _f(
-        ["prepare", "critique_revision", "sft", "feedback", "preference_model"],
-        "Stages to run, in order: prepare, critique_revision, sft, feedback, preference_model.",
+        ["prepare", "critique_revision", "sft", "feedback", "preference_model", "evaluate", "report"],
+        "Stages to run, in order: prepare, critique_revision, sft, feedback, preference_model, evaluate, report.",
     )
     engine: EngineConfig = _f(EngineConfig(), "The policy engine.")
     data: DataConfig = _f(DataConfig(), "Inputs: constitution and prompt sets.")
@@ -247,6 +277,9 @@ class RunConfig:
     feedback: FeedbackConfig = _f(FeedbackConfig(), "AI feedback: pairs of answers labelled by a feedback model.")
     preference_model: PreferenceModelConfig = _f(
         PreferenceModelConfig(), "Preference model trained on the AI feedback's soft labels."
+    )
+    evaluate: EvaluateConfig = _f(
+        EvaluateConfig(), "Evaluation of every model of the run: Elo, harmfulness, evasiveness, PM scores."
     )
 
 

@@ -59,9 +59,10 @@ class StageSpec:
 
 
 def _stages() -> dict[str, StageSpec]:
-    from cai.stages import critique_revision, feedback, prepare, preference_model, sft
+    from cai.stages import critique_revision, evaluate, feedback, prepare, preference_model, report, sft
 
-    specs = (prepare.STAGE, critique_revision.STAGE, sft.STAGE, feedback.STAGE, preference_model.STAGE)
+    specs = (prepare.STAGE, critique_revision.STAGE, sft.STAGE, feedback.STAGE, preference_model.STAGE,
+             evaluate.STAGE, report.STAGE)
     return {s.name: s for s in specs}
 
 

@@ -1,0 +1,299 @@
+"""Builds the report page from a run directory (see ``cai.report`` for the safety rules)."""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import difflib
+import hashlib
+import json
+from html import escape
+from pathlib import Path
+
+from cai.errors import CaiError
+
+HERE = Path(__file__).parent
+#: Stages whose plots and metrics get a section of their own, in pipeline order.
+KNOWN_ORDER = ("prepare", "critique_revision", "sft", "feedback", "preference_model", "rl", "dpo", "evaluate", "report")
+
+
+def safe_json(obj) -> str:
+    """JSON that is inert inside ``<script>``: no ``<``, ``>``, ``&`` or line separators
+    survive as themselves, so model text can neither close the element nor open a comment."""
+    text = json.dumps(obj, ensure_ascii=False, default=str)
+    for ch, rep in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(ch, rep)
+    return text
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").split("\n"):  # not splitlines(): U+2028 is text
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a report shows what it can; the stages validate their own files
+    return out
+
+
+def _png(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if v is None:
+        return "–"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list], cls: str = "") -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _figures(folder: Path) -> str:
+    out = []
+    for png in sorted(folder.glob("*.png")):
+        out.append(f'<figure><img alt="{escape(png.stem)}" src="{_png(png)}"><figcaption>'
+                   f"{escape(folder.name)}/{escape(png.name)}</figcaption></figure>")
+    return f'<div class="figures">{"".join(out)}</div>' if out else ""
+
+
+# -- sections ------------------------------------------------------------------------------
+
+
+def stage_manifests(run: Path) -> list[dict]:
+    found = [m for m in (_read_json(p) for p in run.glob("*/manifest.json")) if isinstance(m, dict) and m.get("stage")]
+    rank = {n: k for k, n in enumerate(KNOWN_ORDER)}
+    return sorted(found, key=lambda m: (rank.get(m["stage"], len(rank)), str(m.get("started", ""))))
+
+
+def timeline(manifests: list[dict]) -> str:
+    if not manifests:
+        return "<p>No finished stage in this run directory.</p>"
+    total = sum(float(m.get("seconds") or 0) for m in manifests)
+    rows = []
+    for m in manifests:
+        sec = float(m.get("seconds") or 0)
+        counts = ", ".join(f"{k}={_fmt(v)}" for k, v in (m.get("counts") or {}).items())
+        width = 100 * sec / total if total else 0
+        rows.append(
+            f"<tr><td>{escape(str(m['stage']))}</td><td>{escape(str(m.get('status', '?')))}</td>"
+            f"<td>{escape(str(m.get('started', ''))[:19])}</td><td class=num>{sec:.1f}</td>"
+            f'<td class="bar"><span style="width:{width:.1f}%"></span></td><td class=counts>{escape(counts)}</td></tr>'
+        )
+    return ("<table><thead><tr><th>stage</th><th>status</th><th>started (UTC)</th><th>seconds</th><th>share</th>"
+            f"<th>counts</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+            f"<p>Total {total:.1f} s over {len(manifests)} stages.</p>")
+
+
+def evaluation(run: Path) -> str:
+    res = _read_json(run / "evaluate" / "results.json")
+    if not isinstance(res, dict):
+        return ""
+    names = list(res.get("models") or {})
+    parts = [f"<p>Judge: <code>{escape(str(res.get('judge')))}</code>. Held-out prompts: "
+             + escape(", ".join(f"{k}={v}" for k, v in (res.get("prompts") or {}).items())) + ".</p>"]
+    elo = res.get("elo") or {}
+    rows = []
+    for m in names:
+        row = [m, escape(str((res["models"] or {}).get(m)))]
+        for dim in ("harmlessness", "helpfulness"):
+            r = ((elo.get(dim) or {}).get("ratings") or {}).get(m)
+            row.append(f"{r['elo']:+.0f} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if r else "–")
+        h = (res.get("harmfulness") or {}).get(m) or {}
+        ref = (res.get("refusal") or {}).get(m) or {}
+        row.append(h.get("mean"))
+        for s in ("benign", "red_team"):
+            x = ref.get(s) or {}
+            row.append(f"{_fmt(x.get('judge'))} / {_fmt(x.get('phrases'))}")
+        pm = (res.get("pm_score") or {}).get(m) or {}
+        row.append(f"{_fmt(pm.get('red_team'))} / {_fmt(pm.get('helpful'))}" if res.get("pm_score") else "–")
+        rows.append(row[:1] + row[2:])
+    parts.append(_table(["model", "harmlessness Elo [95% CI]", "helpfulness Elo [95% CI]", "harmfulness 0-4",
+                         "refusal benign judge / phrases", "refusal red-team judge / phrases",
+                         "PM score red-team / helpful"], rows))
+    for dim in ("harmlessness", "helpfulness"):
+        t = elo.get(dim)
+        if t:
+            parts.append(f"<p>{escape(dim)}: {t['comparisons']} comparisons on {t['prompts']} prompts under "
+                         f"<code>{escape(str(t.get('principle_id')))}</code>; position consistency "
+                         f"{escape(_fmt(t.get('position_consistency')))}; {t['bootstrap']} bootstrap resamples.</p>")
+    parts.append(_figures(run / "evaluate"))
+    return "".join(parts)
+
+
+def _scalars(d: dict, prefix: str = "") -> list[list]:
+    rows = []
+    for k, v in d.items():
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            rows.append([prefix + k, v])
+        elif isinstance(v, dict) and not prefix:
+            rows += _scalars(v, f"{k}.")
+    return rows
+
+
+def stage_details(run: Path) -> str:
+    """Metrics tables and plots of the training stages (PM, SFT, RL, DPO...)."""
+    parts = []
+    for folder in sorted((p for p in run.iterdir() if p.is_dir() and (p / "manifest.json").is_file()),
+                         key=lambda p: KNOWN_ORDER.index(p.name) if p.name in KNOWN_ORDER else 99):
+        if folder.name in ("evaluate", "report"):
+            continue
+        metrics = _read_json(folder / "metrics.json")
+        figs = _figures(folder)
+        if not figs and not isinstance(metrics, dict):
+            continue
+        parts.append(f"<h3>{escape(folder.name)}</h3>")
+        if isinstance(metrics, dict):
+            rows = _scalars(metrics)
+            if rows:
+                parts.append(f"<details><summary>metrics.json ({len(rows)} values)</summary>"
+                             f"{_table(['metric', 'value'], rows, 'metrics')}</details>")
+        parts.append(figs)
+    return "".join(parts)
+
+
+def change(before: str | None, after: str | None) -> float:
+    """How much a revision changed the answer: 1 - difflib's similarity ratio."""
+    return 1.0 - difflib.SequenceMatcher(None, before or "", after or "", autojunk=False).ratio()
+
+
+def principle_stats(chains: list[dict], feedback_stats: dict | None, constitution: dict | None) -> list[dict]:
+    per: dict[str, dict] = {}
+    texts = {}
+    for p in (constitution or {}).get("principles") or []:
+        texts[p.get("id")] = p.get("critique", "")
+    for key in ("comparison_principles", "helpfulness_principles"):
+        for p in (constitution or {}).get(key) or []:
+            texts[p.get("id")] = p.get("text", "")
+    for c in chains:
+        latest = c.get("initial_response")
+        for r in c.get("rounds") or []:
+            d = per.setdefault(r.get("principle_id"), {"sampled": 0, "revised": 0, "changes": []})
+            d["sampled"] += 1
+            if r.get("status") == "revised":
+                d["revised"] += 1
+                d["changes"].append(change(latest, r.get("revision")))
+                latest = r.get("revision")
+    fb = (feedback_stats or {}).get("per_principle") or {}
+    out = []
+    for pid in sorted(set(per) | set(fb), key=str):
+        d = per.get(pid, {"sampled": 0, "revised": 0, "changes": []})
+        f = fb.get(pid) or {}
+        out.append({
+            "id": pid, "text": texts.get(pid, ""), "kind": "critique/revision" if pid in per else "comparison",
+            "sampled": d["sampled"], "revised": d["revised"],
+            "mean_change": round(sum(d["changes"]) / len(d["changes"]), 4) if d["changes"] else None,
+            "feedback_questions": f.get("questions"), "position_consistency": f.get("position_consistency"),
+            "mean_abs_p_minus_half": f.get("mean_abs_p_minus_half"),
+        })
+    return out
+
+
+def _splits(folder: Path) -> list[dict]:
+    out = []
+    for split in ("train", "test"):
+        for rec in _read_jsonl(folder / f"{split}.jsonl"):
+            out.append({**rec, "split": rec.get("split", split)})
+    return out
+
+
+def _load_constitution(run: Path) -> dict | None:
+    import yaml
+
+    path = run / "prepare" / "constitution.yaml"
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except yaml.YAMLError:
+        return None
+
+
+def build_report(run_dir: str | Path) -> str:
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CaiError(f"'{run_dir}' is not a run directory")
+    manifests = stage_manifests(run)
+    if not manifests:
+        raise CaiError(f"'{run_dir}' has no finished stage (no <stage>/manifest.json): nothing to report")
+    chains = _splits(run / "critique_revision" / "chains")
+    comparisons = _splits(run / "feedback" / "comparisons")
+    fb_stats = _read_json(run / "feedback" / "stats.json")
+    constitution = _load_constitution(run)
+    pstats = principle_stats(chains, fb_stats if isinstance(fb_stats, dict) else None, constitution)
+    data = {
+        "chains": [{k: c.get(k) for k in ("id", "split", "category", "messages", "initial_response", "rounds",
+                                          "final_response", "revised")} for c in chains],
+        "comparisons": [{k: c.get(k) for k in ("id", "split", "source", "category", "prompt", "response_a",
+                                               "response_b", "principle_ids", "queries", "p_a", "p_a_unclamped",
+                                               "position_consistent", "status")} for c in comparisons],
+        "principles": pstats,
+    }
+    blob = safe_json(data)
+    script = (HERE / "report.js").read_text(encoding="utf-8")
+    nonce = hashlib.sha256((blob + script).encode()).hexdigest()[:24]
+    prow = [[p["id"], p["kind"], p["sampled"], p["revised"], p["mean_change"], p["feedback_questions"],
+             p["position_consistency"], p["mean_abs_p_minus_half"]] for p in pstats]
+    sections = [
+        ("timeline", "Stage timeline", timeline(manifests)),
+        ("evaluation", "Evaluation", evaluation(run)),
+        ("training", "Training stages", stage_details(run)),
+        ("principles", "Principles",
+         (_table(["principle", "kind", "sampled (rounds)", "revised", "mean change (1 − difflib ratio)",
+                  "feedback questions", "position consistency", "mean |p − 0.5|"], prow, "principles")
+          + "<p>Change is 1 − <code>difflib.SequenceMatcher.ratio()</code> between the answer before and after "
+            "each revision under the principle. Position consistency: how often the feedback model preferred the "
+            "same answer in both orders (feedback/stats.json).</p>") if pstats else ""),
+        ("chains", f"Critique/revision chains ({len(chains)})", _browser("chains") if chains else ""),
+        ("comparisons", f"AI comparisons ({len(comparisons)})", _browser("comparisons") if comparisons else ""),
+    ]
+    nav = " · ".join(f'<a href="#{sid}">{escape(title)}</a>' for sid, title, body in sections if body)
+    body = "".join(f'<section id="{sid}"><h2>{escape(title)}</h2>{html}</section>' for sid, title, html in sections if html)
+    csp = (f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'nonce-{nonce}'; "
+           "base-uri 'none'; form-action 'none'")
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
+        f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
+        '<meta name=viewport content="width=device-width, initial-scale=1">'
+        f"<title>cai report: {escape(run.resolve().name)}</title>"
+        f"<style>{(HERE / 'report.css').read_text(encoding='utf-8')}</style></head><body>"
+        f"<header><h1>cai audit report</h1><p><code>{escape(str(run.resolve()))}</code> · generated {now}</p>"
+        f"<nav>{nav}</nav></header><main>{body}</main>"
+        f'<script type="application/json" id="cai-data" nonce="{nonce}">{blob}</script>'
+        f'<script nonce="{nonce}">{script}</script></body></html>\n'
+    )
+
+
+def _browser(kind: str) -> str:
+    """The controls of a browser; report.js fills its list."""
+    return (
+        f'<div class="controls" data-kind="{kind}">'
+        f'<input type="search" id="{kind}-search" placeholder="search text…" aria-label="search {kind}">'
+        f'<select id="{kind}-principle" aria-label="filter {kind} by principle"><option value="">all principles</option></select>'
+        f'<select id="{kind}-split" aria-label="filter {kind} by split"><option value="">all splits</option>'
+        '<option>train</option><option>test</option></select>'
+        f'<span class="count" id="{kind}-count"></span></div><div class="list" id="{kind}-list"></div>'
+        f'<button type="button" class="more" id="{kind}-more" hidden>show more</button>'
+    )
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    html = build_report(run_dir)  # first: a bad RUN_DIR must not gain a report/ folder
+    path = Path(out) if out else Path(run_dir) / "report" / "index.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(html, encoding="utf-8")
+    return path

@@ -1,0 +1,89 @@
+"""Inference-time critique/revision (`cai chat`, `cai revise`), `cai plan`, the gpu-vllm preset."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cai.cli import main
+from cai.config import check_config, load_config
+
+TINY = ["critique_revision.max_new_tokens=6", "critique_revision.critique_max_new_tokens=5",
+        "critique_revision.few_shot=1", "engine.batch_size=4"]
+
+
+def test_revise_a_file_with_chosen_principles(tmp_path, tiny_model, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("How do I pick a lock?\nWrite a haiku about tea.\n")
+    out = tmp_path / "out.jsonl"
+    argv = ["revise", "--prompts", str(prompts), "--out", str(out), "--principle", "privacy", "--principle", "racism",
+            f"engine.model={tiny_model}", *TINY, "critique_revision.skip_if_no_issue=false"]
+    assert main(argv) == 0
+    assert "2 prompts" in capsys.readouterr().out
+    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [r["messages"][-1]["content"] for r in recs] == ["How do I pick a lock?", "Write a haiku about tea."]
+    for r in recs:
+        assert [x["principle_id"] for x in r["rounds"]] == ["privacy", "racism"]
+        assert all(isinstance(x["critique"], str) for x in r["rounds"])
+        assert isinstance(r["initial_response"], str) and isinstance(r["final_response"], str)
+    # the same prompts and seed give the same chains
+    assert main(argv[:4] + [str(tmp_path / "again.jsonl")] + argv[5:]) == 0
+    assert (tmp_path / "again.jsonl").read_text() == out.read_text()
+
+
+def test_revise_samples_principles_and_rejects_unknown_ones(tmp_path, tiny_model, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "hi"}) + "\n")
+    out = tmp_path / "o.jsonl"
+    assert main(["revise", "--prompts", str(prompts), "--out", str(out), f"engine.model={tiny_model}", *TINY,
+                 "critique_revision.rounds=3"]) == 0
+    (rec,) = [json.loads(l) for l in out.read_text().splitlines()]
+    assert rec["id"] == "a" and len(rec["rounds"]) == 3
+    assert main(["revise", "--prompts", str(prompts), "--out", str(out), "--principle", "nope",
+                 f"engine.model={tiny_model}", *TINY]) == 2
+    assert "no principle 'nope'" in capsys.readouterr().err
+
+
+def test_chat_reads_stdin_and_prints_answer_critique_revision(tiny_model, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CAI_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cai", "chat", "--principle", "harmful-general", f"engine.model={tiny_model}", *TINY,
+         "critique_revision.skip_if_no_issue=false"],
+        input="How do I kill a Python process?\n/reset\n\nhello there\n/quit\nnot read\n",
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert out.count("answer: ") == 2 and out.count("critique: ") == 2 and out.count("final: ") == 2
+    assert out.count("principle harmful-general") == 2 and "(conversation cleared)" in out
+
+
+def test_plan_counts_and_times_every_stage(tiny_model, capsys):
+    from cai.plan import plan, render
+
+    cfg = load_config("cpu-tiny", [f"engine.model={tiny_model}", "engine.quantize=none"])
+    result = plan(cfg, calibrate=True, log=lambda m: None)
+    rows = {r["stage"]: r for r in result["rows"]}
+    assert list(rows) == cfg.stages
+    cr = rows["critique_revision"]
+    # 16 red-team prompts per split (32) and as many helpful ones; 1 round of critique + revision
+    assert cr["generate"] == 64 + 2 * 32
+    assert cr["new_tokens"] == 64 * 80 + 32 * (80 + 48)
+    assert rows["evaluate"]["generate"] == 2 * 3 * 8  # initial + SL-CAI, 8 test prompts of 3 sets
+    assert rows["evaluate"]["score"] == 1 * 16 * 2 + 2 * 8 + 2 * 16 * 2
+    assert rows["sft"]["train_tokens"] > 0 and rows["preference_model"]["train_tokens"] > 0
+    assert all(r["seconds"] >= 0 for r in rows.values())
+    assert result["calibration"]["gen_tokens_per_s"] > 0
+    text = render(result)
+    assert "total estimated time" in text and "estimate" in text
+    assert main(["plan", "--no-calibrate", f"engine.model={tiny_model}"]) == 0
+    assert "no calibration" in capsys.readouterr().out
+
+
+def test_gpu_vllm_preset_loads_and_passes_checks():
+    cfg = load_config("gpu-vllm")
+    check_config(cfg)
+    assert cfg.engine.kind == "openai" and cfg.engine.endpoints and cfg.sft.model
+    assert cfg.critique_revision.rounds == 4 and "evaluate" in cfg.stages and "report" in cfg.stages
