@@ -86,7 +86,7 @@ def check_finite(value, step: int, where: Path, what: str = "training loss") -> 
     bad = value[~torch.isfinite(value)] if value.dim() else (value if not torch.isfinite(value) else None)
     if bad is not None and bad.numel():
         raise CaiError(
-            f"{what} is {float(bad.reshape(-1)[0])} at step {step}; stopped. The last good checkpoint is in "
+            f"{what} is {float(bad.detach().reshape(-1)[0])} at step {step}; stopped. The last good checkpoint is in "
             f"{where} (lower the learning rate or check the data)"
         )
 
