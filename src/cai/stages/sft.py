@@ -179,4 +179,5 @@ STAGE = StageSpec(
     config_keys=("seed", "engine", "sft"),
     needs=("critique_revision",),
     help="SL-CAI model: fine-tune on the final revisions plus helpful samples.",
+    distributed=True,
 )
