@@ -103,3 +103,24 @@ def test_kill_during_feedback_then_resume(tmp_path, tiny_model):
     labels = sum(2 for c in comps if c["status"] == "labelled")
     assert int(line.split()[4]) == 120 + labels - saved  # nothing answered before the kill was recomputed
     assert all(c["status"] in ("labelled", "identical") for c in comps)
+
+
+def test_kill_during_rl_then_resume_from_checkpoint(tmp_path, tiny_model):
+    extra = ["stages=[prepare, feedback, preference_model, rl]", f"feedback.policy={tiny_model}",
+             f"preference_model.model={tiny_model}", "feedback.max_prompts=6", "feedback.max_new_tokens=6",
+             f"rl.policy={tiny_model}", "rl.steps=24", "rl.prompts_per_step=2", "rl.max_new_tokens=16",
+             "rl.eval_prompts=2", "rl.checkpoint_every=2"]
+    cmd, env, proc = _start(tmp_path, tiny_model, *extra)
+    state = tmp_path / "run" / "rl.partial" / "checkpoint" / "trainer_state.pt"
+    assert _wait_for(state.exists, proc), "no checkpoint appeared before the run ended"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "rl").exists()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "[preference_model] already finished" in out.stdout
+    assert "[rl] resuming from checkpoint at step" in out.stdout
+    metrics = json.loads((tmp_path / "run" / "rl" / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["history"]] == list(range(1, 25))  # none lost, none repeated
+    rollouts = (tmp_path / "run" / "rl" / "rollouts.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in rollouts] == [s for s in range(1, 25) for _ in range(8)]

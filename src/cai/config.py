@@ -261,12 +261,84 @@ class EvaluateConfig:
 
 
 @dataclass
+class RLConfig:
+    policy: str = _f(
+        "sl-cai",
+        "Policy to optimise, also the frozen KL reference: 'sl-cai' (this run's SFT model, as in the "
+        "paper), 'default', a checkpoint directory or a hub id.",
+    )
+    max_prompts: int | None = _f(None, "Use at most this many red-team train prompts (None: all).")
+    helpful_ratio: float = _f(
+        1.0, "Helpfulness train prompts per red-team prompt in the RL prompt pool (keeps the policy helpful)."
+    )
+    steps: int = _f(100, "Optimizer steps; each samples fresh rollouts from the current policy.")
+    prompts_per_step: int = _f(16, "Prompts per step (over all processes).")
+    samples_per_prompt: int = _f(4, "RLOO: answers sampled per prompt (k >= 2); each one's baseline is the other k-1.")
+    kl_coef: float = _f(0.05, "Weight of the sequence KL(policy || reference) subtracted from the PM reward.")
+    whiten: bool = _f(
+        True, "Divide the step's rewards (PM score - KL penalty) by their standard deviation before the "
+        "leave-one-out baseline (makes the learning rate independent of the PM's scale).",
+    )
+    learning_rate: float = _f(1e-6, "AdamW learning rate (constant after warmup).")
+    warmup_steps: int = _f(0, "Linear warmup steps.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    max_new_tokens: int = _f(256, "Token budget per sampled answer.")
+    temperature: float = _f(
+        1.0, "Sampling temperature of the rollouts. 1 keeps RLOO on-policy; other values sample from a "
+        "tempered policy and make the gradient and the KL estimate approximate.",
+    )
+    top_p: float = _f(1.0, "Nucleus sampling threshold of the rollouts (1: exact on-policy sampling).")
+    micro_batch_size: int = _f(16, "Sequences per forward/backward pass (gradients are accumulated).")
+    eval_prompts: int = _f(32, "Held-out red-team test prompts scored by the PM before and after RL.")
+    checkpoint_every: int = _f(20, "Save a resumable checkpoint every N optimizer steps.")
+    dtype: str = _f(
+        "auto", "Training dtype: 'auto' is float32 on CPU, bfloat16 on GPU.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+
+
+@dataclass
+class DPOConfig:
+    policy: str = _f(
+        "sl-cai",
+        "Starting model, also the frozen DPO reference: 'sl-cai' (this run's SFT model), 'default', a "
+        "checkpoint directory or a hub id.",
+    )
+    data: str = _f(
+        "feedback",
+        "Pairs to learn from: 'feedback' (the AI-labelled pairs with soft labels) or 'sl_prefs' (the "
+        "critique_revision stage's revision-over-first-answer pairs, taken as p_chosen = 1).",
+        choices=("feedback", "sl_prefs"),
+    )
+    beta: float = _f(0.1, "DPO temperature: how far the policy may move from the reference.")
+    soft_labels: bool = _f(
+        True, "Label-smoothed (conservative) DPO with per-pair smoothing 1 - p_chosen; false: plain DPO.",
+    )
+    min_confidence: float = _f(0.5, "Drop pairs whose p_chosen is below this (0.5 keeps every pair).")
+    epochs: float = _f(1.0, "Passes over the pairs.")
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (None: run the epochs).")
+    learning_rate: float = _f(1e-6, "AdamW learning rate (constant after warmup).")
+    warmup_steps: int = _f(0, "Linear warmup steps.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    batch_size: int = _f(8, "Pairs per optimizer step (over all processes); each is two sequences.")
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    max_length: int = _f(1024, "Truncate each conversation to this many tokens (pairs left with no answer are dropped).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    checkpoint_every: int = _f(50, "Save a resumable checkpoint every N optimizer steps.")
+    dtype: str = _f(
+        "auto", "Training dtype: 'auto' is float32 on CPU, bfloat16 on GPU.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+
+
+@dataclass
 class RunConfig:
     run_dir: str = _f("runs/default", "Folder for every artifact of this run.")
     seed: int = _f(0, "Seed for every sampled choice (principles, splits, sampling).")
     stages: list[str] = _f(
-        ["prepare", "critique_revision", "sft", "feedback", "preference_model", "evaluate", "report"],
-        "Stages to run, in order: prepare, critique_revision, sft, feedback, preference_model, evaluate, report.",
+        ["prepare", "critique_revision", "sft", "feedback", "preference_model", "rl", "dpo", "evaluate", "report"],
+        "Stages to run, in order: prepare, critique_revision, sft, feedback, preference_model, rl, dpo, evaluate, report.",
     )
     engine: EngineConfig = _f(EngineConfig(), "The policy engine.")
     data: DataConfig = _f(DataConfig(), "Inputs: constitution and prompt sets.")
@@ -281,6 +353,8 @@ class RunConfig:
     evaluate: EvaluateConfig = _f(
         EvaluateConfig(), "Evaluation of every model of the run: Elo, harmfulness, evasiveness, PM scores."
     )
+    rl: RLConfig = _f(RLConfig(), "RL-CAI: RLOO against the preference model with a KL penalty to the reference.")
+    dpo: DPOConfig = _f(DPOConfig(), "RL-CAI without a PM: (label-smoothed) DPO on the preference pairs.")
 
 
 # ---------------------------------------------------------------------------
@@ -454,6 +528,18 @@ def check_config(cfg: RunConfig) -> None:
         raise CaiError(
             f"config field 'feedback.cot_clamp' must be [low, high] with 0 <= low <= 0.5 <= high <= 1; got {fb.cot_clamp}"
         )
+    if "rl" in cfg.stages:
+        if cfg.rl.samples_per_prompt < 2:
+            raise CaiError(f"config field 'rl.samples_per_prompt' must be >= 2 for the leave-one-out baseline; got {cfg.rl.samples_per_prompt}")
+        if cfg.rl.temperature <= 0:
+            raise CaiError(f"config field 'rl.temperature' must be > 0 (RL samples its rollouts); got {cfg.rl.temperature}")
+        if cfg.rl.steps < 1 or cfg.rl.prompts_per_step < 1:
+            raise CaiError("config fields 'rl.steps' and 'rl.prompts_per_step' must be >= 1")
+    if "dpo" in cfg.stages:
+        if cfg.dpo.beta <= 0:
+            raise CaiError(f"config field 'dpo.beta' must be > 0; got {cfg.dpo.beta}")
+        if not 0.0 <= cfg.dpo.min_confidence <= 1.0:
+            raise CaiError(f"config field 'dpo.min_confidence' must be in [0, 1]; got {cfg.dpo.min_confidence}")
     if cfg.engine.kind == "openai":
         from cai.engines.openai import check_openai_config
 

@@ -8,6 +8,12 @@ Layout of a run directory::
       <stage>/             one folder per finished stage, with manifest.json
       <stage>.partial/     a stage that is running or was interrupted
 
+Under ``accelerate launch`` every process runs ``cai run``. Only the main process writes
+``config.yaml``, manifests and logs, renames ``<stage>.partial`` into place and runs the
+data stages (their engines and request cache live there); training stages
+(``StageSpec.distributed``) run in every process, each on its share of the batches. All
+processes meet at a barrier after each stage, so every one sees the same finished stages.
+
 A stage is finished when ``<stage>/manifest.json`` says so and its fingerprint (a hash
 of the config fields the stage reads and of its upstream stages' fingerprints) matches
 the current config. A finished stage is skipped; a changed one is rerun, and its
@@ -50,19 +56,20 @@ class StageSpec:
     #: SL-CAI model needs ``sft`` only when its model setting is ``sl-cai``).
     needs: tuple[str, ...] | Callable[[RunConfig], tuple[str, ...]] = ()
     help: str = ""
-    #: A training stage: the run's inference engines are released before it starts, so
-    #: their weights do not sit in (GPU) memory beside the model being trained.
-    trains: bool = False
+    #: Runs in every process under ``accelerate launch`` (a training loop that takes its
+    #: share of each batch). The run's inference engines are released before it starts, so
+    #: their weights do not sit in (GPU) memory beside the model being trained. False: the main process runs it while the others wait.
+    distributed: bool = False
 
     def upstream(self, cfg: RunConfig) -> tuple[str, ...]:
         return tuple(self.needs(cfg) if callable(self.needs) else self.needs)
 
 
 def _stages() -> dict[str, StageSpec]:
-    from cai.stages import critique_revision, evaluate, feedback, prepare, preference_model, report, sft
+    from cai.stages import critique_revision, dpo, evaluate, feedback, prepare, preference_model, report, rl, sft
 
-    specs = (prepare.STAGE, critique_revision.STAGE, sft.STAGE, feedback.STAGE, preference_model.STAGE,
-             evaluate.STAGE, report.STAGE)
+    specs = (prepare.STAGE, critique_revision.STAGE, sft.STAGE, feedback.STAGE, preference_model.STAGE, rl.STAGE,
+             dpo.STAGE, evaluate.STAGE, report.STAGE)
     return {s.name: s for s in specs}
 
 
@@ -98,6 +105,7 @@ class StageContext:
     log: Callable[[str], None] = print
     inputs: dict = field(default_factory=dict)  # name -> sha256, recorded in the manifest
     engines: dict = field(default_factory=dict)  # model path -> engine, shared across stages
+    is_main: bool = True  # the main process (or the only one): it alone shows progress bars
 
     def stage_dir(self, name: str) -> Path:
         path = self.run_dir / name
@@ -134,7 +142,8 @@ class StageContext:
         """A progress bar with an ETA; yields ``update(n)``."""
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc=f"[{self.name}] {desc}", unit=unit, dynamic_ncols=True, leave=False)
+        bar = tqdm(total=total, desc=f"[{self.name}] {desc}", unit=unit, dynamic_ncols=True, leave=False,
+                   disable=not self.is_main)
         try:
             yield bar.update
         finally:
@@ -186,6 +195,38 @@ def _release(engines: _Engines) -> None:
         e.close()
     engines.clear()
     gc.collect()
+def distributed_state(cfg: RunConfig):
+    """accelerate's process state when launched in several processes, else None.
+
+    Set up here, before any stage, so that every stage's ``Accelerator`` joins the same
+    process group; on a machine without GPUs (or ``engine.device=cpu``) that is gloo on CPU.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    cpu = cfg.engine.device == "cpu" or (cfg.engine.device == "auto" and not torch.cuda.is_available())
+    return PartialState(cpu=cpu)
+
+
+def _on_main(state, fn: Callable[[], dict]) -> dict:
+    """Run ``fn`` on the main process only; the others wait, and fail too if it failed."""
+    from accelerate.utils import broadcast_object_list
+
+    result, error = {}, None
+    if state.is_main_process:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after telling the others
+            error = exc
+    status = [None if error is None else f"{type(error).__name__}: {error}"]
+    broadcast_object_list(status)
+    if error is not None:
+        raise error
+    if status[0] is not None:
+        raise CaiError(f"the main process failed ({status[0]}); see its log")
+    return result
 
 
 def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool = False) -> Path:
@@ -194,9 +235,14 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
         if s not in specs:
             raise CaiError(f"config field 'stages': unknown stage '{s}' (available: {', '.join(specs)})")
     check_config(cfg)
+    dist = distributed_state(cfg)
+    is_main = dist is None or dist.is_main_process
+    if not is_main:
+        log = lambda _msg: None  # noqa: E731 - one log, from the main process
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    if is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
     prints = fingerprints(cfg)
     engines = _Engines()
     total = time.time()
@@ -212,13 +258,19 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
         final = run_dir / name
         partial = run_dir / f"{name}.partial"
         partial.mkdir(parents=True, exist_ok=True)
-        if spec.trains:
+        if spec.distributed:
             _release(engines)
-        ctx = StageContext(cfg=cfg, run_dir=run_dir, out=partial, name=name, log=log, engines=engines)
-        log(f"[{name}] running")
+        ctx = StageContext(cfg=cfg, run_dir=run_dir, out=partial, name=name, log=log, engines=engines, is_main=is_main)
+        log(f"[{name}] running" + (f" in {dist.num_processes} processes" if dist and spec.distributed else ""))
         started = time.time()
-        counts = spec.run(ctx) or {}
+        if dist is None or spec.distributed:
+            counts = spec.run(ctx) or {}
+        else:
+            counts = _on_main(dist, lambda: spec.run(ctx) or {})
         seconds = time.time() - started
+        if not is_main:
+            dist.wait_for_everyone()  # the main process writes the manifest and renames
+            continue
         write_json(
             partial / "manifest.json",
             {
@@ -238,6 +290,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
+        if dist is not None:
+            dist.wait_for_everyone()
         log(f"[{name}] done in {seconds:.1f}s: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     _release(engines)
     if engines.used:

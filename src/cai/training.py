@@ -79,14 +79,42 @@ def batches_for_epochs(n: int, batch_size: int, epochs: float, seed: int) -> lis
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def check_finite(loss, step: int, where: Path) -> None:
+def check_finite(value, step: int, where: Path, what: str = "training loss") -> None:
+    """Stop with a clear error when ``value`` (a scalar or any tensor) holds NaN or inf."""
     import torch
 
-    if not torch.isfinite(loss):
+    bad = value[~torch.isfinite(value)] if value.dim() else (value if not torch.isfinite(value) else None)
+    if bad is not None and bad.numel():
         raise CaiError(
-            f"training loss is {float(loss)} at step {step}; stopped. The last good checkpoint is in "
+            f"{what} is {float(bad.detach().reshape(-1)[0])} at step {step}; stopped. The last good checkpoint is in "
             f"{where} (lower the learning rate or check the data)"
         )
+
+
+def train_dtype(setting: str, device) -> str:
+    """'auto' is float32 on CPU (no fast bf16 there) and bfloat16 on accelerators."""
+    if setting != "auto":
+        return setting
+    return "float32" if getattr(device, "type", str(device)) == "cpu" else "bfloat16"
+
+
+def warmup_lr(base: float, warmup_steps: int, step: int) -> float:
+    """Linear warmup to ``base``, then constant (the paper's schedule)."""
+    return base * min(1.0, (step + 1) / warmup_steps) if warmup_steps else base
+
+
+def sequence_logprobs(logits, labels):
+    """Sum of log p(token) over each row's labelled tokens (labels shifted inside).
+
+    The log-likelihood of an answer under the model, as DPO and policy gradients need it;
+    computed through ``cross_entropy`` so no full-vocabulary log-softmax is kept around.
+    """
+    import torch.nn.functional as F
+
+    logits = logits[:, :-1, :].float()
+    labels = labels[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="none")
+    return -nll.view(labels.shape).sum(-1)
 
 
 def save_checkpoint(folder: Path, model, optimizer, step: int, extra: dict) -> None:
@@ -143,3 +171,44 @@ def plot_curve(path: Path, series: dict[str, list[tuple[int, float]]], title: st
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def answer_logprobs(model, batch: dict, entropy: bool = False):
+    """One forward pass: each row's summed log-probability of its labelled tokens.
+
+    Logits are kept only from the earliest answer position on (``logits_to_keep``), so the
+    vocabulary projection is not paid over the prompts. With ``entropy``, also returns the
+    summed entropy of the model's next-token distribution at the labelled positions and
+    their count (no gradient through it: it is a diagnostic).
+    """
+    import torch
+
+    labels = batch["labels"]
+    labelled = labels != IGNORE
+    first = int(labelled.float().argmax(-1).min()) if bool(labelled.any()) else 0
+    keep = labels.size(1) - max(first - 1, 0)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    logits = logits[:, -keep:, :]
+    kept = labels[:, -keep:]
+    logp = sequence_logprobs(logits, kept)
+    if not entropy:
+        return logp
+    with torch.no_grad():
+        mask = kept[:, 1:] != IGNORE
+        sel = torch.log_softmax(logits[:, :-1, :][mask].float(), dim=-1)
+        ent = -(sel.exp() * sel).sum(-1)
+    return logp, float(ent.sum()), int(mask.sum())
+
+
+def save_trained_model(out: Path, model, tok, stage: str, base: str, config, seed: int) -> None:
+    """``save_pretrained`` weights and tokenizer into ``out``, plus ``cai_training.json``
+    (the stage, its starting model and resolved config), so the artifact says how it was made."""
+    import dataclasses
+
+    from cai.io import write_json
+
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    write_json(out / "cai_training.json", {
+        "stage": stage, "base_model": base, "config": dataclasses.asdict(config), "seed": seed,
+    })

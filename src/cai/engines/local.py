@@ -238,6 +238,13 @@ class LocalEngine(Engine):
     # -- generation ---------------------------------------------------------------
 
     def generate(self, conversations, params: SamplingParams, progress: Progress | None = None):
+        ids = self.generate_ids(conversations, params, progress)
+        return [[self.tok.decode(t, skip_special_tokens=True).strip() for t in row] for row in ids]
+
+    def generate_ids(self, conversations, params: SamplingParams, progress: Progress | None = None,
+                     keep_stop: bool = False) -> list[list[list[int]]]:
+        """Like :meth:`generate`, but the sampled token ids. ``keep_stop`` appends the
+        end-of-sequence token when a row sampled one (RL needs every sampled token)."""
         rows = []  # (conversation index, sample index, token ids, seed)
         for ci, conv in enumerate(conversations):
             ids = self.encode(self.render(conv))
@@ -245,7 +252,7 @@ class LocalEngine(Engine):
             for j in range(samples):
                 rows.append((ci, j, ids, request_seed(params.seed, conv, j)))
         order = sorted(range(len(rows)), key=lambda r: -len(rows[r][2]))
-        texts: dict[tuple[int, int], str] = {}
+        tokens: dict[tuple[int, int], list[int]] = {}
         samples = params.n if params.temperature > 0 else 1
         left = {ci: samples for ci in range(len(conversations))}
 
@@ -257,16 +264,17 @@ class LocalEngine(Engine):
         for start in range(0, len(order), self.batch_size):
             batch = [rows[r] for r in order[start:start + self.batch_size]]
             outs = self._decode_batch(
-                [b[2] for b in batch], [b[3] for b in batch], params, on_done=lambda k: row_done(batch[k])
+                [b[2] for b in batch], [b[3] for b in batch], params, on_done=lambda k: row_done(batch[k]),
+                keep_stop=keep_stop,
             )
             for (ci, j, _, _), out in zip(batch, outs):
-                texts[(ci, j)] = self.tok.decode(out, skip_special_tokens=True).strip()
+                tokens[(ci, j)] = out
         result = []
         for ci in range(len(conversations)):
             if params.temperature > 0:
-                result.append([texts[(ci, j)] for j in range(params.n)])
+                result.append([tokens[(ci, j)] for j in range(params.n)])
             else:
-                result.append([texts[(ci, 0)]] * params.n)
+                result.append([tokens[(ci, 0)]] * params.n)
         return result
 
     def _prefill(self, seqs: list[list[int]], keep: int = 1, own: list[int] | None = None):
@@ -304,7 +312,7 @@ class LocalEngine(Engine):
         )
         return out.logits, cache, mask, ids, pos[:, -1:] + 1
 
-    def _decode_batch(self, seqs, seeds, params: SamplingParams, on_done=None) -> list[list[int]]:
+    def _decode_batch(self, seqs, seeds, params: SamplingParams, on_done=None, keep_stop: bool = False) -> list[list[int]]:
         """Decode one batch; ``on_done(row)`` is called as each row finishes."""
         torch = self.torch
         gens = None
@@ -327,6 +335,8 @@ class LocalEngine(Engine):
                     t = int(chosen[k])
                     if t in self.eos_ids:
                         done[row] = True
+                        if keep_stop:
+                            out_tokens[row].append(t)
                         if on_done:
                             on_done(row)
                     else:

@@ -127,6 +127,7 @@ def run(ctx: StageContext) -> dict:
     dtype = pc.dtype if pc.dtype != "auto" else ("float32" if accelerator.device.type == "cpu" else "bfloat16")
     import transformers
 
+    transformers.set_seed(cfg.seed)  # the new score head's initialisation: same in every run and process
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "score.weight newly initialized" is the point here
     try:
@@ -227,9 +228,9 @@ def _needs(cfg) -> tuple[str, ...]:
 
 STAGE = StageSpec(
     name="preference_model",
-    trains=True,
     run=run,
     config_keys=("seed", "engine", "preference_model"),
     needs=_needs,
     help="Preference model: a reward model trained on the AI feedback's soft labels.",
+    distributed=True,
 )

@@ -175,9 +175,9 @@ def run(ctx: StageContext) -> dict:
 
 STAGE = StageSpec(
     name="sft",
-    trains=True,
     run=run,
     config_keys=("seed", "engine", "sft"),
     needs=("critique_revision",),
     help="SL-CAI model: fine-tune on the final revisions plus helpful samples.",
+    distributed=True,
 )

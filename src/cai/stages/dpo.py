@@ -1,0 +1,277 @@
+"""RL-CAI without a preference model: DPO on the preference pairs (Rafailov et al. 2023).
+
+The policy starts from ``dpo.policy`` (the SL-CAI model by default), which is also the
+frozen reference. For a pair with answers c (chosen) and r (rejected) to one prompt,
+
+    h = (log pi(c) - log pi_ref(c)) - (log pi(r) - log pi_ref(r))
+
+summed over the answer tokens only (the prompt is not learned, as in ``sft``).
+
+**Soft labels.** The feedback stage says how sure the feedback model was (``p_chosen``,
+>= 0.5). By default the loss is conservative / label-smoothed DPO with a per-pair
+smoothing eps = 1 - p_chosen::
+
+    loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+
+which is the cross-entropy of sigmoid(beta h) against p_chosen: its minimum is at
+sigmoid(beta h) = p_chosen, so a 55/45 pair pulls the policy only a little way and a
+50/50 pair not at all, instead of being pushed towards an infinite margin like a sure
+pair. ``dpo.soft_labels=false`` gives plain DPO, ``-log sigmoid(beta h)``;
+``dpo.min_confidence`` drops unsure pairs instead (or as well). ``dpo.data=sl_prefs``
+trains on the critique_revision stage's pairs (revision over first answer, p = 1).
+
+**Reference log-probabilities** are computed once, before training, with the starting
+weights (which *are* the reference), so no second model is kept in memory; they travel in
+the checkpoint, so a resumed run does not need the reference again. It also means the
+held-out numbers *before* training are exact without a forward pass: h = 0 for every
+pair (loss log 2, accuracy 0, margin 0).
+
+The loop is the same accelerate loop as ``sft``: each process takes its share of every
+batch of pairs, and its loss is scaled so that the averaged gradient is that of the
+mean over the whole batch (identical to one process up to float summation order).
+
+Outputs in ``dpo/``: ``model/`` (``save_pretrained`` + ``cai_training.json``),
+``metrics.json`` (loss per step; held-out loss, reward accuracy and margins before and
+after), ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+
+from cai.errors import CaiError
+from cai.io import read_jsonl, write_json
+from cai.pipeline import SL_CAI, StageContext, StageSpec
+from cai.training import (
+    answer_logprobs,
+    batches_for_epochs,
+    check_finite,
+    encode_chat,
+    load_checkpoint,
+    pad_batch,
+    plot_curve,
+    save_checkpoint,
+    save_trained_model,
+    train_dtype,
+    warmup_lr,
+)
+
+
+def dpo_loss(h, p, beta: float, soft: bool = True):
+    """Per-pair DPO loss for log-ratio differences ``h`` and labels ``p`` (= p_chosen).
+
+    soft: ``-p log s(beta h) - (1 - p) log s(-beta h)`` (label smoothing eps = 1 - p);
+    plain: ``-log s(beta h)`` whatever p says. Both equal log 2 at h = 0.
+    """
+    import torch.nn.functional as F
+
+    target = p.float() if soft else p.new_ones(p.shape).float()
+    return F.binary_cross_entropy_with_logits(beta * h.float(), target, reduction="none")
+
+
+def load_pairs(tok, path, max_length: int, min_confidence: float) -> tuple[list[dict], dict]:
+    """Encoded pairs (answer-only labels) and how many were dropped and why."""
+    pairs, dropped = [], {"low_confidence": 0, "too_long": 0}
+    for rec in read_jsonl(path):
+        p = float(rec.get("p_chosen", 1.0))
+        if not 0.0 <= p <= 1.0:
+            raise CaiError(f"{path}: pair '{rec.get('id')}' has p_chosen={p}, outside [0, 1]")
+        if p < min_confidence:
+            dropped["low_confidence"] += 1
+            continue
+        prompt = rec["prompt"] if isinstance(rec["prompt"], list) else [{"role": "user", "content": rec["prompt"]}]
+        chosen = encode_chat(tok, prompt + rec["chosen"][-1:], max_length)
+        rejected = encode_chat(tok, prompt + rec["rejected"][-1:], max_length)
+        if chosen is None or rejected is None:
+            dropped["too_long"] += 1
+            continue
+        pairs.append({"id": rec.get("id"), "p": p, "source": rec.get("source", "revision"),
+                      "chosen": chosen, "rejected": rejected})
+    return pairs, dropped
+
+
+def pair_logprobs(model, pairs: list[dict], pad_id, device):
+    """(log pi(chosen), log pi(rejected)) for a batch of pairs, from one padded forward pass."""
+    batch = pad_batch([x["chosen"] for x in pairs] + [x["rejected"] for x in pairs], pad_id, device)
+    lp = answer_logprobs(model, batch)
+    return lp[: len(pairs)], lp[len(pairs):]
+
+
+def reference_logprobs(model, pairs: list[dict], indices: list[int], pad_id, device, batch_size: int) -> dict:
+    """{pair index: (log pi(c), log pi(r))} under the current (= reference) weights."""
+    import torch
+
+    out = {}
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(indices), batch_size):
+            idx = indices[i:i + batch_size]
+            c, r = pair_logprobs(model, [pairs[j] for j in idx], pad_id, device)
+            out.update({j: (float(a), float(b)) for j, a, b in zip(idx, c.tolist(), r.tolist())})
+    model.train()
+    return out
+
+
+def shared_reference(model, pairs, indices, pad_id, device, batch_size, rank: int, world: int) -> dict:
+    """Reference log-probs of ``indices``: each process computes its share, all get all."""
+    from accelerate.utils import gather_object
+
+    mine = reference_logprobs(model, pairs, indices[rank::world], pad_id, device, batch_size)
+    return dict(gather_object(list(mine.items())) if world > 1 else mine.items())
+
+
+def pair_metrics(h: list[float], p: list[float], beta: float, soft: bool) -> dict:
+    """Held-out DPO loss, reward accuracy (h > 0) and mean margin beta*h."""
+    import torch
+
+    if not h:
+        return {"pairs": 0}
+    ht, pt = torch.tensor(h), torch.tensor(p)
+    return {
+        "pairs": len(h),
+        "loss": round(float(dpo_loss(ht, pt, beta, soft).mean()), 4),
+        "reward_accuracy": round(sum(x > 0 for x in h) / len(h), 4),
+        "margin": round(beta * sum(h) / len(h), 4),
+    }
+
+
+def evaluate(model, pairs, ref: dict, pad_id, device, batch_size, rank, world, beta, soft) -> dict:
+    """Held-out metrics; each process scores its share of the pairs."""
+    import torch
+    from accelerate.utils import gather_object
+
+    rows = []
+    model.eval()
+    with torch.no_grad():
+        idx = list(range(len(pairs)))[rank::world]
+        for i in range(0, len(idx), batch_size):
+            part = idx[i:i + batch_size]
+            c, r = pair_logprobs(model, [pairs[j] for j in part], pad_id, device)
+            rows += [(j, (a - ref[j][0]) - (b - ref[j][1])) for j, a, b in zip(part, c.tolist(), r.tolist())]
+    model.train()
+    rows = sorted(gather_object(rows) if world > 1 else rows)
+    return pair_metrics([h for _, h in rows], [pairs[j]["p"] for j, _ in rows], beta, soft)
+
+
+def run(ctx: StageContext) -> dict:
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from cai.engines.local import load_model_and_tokenizer
+    from cai.models import resolve_model
+
+    cfg, dc = ctx.cfg, ctx.cfg.dpo
+    source = ctx.stage_dir("feedback") / "prefs" if dc.data == "feedback" else ctx.stage_dir("critique_revision") / "prefs"
+    accelerator = Accelerator(cpu=cfg.engine.device == "cpu")
+    base = resolve_model(ctx.model_path(dc.policy), cfg.engine.revision, progress=ctx.log)
+    model, tok, _ = load_model_and_tokenizer(
+        base, device="cpu", dtype=train_dtype(dc.dtype, accelerator.device),
+        trust_remote_code=cfg.engine.trust_remote_code, model_cls=AutoModelForCausalLM,
+    )
+    train, dropped = load_pairs(tok, source / "train.jsonl", dc.max_length, dc.min_confidence)
+    test, _ = load_pairs(tok, source / "test.jsonl", dc.max_length, dc.min_confidence)
+    ctx.record_input("train_pairs", source / "train.jsonl")
+    if not train:
+        raise CaiError(f"{source / 'train.jsonl'}: no pairs to train on (dropped: {dropped}; lower dpo.min_confidence?)")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=dc.learning_rate, weight_decay=dc.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    plain = accelerator.unwrap_model(model)
+    micro = max(1, dc.batch_size // dc.grad_accum)
+    batches = batches_for_epochs(len(train), dc.batch_size, dc.epochs, cfg.seed)
+    if dc.max_steps is not None:
+        batches = batches[: dc.max_steps]
+    total_steps = len(batches)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    pad_id, device = tok.pad_token_id, accelerator.device
+
+    ckpt = ctx.out / "checkpoint"
+    start, history = 0, []
+    state = load_checkpoint(ckpt, plain, optimizer) if ckpt.exists() else None
+    if state is not None and state.get("total_steps") == total_steps:
+        start, history, ref = state["step"], state["history"], state["ref"]
+        ctx.log(f"[dpo] resuming from checkpoint at step {start}/{total_steps}")
+    else:
+        used = sorted({i for b in batches for i in b})
+        ref = {"train": shared_reference(plain, train, used, pad_id, device, micro, rank, world),
+               "test": shared_reference(plain, test, list(range(len(test))), pad_id, device, micro, rank, world)}
+    # The policy starts at the reference: h = 0 for every held-out pair (see the docstring).
+    before = pair_metrics([0.0] * len(test), [x["p"] for x in test], dc.beta, dc.soft_labels)
+
+    t0 = time.time()
+    with ctx.progress(total_steps, "training", unit="step") as update:
+        update(start)
+        for step in range(start, total_steps):
+            for g in optimizer.param_groups:
+                g["lr"] = warmup_lr(dc.learning_rate, dc.warmup_steps, step)
+            mine = batches[step][rank::world]
+            # sum over my pairs / whole batch * world: the processes' averaged gradient is
+            # exactly the gradient of the batch mean.
+            scale = world / len(batches[step])
+            stats = torch.zeros(3)  # loss, correct, margin (sums over my pairs)
+            for m in range(0, len(mine), micro):
+                idx = mine[m:m + micro]
+                sync = contextlib.nullcontext() if m + micro >= len(mine) else accelerator.no_sync(model)
+                with sync:
+                    c, r = pair_logprobs(model, [train[i] for i in idx], pad_id, device)
+                    rc = torch.tensor([ref["train"][i][0] for i in idx], device=device)
+                    rr = torch.tensor([ref["train"][i][1] for i in idx], device=device)
+                    h = (c - rc) - (r - rr)
+                    p = torch.tensor([train[i]["p"] for i in idx], device=device)
+                    per_pair = dpo_loss(h, p, dc.beta, dc.soft_labels)
+                    loss = per_pair.sum() * scale
+                    check_finite(loss, step, ckpt)
+                    accelerator.backward(loss)
+                stats += torch.tensor([float(per_pair.detach().sum()), float((h > 0).sum()), float(dc.beta * h.detach().sum())])
+            accelerator.clip_grad_norm_(params, dc.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if world > 1:
+                stats = accelerator.reduce(stats.to(device), "sum").cpu()
+            n = len(batches[step])
+            history.append([step + 1, float(stats[0]) / n, float(stats[1]) / n, float(stats[2]) / n])
+            update(1)
+            done = step + 1
+            if accelerator.is_main_process and done % dc.checkpoint_every == 0 and done < total_steps:
+                save_checkpoint(ckpt, plain, optimizer, done, {"history": history, "total_steps": total_steps, "ref": ref})
+    seconds = time.time() - t0
+    after = evaluate(plain, test, ref["test"], pad_id, device, micro, rank, world, dc.beta, dc.soft_labels)
+    accelerator.wait_for_everyone()
+    counts = {
+        "train_pairs": len(train), "test_pairs": len(test), "dropped_pairs": sum(dropped.values()),
+        "steps": total_steps, "data": dc.data, "soft_labels": dc.soft_labels, "train_seconds": round(seconds, 1),
+        "final_loss": round(history[-1][1], 4) if history else None,
+        "test_loss_before": before.get("loss"), "test_loss": after.get("loss"),
+        "test_reward_accuracy": after.get("reward_accuracy"), "test_margin": after.get("margin"),
+    }
+    if accelerator.is_main_process:
+        save_trained_model(ctx.out / "model", plain, tok, "dpo", base, dc, cfg.seed)
+        write_json(ctx.out / "metrics.json", {
+            "history": [{"step": s, "loss": l, "reward_accuracy": a, "margin": mg} for s, l, a, mg in history],
+            "dropped": dropped, "test_before": before, "test_after": after, **counts,
+        })
+        plot_curve(ctx.out / "loss.png", {"train DPO loss": [(s, l) for s, l, _, _ in history],
+                                          "log 2 (start)": [(0, math.log(2)), (total_steps, math.log(2))]},
+                   "DPO" + (" (label-smoothed by the soft labels)" if dc.soft_labels else ""))
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return counts
+
+
+def _needs(cfg) -> tuple[str, ...]:
+    data = ("feedback",) if cfg.dpo.data == "feedback" else ("critique_revision",)
+    return data + (("sft",) if cfg.dpo.policy == SL_CAI else ())
+
+
+STAGE = StageSpec(
+    name="dpo",
+    run=run,
+    config_keys=("seed", "engine", "dpo"),
+    needs=_needs,
+    help="RL-CAI without a PM: DPO on the preference pairs, label-smoothed by the soft labels.",
+    distributed=True,
+)

@@ -1,0 +1,375 @@
+"""RL-CAI (Bai et al. 2022, §4): optimise the policy against the preference model, with a
+KL penalty to the SL-CAI model. The algorithm is RLOO (REINFORCE leave-one-out,
+Ahmadian et al. 2024) instead of the paper's PPO: no value model, one update per batch
+of rollouts, and on this scale it matches PPO at a fraction of the memory and code.
+
+Each step:
+
+1. **Rollouts.** ``prompts_per_step`` prompts (red-team and helpfulness train prompts,
+   ``helpful_ratio`` to one) get ``samples_per_prompt`` = k answers each from the
+   *current* policy, through the local engine's batched decode loop (per-request seeds
+   ``seed + step``; no request cache, the weights change every step). The engine hands
+   back the sampled token ids, end-of-turn token included, so the update scores exactly
+   what was sampled.
+2. **Reward.** The PM scores every answer (``RUN_DIR/preference_model/model``). The KL
+   term is the sequence-level log-ratio of the sampled tokens,
+   ``KL_i = sum_t [log pi(y_t) - log pi_ref(y_t)]`` (the k1 estimator: unbiased for
+   KL(pi || pi_ref) when sampling at temperature 1). ``reward_i = PM_i - kl_coef * KL_i``.
+   With ``whiten`` the step's rewards are divided by their standard deviation (over all
+   processes), so the learning rate does not depend on the PM's scale.
+3. **Advantage.** Leave-one-out baseline within each prompt's k answers:
+   ``A_i = r_i - mean_{j != i} r_j = k/(k-1) (r_i - mean_j r_j)``.
+4. **Loss.** ``-mean_i A_i * sum_t log pi(y_t)``: the REINFORCE estimator with the
+   sequence's *summed* log-probability (not length-normalised: that would favour long
+   answers with a positive advantage), averaged over the step's sequences. The
+   reference is a frozen copy of the starting policy, in eval mode.
+
+Log-probabilities of the sampled tokens come from one padded forward pass per model
+(logits kept only over the answers). When a process's sequences fit one
+``micro_batch_size``, the policy's graph from that pass is reused for the update;
+otherwise a no-grad pass gives the KL and a second pass per micro-batch the gradient.
+
+Logged per step: mean PM reward, total reward, KL, answer length, mean token entropy
+of the policy on the sampled tokens, loss. Evaluation: the mean PM reward (and the KL to
+the reference) of answers sampled with a fixed seed to ``eval_prompts`` held-out
+red-team test prompts, for the starting policy (before) and the trained one (after).
+
+Outputs in ``rl/``: ``model/`` (``save_pretrained`` + ``cai_training.json``),
+``metrics.json``, ``rollouts.jsonl`` (every sampled answer with its score, KL and
+advantage), ``eval_samples.jsonl``, ``reward.png``, ``kl.png``, ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cai.config import RLConfig
+from cai.errors import CaiError
+from cai.io import read_jsonl, write_json, write_jsonl
+from cai.pipeline import SL_CAI, StageContext, StageSpec
+from cai.training import (
+    IGNORE,
+    answer_logprobs,
+    check_finite,
+    load_checkpoint,
+    pad_batch,
+    plot_curve,
+    save_checkpoint,
+    save_trained_model,
+    train_dtype,
+    warmup_lr,
+)
+
+EVAL_SEED_OFFSET = 1_000_003  # eval answers never share seeds with training rollouts
+
+
+@dataclass
+class Learner:
+    """What one RL run holds fixed: the models, the optimizer and the settings."""
+
+    rc: RLConfig
+    model: Any  # the policy as accelerate prepared it (DDP-wrapped in several processes)
+    policy: Any  # the same weights, unwrapped (generation, no-grad passes, saving)
+    ref: Any  # frozen copy of the starting policy
+    pm: Any  # cai.reward.RewardModel
+    engine: Any  # LocalEngine around ``policy``
+    optimizer: Any
+    accelerator: Any
+    params: list
+    pad_id: int
+    ckpt: Path
+
+    @property
+    def micro(self) -> int:
+        return max(1, self.rc.micro_batch_size)
+
+
+# -- the estimator (pure functions, unit-tested against hand-worked values) -----------------
+
+
+def shaped_rewards(scores, kl, kl_coef: float, whiten: bool, std=None):
+    """``scores - kl_coef * kl``, divided by ``std`` (default: their own) when whitening."""
+    r = scores - kl_coef * kl
+    if whiten:
+        s = r.std(unbiased=False) if std is None else std
+        r = r / (s + 1e-8) if float(s) > 0 else r
+    return r
+
+
+def rloo_advantages(rewards):
+    """Leave-one-out advantages for a ``[prompts, k]`` reward matrix (k >= 2):
+    ``A_ij = r_ij - mean_{l != j} r_il = k/(k-1) * (r_ij - mean_l r_il)``."""
+    k = rewards.size(-1)
+    if k < 2:
+        raise CaiError("RLOO needs at least 2 samples per prompt (rl.samples_per_prompt)")
+    return (rewards - rewards.mean(-1, keepdim=True)) * (k / (k - 1))
+
+
+def rloo_loss(advantages, logprobs, n_total: int):
+    """``-sum_i A_i * log pi(y_i) / n_total``: the policy-gradient surrogate over a step's
+    ``n_total`` sequences (a process passes its share; see the module docstring)."""
+    return -(advantages.detach() * logprobs).sum() / n_total
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+def prompt_pool(prep_dir, max_prompts: int | None, helpful_ratio: float, seed: int) -> list[dict]:
+    """Red-team train prompts plus ``helpful_ratio`` helpfulness prompts per red-team one, shuffled."""
+    red = read_jsonl(prep_dir / "prompts" / "red_team" / "train.jsonl")
+    if max_prompts is not None:
+        red = red[:max_prompts]
+    helpful = read_jsonl(prep_dir / "prompts" / "helpful" / "train.jsonl")[: round(helpful_ratio * len(red))]
+    pool = [{**p, "set": "red_team"} for p in red] + [{**p, "set": "helpful"} for p in helpful]
+    if not pool:
+        raise CaiError(f"{prep_dir / 'prompts'}: no train prompts for RL (check rl.max_prompts)")
+    random.Random(seed).shuffle(pool)
+    return pool
+
+
+def step_prompts(pool: list[dict], step: int, per_step: int) -> list[dict]:
+    """The prompts of one step: the next ``per_step`` of the pool, cycling through it."""
+    return [pool[(step * per_step + i) % len(pool)] for i in range(per_step)]
+
+
+# -- rollouts and scoring ---------------------------------------------------------------------
+
+
+def rollout(engine, prompts: list[dict], params) -> tuple[list[dict], list[str]]:
+    """k sampled answers per prompt: examples (prompt ids + sampled ids, answer-only labels)
+    and the answers' texts, in prompt-major order."""
+    model = engine.model
+    was_training = model.training
+    model.eval()
+    try:
+        ids = engine.generate_ids([p["messages"] for p in prompts], params, keep_stop=True)
+    finally:
+        model.train(was_training)
+    examples, texts = [], []
+    for p, answers in zip(prompts, ids):
+        prefix = engine.encode(engine.render(p["messages"]))
+        for a in answers:
+            examples.append({"input_ids": prefix + a, "labels": [IGNORE] * len(prefix) + a})
+            texts.append(engine.tok.decode(a, skip_special_tokens=True).strip())
+    return examples, texts
+
+
+def logprobs(model, examples, pad_id, device, micro: int, entropy: bool = False):
+    """Summed answer log-probs (no grad), and with ``entropy`` the summed token entropy and count."""
+    import torch
+
+    lps, ent, count = [], 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), micro):
+            batch = pad_batch(examples[i:i + micro], pad_id, device)
+            if entropy:
+                lp, e, n = answer_logprobs(model, batch, entropy=True)
+                ent, count = ent + e, count + n
+            else:
+                lp = answer_logprobs(model, batch)
+            lps.append(lp.float())
+    out = torch.cat(lps)
+    return (out, ent, count) if entropy else out
+
+
+def gather(rows: list, world: int) -> list:
+    from accelerate.utils import gather_object
+
+    return gather_object(rows) if world > 1 else rows
+
+
+def evaluate(ln: Learner, prompts: list[dict], params) -> tuple[dict, list[dict]]:
+    """Mean PM reward and KL to the reference of fixed-seed answers to held-out prompts."""
+    world, device = ln.accelerator.num_processes, ln.accelerator.device
+    mine = prompts[ln.accelerator.process_index::world]
+    rows = []
+    if mine:
+        examples, texts = rollout(ln.engine, mine, params)
+        scores = ln.pm.score_many([p["messages"] for p in mine], texts, batch_size=ln.micro)
+        kl = (logprobs(ln.policy, examples, ln.pad_id, device, ln.micro)
+              - logprobs(ln.ref, examples, ln.pad_id, device, ln.micro)).tolist()
+        rows = [{"id": p["id"], "prompt": p["prompt"], "answer": t, "reward": s, "kl": k}
+                for p, t, s, k in zip(mine, texts, scores, kl)]
+    rows = sorted(gather(rows, world), key=lambda r: r["id"])
+    n = max(len(rows), 1)
+    return {"prompts": len(rows), "reward": round(sum(r["reward"] for r in rows) / n, 4),
+            "kl": round(sum(r["kl"] for r in rows) / n, 4)}, rows
+
+
+def run(ctx: StageContext) -> dict:
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from cai.engines.base import SamplingParams
+    from cai.engines.local import LocalEngine, load_model_and_tokenizer
+    from cai.models import resolve_model
+    from cai.reward import RewardModel
+
+    cfg, rc = ctx.cfg, ctx.cfg.rl
+    accelerator = Accelerator(cpu=cfg.engine.device == "cpu")
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    base = resolve_model(ctx.model_path(rc.policy), cfg.engine.revision, progress=ctx.log)
+    dtype = train_dtype(rc.dtype, device)
+    model, tok, _ = load_model_and_tokenizer(
+        base, device="cpu", dtype=dtype, trust_remote_code=cfg.engine.trust_remote_code, model_cls=AutoModelForCausalLM,
+    )
+    ref = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    pm_dir = ctx.stage_dir("preference_model") / "model"
+    pm = RewardModel.load(str(pm_dir), device=str(device), dtype=dtype, trust_remote_code=cfg.engine.trust_remote_code)
+    prep = ctx.stage_dir("prepare")
+    pool = prompt_pool(prep, rc.max_prompts, rc.helpful_ratio, cfg.seed)
+    eval_set = read_jsonl(prep / "prompts" / "red_team" / "test.jsonl")[: rc.eval_prompts]
+    ctx.record_input("preference_model", pm_dir / "model.safetensors")
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=rc.learning_rate, weight_decay=rc.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    policy = accelerator.unwrap_model(model)
+    # The engine wraps the policy's own modules: optimizer steps update it in place.
+    engine = LocalEngine(base, model=policy, tokenizer=tok, batch_size=cfg.engine.batch_size)
+    ckpt = ctx.out / "checkpoint"
+    ln = Learner(rc, model, policy, ref, pm, engine, optimizer, accelerator, params, tok.pad_token_id, ckpt)
+    k = rc.samples_per_prompt
+
+    def sampling(seed: int, n: int) -> SamplingParams:
+        return SamplingParams(n=n, temperature=rc.temperature, top_p=rc.top_p, max_new_tokens=rc.max_new_tokens, seed=seed)
+
+    eval_params = sampling(cfg.seed + EVAL_SEED_OFFSET, 1)
+    start, history, samples = 0, [], []
+    state = load_checkpoint(ckpt, policy, optimizer) if ckpt.exists() else None
+    if state is not None and state.get("total_steps") == rc.steps:
+        start, history, samples, before = state["step"], state["history"], state["samples"], state["before"]
+        ctx.log(f"[rl] resuming from checkpoint at step {start}/{rc.steps}")
+    else:
+        before, before_rows = evaluate(ln, eval_set, eval_params)
+        before["rows"] = before_rows
+
+    t0 = time.time()
+    with ctx.progress(rc.steps, "RLOO", unit="step") as update:
+        update(start)
+        for step in range(start, rc.steps):
+            for g in optimizer.param_groups:
+                g["lr"] = warmup_lr(rc.learning_rate, rc.warmup_steps, step)
+            everyone = step_prompts(pool, step, rc.prompts_per_step)
+            mine = everyone[rank::world]
+            n_total = len(everyone) * k
+            row = train_step(ln, mine, sampling(cfg.seed + step, k), n_total, step, samples)
+            history.append(row)
+            update(1)
+            done = step + 1
+            if accelerator.is_main_process and done % rc.checkpoint_every == 0 and done < rc.steps:
+                save_checkpoint(ckpt, policy, optimizer, done, {
+                    "history": history, "total_steps": rc.steps, "samples": samples, "before": before,
+                })
+    seconds = time.time() - t0
+    after, after_rows = evaluate(ln, eval_set, eval_params)
+    accelerator.wait_for_everyone()
+    before_rows = before.pop("rows")
+    counts = {
+        "prompt_pool": len(pool), "steps": rc.steps, "rollouts": len(samples), "train_seconds": round(seconds, 1),
+        "eval_reward_before": before["reward"], "eval_reward_after": after["reward"], "eval_kl_after": after["kl"],
+        "final_kl": round(history[-1]["kl"], 4) if history else None,
+    }
+    if accelerator.is_main_process:
+        save_trained_model(ctx.out / "model", policy, tok, "rl", base, rc, cfg.seed)
+        write_json(ctx.out / "metrics.json", {"history": history, "eval_before": before, "eval_after": after, **counts})
+        write_jsonl(ctx.out / "rollouts.jsonl", samples)
+        write_jsonl(ctx.out / "eval_samples.jsonl", [
+            {**{k2: v for k2, v in b.items()}, "answer_after": a["answer"], "reward_after": a["reward"], "kl_after": a["kl"]}
+            for b, a in zip(before_rows, after_rows)
+        ])
+        curve = lambda key: [(h["step"], h[key]) for h in history]  # noqa: E731
+        plot_curve(ctx.out / "reward.png", {"PM reward": curve("reward"), "PM reward - kl_coef * KL": curve("total_reward")},
+                   "RL-CAI (RLOO): mean reward per step", ylabel="reward")
+        plot_curve(ctx.out / "kl.png", {"KL(policy || SL-CAI)": curve("kl")}, "KL to the reference", ylabel="nats per answer")
+        plot_curve(ctx.out / "loss.png", {"RLOO loss": curve("loss")}, "RL-CAI (RLOO)")
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return counts
+
+
+def train_step(ln: Learner, prompts: list[dict], sp, n_total: int, step: int, samples: list) -> dict:
+    """Rollouts, rewards, RLOO advantages and one optimizer step; returns the step's log row.
+
+    ``n_total`` is the step's number of sequences over all processes; this process's
+    loss is its share of the mean, times the process count (DDP averages gradients).
+    """
+    import torch
+
+    k, accelerator, model, micro, pad_id, ckpt = sp.n, ln.accelerator, ln.model, ln.micro, ln.pad_id, ln.ckpt
+    world, device = accelerator.num_processes, accelerator.device
+    kl_coef, whiten = ln.rc.kl_coef, ln.rc.whiten
+    examples, texts = rollout(ln.engine, prompts, sp)
+    n = len(examples)
+    scores = torch.tensor(ln.pm.score_many([p["messages"] for p in prompts for _ in range(k)], texts, batch_size=micro))
+    check_finite(scores, step, ckpt, what="PM reward")
+    ref_lp = logprobs(ln.ref, examples, pad_id, device, micro).cpu()
+    one_pass = n <= micro
+    if one_pass:  # the update reuses this forward pass's graph
+        lp_graph, ent, count = answer_logprobs(model, pad_batch(examples, pad_id, device), entropy=True)
+        lp = lp_graph.detach().float().cpu()
+    else:
+        lp, ent, count = logprobs(ln.policy, examples, pad_id, device, micro, entropy=True)
+        lp = lp.cpu()
+    kl = lp - ref_lp
+    raw = scores - kl_coef * kl
+    std = torch.tensor(gather(raw.tolist(), world)).std(unbiased=False) if whiten else None
+    rewards = shaped_rewards(scores, kl, kl_coef, whiten, std)
+    check_finite(rewards, step, ckpt, what="reward")
+    adv = rloo_advantages(rewards.view(-1, k)).reshape(-1)
+    loss_sum = 0.0
+    for m in range(0, n, micro):
+        sync = contextlib.nullcontext() if m + micro >= n else accelerator.no_sync(model)
+        with sync:
+            if one_pass:
+                lp_m = lp_graph
+            else:
+                lp_m = answer_logprobs(model, pad_batch(examples[m:m + micro], pad_id, device))
+            loss = rloo_loss(adv[m:m + micro].to(lp_m.device), lp_m, n_total) * world
+            check_finite(loss, step, ckpt)
+            accelerator.backward(loss)
+        loss_sum += float(loss.detach()) / world
+    accelerator.clip_grad_norm_(ln.params, ln.rc.max_grad_norm)
+    ln.optimizer.step()
+    ln.optimizer.zero_grad(set_to_none=True)
+    lengths = [sum(1 for x in e["labels"] if x != IGNORE) for e in examples]
+    mine = [{"step": step + 1, "id": prompts[i // k]["id"], "set": prompts[i // k]["set"], "answer": texts[i],
+             "pm_reward": round(float(scores[i]), 4), "kl": round(float(kl[i]), 4), "advantage": round(float(adv[i]), 4),
+             "tokens": lengths[i]} for i in range(n)]
+    everyone = gather(mine, world)
+    samples += everyone
+    totals = torch.tensor([loss_sum, ent, count], dtype=torch.float64)
+    if world > 1:
+        totals = accelerator.reduce(totals.to(device), "sum").cpu()
+    m_all = max(len(everyone), 1)
+    return {
+        "step": step + 1,
+        "reward": sum(r["pm_reward"] for r in everyone) / m_all,
+        "total_reward": sum(r["pm_reward"] - kl_coef * r["kl"] for r in everyone) / m_all,
+        "kl": sum(r["kl"] for r in everyone) / m_all,
+        "length": sum(r["tokens"] for r in everyone) / m_all,
+        "entropy": float(totals[1]) / max(float(totals[2]), 1.0),
+        "loss": float(totals[0]),
+    }
+
+
+def _needs(cfg) -> tuple[str, ...]:
+    return ("prepare", "preference_model") + (("sft",) if cfg.rl.policy == SL_CAI else ())
+
+
+STAGE = StageSpec(
+    name="rl",
+    run=run,
+    config_keys=("seed", "engine", "rl"),
+    needs=_needs,
+    help="RL-CAI: RLOO against the preference model with a KL penalty to the SL-CAI model.",
+    distributed=True,
+)

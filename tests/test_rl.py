@@ -1,0 +1,147 @@
+"""The rl stage: the RLOO estimator by hand, sampled token ids, training, NaN rewards."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from cai.config import load_config
+from cai.engines.base import SamplingParams
+from cai.errors import CaiError
+from cai.pipeline import run_pipeline
+from cai.stages.rl import rloo_advantages, rloo_loss, shaped_rewards, step_prompts
+
+
+def test_rloo_advantages_by_hand():
+    """One prompt, k = 4 rewards [1, 2, 3, 6]; each baseline is the mean of the other three.
+
+    1: 1 - (2+3+6)/3 = 1 - 11/3 = -2.6667     2: 2 - (1+3+6)/3 = 2 - 10/3 = -1.3333
+    3: 3 - (1+2+6)/3 = 3 - 3    =  0          6: 6 - (1+2+3)/3 = 6 - 2    =  4
+    Prompts are independent: a second row [5, 5] (k = 2) gets [0, 0].
+    """
+    adv = rloo_advantages(torch.tensor([[1.0, 2.0, 3.0, 6.0]]))
+    assert adv.tolist()[0] == pytest.approx([-8 / 3, -4 / 3, 0.0, 4.0], abs=1e-6)
+    assert rloo_advantages(torch.tensor([[5.0, 5.0], [1.0, 3.0]])).tolist() == [[0.0, 0.0], [-2.0, 2.0]]
+    with pytest.raises(CaiError, match="at least 2 samples"):
+        rloo_advantages(torch.tensor([[1.0]]))
+
+
+def test_kl_penalty_whitening_and_loss_by_hand():
+    """scores [1, 2], KL [2, 0], kl_coef 0.25: rewards [1 - 0.5, 2 - 0] = [0.5, 2].
+
+    whitened: population std of [0.5, 2] is 0.75, so [0.6667, 2.6667].
+    loss with A = [1, -1], log pi = [-2, -3] over 2 sequences: -(1*-2 + -1*-3)/2 = -0.5;
+    d loss / d log pi = -A / 2 = [-0.5, 0.5] (the better answer's log-prob goes up).
+    """
+    scores, kl = torch.tensor([1.0, 2.0]), torch.tensor([2.0, 0.0])
+    assert shaped_rewards(scores, kl, 0.25, whiten=False).tolist() == [0.5, 2.0]
+    assert shaped_rewards(scores, kl, 0.25, whiten=True).tolist() == pytest.approx([2 / 3, 8 / 3], abs=1e-6)
+    assert shaped_rewards(scores, kl, 0.25, whiten=True, std=torch.tensor(0.5)).tolist() == pytest.approx([1.0, 4.0])
+    lp = torch.tensor([-2.0, -3.0], requires_grad=True)
+    loss = rloo_loss(torch.tensor([1.0, -1.0]), lp, n_total=2)
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(-0.5)
+    assert lp.grad.tolist() == [-0.5, 0.5]
+
+
+def test_step_prompts_cycle_through_the_pool():
+    pool = [{"id": i} for i in range(5)]
+    assert [p["id"] for p in step_prompts(pool, 0, 3)] == [0, 1, 2]
+    assert [p["id"] for p in step_prompts(pool, 1, 3)] == [3, 4, 0]
+
+
+def test_generate_ids_are_the_tokens_behind_generate(tiny_engine):
+    convs = [[{"role": "user", "content": "hello there"}], [{"role": "user", "content": "kill a process?"}]]
+    sp = SamplingParams(n=3, temperature=1.0, max_new_tokens=12, seed=4)
+    texts = tiny_engine.generate(convs, sp)
+    ids = tiny_engine.generate_ids(convs, sp, keep_stop=True)
+    eos = tiny_engine.eos_ids
+    for row_t, row_i in zip(texts, ids):
+        for t, i in zip(row_t, row_i):
+            assert tiny_engine.tok.decode(i, skip_special_tokens=True).strip() == t
+            assert 0 < len(i) <= 12 and all(x not in eos for x in i[:-1])
+            assert i[-1] in eos or len(i) == 12  # stopped by its end token, or by the budget
+
+
+def _cfg(run_dir, tiny_model, *extra):
+    return load_config(None, [
+        f"run_dir={run_dir}", f"engine.model={tiny_model}", "engine.batch_size=8",
+        "stages=[prepare, feedback, preference_model, rl]", f"feedback.policy={tiny_model}",
+        f"preference_model.model={tiny_model}", "feedback.max_prompts=6", "feedback.max_new_tokens=6",
+        "preference_model.batch_size=4", f"rl.policy={tiny_model}", "rl.steps=3", "rl.prompts_per_step=2",
+        "rl.max_new_tokens=8", "rl.eval_prompts=4", "rl.learning_rate=1e-3", "rl.micro_batch_size=8", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def rl_run(tmp_path_factory, tiny_model):
+    return run_pipeline(_cfg(tmp_path_factory.mktemp("rl") / "run", tiny_model), log=lambda m: None)
+
+
+def test_rl_trains_every_parameter_and_logs_each_step(rl_run, tiny_model):
+    out = rl_run / "rl"
+    metrics = json.loads((out / "metrics.json").read_text())
+    hist = metrics["history"]
+    assert [h["step"] for h in hist] == [1, 2, 3]
+    for h in hist:
+        assert set(h) == {"step", "reward", "total_reward", "kl", "length", "entropy", "loss"}
+        assert 0 < h["length"] <= 8 and h["entropy"] > 0
+    assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the policy starts at the reference
+    assert hist[-1]["kl"] != pytest.approx(0.0, abs=1e-6)
+    assert metrics["eval_before"]["prompts"] == metrics["eval_after"]["prompts"] == 4
+    assert metrics["eval_before"]["kl"] == pytest.approx(0.0, abs=1e-4)
+    rollouts = [json.loads(l) for l in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 3 * 2 * 4 and {r["set"] for r in rollouts} <= {"red_team", "helpful"}
+    for step in (1, 2, 3):  # leave-one-out advantages sum to zero per prompt
+        for pid in {r["id"] for r in rollouts if r["step"] == step}:
+            assert sum(r["advantage"] for r in rollouts if r["step"] == step and r["id"] == pid) == pytest.approx(0, abs=1e-3)
+    assert len((out / "eval_samples.jsonl").read_text().splitlines()) == 4
+    for f in ("reward.png", "kl.png", "loss.png", "model/cai_training.json", "model/tokenizer_config.json"):
+        assert (out / f).is_file(), f
+    before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, unchanged
+
+
+def test_two_pass_update_matches_the_one_pass_update(tmp_path, rl_run, tiny_model):
+    """micro_batch_size below the step's sequences takes the no-grad + per-micro-batch path:
+    same rollouts and, up to float noise, the same trained weights."""
+    import shutil
+
+    shutil.copytree(rl_run, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "rl")
+    run_pipeline(_cfg(tmp_path / "run", tiny_model, "rl.micro_batch_size=3"), log=lambda m: None)
+    one = AutoModelForCausalLM.from_pretrained(rl_run / "rl" / "model").state_dict()
+    two = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "rl" / "model").state_dict()
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-4
+
+
+def test_nan_reward_stops_and_keeps_the_last_checkpoint(tmp_path, rl_run, tiny_model, monkeypatch):
+    import shutil
+
+    from cai.reward import RewardModel
+
+    shutil.copytree(rl_run, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "rl")
+    real, calls = RewardModel.score_many, []
+
+    def nan_on_step_two(self, prompts, responses, batch_size=8):  # call 1: the "before" evaluation
+        calls.append(1)
+        out = real(self, prompts, responses, batch_size)
+        return [float("nan")] + out[1:] if len(calls) == 3 else out
+
+    monkeypatch.setattr(RewardModel, "score_many", nan_on_step_two)
+    with pytest.raises(CaiError, match=r"PM reward is nan at step 1; stopped. The last good checkpoint is in .*rl.partial/checkpoint"):
+        run_pipeline(_cfg(tmp_path / "run", tiny_model, "rl.checkpoint_every=1"), log=lambda m: None)
+    assert (tmp_path / "run" / "rl.partial" / "checkpoint" / "trainer_state.pt").is_file()
+    assert not (tmp_path / "run" / "rl").exists()
+
+
+def test_rl_needs_the_preference_model(tmp_path, tiny_model):
+    cfg = _cfg(tmp_path / "run", tiny_model, "stages=[prepare, rl]")
+    with pytest.raises(CaiError, match="stage 'rl' needs stage 'preference_model'"):
+        run_pipeline(cfg, log=lambda m: None)
+    with pytest.raises(CaiError, match="rl.samples_per_prompt' must be >= 2"):
+        run_pipeline(_cfg(tmp_path / "run", tiny_model, "rl.samples_per_prompt=1"), log=lambda m: None)
