@@ -17,14 +17,23 @@ def shared_cache(tmp_path_factory):
 
 def test_cai_run_on_the_embedded_default(tmp_path, shared_cache):
     env = {**os.environ, "CAI_CACHE_DIR": shared_cache, "HF_HUB_OFFLINE": "1"}
-    # The cpu-tiny preset's stages, shrunk so the test takes minutes, not a full run.
+    # Every stage of the cpu-tiny preset, shrunk so the test takes minutes, not a full run.
     cmd = [sys.executable, "-m", "cai", "run", f"run_dir={tmp_path / 'run'}",
            "critique_revision.max_prompts=3", "critique_revision.max_new_tokens=32",
-           "critique_revision.critique_max_new_tokens=24", "sft.max_steps=2", "sft.batch_size=2"]
+           "critique_revision.critique_max_new_tokens=24", "sft.max_steps=2", "sft.batch_size=2",
+           "feedback.max_prompts=2", "feedback.max_new_tokens=16", "preference_model.max_steps=1",
+           "rl.steps=1", "rl.prompts_per_step=1", "rl.samples_per_prompt=2", "rl.max_new_tokens=8",
+           "rl.eval_prompts=2", "dpo.max_steps=1", "evaluate.max_prompts=2", "evaluate.max_new_tokens=16",
+           "evaluate.bootstrap=50"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     assert out.returncode == 0, out.stderr[-2000:]
-    for stage in ("prepare", "critique_revision", "sft"):
+    from cai.config import load_config
+
+    stages = load_config("cpu-tiny").stages
+    for stage in stages:
         assert (tmp_path / "run" / stage / "manifest.json").is_file(), stage
+    assert (tmp_path / "run" / "report" / "index.html").is_file()
+    assert out.stdout.splitlines()[-1].startswith("report: ") and "index.html" in out.stdout
     chains = (tmp_path / "run" / "critique_revision" / "chains" / "train.jsonl").read_text().splitlines()
     assert len(chains) == 3
     # The SL-CAI model is an ordinary checkpoint the engine can load and generate from.
@@ -35,7 +44,7 @@ def test_cai_run_on_the_embedded_default(tmp_path, shared_cache):
     (answer,) = sl.generate([[{"role": "user", "content": "Say hello."}]], SamplingParams(max_new_tokens=8))
     assert answer[0].strip()
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert again.stdout.count("already finished") == 3
+    assert again.stdout.count("already finished") == len(stages)
 
 
 def test_embedded_model_answers_and_scores_sensibly(shared_cache, monkeypatch):

@@ -299,4 +299,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
     log(f"run finished in {time.time() - total:.1f}s: {run_dir}")
     for name in cfg.stages:
         log(f"  {name:<18} {run_dir / name}")
+    report = run_dir / "report" / "index.html"
+    if "report" in cfg.stages and report.is_file():
+        log(f"report: {report.resolve()}  (open it in a browser)")
     return run_dir
