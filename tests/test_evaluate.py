@@ -151,7 +151,7 @@ def test_judge_answers_harmfulness_and_refusals_in_both_orders():
 
 def test_needs_follow_the_configured_stages():
     cfg = load_config(None, [])
-    assert ev.STAGE.upstream(cfg) == ("prepare", "sft", "preference_model")
+    assert set(ev.STAGE.upstream(cfg)) == {"prepare", "sft", "rl", "dpo", "preference_model"}
     cfg = load_config(None, ["stages=[prepare, evaluate]"])
     assert ev.STAGE.upstream(cfg) == ("prepare",)
 

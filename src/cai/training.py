@@ -134,21 +134,30 @@ def save_checkpoint(folder: Path, model, optimizer, step: int, extra: dict) -> N
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, model, optimizer) -> dict | None:
+def load_checkpoint(folder: Path, model, optimizer, total_steps: int | None = None) -> dict | None:
+    """The trainer state of a checkpoint, with its weights and optimizer state loaded.
+
+    None, touching nothing, when there is no checkpoint, when it was made for another
+    number of steps (the config changed), or when its weights do not fit the model:
+    then training starts over rather than mixing weights.
+    """
     import torch
     from safetensors.torch import load_file
 
     state_file = folder / "trainer_state.pt"
     if not state_file.is_file():
         return None
-    weights = sorted(folder.glob("*.safetensors"))
-    state = {}
-    for w in weights:
-        state.update(load_file(str(w)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [m for m in missing if "lm_head" not in m]:
-        return None  # an incompatible checkpoint: start over rather than mix weights
     trainer = torch.load(state_file, weights_only=False)
+    if total_steps is not None and trainer.get("total_steps") != total_steps:
+        return None
+    state = {}
+    for w in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(w)))
+    own = set(model.state_dict())
+    missing = [k for k in own - set(state) if "lm_head" not in k]  # tied to the embeddings
+    if missing or set(state) - own:
+        return None
+    model.load_state_dict(state, strict=False)
     optimizer.load_state_dict(trainer["optimizer"])
     return trainer
 

@@ -192,8 +192,8 @@ def run(ctx: StageContext) -> dict:
 
     ckpt = ctx.out / "checkpoint"
     start, history = 0, []
-    state = load_checkpoint(ckpt, plain, optimizer) if ckpt.exists() else None
-    if state is not None and state.get("total_steps") == total_steps:
+    state = load_checkpoint(ckpt, plain, optimizer, total_steps) if ckpt.exists() else None
+    if state is not None:
         start, history, ref = state["step"], state["history"], state["ref"]
         ctx.log(f"[dpo] resuming from checkpoint at step {start}/{total_steps}")
     else:

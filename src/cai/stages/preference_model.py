@@ -156,8 +156,8 @@ def run(ctx: StageContext) -> dict:
 
     ckpt = ctx.out / "checkpoint"
     start, history = 0, []
-    state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer) if ckpt.exists() else None
-    if state is not None and state.get("total_steps") == total_steps:
+    state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, total_steps) if ckpt.exists() else None
+    if state is not None:
         start, history = state["step"], state["history"]
         ctx.log(f"[preference_model] resuming from checkpoint at step {start}/{total_steps}")
     before = evaluate(model, test, pad_id, device, micro)[0] if start == 0 else state.get("before")

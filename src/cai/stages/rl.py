@@ -245,8 +245,8 @@ def run(ctx: StageContext) -> dict:
 
     eval_params = sampling(cfg.seed + EVAL_SEED_OFFSET, 1)
     start, history, samples = 0, [], []
-    state = load_checkpoint(ckpt, policy, optimizer) if ckpt.exists() else None
-    if state is not None and state.get("total_steps") == rc.steps:
+    state = load_checkpoint(ckpt, policy, optimizer, rc.steps) if ckpt.exists() else None
+    if state is not None:
         start, history, samples, before = state["step"], state["history"], state["samples"], state["before"]
         ctx.log(f"[rl] resuming from checkpoint at step {start}/{rc.steps}")
     else:

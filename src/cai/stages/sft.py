@@ -107,8 +107,8 @@ def run(ctx: StageContext) -> dict:
 
     ckpt = ctx.out / "checkpoint"
     start, history = 0, []
-    state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer) if ckpt.exists() else None
-    if state is not None and state.get("total_steps") == total_steps:
+    state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, total_steps) if ckpt.exists() else None
+    if state is not None:
         start, history = state["step"], state["history"]
         ctx.log(f"[sft] resuming from checkpoint at step {start}/{total_steps}")
     pad_id = tok.pad_token_id
