@@ -15,9 +15,9 @@ constitution's comparison demonstrations, both orders):
 
 The answers being compared are sampled first (``--prompts`` red-team train prompts, 2
 answers each at temperature 1) and are not timed. Prints a table and writes
-``benchmarks/results/feedback.json``.
+``benchmarks/results/feedback.json`` (``feedback_fewshot0.json`` with ``--few-shot 0``).
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_feedback.py [--prompts 16] [--budget 48]
+    HF_HUB_OFFLINE=1 python benchmarks/bench_feedback.py [--prompts 16] [--budget 48] [--few-shot 0]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from cai.stages import feedback as fb  # noqa: E402
 
 from _common import log, machine_info, starved_warning, timed, usable_cores  # noqa: E402
 
-OUT = Path(__file__).resolve().parent / "results" / "feedback.json"
+RESULTS = Path(__file__).resolve().parent / "results"
 _PARSE = re.compile(r"\(\s*([AB])\s*\)|answer is:?\s*\(?([AB])\b")
 
 
@@ -55,6 +55,9 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=48, help="new-token budget of the generate mode")
     ap.add_argument("--answer-tokens", type=int, default=64)
     ap.add_argument("--quantize", default="int8", choices=("none", "int8"))
+    ap.add_argument("--few-shot", type=int, default=-1,
+                    help="comparison demonstrations in both modes (-1: all 3; 0: none, so the generate mode "
+                         "writes free text instead of copying the demonstrations' short answers)")
     args = ap.parse_args()
 
     engine = LocalEngine(resolve_model("default"), device="cpu", quantize=args.quantize, batch_size=32)
@@ -70,7 +73,8 @@ def main() -> None:
     fb.build_queries(comparisons, both_orders=True)
     questions = [q["question"] for c in comparisons for q in c.queries]
     texts = {p.id: p.text for p in const.comparison_principles}
-    demos = fb.demo_turns(const.comparison_examples, texts, cot=False)
+    examples = const.comparison_examples if args.few_shot < 0 else const.comparison_examples[: args.few_shot]
+    demos = fb.demo_turns(examples, texts, cot=False)
     scored = [demos + [{"role": "user", "content": q}, {"role": "assistant", "content": fb.ANSWER_PREFIX}]
               for q in questions]
     asked = [demos + [{"role": "user", "content": q}] for q in questions]
@@ -110,12 +114,13 @@ def main() -> None:
     warn = starved_warning(cores, [("logprobs", busy_lp), ("generate", busy_gen)])
     if warn:
         print(warn)
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps({
+    out = RESULTS / ("feedback.json" if args.few_shot < 0 else f"feedback_fewshot{args.few_shot}.json")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({
         "settings": vars(args), "machine": {**machine_info(), "loadavg": os.getloadavg()},
         "summary": summary, "sample_generations": [o[0] for o in outs[:6]], "when": time.strftime("%Y-%m-%d %H:%M"),
     }, indent=2) + "\n")
-    print(f"wrote {OUT}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

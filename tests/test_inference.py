@@ -67,12 +67,16 @@ def test_plan_counts_and_times_every_stage(tiny_model, capsys):
     result = plan(cfg, calibrate=True, log=lambda m: None)
     rows = {r["stage"]: r for r in result["rows"]}
     assert list(rows) == cfg.stages
-    cr = rows["critique_revision"]
-    # 16 red-team prompts per split (32) and as many helpful ones; 1 round of critique + revision
-    assert cr["generate"] == 64 + 2 * 32
-    assert cr["new_tokens"] == 64 * 80 + 32 * (80 + 48)
-    assert rows["evaluate"]["generate"] == 2 * 3 * 8  # initial + SL-CAI, 8 test prompts of 3 sets
-    assert rows["evaluate"]["score"] == 1 * 16 * 2 + 2 * 8 + 2 * 16 * 2
+    cr, c, ev = rows["critique_revision"], cfg.critique_revision, cfg.evaluate
+    n = c.max_prompts  # red-team prompts per split, as many helpful ones; 1 round of critique + revision
+    assert c.rounds == 1 and c.helpful_ratio == 1.0
+    assert cr["generate"] == 4 * n + 2 * (2 * n)
+    assert cr["new_tokens"] == 4 * n * c.max_new_tokens + 2 * n * (c.max_new_tokens + c.critique_max_new_tokens)
+    models, m = 4, ev.max_prompts  # initial, SL-CAI, RL, DPO; m test prompts of each of 3 sets
+    assert rows["evaluate"]["generate"] == models * 3 * m
+    # pairwise (both orders, red-team + helpful), harmfulness (red-team), refusal (both orders, benign + red-team)
+    assert rows["evaluate"]["score"] == 6 * 2 * m * 2 + models * m + models * 2 * m * 2
+    assert rows["rl"]["new_tokens"] > 0 and rows["dpo"]["train_tokens"] > 0
     assert rows["sft"]["train_tokens"] > 0 and rows["preference_model"]["train_tokens"] > 0
     assert all(r["seconds"] >= 0 for r in rows.values())
     assert result["calibration"]["gen_tokens_per_s"] > 0

@@ -154,6 +154,24 @@ def estimate(cfg: RunConfig, count: Counter) -> list[dict]:
             rows.append(_row(stage, gen=models * len(ps), score=score, prompt=prompt,
                              new=models * len(ps) * ev.max_new_tokens,
                              note=f"{models} models x {len(ps)} test prompts; {pair_q} comparisons; {pm} PM scores"))
+        elif stage == "rl":
+            rc = cfg.rl
+            avg = sum(count(p.messages) for p in red.get("train", [])) / max(1, len(red.get("train", [])))
+            rollouts = rc.steps * rc.prompts_per_step * rc.samples_per_prompt
+            # policy forward + backward, reference and PM forwards: about 1.5x a training token
+            rows.append(_row(stage, gen=rc.steps * rc.prompts_per_step + 2 * rc.eval_prompts,
+                             prompt=int((rc.steps * rc.prompts_per_step + 2 * rc.eval_prompts) * avg),
+                             new=rollouts * rc.max_new_tokens + 2 * rc.eval_prompts * rc.max_new_tokens,
+                             train=int(1.5 * rollouts * (avg + rc.max_new_tokens)),
+                             note=f"{rc.steps} steps x {rc.prompts_per_step} prompts x {rc.samples_per_prompt} samples"))
+        elif stage == "dpo":
+            dc = cfg.dpo
+            reds = capped(red, fb.max_prompts)
+            n = len(reds.get("train", [])) * math.comb(fb.samples_per_prompt, 2) * (1 + fb.helpful_ratio)
+            seqs = 2 * n * dc.epochs if dc.max_steps is None else min(2 * n * dc.epochs, 2 * dc.max_steps * dc.batch_size)
+            # plus one reference forward per sequence before training (a third of a training token)
+            rows.append(_row(stage, train=int(seqs * 4 / 3 * min(fb.max_new_tokens + 60, dc.max_length)),
+                             note=f"~{int(n)} pairs x {dc.epochs} epochs"))
         elif stage == "report":
             rows.append(_row(stage, note="reads the run directory"))
         else:
