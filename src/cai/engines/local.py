@@ -57,10 +57,11 @@ def _growing_cache():
     """A KV cache that writes each new token into spare room instead of re-concatenating.
 
     transformers' ``DynamicLayer`` appends with ``torch.cat``, which copies the whole
-    cache of every layer at every decoding step: with few-shot prompts (1,000+ tokens)
-    that copy took over a third of a decoding step on this CPU. Here each layer keeps a
-    buffer with room for 256 more tokens past the prompt (it grows by doubling if a
-    longer answer needs it) and hands attention a view of the filled part.
+    cache of every layer at every decoding step. Here each layer keeps a buffer with room
+    for 256 more tokens past the prompt (it grows by doubling if a longer answer needs
+    it) and hands attention a view of the filled part. Measured on a quiet 2-core CPU:
+    48 new tokens for 16 critique requests with 1,227-token prompts, 28.8 s -> 27.6 s
+    (4%); outputs are identical.
     """
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
