@@ -13,7 +13,7 @@ own functions (``cai.stages.rl.train_step`` pieces), each split into:
 
 Writes ``benchmarks/results/rl.json``.
 
-    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/bench_rl.py            # 16 prompts x 4, 128 tokens
+    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/bench_rl.py            # 4 prompts x 4, 128 tokens
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_rl.py --quick    # 2 prompts x 4, 16 tokens
 """
 
@@ -40,7 +40,8 @@ from cai.training import answer_logprobs, pad_batch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a tiny step, to check the script runs")
-    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--prompts", type=int, default=4,
+                    help="prompts per step (x k answers, in one forward pass: 16 x 4 x 128 tokens ran out of 24 GB)")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=2)
