@@ -30,9 +30,9 @@ from cai.constitution import Constitution, CritiqueRevisionExample, load_constit
 from cai.engines.base import SamplingParams
 from cai.io import write_jsonl
 from cai.pipeline import StageContext, StageSpec
-from cai.prompts import load_prompt_file
+from cai.prompts import SPLITS
+from cai.stages.prepare import prepared_prompts
 
-SPLITS = ("train", "test")
 
 # A critique that says the answer is already fine: then no revision is needed.
 NO_ISSUE_RE = re.compile(
@@ -97,10 +97,8 @@ def run(ctx: StageContext) -> dict:
     cfg, cr = ctx.cfg, ctx.cfg.critique_revision
     prep = ctx.stage_dir("prepare")
     const = load_constitution(prep / "constitution.yaml")
-    prompts = {s: load_prompt_file(prep / "prompts" / "red_team" / f"{s}.jsonl") for s in SPLITS}
-    helpful = {s: load_prompt_file(prep / "prompts" / "helpful" / f"{s}.jsonl") for s in SPLITS}
-    if cr.max_prompts is not None:
-        prompts = {s: ps[: cr.max_prompts] for s, ps in prompts.items()}
+    prompts = prepared_prompts(prep, "red_team", cr.max_prompts)
+    helpful = prepared_prompts(prep, "helpful")
     examples = const.critique_revision_examples
     if cr.few_shot >= 0:
         examples = examples[: cr.few_shot]

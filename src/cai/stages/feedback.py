@@ -51,9 +51,9 @@ from cai.engines.base import SamplingParams
 from cai.errors import CaiError
 from cai.io import write_json, write_jsonl
 from cai.pipeline import SL_CAI, StageContext, StageSpec
-from cai.prompts import Prompt, load_prompt_file
+from cai.prompts import SPLITS, Prompt
+from cai.stages.prepare import prepared_prompts
 
-SPLITS = ("train", "test")
 OPTIONS = ["A", "B"]
 ANSWER_PREFIX = "The answer is: ("
 COT_CUE = "Let's think step by step:"
@@ -211,15 +211,13 @@ def consistency(c: Comparison) -> list[bool]:
 
 
 def _turns(value, where: str, keep_answer: bool) -> list[dict]:
+    """Messages from a transcript string, a plain string (one turn) or a message list."""
     from cai.prompts import parse_transcript
 
     if isinstance(value, str):
-        if keep_answer and not value.lstrip().startswith(("Human:", "H:")):
-            return [{"role": "assistant", "content": value}]
-        if not keep_answer:
-            return parse_transcript(value, where) if value.lstrip().startswith(("Human:", "H:")) else [
-                {"role": "user", "content": value}]
-        return parse_transcript(value, where, keep_answer=True)
+        if value.lstrip().startswith(("Human:", "H:")):
+            return parse_transcript(value, where, keep_answer=keep_answer)
+        return [{"role": "assistant" if keep_answer else "user", "content": value}]
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
         return [{"role": m["role"], "content": str(m["content"])} for m in value]
     raise CaiError(f"{where}: expected a transcript string or a list of {{role, content}} messages")
@@ -355,10 +353,8 @@ def run(ctx: StageContext) -> dict:
     cfg, fb = ctx.cfg, ctx.cfg.feedback
     prep = ctx.stage_dir("prepare")
     const = load_constitution(prep / "constitution.yaml")
-    red = {s: load_prompt_file(prep / "prompts" / "red_team" / f"{s}.jsonl") for s in SPLITS}
-    helpful = {s: load_prompt_file(prep / "prompts" / "helpful" / f"{s}.jsonl") for s in SPLITS}
-    if fb.max_prompts is not None:
-        red = {s: ps[: fb.max_prompts] for s, ps in red.items()}
+    red = prepared_prompts(prep, "red_team", fb.max_prompts)
+    helpful = prepared_prompts(prep, "helpful")
     n_help = {s: min(len(helpful[s]), round(fb.helpful_ratio * len(red[s]))) for s in SPLITS}
     if not const.helpfulness_principles and any(n_help.values()):
         ctx.log("[feedback] the constitution has no helpfulness_principles: no helpfulness comparisons")

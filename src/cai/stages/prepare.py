@@ -15,9 +15,15 @@ from cai.models import resolve_model
 from cai.pipeline import StageContext, StageSpec
 from cai.prompts import BUILTIN_DIR as PROMPTS_DIR
 from cai.io import write_jsonl
-from cai.prompts import load_prompt_set
+from cai.prompts import SPLITS, Prompt, load_prompt_file, load_prompt_set
 
 PROMPT_SETS = ("red_team", "helpful", "benign")
+
+
+def prepared_prompts(prep_dir: Path, name: str, limit: int | None = None) -> dict[str, list[Prompt]]:
+    """One prompt set's frozen train/test splits from a finished prepare stage, at most
+    ``limit`` prompts per split (None: all)."""
+    return {s: load_prompt_file(prep_dir / "prompts" / name / f"{s}.jsonl")[:limit] for s in SPLITS}
 
 
 def load_inputs(cfg):
