@@ -198,13 +198,13 @@ def _usable(queries: list[dict], both_orders: bool) -> list[dict]:
     return [q for qs in by_k.values() if len(qs) == 2 for q in qs]
 
 
-def consistency(c: Comparison) -> list[bool]:
-    """Per principle asked in both orders: did both orders prefer the same answer?"""
+def consistency(c: Comparison) -> dict[int, bool]:
+    """Per principle (by index) scored in both orders: did both orders prefer the same answer?"""
     by_k: dict[int, dict[str, float]] = {}
     for q in c.queries:
         if "p_a" in q:
             by_k.setdefault(q["k"], {})[q["order"]] = q["p_a"]
-    return [(o["ab"] >= 0.5) == (o["ba"] >= 0.5) for o in by_k.values() if len(o) == 2]
+    return {k: (o["ab"] >= 0.5) == (o["ba"] >= 0.5) for k, o in by_k.items() if len(o) == 2}
 
 
 # -- human preferences ----------------------------------------------------------------
@@ -279,7 +279,7 @@ def _pref_record(c: Comparison, feedback_model: str, both_orders: bool) -> dict:
     # Probability that the chosen answer is better, when it was shown first / second.
     shown_first = [q["p_a"] if a_wins else 1 - q["p_a"] for q in usable if (q["order"] == "ab") == a_wins]
     shown_second = [q["p_a"] if a_wins else 1 - q["p_a"] for q in usable if (q["order"] == "ab") != a_wins]
-    agree = consistency(c)
+    agree = list(consistency(c).values())
     return {
         "id": c.id,
         "source": c.source,
@@ -309,14 +309,14 @@ def _comparison_record(c: Comparison) -> dict:
         "queries": [{k: v for k, v in q.items() if k != "question"} for q in c.queries],
         "p_a": None if c.p_a is None else round(c.p_a, 6),
         "p_a_unclamped": None if c.p_a_raw is None else round(c.p_a_raw, 6),
-        "position_consistent": consistency(c),
+        "position_consistent": list(consistency(c).values()),
         "status": c.status,
     }
 
 
 def statistics(comparisons: list[Comparison]) -> dict:
     labelled = [c for c in comparisons if c.status == "labelled"]
-    agree = [x for c in labelled for x in consistency(c)]
+    agree = [x for c in labelled for x in consistency(c).values()]
     per: dict[str, dict] = {}
     for c in labelled:
         for q in c.queries:
@@ -325,7 +325,7 @@ def statistics(comparisons: list[Comparison]) -> dict:
             d = per.setdefault(q["principle_id"], {"questions": 0, "abs_margin": 0.0, "agree": []})
             d["questions"] += 1
             d["abs_margin"] += abs(q["p_a"] - 0.5)
-        for k, ok in zip(sorted({q["k"] for q in c.queries}), consistency(c)):
+        for k, ok in consistency(c).items():
             per[c.principles[k].id]["agree"].append(ok)
     return {
         "comparisons": len(comparisons),
