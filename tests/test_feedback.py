@@ -266,3 +266,19 @@ def test_bad_feedback_settings_are_named(override, field):
 
     with pytest.raises(CaiError, match=f"'{field}'"):
         check_config(load_config(None, [override]))
+
+
+def test_consistency_stays_with_its_principle_when_an_order_abstains():
+    p = Prompt(id="p", messages=[{"role": "user", "content": "q"}])
+    c = fb.Comparison("p/0-1", "train", "harmlessness", p, "risky", "SAFE",
+                      principles=[ComparisonPrinciple("first", "?"), ComparisonPrinciple("second", "?")])
+    c.queries = [
+        {"principle_id": "first", "k": 0, "order": "ab", "abstained": True},
+        {"principle_id": "first", "k": 0, "order": "ba", "p_a": 0.3},
+        {"principle_id": "second", "k": 1, "order": "ab", "p_a": 0.2},
+        {"principle_id": "second", "k": 1, "order": "ba", "p_a": 0.4},
+    ]
+    c.p_a = c.p_a_raw = 0.3
+    assert fb.consistency(c) == {1: True}
+    per = fb.statistics([c])["per_principle"]
+    assert per["second"]["position_consistency"] == 1.0 and per["first"]["position_consistency"] is None
