@@ -197,7 +197,8 @@ def cai_runner(cfg: RunConfig) -> Callable[[CountingEngine], dict]:
 
     def run(engine: CountingEngine) -> dict:
         out.mkdir(parents=True, exist_ok=True)
-        ctx = QuietContext(cfg=cfg, run_dir=run_dir, out=out, name=stage.STAGE.name, log=log, _engine=engine)
+        ctx = QuietContext(cfg=cfg, run_dir=run_dir, out=out, name=stage.STAGE.name, log=log,
+                           engines={cfg.engine.model: engine})
         stage.run(ctx)
         return {
             (s, c["id"]): (c["initial_response"], c["final_response"])
