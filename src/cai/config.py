@@ -251,8 +251,8 @@ class EvaluateConfig:
         "helpfulness principle.",
     )
     few_shot: int = _f(
-        -1, "Comparison demonstrations prepended to each pairwise question (-1: all, 0: none); scoring does not "
-        "share prefixes, so each one costs tokens on every question.",
+        -1, "Comparison demonstrations prepended to each pairwise question (-1: all, 0: none). The local engine "
+        "prefills them once per batch; a server without prefix caching pays them on every question.",
     )
     bootstrap: int = _f(1000, "Bootstrap resamples of the prompts for the Elo confidence intervals (0: none).")
     preference_model: bool = _f(
