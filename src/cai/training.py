@@ -79,6 +79,24 @@ def batches_for_epochs(n: int, batch_size: int, epochs: float, seed: int) -> lis
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def optimizer_and_batches(accelerator, model, tc, n: int, seed: int):
+    """The shared set-up of a training loop: AdamW over the trainable weights, both prepared
+    by accelerate, and each optimizer step's example indices (shuffled batches of
+    ``tc.batch_size`` over ``tc.epochs``, cut at ``tc.max_steps``). ``tc`` is a stage's
+    config (sft, preference_model, dpo). Returns (model, optimizer, params, batches).
+    """
+    import torch
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    batches = batches_for_epochs(n, tc.batch_size, tc.epochs, seed)
+    if tc.max_steps is not None:
+        batches = batches[: tc.max_steps]
+    return model, optimizer, params, batches
+
+
 def check_finite(value, step: int, where: Path, what: str = "training loss") -> None:
     """Stop with a clear error when ``value`` (a scalar or any tensor) holds NaN or inf."""
     import torch

@@ -47,10 +47,10 @@ from cai.io import read_jsonl, write_json
 from cai.pipeline import SL_CAI, StageContext, StageSpec
 from cai.training import (
     answer_logprobs,
-    batches_for_epochs,
     check_finite,
     encode_chat,
     load_checkpoint,
+    optimizer_and_batches,
     pad_batch,
     plot_curve,
     save_checkpoint,
@@ -177,15 +177,9 @@ def run(ctx: StageContext) -> dict:
     ctx.record_input("train_pairs", source / "train.jsonl")
     if not train:
         raise CaiError(f"{source / 'train.jsonl'}: no pairs to train on (dropped: {dropped}; lower dpo.min_confidence?)")
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=dc.learning_rate, weight_decay=dc.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, params, batches = optimizer_and_batches(accelerator, model, dc, len(train), cfg.seed)
     plain = accelerator.unwrap_model(model)
     micro = max(1, dc.batch_size // dc.grad_accum)
-    batches = batches_for_epochs(len(train), dc.batch_size, dc.epochs, cfg.seed)
-    if dc.max_steps is not None:
-        batches = batches[: dc.max_steps]
     total_steps = len(batches)
     rank, world = accelerator.process_index, accelerator.num_processes
     pad_id, device = tok.pad_token_id, accelerator.device

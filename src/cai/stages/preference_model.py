@@ -29,7 +29,7 @@ from cai.errors import CaiError
 from cai.io import read_jsonl, write_json, write_jsonl
 from cai.pipeline import SL_CAI, StageContext, StageSpec
 from cai.reward import encode_answer, pair_metrics, preference_loss, prepare_for_scoring, reliability, rewards, sigmoid
-from cai.training import batches_for_epochs, check_finite, load_checkpoint, plot_curve, save_checkpoint
+from cai.training import check_finite, load_checkpoint, optimizer_and_batches, plot_curve, save_checkpoint
 
 
 def load_pairs(tok, path, max_length: int) -> list[dict]:
@@ -142,14 +142,8 @@ def run(ctx: StageContext) -> dict:
     test = load_pairs(tok, data_dir / "test.jsonl", pc.max_length)
     if not train:
         raise CaiError(f"{data_dir / 'train.jsonl'}: no comparisons to train on (did the feedback stage label any?)")
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=pc.learning_rate, weight_decay=pc.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, params, batches = optimizer_and_batches(accelerator, model, pc, len(train), cfg.seed)
     micro = max(1, pc.batch_size // pc.grad_accum)
-    batches = batches_for_epochs(len(train), pc.batch_size, pc.epochs, cfg.seed)
-    if pc.max_steps is not None:
-        batches = batches[: pc.max_steps]
     total_steps = len(batches)
     rank, world = accelerator.process_index, accelerator.num_processes
     pad_id, device = tok.pad_token_id, accelerator.device

@@ -23,10 +23,10 @@ from cai.errors import CaiError
 from cai.io import read_jsonl, write_json
 from cai.pipeline import StageContext, StageSpec
 from cai.training import (
-    batches_for_epochs,
     check_finite,
     encode_chat,
     load_checkpoint,
+    optimizer_and_batches,
     pad_batch,
     plot_curve,
     save_checkpoint,
@@ -92,15 +92,9 @@ def run(ctx: StageContext) -> dict:
             r=sc.lora_r, lora_alpha=sc.lora_alpha, lora_dropout=sc.lora_dropout,
             target_modules="all-linear", task_type="CAUSAL_LM",
         ))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=sc.learning_rate, weight_decay=sc.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, params, batches = optimizer_and_batches(accelerator, model, sc, len(train), cfg.seed)
     micro = max(1, sc.batch_size // sc.grad_accum)
     n_learned = [sum(1 for x in e["labels"][1:] if x != -100) for e in train]
-    batches = batches_for_epochs(len(train), sc.batch_size, sc.epochs, cfg.seed)
-    if sc.max_steps is not None:
-        batches = batches[: sc.max_steps]
     total_steps = len(batches)
     # Each process takes its share of every batch (plain data parallelism).
     rank, world = accelerator.process_index, accelerator.num_processes
