@@ -25,11 +25,14 @@ CORPUS = [
 ] * 20
 
 
-def build_tiny_model(path, seed: int = 0, split_parens: bool = False, merge_answer: bool = False):
+def build_tiny_model(path, seed: int = 0, split_parens: bool = False, merge_answer: bool = False,
+                     arch: str = "llama"):
     """Save a 2-layer Llama with a byte-level BPE tokenizer and a chat template.
 
     ``merge_answer`` trains the tokenizer without the pre-tokenizer's word split, so that
     "The answer is: (A" becomes one token: an odd tokenizer for option scoring.
+    ``arch="qwen2"`` saves a Qwen2 (biased projections) instead, and
+    ``"qwen2-sliding"`` one whose layers attend through a 4-token sliding window.
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -51,13 +54,22 @@ def build_tiny_model(path, seed: int = 0, split_parens: bool = False, merge_answ
     )
     tok.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    common = dict(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         tie_word_embeddings=True,
     )
-    model = LlamaForCausalLM(cfg)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        sliding = arch == "qwen2-sliding"
+        model = Qwen2ForCausalLM(Qwen2Config(
+            **common, use_sliding_window=sliding, sliding_window=4 if sliding else None, max_window_layers=0,
+            layer_types=["sliding_attention" if sliding else "full_attention"] * 2,
+        ))
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

@@ -130,6 +130,53 @@ def test_shared_prefix_gives_the_same_results(tiny_model):
         assert x == pytest.approx(y, abs=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_shared_prefix_kept_once_matches_copied_and_plain_attention(tmp_path, arch):
+    """The prefix attended once per batch (cascade attention) gives what a copied prefix
+    and plain full-length attention give: at prefill and at every decoding step."""
+    import torch
+
+    from cai.engines.local import LocalEngine
+    from conftest import build_tiny_model
+
+    engine = LocalEngine(build_tiny_model(tmp_path / arch, arch=arch), batch_size=8, min_shared_prefix=1)
+    assert engine._shared_prefix_ok()  # else the shared path below would not be the one tested
+    seqs = [engine.encode(engine.render(FEW_SHOT + c)) for c in CONVS]
+    assert len({len(s) for s in seqs}) > 1  # rows of different lengths: padding is exercised
+    with torch.inference_mode():
+        runs = {mode: engine._prefill(seqs, share=mode) for mode in ("shared", "copy", "none")}
+        assert runs["shared"][5] is not None and runs["copy"][5] is None
+        for mode in ("copy", "none"):
+            assert torch.allclose(runs["shared"][0], runs[mode][0], atol=1e-5)
+        # Three greedy steps on both caches.
+        logits = {m: runs[m][0] for m in ("shared", "copy")}
+        state = {m: list(runs[m][1:5]) + [runs[m][5]] for m in ("shared", "copy")}
+        for _ in range(3):
+            chosen = logits["shared"][:, -1].argmax(-1).view(-1, 1)
+            for m in ("shared", "copy"):
+                cache, mask, _, pos, prefix = state[m]
+                mask = torch.cat([mask, mask.new_ones((len(seqs), 1))], dim=1)
+                logits[m] = engine._forward(chosen, mask, pos, cache, prefix).logits
+                state[m] = [cache, mask, None, pos + 1, prefix]
+            assert torch.allclose(logits["shared"], logits["copy"], atol=1e-5)
+
+
+def test_sliding_window_models_keep_the_copied_prefix(tmp_path):
+    """A model whose attention the shared-prefix path does not cover fails its check and
+    still generates what plain attention generates."""
+    from cai.engines.local import LocalEngine
+    from conftest import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "sliding", arch="qwen2-sliding")
+    shared = LocalEngine(path, batch_size=8, min_shared_prefix=1)
+    plain = LocalEngine(path, batch_size=8, min_shared_prefix=10**9)
+    convs = [FEW_SHOT + c for c in CONVS]
+    params = SamplingParams(max_new_tokens=8)
+    assert shared.generate(convs, params) == plain.generate(convs, params)
+    assert shared._shared_prefix_ok() is False
+    assert shared.model.config._attn_implementation != "cai_shared_prefix"
+
+
 def test_progress_counts_each_conversation_once(tiny_engine):
     seen = []
     tiny_engine.generate(CONVS, SamplingParams(n=2, temperature=1.0, max_new_tokens=5), progress=seen.append)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from cai.engines import shared_prefix
 from cai.engines.base import Conversation, Engine, Progress, SamplingParams, render_chat, request_seed, special_strings
 from cai.errors import CaiError
 
@@ -197,6 +198,7 @@ class LocalEngine(Engine):
         self.batch_size = batch_size
         self.min_shared_prefix = min_shared_prefix
         self.score_batch_size = score_batch_size
+        self._shared_ok: bool | None = None  # set by _shared_prefix_ok on first use
         self.torch = torch
         if getattr(self.tok, "chat_template", None) is None:
             raise CaiError(
@@ -278,40 +280,83 @@ class LocalEngine(Engine):
                 result.append([tokens[(ci, 0)]] * params.n)
         return result
 
-    def _prefill(self, seqs: list[list[int]], keep: int = 1, own: list[int] | None = None):
+    def _prefill(self, seqs: list[list[int]], keep: int = 1, own: list[int] | None = None, share: str = "auto"):
         """Run the prompt tokens of a batch through the model, sharing their common start.
 
         Requests built from one template share a long token prefix (the system prompt and
-        the few-shot demonstrations). That prefix is run once at batch size 1 and its KV
-        cache repeated for every row; only the differing suffixes are run per row, left-
-        padded *after* the shared prefix (the attention mask hides the gap). Returns the
-        last ``keep`` logits, the KV cache, the attention mask, the suffix token ids and
-        the next position id of each row. ``own[i]`` is how many final tokens of row i
+        the few-shot demonstrations). That prefix is run once at batch size 1; only the
+        differing suffixes are run per row, left-padded *after* the shared prefix. The
+        prefix's KV cache is then either kept once and attended through
+        :mod:`cai.engines.shared_prefix` (``share="auto"`` where the model passes that
+        module's check; ``"shared"`` skips the check), or copied for every row
+        (``"copy"``); ``"none"`` runs every row whole. ``"auto"`` shares only prefixes of
+        at least ``min_shared_prefix`` tokens. Returns the last ``keep`` logits, the rows'
+        own KV cache, their attention mask, the suffix token ids, the next position id of
+        each row and the shared prefix (``None`` unless kept once). ``own[i]`` is how many final tokens of row i
         must stay outside the shared part (so their logits are computed).
         """
         torch = self.torch
         cache = _growing_cache()
-        shared = _common_prefix_len(seqs) if len(seqs) > 1 else 0
+        shared = _common_prefix_len(seqs) if len(seqs) > 1 and share != "none" else 0
         own = own or [1] * len(seqs)
         shared = min(shared, min(len(s) - o for s, o in zip(seqs, own)))
-        if shared < self.min_shared_prefix:
+        if shared < self.min_shared_prefix and share == "auto":
             shared = 0
+        prefix = None
         if shared:
-            prefix = torch.tensor([seqs[0][:shared]], device=self.device)
             self.model(
-                input_ids=prefix, position_ids=torch.arange(shared, device=self.device).view(1, -1),
+                input_ids=torch.tensor([seqs[0][:shared]], device=self.device),
+                position_ids=torch.arange(shared, device=self.device).view(1, -1),
                 use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
             )
-            cache.batch_repeat_interleave(len(seqs))
+            if share == "shared" or (share == "auto" and self._shared_prefix_ok()):
+                prefix = shared_prefix.SharedPrefix.from_cache(cache)
+                cache = _growing_cache()
+            else:
+                cache.batch_repeat_interleave(len(seqs))
         ids, mask = self._left_pad([s[shared:] for s in seqs])
         pos = shared + (mask.cumsum(-1) - 1).clamp(min=0)
-        if shared:
+        if shared and prefix is None:
             mask = torch.cat([mask.new_ones((len(seqs), shared)), mask], dim=1)
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=pos,
-            use_cache=True, logits_to_keep=keep, **{self._cache_kw: cache},
-        )
-        return out.logits, cache, mask, ids, pos[:, -1:] + 1
+        out = self._forward(ids, mask, pos, cache, prefix, logits_to_keep=keep)
+        return out.logits, cache, mask, ids, pos[:, -1:] + 1, prefix
+
+    def _forward(self, ids, mask, pos, cache, prefix, **kwargs):
+        """One model call over the KV cache; through the shared prefix where there is one."""
+        if prefix is None:
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                              **{self._cache_kw: cache}, **kwargs)
+        prefix.set_valid(mask)
+        with shared_prefix.active(self.model):
+            return self.model(input_ids=ids, position_ids=pos, use_cache=True,
+                              **{self._cache_kw: cache, shared_prefix.KWARG: prefix}, **kwargs)
+
+    def _shared_prefix_ok(self) -> bool:
+        """Whether this model's attention can keep a batch's shared prefix once (checked once).
+
+        Two rows of different lengths behind a 12-token common start go through the
+        shared-prefix path and through plain full-sequence attention. The check passes
+        if every attention layer took the shared path and the next-token log-probs
+        agree (to 1e-3 of the largest |log-prob| in float32, 5e-2 otherwise).
+        """
+        if self._shared_ok is None:
+            torch = self.torch
+            ids = self.encode("The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. " * 2)
+            rows = [ids[:15], ids[:19]]
+            try:
+                with torch.inference_mode():
+                    logits, _, _, _, _, prefix = self._prefill(rows, share="shared")
+                    plain = self._prefill(rows, share="none")[0]
+                layers = getattr(self.model.config, "num_hidden_layers", None)
+                a = torch.log_softmax(logits[:, -1].float(), -1)
+                b = torch.log_softmax(plain[:, -1].float(), -1)
+                tol = (1e-3 if self.model.dtype == torch.float32 else 5e-2) * float(b.abs().max())
+                self._shared_ok = bool(
+                    prefix is not None and prefix.calls == layers and float((a - b).abs().max()) <= tol
+                )
+            except shared_prefix.Unsupported:
+                self._shared_ok = False
+        return self._shared_ok
 
     def _decode_batch(self, seqs, seeds, params: SamplingParams, on_done=None, keep_stop: bool = False) -> list[list[int]]:
         """Decode one batch; ``on_done(row)`` is called as each row finishes."""
@@ -327,7 +372,7 @@ class LocalEngine(Engine):
         done = [False] * len(seqs)
         out_tokens: list[list[int]] = [[] for _ in seqs]
         with torch.inference_mode():
-            logits, cache, mask, _, next_pos = self._prefill(seqs)
+            logits, cache, mask, _, next_pos, prefix = self._prefill(seqs)
             for step in range(params.max_new_tokens):
                 chosen = self._pick(logits[:, -1, :].float(), [gens[i] for i in active] if gens else None, params)
                 for k, row in enumerate(active):
@@ -355,10 +400,7 @@ class LocalEngine(Engine):
                     chosen = chosen[idx]
                     active = [active[k] for k in keep]
                 mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-                logits = self.model(
-                    input_ids=chosen.view(-1, 1), attention_mask=mask, position_ids=next_pos,
-                    use_cache=True, **{self._cache_kw: cache},
-                ).logits
+                logits = self._forward(chosen.view(-1, 1), mask, next_pos, cache, prefix).logits
                 next_pos = next_pos + 1
         if on_done:
             for row in range(len(seqs)):
@@ -442,7 +484,7 @@ class LocalEngine(Engine):
             batch = [items[i] for i in order[start:start + self.score_batch_size]]
             keep = max(b[3] for b in batch) + 1
             with torch.inference_mode():
-                logits, _, _, ids, _ = self._prefill(
+                logits, _, _, ids, _, _ = self._prefill(
                     [b[2] for b in batch], keep=keep, own=[b[3] + 1 for b in batch]
                 )
             logp = torch.log_softmax(logits.float(), dim=-1)
