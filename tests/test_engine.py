@@ -47,6 +47,37 @@ def test_top_p_restricts_to_the_nucleus(tiny_engine):
     assert [g[0] for g in greedy] == [n[0] for n in nucleus]
 
 
+@pytest.mark.parametrize("vocab, top_p", [(6, 1.0), (6, 0.7), (2000, 0.9)])
+def test_sampling_follows_the_distribution(tiny_engine, vocab, top_p):
+    """Each row's draw follows softmax(logits / T), restricted to the nucleus and
+    renormalised when top_p < 1. With 2,000 near-flat tokens the nucleus holds ~1,800 of
+    them, more than the first 256 candidates the engine looks at."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(vocab, generator=g) * (2.0 if vocab < 100 else 0.05)
+    rows = 6000 if vocab < 100 else 2000
+    gens = [torch.Generator().manual_seed(i) for i in range(rows)]
+    params = SamplingParams(temperature=0.8, top_p=top_p)
+    picks = tiny_engine._pick(base.expand(rows, vocab).clone(), gens, params)
+    p = torch.softmax(base / 0.8, -1).double()
+    sp, si = p.sort(descending=True)
+    keep = si[(sp.cumsum(0) - sp) <= top_p]
+    expected = torch.zeros_like(p)
+    expected[keep] = p[keep] / p[keep].sum()
+    assert set(picks.tolist()) <= set(keep.tolist())  # nothing outside the nucleus
+    counts = torch.bincount(picks, minlength=vocab).double()
+    if vocab < 100:  # every kept token's frequency within 4 standard errors
+        se = (expected * (1 - expected) / rows).sqrt()
+        assert ((counts / rows - expected).abs() <= 4 * se + 1e-12).all()
+    else:  # many kept tokens: the nucleus size and a chi-square-like spread
+        assert len(keep) > 256
+        assert (counts[keep] > 0).sum() > 0.5 * len(keep)  # ~67% expected; 256 candidates would give <15%
+    again = tiny_engine._pick(base.expand(rows, vocab).clone(), [torch.Generator().manual_seed(i) for i in range(rows)],
+                              params)
+    assert torch.equal(picks, again)  # each row's own seed decides its draw
+
+
 @pytest.mark.parametrize("options", [["A", "B)", "A) red"], ["A", "B"]])  # several tokens; one token each
 def test_choice_logprobs_match_a_full_forward_pass(tiny_engine, options):
     conv = [{"role": "user", "content": "Which is red?"}, {"role": "assistant", "content": "The answer is: ("}]
