@@ -57,3 +57,35 @@ def test_unknown_stage_is_an_error_before_anything_runs(tmp_path, tiny_model):
     with pytest.raises(CaiError, match="unknown stage 'sft2'"):
         run_pipeline(_cfg(tmp_path, tiny_model, "stages=[prepare, sft2]"), log=lambda m: None)
     assert not (tmp_path / "run" / "prepare").exists()
+
+
+def test_an_interrupted_stage_resumes_only_under_the_same_configuration(tmp_path, tiny_model):
+    """A stage's .partial folder (training checkpoints) is kept for a rerun with the same
+    configuration and cleared when the configuration changed."""
+    from cai.config import load_config as load
+    from cai.pipeline import PARTIAL_STAMP, fingerprints
+
+    run_pipeline(_cfg(tmp_path, tiny_model), log=lambda m: None)
+    run = tmp_path / "run"
+    assert not (run / "prepare" / PARTIAL_STAMP).exists()  # the stamp never reaches the artifact
+
+    def interrupted(cfg):  # what a SIGKILL in the middle of the sft stage leaves behind
+        partial = run / "sft.partial"
+        partial.mkdir(exist_ok=True)
+        (partial / PARTIAL_STAMP).write_text(fingerprints(cfg)["sft"] + "\n")
+        (partial / "checkpoint").mkdir(exist_ok=True)
+        (partial / "checkpoint" / "state.json").write_text("{}")
+
+    from cai.pipeline import _fresh_partial
+
+    old = load(None, [f"run_dir={run}", f"engine.model={tiny_model}", "stages=[prepare, sft]"])
+    interrupted(old)
+    logs = []
+    _fresh_partial(run / "sft.partial", fingerprints(old)["sft"], logs.append)
+    assert (run / "sft.partial" / "checkpoint" / "state.json").exists() and not logs
+    new = load(None, [f"run_dir={run}", f"engine.model={tiny_model}", "stages=[prepare, sft]", "sft.learning_rate=0.5"])
+    assert fingerprints(new)["sft"] != fingerprints(old)["sft"]
+    _fresh_partial(run / "sft.partial", fingerprints(new)["sft"], logs.append)
+    assert not (run / "sft.partial" / "checkpoint").exists()
+    assert (run / "sft.partial" / PARTIAL_STAMP).read_text().strip() == fingerprints(new)["sft"]
+    assert any("another configuration" in m for m in logs)

@@ -229,6 +229,28 @@ def _on_main(state, fn: Callable[[], dict]) -> dict:
     return result
 
 
+PARTIAL_STAMP = ".fingerprint"
+
+
+def _fresh_partial(partial: Path, fingerprint: str, log: Callable[[str], None]) -> None:
+    """Make ``partial`` ready for a stage run with ``fingerprint``.
+
+    What an interrupted run left there (training checkpoints) is resumed only if that run
+    had the same configuration and inputs: the folder carries its fingerprint, and one
+    with another fingerprint (or none) is cleared. Engine requests are not lost either
+    way: they live in the run's request cache, keyed by their content.
+    """
+    stamp = partial / PARTIAL_STAMP
+    if partial.exists():
+        if stamp.is_file() and stamp.read_text(encoding="utf-8").strip() == fingerprint:
+            return
+        if any(partial.iterdir()):
+            log(f"discarding {partial.name}/: an interrupted run with another configuration left it")
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    stamp.write_text(fingerprint + "\n", encoding="utf-8")
+
+
 def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool = False) -> Path:
     specs = _stages()
     for s in cfg.stages:
@@ -257,6 +279,10 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
             continue
         final = run_dir / name
         partial = run_dir / f"{name}.partial"
+        if is_main:
+            _fresh_partial(partial, prints[name], lambda msg, name=name: log(f"[{name}] {msg}"))
+        if dist is not None:
+            dist.wait_for_everyone()  # the others use the folder the main process made
         partial.mkdir(parents=True, exist_ok=True)
         if spec.distributed:
             _release(engines)
@@ -271,6 +297,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
         if not is_main:
             dist.wait_for_everyone()  # the main process writes the manifest and renames
             continue
+        (partial / PARTIAL_STAMP).unlink(missing_ok=True)
         write_json(
             partial / "manifest.json",
             {

@@ -292,8 +292,9 @@ class LocalEngine(Engine):
         (``"copy"``); ``"none"`` runs every row whole. ``"auto"`` shares only prefixes of
         at least ``min_shared_prefix`` tokens. Returns the last ``keep`` logits, the rows'
         own KV cache, their attention mask, the suffix token ids, the next position id of
-        each row and the shared prefix (``None`` unless kept once). ``own[i]`` is how many final tokens of row i
-        must stay outside the shared part (so their logits are computed).
+        each row and the shared prefix (``None`` unless kept once). ``own[i]`` is how many
+        final tokens of row i must stay outside the shared part (so their logits are
+        computed).
         """
         torch = self.torch
         cache = _growing_cache()
@@ -381,7 +382,7 @@ class LocalEngine(Engine):
     def _shared_prefix_ok(self) -> bool:
         """Whether this engine keeps a batch's shared prefix once (on the CPU; checked once).
 
-        Two rows of different lengths behind a 12-token common start go through the
+        Two rows of different lengths behind a 14-token common start go through the
         shared-prefix path and through plain full-sequence attention. The check passes
         if every attention layer took the shared path and the next-token log-probs
         agree (to 1e-3 of the largest |log-prob| in float32, 5e-2 otherwise).
