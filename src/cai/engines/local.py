@@ -1,7 +1,7 @@
 """The local engine: transformers models on CPU or GPU.
 
 Generation runs our own short decode loop over a KV cache rather than
-``model.generate``, for three reasons that matter to the pipeline:
+``model.generate``, for four reasons that matter to the pipeline:
 
 * every row samples with its own seeded generator (``request_seed``), so an answer
   does not depend on which other requests shared its batch. The request cache and a
@@ -9,7 +9,10 @@ Generation runs our own short decode loop over a KV cache rather than
 * rows that reach end-of-sequence leave the batch (once a quarter of it has finished,
   since each removal copies the KV cache), so a batch does not keep paying for its
   finished members while one long answer completes;
-* prompts are sorted by length and left-padded, so padding stays small.
+* prompts are sorted by length and left-padded, so padding stays small;
+* a prefix that every row of a batch shares (the few-shot demonstrations) runs once,
+  and on the CPU its KV cache is kept once and attended by every row
+  (:mod:`cai.engines.shared_prefix`) instead of being copied per row.
 
 ``choice_logprobs`` scores options in batched forward passes (no generation) and
 keeps logits only at the option positions.
