@@ -208,6 +208,42 @@ def test_sliding_window_models_keep_the_copied_prefix(tmp_path):
     assert shared.model.config._attn_implementation != "cai_shared_prefix"
 
 
+def test_requests_extending_the_last_generation_reuse_its_kv_cache(tiny_model):
+    """A revision request (critique request + critique + instruction) and a CoT judge's
+    scoring (question + reasoning + "The answer is: (") continue from the rows the engine
+    just generated, and give what a fresh engine computes from scratch."""
+    import torch
+
+    from cai.engines.local import LocalEngine
+
+    engine = LocalEngine(tiny_model, batch_size=8, min_shared_prefix=1)
+    fresh = lambda: LocalEngine(tiny_model, batch_size=8, min_shared_prefix=1, model=engine.model,  # noqa: E731
+                                tokenizer=engine.tok)
+    convs = [FEW_SHOT + c for c in CONVS]
+    params = SamplingParams(max_new_tokens=12)
+    first = engine.generate(convs, params)
+    follow = [c + [{"role": "assistant", "content": out[0]}, {"role": "user", "content": "Revision: here"}]
+              for c, out in zip(convs, first)]
+    before = engine.reused_tokens
+    assert engine.generate(follow, params) == fresh().generate(follow, params)
+    assert engine.reused_tokens > before  # the kept rows were used, not just the prefix
+    engine.generate(convs, params)  # keep the first rows again
+    scored = [c + [{"role": "assistant", "content": out[0] + " The answer is: ("}] for c, out in zip(convs, first)]
+    opts = [["A", "B"]] * len(scored)
+    before = engine.reused_tokens
+    a, b = engine.choice_logprobs(scored, opts), fresh().choice_logprobs(scored, opts)
+    assert engine.reused_tokens > before
+    for x, y in zip(a, b):
+        assert x == pytest.approx(y, abs=1e-4)
+    # New weights (an RL step) make the kept rows stale: they must not be used.
+    engine.generate(convs, params)
+    with torch.no_grad():
+        next(engine.model.parameters()).add_(0.05)
+    before = engine.reused_tokens
+    assert engine.generate(follow, params) == fresh().generate(follow, params)
+    assert engine.reused_tokens == before
+
+
 def test_progress_counts_each_conversation_once(tiny_engine):
     seen = []
     tiny_engine.generate(CONVS, SamplingParams(n=2, temperature=1.0, max_new_tokens=5), progress=seen.append)

@@ -202,6 +202,8 @@ class LocalEngine(Engine):
         self.min_shared_prefix = min_shared_prefix
         self.score_batch_size = score_batch_size
         self._shared_ok: bool | None = None  # set by _shared_prefix_ok on first use
+        self._continuations = shared_prefix.Continuations()  # the last generated rows' KV caches
+        self.reused_tokens = 0  # prompt tokens taken from kept rows instead of prefilled
         self.torch = torch
         if getattr(self.tok, "chat_template", None) is None:
             raise CaiError(
@@ -267,14 +269,16 @@ class LocalEngine(Engine):
             if progress and left[row[0]] == 0:
                 progress(1)
 
+        kept = shared_prefix.Continuations(self._continuations.budget)
         for start in range(0, len(order), self.batch_size):
             batch = [rows[r] for r in order[start:start + self.batch_size]]
             outs = self._decode_batch(
                 [b[2] for b in batch], [b[3] for b in batch], params, on_done=lambda k: row_done(batch[k]),
-                keep_stop=keep_stop,
+                keep_stop=keep_stop, store=kept,
             )
             for (ci, j, _, _), out in zip(batch, outs):
                 tokens[(ci, j)] = out
+        self._continuations = kept
         result = []
         for ci in range(len(conversations)):
             if params.temperature > 0:
@@ -301,9 +305,15 @@ class LocalEngine(Engine):
         """
         torch = self.torch
         cache = _growing_cache()
-        shared = _common_prefix_len(seqs) if len(seqs) > 1 and share != "none" else 0
         own = own or [1] * len(seqs)
-        shared = min(shared, min(len(s) - o for s, o in zip(seqs, own)))
+        limits = [len(s) - o for s, o in zip(seqs, own)]
+        shared = _common_prefix_len(seqs) if len(seqs) > 1 and share != "none" else 0
+        shared = min(shared, min(limits))
+        if share == "auto" and self._continuations.groups and self._shared_prefix_ok():
+            # Continue from the last generated rows if their prefix covers this batch's.
+            found = self._continuations.match(seqs, limits, self._weights_stamp(), min_prefix=shared)
+            if found is not None:
+                return self._prefill_continuing(seqs, keep, *found)
         if shared < self.min_shared_prefix and share == "auto":
             shared = 0
         prefix = None
@@ -315,6 +325,7 @@ class LocalEngine(Engine):
             )
             if share == "shared" or (share == "auto" and self._shared_prefix_ok()):
                 prefix = shared_prefix.SharedPrefix.from_cache(cache)
+                prefix.token_ids = tuple(seqs[0][:shared])
                 cache = _growing_cache()
             else:
                 cache.batch_repeat_interleave(len(seqs))
@@ -328,14 +339,50 @@ class LocalEngine(Engine):
         out = self._forward(ids, mask, pos, cache, prefix, logits_to_keep=keep)
         return out.logits, cache, mask, ids, pos[:, -1:] + 1, prefix
 
-    def _prefill_rows(self, ids, mask, pos, cache, prefix, keep: int, waste: float = 0.1):
+    def _prefill_continuing(self, seqs, keep: int, shared: int, prefix, picks):
+        """Prefill rows behind a kept prefix, each continuing from its kept row's KV cache.
+
+        ``picks[i]`` is ``(kept row, r)``: the first ``r`` tokens of row i after the prefix
+        are those of a row the engine generated last, so their keys and values are taken
+        from it and only the rest of row i runs through the model.
+        """
+        torch = self.torch
+        reused = [r for _, r in picks]
+        width = max(reused)
+        self.reused_tokens += sum(reused)
+        past = None
+        if width:
+            first = next(row for row, r in picks if r)
+            layers = len(first[1])
+            k0 = first[1][0]
+            keys = [k0.new_zeros((len(seqs), k0.shape[0], width, k0.shape[2])) for _ in range(layers)]
+            values = [torch.zeros_like(k) for k in keys]
+            past_mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.device)
+            for i, (row, r) in enumerate(picks):
+                if r:
+                    for layer in range(layers):
+                        keys[layer][i, :, width - r:] = row[1][layer][:, :r]
+                        values[layer][i, :, width - r:] = row[2][layer][:, :r]
+                    past_mask[i, width - r:] = 1
+            past = (keys, values, past_mask)
+        ids, mask = self._left_pad([s[shared + r:] for s, r in zip(seqs, reused)])
+        start = torch.tensor(reused, device=self.device).view(-1, 1) + shared
+        pos = start + (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = _growing_cache()
+        logits = self._prefill_rows(ids, mask, pos, cache, prefix, keep, past=past)
+        full_mask = mask if past is None else torch.cat([past[2], mask], dim=1)
+        return logits, cache, full_mask, ids, pos[:, -1:] + 1, prefix
+
+    def _prefill_rows(self, ids, mask, pos, cache, prefix, keep: int, past=None, waste: float = 0.1):
         """Run the rows' own tokens behind a kept-once prefix, in groups of similar length.
 
         Left padding to the longest row wastes compute on every shorter one (the first
         answers of a batch run 42 to 149 tokens). Rows are grouped so that padding is at
         most ``waste`` of each group's tokens, each group runs with its own width, and
         the groups' KV caches are then laid into ``cache`` at the batch's full width,
-        left-padded as ``mask`` says, ready for decoding.
+        left-padded as ``mask`` says, ready for decoding. ``past`` holds keys, values
+        (per layer, ``[rows, kv_heads, R, d]``) and mask ``[rows, R]`` of tokens each row
+        already has before ``ids``; they are laid in front.
         """
         torch = self.torch
         lengths = mask.sum(-1).tolist()
@@ -348,29 +395,63 @@ class LocalEngine(Engine):
                 group = []
             group.append(i)
         groups.append(group)
-        if len(groups) == 1:
+        if len(groups) == 1 and past is None:
             return self._forward(ids, mask, pos, cache, prefix, logits_to_keep=keep).logits
         width = ids.shape[1]
+        past_width = 0 if past is None else past[2].shape[1]
         logits, parts = None, []
         for group in groups:
             rows = torch.tensor(group, device=self.device)
             w = max(lengths[i] for i in group)
             part = _growing_cache()
-            out = self._forward(ids[rows, width - w:], mask[rows, width - w:], pos[rows, width - w:], part, prefix,
+            part_mask = mask[rows, width - w:]
+            pw = 0 if past is None else int(past[2][rows].sum(-1).max())
+            if pw:
+                for layer, (k, v) in enumerate(zip(past[0], past[1])):
+                    part.update(k[rows, :, past_width - pw:], v[rows, :, past_width - pw:], layer)
+                part_mask = torch.cat([past[2][rows, past_width - pw:], part_mask], dim=1)
+            out = self._forward(ids[rows, width - w:], part_mask, pos[rows, width - w:], part, prefix,
                                 logits_to_keep=keep).logits
             if logits is None:
-                logits = out.new_empty((len(lengths), *out.shape[1:]))
-            logits[rows] = out
-            parts.append((rows, w, part))
-        for layer in range(len(parts[0][2].layers)):
-            k0 = parts[0][2].layers[layer].keys
-            keys = k0.new_zeros((len(lengths), k0.shape[1], width, k0.shape[3]))
+                logits = out.new_zeros((len(lengths), keep, out.shape[-1]))
+            logits[rows, keep - out.shape[1]:] = out  # a group narrower than keep fills the right end
+            parts.append((rows, pw, w, part))
+        for layer in range(len(parts[0][3].layers)):
+            k0 = parts[0][3].layers[layer].keys
+            keys = k0.new_zeros((len(lengths), k0.shape[1], past_width + width, k0.shape[3]))
             values = torch.zeros_like(keys)
-            for rows, w, part in parts:
-                keys[rows, :, width - w:] = part.layers[layer].keys
-                values[rows, :, width - w:] = part.layers[layer].values
+            for rows, pw, w, part in parts:
+                k, v = part.layers[layer].keys, part.layers[layer].values
+                keys[rows, :, past_width - pw:past_width] = k[:, :, :pw]
+                values[rows, :, past_width - pw:past_width] = v[:, :, :pw]
+                keys[rows, :, past_width + width - w:] = k[:, :, pw:]
+                values[rows, :, past_width + width - w:] = v[:, :, pw:]
             cache.update(keys, values, layer)
         return logits
+
+    def _weights_stamp(self):
+        """Changes whenever the model's weights do (an optimizer step bumps their versions)."""
+        return tuple((id(p), p._version) for p in self.model.parameters())
+
+    def _keep_rows(self, store, cache, mask, prefix, rows_ids: list[list[int]], batch_rows: list[int]) -> None:
+        """Copy the KV caches of the batch positions ``batch_rows`` into ``store``.
+
+        ``rows_ids[k]`` are the token ids after the prefix that batch position k has fed
+        (its prompt, then its generated tokens); a finished row may have fed more (its
+        stop token, padding steps), which is cut off.
+        """
+        if prefix is None:
+            return
+        prefix_ids = prefix.token_ids
+        weights = self._weights_stamp()
+        layers = cache.layers
+        for k in batch_rows:
+            where = mask[k].nonzero().view(-1)
+            n = min(len(where), len(rows_ids[k]))
+            where = where[:n]
+            keys = [layer.keys[k][:, where].clone() for layer in layers]
+            values = [layer.values[k][:, where].clone() for layer in layers]
+            store.add(prefix_ids, prefix, list(rows_ids[k][:n]), keys, values, weights)
 
     def _forward(self, ids, mask, pos, cache, prefix, **kwargs):
         """One model call over the KV cache; through the shared prefix where there is one."""
@@ -415,8 +496,13 @@ class LocalEngine(Engine):
                 self._shared_ok = False
         return self._shared_ok
 
-    def _decode_batch(self, seqs, seeds, params: SamplingParams, on_done=None, keep_stop: bool = False) -> list[list[int]]:
-        """Decode one batch; ``on_done(row)`` is called as each row finishes."""
+    def _decode_batch(self, seqs, seeds, params: SamplingParams, on_done=None, keep_stop: bool = False,
+                      store=None) -> list[list[int]]:
+        """Decode one batch; ``on_done(row)`` is called as each row finishes.
+
+        With ``store`` (a :class:`~cai.engines.shared_prefix.Continuations`), each row's KV
+        cache is kept there as it leaves the batch, for a later request that extends it.
+        """
         torch = self.torch
         gens = None
         if params.temperature > 0:
@@ -428,6 +514,11 @@ class LocalEngine(Engine):
         active = list(range(len(seqs)))  # batch position -> row
         done = [False] * len(seqs)
         out_tokens: list[list[int]] = [[] for _ in seqs]
+
+        def fed(batch_rows):  # each batch position's tokens after the shared prefix, as fed so far
+            n = len(prefix.token_ids) if prefix is not None else 0
+            return [seqs[row][n:] + out_tokens[row] for row in batch_rows]
+
         with torch.inference_mode():
             logits, cache, mask, _, next_pos, prefix = self._prefill(seqs)
             for step in range(params.max_new_tokens):
@@ -450,6 +541,9 @@ class LocalEngine(Engine):
                 # Drop finished rows from the batch only once a quarter of it has finished:
                 # each drop copies the whole KV cache, which costs more than a few idle rows.
                 if len(active) - len(keep) >= max(1, len(active) // 4):
+                    if store is not None:
+                        self._keep_rows(store, cache, mask, prefix, fed(active),
+                                        [k for k in range(len(active)) if k not in keep])
                     idx = torch.tensor(keep, device=self.device)
                     cache.batch_select_indices(idx)
                     mask = mask[idx]
@@ -459,6 +553,8 @@ class LocalEngine(Engine):
                 mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
                 logits = self._forward(chosen.view(-1, 1), mask, next_pos, cache, prefix).logits
                 next_pos = next_pos + 1
+            if store is not None:
+                self._keep_rows(store, cache, mask, prefix, fed(active), list(range(len(active))))
         if on_done:
             for row in range(len(seqs)):
                 if not done[row]:  # stopped by the token budget

@@ -52,6 +52,7 @@ class SharedPrefix:
     def __init__(self, keys: list, values: list):
         self.keys = keys  # per layer [kv_heads, P, d]
         self.values = values
+        self.token_ids: tuple = ()  # the prefix's tokens (set by the engine)
         self.valid = None
         self.calls = 0
         self._bias = None
@@ -185,3 +186,77 @@ def register() -> None:
 
 
 register()
+
+
+class Continuations:
+    """The KV caches of the rows the engine last generated, kept for requests that extend them.
+
+    A revision request is its critique request plus the critique the model just wrote
+    plus the revision instruction; a chain-of-thought judge is scored on its question
+    plus the reasoning it just wrote. Each row's own keys and values (everything after
+    the shared prefix, its generated tokens included) are kept here after a generate
+    call, and the next batch whose rows start with a kept row's tokens runs only what
+    comes after them. Reuse is exact: a row is reused only as far as its token ids match
+    the new request's, at the same positions behind the same prefix.
+
+    The entries are dropped when the model's weights change (RL updates the policy the
+    engine samples from) and replaced by each generate call's rows; at most
+    ``budget_bytes`` of keys and values are kept.
+    """
+
+    def __init__(self, budget_bytes: int = 1 << 30):
+        self.budget = budget_bytes
+        self.groups: dict[tuple, tuple] = {}  # prefix token ids -> (SharedPrefix, [(own ids, keys, values)])
+        self.weights = None
+        self.used = 0
+
+    def clear(self) -> None:
+        self.groups, self.weights, self.used = {}, None, 0
+
+    def add(self, prefix_ids: tuple, prefix: SharedPrefix, ids: list[int], keys: list, values: list, weights) -> None:
+        size = sum(k.numel() * k.element_size() * 2 for k in keys)
+        if self.used + size > self.budget:
+            return
+        if self.weights != weights:
+            self.clear()
+            self.weights = weights
+        self.groups.setdefault(prefix_ids, (prefix, []))[1].append((ids, keys, values))
+        self.used += size
+
+    def match(self, seqs: list[list[int]], limits: list[int], weights, min_prefix: int = 0):
+        """The kept group whose prefix starts every row, and each row's best kept row.
+
+        ``limits[i]`` is how many of row i's tokens may come from the cache at most; the
+        group's prefix must be at least ``min_prefix`` tokens (else running the batch's
+        own common prefix is the better deal). Returns ``(prefix_len, prefix, [(kept
+        row or None, tokens reused)])`` or ``None``.
+        """
+        if not self.groups or weights != self.weights:
+            self.clear()
+            return None
+        best = None
+        for prefix_ids, (prefix, rows) in self.groups.items():
+            n = len(prefix_ids)
+            if n >= max(1, min_prefix) and (best is None or n > best[0]) and all(
+                lim >= n and tuple(s[:n]) == prefix_ids for s, lim in zip(seqs, limits)
+            ):
+                best = (n, prefix, rows)
+        if best is None:
+            return None
+        n, prefix, rows = best
+        by_first: dict[int, list] = {}
+        for row in rows:
+            if row[0]:
+                by_first.setdefault(row[0][0], []).append(row)
+        picks = []
+        for s, lim in zip(seqs, limits):
+            own, top = s[n:lim], (None, 0)
+            for row in by_first.get(own[0], []) if own else []:
+                kept = row[0]
+                m, stop = 0, min(len(kept), len(own))
+                while m < stop and kept[m] == own[m]:
+                    m += 1
+                if m > top[1]:
+                    top = (row, m)
+            picks.append(top)
+        return n, prefix, picks
