@@ -449,8 +449,8 @@ class LocalEngine(Engine):
             where = mask[k].nonzero().view(-1)
             n = min(len(where), len(rows_ids[k]))
             where = where[:n]
-            keys = [layer.keys[k][:, where].clone() for layer in layers]
-            values = [layer.values[k][:, where].clone() for layer in layers]
+            keys = [layer.keys[k][:, where] for layer in layers]  # indexing copies
+            values = [layer.values[k][:, where] for layer in layers]
             store.add(prefix_ids, prefix, list(rows_ids[k][:n]), keys, values, weights)
 
     def _forward(self, ids, mask, pos, cache, prefix, **kwargs):
