@@ -83,8 +83,12 @@ def test_two_processes_match_one_process(tmp_path, tiny_model):
         if stage == "rl":
             h1, h2 = m1["history"], m2["history"]
             for a, b in zip(h1, h2):
-                for key in ("reward", "kl", "length", "loss", "entropy"):
+                for key in ("reward", "kl", "length", "entropy"):
                     assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), (stage, key)
+                # The RLOO loss is a cancelling sum of terms |A| * |log p| ~ 2 per sequence; the
+                # models it starts from (SFT, PM) differ by float noise between 1 and 2 processes,
+                # which shows up at ~1e-4 here. A wrong share (n_total, the process count) is 2x off.
+                assert a["loss"] == pytest.approx(b["loss"], abs=1e-3), (stage, "loss")
             assert [json.loads(l)["answer"] for l in (tmp_path / "one" / "rl" / "rollouts.jsonl").read_text().splitlines()] == \
                    [json.loads(l)["answer"] for l in (run / "rl" / "rollouts.jsonl").read_text().splitlines()]
         elif stage == "dpo":
