@@ -440,14 +440,17 @@ class LocalEngine(Engine):
         (its prompt, then its generated tokens); a finished row may have fed more (its
         stop token, padding steps), which is cut off.
         """
-        if prefix is None:
+        if prefix is None or not cache.layers:
             return
         prefix_ids = prefix.token_ids
         weights = self._weights_stamp()
         layers = cache.layers
+        token_bytes = sum(2 * layer.keys[0, :, 0].numel() * layer.keys.element_size() for layer in layers)
         for k in batch_rows:
             where = mask[k].nonzero().view(-1)
             n = min(len(where), len(rows_ids[k]))
+            if not store.has_room(n * token_bytes):
+                return
             where = where[:n]
             keys = [layer.keys[k][:, where] for layer in layers]  # indexing copies
             values = [layer.values[k][:, where] for layer in layers]
@@ -485,13 +488,12 @@ class LocalEngine(Engine):
                 with torch.inference_mode():
                     logits, _, _, _, _, prefix = self._prefill(rows, share="shared")
                     plain = self._prefill(rows, share="none")[0]
-                layers = getattr(self.model.config, "num_hidden_layers", None)
+                layers = getattr(self.model.config, "num_hidden_layers", 0) or 0
                 a = torch.log_softmax(logits[:, -1].float(), -1)
                 b = torch.log_softmax(plain[:, -1].float(), -1)
                 tol = (1e-3 if self.model.dtype == torch.float32 else 5e-2) * float(b.abs().max())
-                self._shared_ok = bool(
-                    prefix is not None and prefix.calls > 0 and prefix.calls % layers == 0 and float((a - b).abs().max()) <= tol
-                )
+                every_layer = prefix is not None and layers > 0 and prefix.calls > 0 and prefix.calls % layers == 0
+                self._shared_ok = bool(every_layer and float((a - b).abs().max()) <= tol)
             except shared_prefix.Unsupported:
                 self._shared_ok = False
         return self._shared_ok

@@ -213,6 +213,9 @@ class Continuations:
     def clear(self) -> None:
         self.groups, self.weights, self.used = {}, None, 0
 
+    def has_room(self, size: int) -> bool:
+        return self.used + size <= self.budget
+
     def add(self, prefix_ids: tuple, prefix: SharedPrefix, ids: list[int], keys: list, values: list, weights) -> None:
         size = sum(k.numel() * k.element_size() * 2 for k in keys)
         if self.used + size > self.budget:
