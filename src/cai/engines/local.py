@@ -324,8 +324,7 @@ class LocalEngine(Engine):
                 use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
             )
             if share == "shared" or (share == "auto" and self._shared_prefix_ok()):
-                prefix = shared_prefix.SharedPrefix.from_cache(cache)
-                prefix.token_ids = tuple(seqs[0][:shared])
+                prefix = shared_prefix.SharedPrefix.from_cache(cache, seqs[0][:shared])
                 cache = _growing_cache()
             else:
                 cache.batch_repeat_interleave(len(seqs))

@@ -49,35 +49,36 @@ class SharedPrefix:
     attention calls that used the prefix (the self-check needs one per layer).
     """
 
-    def __init__(self, keys: list, values: list):
+    def __init__(self, keys: list, values: list, token_ids: tuple = ()):
         self.keys = keys  # per layer [kv_heads, P, d]
         self.values = values
-        self.token_ids: tuple = ()  # the prefix's tokens (set by the engine)
+        self.token_ids = token_ids  # the prefix's tokens
         self.valid = None
         self.calls = 0
         self._bias = None
 
     @classmethod
-    def from_cache(cls, cache) -> "SharedPrefix":
-        """Take the prefix from a batch-1 transformers cache that holds only it."""
+    def from_cache(cls, cache, token_ids) -> "SharedPrefix":
+        """Take the prefix (``token_ids``) from a batch-1 transformers cache that holds only it."""
         keys, values = [], []
         for layer in cache.layers:
             keys.append(layer.keys[0].contiguous())
             values.append(layer.values[0].contiguous())
-        return cls(keys, values)
+        return cls(keys, values, tuple(token_ids))
 
     def set_valid(self, valid) -> None:
         self.valid = valid.bool()
         self._bias = None
 
-    def suffix_bias(self, q_len: int, k_len: int, device) -> torch.Tensor:
-        """Additive mask ``[batch, 1, q_len, k_len]``: padding and causal order.
+    def suffix_bias(self, q_len: int, k_len: int, groups: int, device) -> torch.Tensor:
+        """Additive mask ``[batch, 1, groups * q_len, k_len]``: padding and causal order.
 
-        The queries are the last ``q_len`` of each row's ``k_len`` own keys. Masked
-        entries get a large finite negative rather than -inf, so a padding query with
-        nothing to see stays finite (its output is never read).
+        The queries are the last ``q_len`` of each row's ``k_len`` own keys, repeated for
+        the ``groups`` query heads laid along the query axis. Masked entries get a large
+        finite negative rather than -inf, so a padding query with nothing to see stays
+        finite (its output is never read). Built once per forward call, not per layer.
         """
-        if self._bias is None or tuple(self._bias.shape[-2:]) != (q_len, k_len):
+        if self._bias is None or tuple(self._bias.shape[-2:]) != (groups * q_len, k_len):
             valid = self.valid.to(device)
             if valid.shape[1] != k_len:
                 raise RuntimeError(f"shared-prefix mask covers {valid.shape[1]} keys, attention has {k_len}")
@@ -86,7 +87,7 @@ class SharedPrefix:
             seen = causal.unsqueeze(0) & valid.unsqueeze(1)  # [b, q, k]
             bias = torch.zeros(seen.shape, dtype=torch.float32, device=device)
             bias.masked_fill_(~seen, torch.finfo(torch.float32).min / 2)
-            self._bias = bias[:, None]
+            self._bias = bias[:, None].repeat(1, 1, groups, 1)
         return self._bias
 
 
@@ -170,7 +171,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     out_p = out_p.view(kvh, b, g * q_len, d).transpose(0, 1)
     lse_p = lse_p.view(kvh, b, g * q_len).transpose(0, 1)
     # Each row against its own keys, with its padding and causal mask.
-    bias = state.suffix_bias(q_len, s_len, query.device).repeat(1, 1, g, 1)  # [B, 1, g*L, S]
+    bias = state.suffix_bias(q_len, s_len, g, query.device)  # [B, 1, g*L, S]
     out_s, lse_s = _attend(q_rows, key, value, scaling, bias)
 
     lse = torch.logaddexp(lse_p, lse_s)
