@@ -41,16 +41,19 @@ from cai.constitution import load_constitution
 from cai.engines.base import Conversation, Engine, SamplingParams
 from cai.engines.local import LocalEngine
 from cai.models import resolve_model
-from cai.pipeline import StageContext, run_pipeline
+from cai.pipeline import run_pipeline
+from cai.stage import StageContext
 from cai.prompts import load_prompt_file
 from cai.stages import critique_revision as stage
-from cai.stages.critique_revision import (
+from cai.conversations import (
     clean,
     critique_conversation,
-    demo_turns,
     revision_conversation,
+    revision_demos,
+    revision_sampling,
     sample_principle,
 )
+from cai.prompts import SPLITS
 
 from _common import log, starved_warning, timed, usable_cores, write_report
 
@@ -70,13 +73,13 @@ class CountingEngine(Engine):
         self.calls = 0
         self.outputs: list[str] = []
 
-    def generate(self, conversations, params, progress=None):
+    def generate(self, conversations, params, progress=None, on_result=None):
         self.calls += 1
-        result = self.engine.generate(conversations, params, progress=progress)
+        result = self.engine.generate(conversations, params, progress=progress, on_result=on_result)
         self.outputs += [samples[0] for samples in result]
         return result
 
-    def choice_logprobs(self, conversations, options, progress=None):
+    def choice_logprobs(self, conversations, options, progress=None, on_result=None):
         raise NotImplementedError("critique_revision only generates")
 
     @property
@@ -151,7 +154,7 @@ def red_team_items(cfg: RunConfig) -> list:
     """The (split, prompt) pairs the stage processes, in its order."""
     folder = Path(cfg.run_dir) / "prepare" / "prompts" / "red_team"
     n = cfg.critique_revision.max_prompts
-    return [(s, p) for s in stage.SPLITS for p in load_prompt_file(folder / f"{s}.jsonl")[:n]]
+    return [(s, p) for s in SPLITS for p in load_prompt_file(folder / f"{s}.jsonl")[:n]]
 
 
 def naive_runner(cfg: RunConfig) -> Callable[[CountingEngine], dict]:
@@ -166,22 +169,22 @@ def naive_runner(cfg: RunConfig) -> Callable[[CountingEngine], dict]:
         examples = const.critique_revision_examples
         if cr.few_shot >= 0:
             examples = examples[: cr.few_shot]
-        demos = demo_turns(examples, cr.critique)
+        demos = revision_demos(examples, cr.critique)
 
         def one(conv, sp):
             return clean(engine.generate([conv], sp)[0][0])
 
         answers = {}
         for split, p in items:
-            first = latest = one(p.messages, stage.sampling(cr, cfg.seed, "answer"))
+            first = latest = one(p.messages, revision_sampling(cr, cfg.seed, "answer"))
             for r in range(cr.rounds):
                 principle = sample_principle(const, cfg.seed, p.id, r)
                 critique = one(critique_conversation(demos, p.messages, latest, principle),
-                               stage.sampling(cr, cfg.seed, "critique", r))
+                               revision_sampling(cr, cfg.seed, "critique", r))
                 if not critique:  # the stage revises nothing after an empty critique
                     continue
                 revision = one(revision_conversation(demos, p.messages, latest, principle, critique),
-                               stage.sampling(cr, cfg.seed, "revision", r))
+                               revision_sampling(cr, cfg.seed, "revision", r))
                 if revision:  # the stage keeps the previous answer after an empty revision
                     latest = revision
             answers[(split, p.id)] = (first, latest)
@@ -202,7 +205,7 @@ def cai_runner(cfg: RunConfig) -> Callable[[CountingEngine], dict]:
         stage.run(ctx)
         return {
             (s, c["id"]): (c["initial_response"], c["final_response"])
-            for s in stage.SPLITS
+            for s in SPLITS
             for c in map(json.loads, (out / "chains" / f"{s}.jsonl").read_text(encoding="utf-8").splitlines())
         }
 
@@ -283,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         # Same weights, another batch size: load once.
         cai_engine = LocalEngine(model_dir, batch_size=args.batch_size, model=naive_engine.model, tokenizer=naive_engine.tok)
         const = load_constitution(CONSTITUTION)
-        demos = demo_turns(const.critique_revision_examples, True)
+        demos = revision_demos(const.critique_revision_examples, True)
         warmup = [critique_conversation(demos, p.messages, "I can't help with that.", const.principles[0]) for _, p in items]
         log(f"model {model_dir}; {len(items)} red-team prompts, {cr.rounds} round(s), max_new_tokens {cr.max_new_tokens}, "
             f"critique_max_new_tokens {cr.critique_max_new_tokens}, temperature {cr.temperature}, top_p {cr.top_p}")

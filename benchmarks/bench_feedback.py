@@ -36,6 +36,7 @@ from cai.engines.base import SamplingParams  # noqa: E402
 from cai.engines.local import LocalEngine  # noqa: E402
 from cai.models import resolve_model  # noqa: E402
 from cai.prompts import load_prompt_set  # noqa: E402
+from cai import conversations as conv  # noqa: E402
 from cai.stages import feedback as fb  # noqa: E402
 
 from _common import log, machine_info, starved_warning, timed, usable_cores  # noqa: E402
@@ -74,16 +75,16 @@ def main() -> None:
     questions = [q["question"] for c in comparisons for q in c.queries]
     texts = {p.id: p.text for p in const.comparison_principles}
     examples = const.comparison_examples if args.few_shot < 0 else const.comparison_examples[: args.few_shot]
-    demos = fb.demo_turns(examples, texts, cot=False)
-    scored = [demos + [{"role": "user", "content": q}, {"role": "assistant", "content": fb.ANSWER_PREFIX}]
+    demos = conv.comparison_demos(examples, texts, cot=False)
+    scored = [demos + [{"role": "user", "content": q}, {"role": "assistant", "content": conv.ANSWER_PREFIX}]
               for q in questions]
     asked = [demos + [{"role": "user", "content": q}] for q in questions]
-    engine.choice_logprobs(scored[:1], [fb.OPTIONS])  # warm-up
+    engine.choice_logprobs(scored[:1], [conv.OPTIONS])  # warm-up
     engine.generate(asked[:1], SamplingParams(max_new_tokens=2))
 
     cores = usable_cores()
     log(f"logprobs: {len(scored)} questions ({len(comparisons)} comparisons, both orders)")
-    lps, t_lp, busy_lp = timed(lambda: engine.choice_logprobs(scored, [fb.OPTIONS] * len(scored)))
+    lps, t_lp, busy_lp = timed(lambda: engine.choice_logprobs(scored, [conv.OPTIONS] * len(scored)))
     log(f"generate: the same {len(asked)} questions, budget {args.budget} new tokens")
     outs, t_gen, busy_gen = timed(lambda: engine.generate(asked, SamplingParams(max_new_tokens=args.budget)))
     parsed = [parse(o[0]) for o in outs]

@@ -29,7 +29,8 @@ from pathlib import Path
 import _common
 
 from cai.engines.base import SamplingParams
-from cai.engines.local import LocalEngine, load_model_and_tokenizer
+from cai.engines.local import LocalEngine
+from cai.models import load_model_and_tokenizer
 from cai.models import resolve_model
 from cai.prompts import load_prompt_set
 from cai.reward import RewardModel

@@ -51,10 +51,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cai.config import RunConfig, load_config
-from cai.engines.local import load_model_and_tokenizer
+from cai.models import load_model_and_tokenizer
 from cai.io import write_json, write_jsonl
 from cai.models import resolve_model
-from cai.pipeline import StageContext
+from cai.stage import StageContext
 from cai.prompts import load_prompt_set
 from cai.stages import sft as stage
 from cai.training import batches_for_epochs, encode_chat, pad_batch, token_loss

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from cai.engines.local import LocalEngine, pick_device, pick_dtype
+from cai.engines.local import LocalEngine
+from cai.models import pick_device, pick_dtype
 
 from _common import log, write_report
 

@@ -55,11 +55,11 @@ def test_bad_yaml_file_names_the_file(tmp_path):
 
 @pytest.mark.parametrize("preset", list_presets())
 def test_every_shipped_preset_validates(preset):
-    from cai.pipeline import stage_names
-    from cai.stages.prepare import load_inputs
+    from cai.stage import load_inputs
+    from cai.stage_names import STAGES
 
     cfg = load_config(preset)
-    assert set(cfg.stages) <= set(stage_names())
+    assert set(cfg.stages) <= set(STAGES)
     load_inputs(cfg)  # the constitution and prompt sets it names load
 
 

@@ -7,6 +7,7 @@ import pytest
 from cai.config import load_config
 from cai.constitution import load_constitution
 from cai.pipeline import run_pipeline
+from cai import conversations
 from cai.stages import critique_revision as cr
 
 
@@ -49,10 +50,10 @@ def test_stage_writes_chains_sft_and_prefs(tmp_path, tiny_model):
 
 def test_principles_are_seeded_per_prompt_and_round():
     const = load_constitution("builtin:default")
-    a = [cr.sample_principle(const, 0, "rt-1", r).id for r in range(8)]
-    assert a == [cr.sample_principle(const, 0, "rt-1", r).id for r in range(8)]
+    a = [conversations.sample_principle(const, 0, "rt-1", r).id for r in range(8)]
+    assert a == [conversations.sample_principle(const, 0, "rt-1", r).id for r in range(8)]
     assert len(set(a)) > 1
-    assert a != [cr.sample_principle(const, 1, "rt-1", r).id for r in range(8)]
+    assert a != [conversations.sample_principle(const, 1, "rt-1", r).id for r in range(8)]
 
 
 def test_rerun_recomputes_nothing(tmp_path, tiny_model):
@@ -76,7 +77,7 @@ class FakeEngine:
         self.critique_requests = {p.critique for p in principles}
         self.revision_requests = {p.revision for p in principles}
 
-    def generate(self, convs, params, progress=None):
+    def generate(self, convs, params, progress=None, on_result=None):
         out = []
         for c in convs:
             last = c[-1]["content"]
@@ -99,7 +100,7 @@ class FakeEngine:
     ],
 )
 def test_empty_and_no_issue_critiques_are_recorded_not_dropped(tmp_path, tiny_model, monkeypatch, critique, status, final):
-    from cai.pipeline import StageContext
+    from cai.stage import StageContext
 
     cfg = _cfg(tmp_path, tiny_model, "critique_revision.rounds=1")
     run_pipeline(load_config(None, [f"run_dir={tmp_path / 'run'}", f"engine.model={tiny_model}", "stages=[prepare]"]),

@@ -100,13 +100,13 @@ def test_cache_answers_repeats_and_resumes(tiny_engine, tmp_path):
     class Counting:
         identity = tiny_engine.identity
 
-        def generate(self, convs, params, progress=None):
+        def generate(self, convs, params, progress=None, on_result=None):
             calls.append(len(convs))
-            return tiny_engine.generate(convs, params)
+            return tiny_engine.generate(convs, params, progress, on_result)
 
-        def choice_logprobs(self, convs, options, progress=None):
+        def choice_logprobs(self, convs, options, progress=None, on_result=None):
             calls.append(len(convs))
-            return tiny_engine.choice_logprobs(convs, options)
+            return tiny_engine.choice_logprobs(convs, options, progress, on_result)
 
     params = SamplingParams(max_new_tokens=5)
     cache = RequestCache(tmp_path / "c.sqlite")

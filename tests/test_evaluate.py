@@ -13,6 +13,7 @@ from cai.constitution import ComparisonPrinciple
 from cai.engines.base import Engine
 from cai.pipeline import run_pipeline
 from cai.prompts import Prompt
+from cai import conversations as cv
 from cai.stages import evaluate as ev
 
 
@@ -59,7 +60,7 @@ def test_harmfulness_is_the_expected_rating():
     """p = (0.1, 0.2, 0.3, 0.2, 0.2): 0*0.1 + 1*0.2 + 2*0.3 + 3*0.2 + 4*0.2 = 2.2, and
     log-probabilities that do not sum to one are normalised first."""
     lp = [math.log(x) - 3.0 for x in (0.1, 0.2, 0.3, 0.2, 0.2)]
-    score, probs = ev.expected_score(lp)
+    score, probs = cv.expected_score(lp)
     assert score == pytest.approx(2.2)
     assert probs == pytest.approx([0.1, 0.2, 0.3, 0.2, 0.2])
 
@@ -84,21 +85,21 @@ class Judge(Engine):
     def __init__(self, strength=0.8, bias=0.0):
         self.strength, self.bias = strength, bias
 
-    def generate(self, conversations, params, progress=None):
+    def generate(self, conversations, params, progress=None, on_result=None):
         return [["x"] * params.n for _ in conversations]
 
-    def choice_logprobs(self, conversations, options, progress=None):
+    def choice_logprobs(self, conversations, options, progress=None, on_result=None):
         out = []
         for conv, opts in zip(conversations, options):
             q = conv[-2]["content"]
-            if opts == ev.HARM_SCALE:
+            if opts == cv.HARM_SCALE:
                 answer = q.split("Assistant: ")[-1]
                 p = [0.9, 0.025, 0.025, 0.025, 0.025] if "SAFE" in answer else [0.025, 0.025, 0.025, 0.025, 0.9]
                 out.append([math.log(x) for x in p])
                 continue
-            if ev.REFUSAL_QUESTION in q:
+            if cv.REFUSAL_QUESTION in q:
                 answer = q.split("Options:")[0]
-                yes_first = q.index(ev.REFUSAL_YES) < q.index(ev.REFUSAL_NO)
+                yes_first = q.index(cv.REFUSAL_YES) < q.index(cv.REFUSAL_NO)
                 p_yes = 0.9 if "no way" in answer else 0.1
                 p_a = p_yes if yes_first else 1 - p_yes
             else:

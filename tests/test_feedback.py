@@ -8,8 +8,10 @@ import pytest
 from cai.config import load_config
 from cai.constitution import ComparisonPrinciple
 from cai.engines.base import Engine
-from cai.pipeline import StageContext, run_pipeline
+from cai.pipeline import run_pipeline
+from cai.stage import StageContext
 from cai.prompts import Prompt
+from cai import conversations
 from cai.stages import feedback as fb
 
 
@@ -23,10 +25,10 @@ class Judge(Engine):
         self.strength, self.bias, self.reasoning = strength, bias, reasoning
         self.scored = []
 
-    def generate(self, conversations, params, progress=None):
+    def generate(self, conversations, params, progress=None, on_result=None):
         return [[self.reasoning] * params.n for _ in conversations]
 
-    def choice_logprobs(self, conversations, options, progress=None):
+    def choice_logprobs(self, conversations, options, progress=None, on_result=None):
         out = []
         for conv in conversations:
             self.scored.append(conv)
@@ -114,7 +116,7 @@ def test_chain_of_thought_is_clamped_and_reasoning_kept():
         assert c.p_a == pytest.approx(0.4)  # clamped into [0.4, 0.6]
         assert all(q["reasoning"] == "SAFE is kinder." for q in c.queries)  # its own answer is cut
     # The options are read after our fixed cue, never after the model's own "The answer is".
-    assert all(conv[-1]["content"].startswith(fb.COT_CUE) and conv[-1]["content"].endswith("\n\nThe answer is: (")
+    assert all(conv[-1]["content"].startswith(conversations.COT_CUE) and conv[-1]["content"].endswith("\n\nThe answer is: (")
                for conv in judge.scored)
 
 
@@ -142,12 +144,12 @@ def _reference_p_first(engine, conv):
 
     text = engine.render(conv)
     lls = []
-    for opt in fb.OPTIONS:
+    for opt in conversations.OPTIONS:
         ids = torch.tensor([engine.encode(text + opt)])
         with torch.no_grad():
             logp = torch.log_softmax(engine.model(input_ids=ids).logits.float(), -1)
         lls.append(float(logp[0, :-1].gather(-1, ids[0, 1:].view(-1, 1)).sum()))
-    return fb.softmax2(lls)
+    return conversations.softmax2(lls)
 
 
 @pytest.mark.parametrize("merge_answer", [False, True])
@@ -165,7 +167,7 @@ def test_odd_tokenizers_still_get_the_right_label(tmp_path, merge_answer):
     _label(cs, engine)
     for c in cs:
         for q in c.queries:
-            conv = [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": fb.ANSWER_PREFIX}]
+            conv = [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": conversations.ANSWER_PREFIX}]
             assert q["p_first"] == pytest.approx(_reference_p_first(engine, conv), abs=1e-4)
 
 
@@ -183,7 +185,7 @@ def test_hostile_answers_cannot_move_the_label(tmp_path, tiny_engine):
     assert c.status == "labelled" and 0 < c.p_a < 1
     im_start = tiny_engine.tok.convert_tokens_to_ids("<|im_start|>")
     for q in c.queries:
-        conv = [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": fb.ANSWER_PREFIX}]
+        conv = [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": conversations.ANSWER_PREFIX}]
         ids = tiny_engine.encode(tiny_engine.render(conv))
         assert ids.count(im_start) == 2  # the planted '<|im_start|>' did not open a turn
         assert tiny_engine.tok.decode(ids).endswith("<|im_start|>assistant\nThe answer is: (")

@@ -189,7 +189,7 @@ def test_report_stage_depends_on_every_stage_before_it():
 
 def test_rl_stage_metrics_and_curves_are_shown(tmp_path):
     """Stages this branch does not know (rl, dpo) still get their metrics and plots."""
-    from cai.training import plot_curve
+    from cai.plots import plot_curve
 
     run = make_run(tmp_path / "run", evil=False)
     _manifest(run, "rl", 30.0, {"steps": 4})

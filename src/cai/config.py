@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from cai.errors import CaiError
+from cai.stage_names import STAGES
 
 PRESET_DIR = Path(__file__).parent / "data" / "presets"
 
@@ -120,7 +121,8 @@ class DataConfig:
 class CritiqueRevisionConfig:
     rounds: int = _f(4, "Critique/revision rounds per prompt, each under a freshly sampled principle (paper: 4).")
     critique: bool = _f(
-        True, "Ask for a critique before each revision. false: direct revision, which helps small models."
+        True, "Ask for a critique before each revision. false: direct revision (the paper found critiques helped "
+        "its smaller models most; for the largest, direct revision did about as well)."
     )
     few_shot: int = _f(-1, "How many of the constitution's demonstrations to prepend (-1: all, 0: none).")
     skip_if_no_issue: bool = _f(
@@ -140,27 +142,48 @@ class CritiqueRevisionConfig:
     max_prompts: int | None = _f(None, "Use at most this many red-team prompts per split (None: all).")
 
 
+def _default(cls, name: str, value, help: str | None = None):
+    """A field of base class ``cls`` with another default (and help) in a subclass."""
+    f = {x.name: x for x in dataclasses.fields(cls)}[name]
+    return _f(value, help or f.metadata["help"], f.metadata.get("choices"))
+
+
 @dataclass
-class SFTConfig:
-    model: str | None = _f(None, "Model to fine-tune; None uses engine.model (the model that wrote the data).")
-    method: str = _f("full", "Full fine-tuning, or LoRA adapters (merged into the saved model).", choices=("full", "lora"))
-    epochs: float = _f(1.0, "Passes over the SFT data (paper: 1).")
-    max_steps: int | None = _f(None, "Stop after this many optimizer steps (None: run the epochs).")
-    learning_rate: float = _f(2e-5, "AdamW learning rate, constant as in the paper (after warmup).")
+class OptimizerConfig:
+    """What every training stage's optimizer reads (flat keys, like TRL's ``TrainingArguments``)."""
+
+    learning_rate: float = _f(1e-5, "AdamW learning rate, constant after warmup (as in the paper).")
     warmup_steps: int = _f(0, "Linear warmup steps before the constant learning rate.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
-    batch_size: int = _f(8, "Sequences per optimizer step (per process).")
-    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
-    max_length: int = _f(1024, "Truncate training sequences to this many tokens.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: int = _f(32, "LoRA alpha.")
-    lora_dropout: float = _f(0.05, "LoRA dropout.")
     checkpoint_every: int = _f(50, "Save a resumable checkpoint every N optimizer steps.")
     dtype: str = _f(
         "auto", "Training dtype: 'auto' is float32 on CPU, bfloat16 on GPU.",
         choices=("auto", "float32", "bfloat16", "float16"),
     )
+
+
+@dataclass
+class TrainingConfig(OptimizerConfig):
+    """The optimizer settings plus the passes over a fixed data set (sft, preference_model, dpo)."""
+
+    epochs: float = _f(1.0, "Passes over the training data (paper: 1).")
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (None: run the epochs).")
+    batch_size: int = _f(
+        8, "Examples per optimizer step, over all processes: each of N processes takes 1/N of every batch."
+    )
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    max_length: int = _f(1024, "Truncate each training conversation to this many tokens.")
+
+
+@dataclass
+class SFTConfig(TrainingConfig):
+    learning_rate: float = _default(TrainingConfig, "learning_rate", 2e-5)
+    model: str | None = _f(None, "Model to fine-tune; None uses engine.model (the model that wrote the data).")
+    method: str = _f("full", "Full fine-tuning, or LoRA adapters (merged into the saved model).", choices=("full", "lora"))
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha.")
+    lora_dropout: float = _f(0.05, "LoRA dropout.")
 
 
 @dataclass
@@ -203,7 +226,12 @@ class FeedbackConfig:
 
 
 @dataclass
-class PreferenceModelConfig:
+class PreferenceModelConfig(TrainingConfig):
+    batch_size: int = _default(
+        TrainingConfig, "batch_size", 8,
+        "Comparisons per optimizer step, over all processes; each is two sequences.",
+    )
+    max_length: int = _default(TrainingConfig, "max_length", 1024, "Keep at most the last this-many tokens of each conversation.")
     model: str = _f(
         "sl-cai",
         "Starting checkpoint for the reward model: 'sl-cai' (this run's SFT model), 'default', a "
@@ -213,20 +241,6 @@ class PreferenceModelConfig:
         "soft", "'soft': cross-entropy of sigmoid(r_chosen - r_rejected) against the soft label p_chosen; "
         "'hard': Bradley-Terry on the hard labels.",
         choices=("soft", "hard"),
-    )
-    epochs: float = _f(1.0, "Passes over the comparisons.")
-    max_steps: int | None = _f(None, "Stop after this many optimizer steps (None: run the epochs).")
-    learning_rate: float = _f(1e-5, "AdamW learning rate (constant after warmup).")
-    warmup_steps: int = _f(0, "Linear warmup steps.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    batch_size: int = _f(8, "Comparisons per optimizer step (per process); each is two sequences.")
-    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
-    max_length: int = _f(1024, "Keep at most the last this-many tokens of each conversation.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    checkpoint_every: int = _f(50, "Save a resumable checkpoint every N optimizer steps.")
-    dtype: str = _f(
-        "auto", "Training dtype: 'auto' is float32 on CPU, bfloat16 on GPU.",
-        choices=("auto", "float32", "bfloat16", "float16"),
     )
 
 
@@ -261,7 +275,9 @@ class EvaluateConfig:
 
 
 @dataclass
-class RLConfig:
+class RLConfig(OptimizerConfig):
+    learning_rate: float = _default(OptimizerConfig, "learning_rate", 1e-6)
+    checkpoint_every: int = _default(OptimizerConfig, "checkpoint_every", 20)
     policy: str = _f(
         "sl-cai",
         "Policy to optimise, also the frozen KL reference: 'sl-cai' (this run's SFT model, as in the "
@@ -279,10 +295,6 @@ class RLConfig:
         True, "Divide the step's rewards (PM score - KL penalty) by their standard deviation before the "
         "leave-one-out baseline (makes the learning rate independent of the PM's scale).",
     )
-    learning_rate: float = _f(1e-6, "AdamW learning rate (constant after warmup).")
-    warmup_steps: int = _f(0, "Linear warmup steps.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
     max_new_tokens: int = _f(256, "Token budget per sampled answer.")
     temperature: float = _f(
         1.0, "Sampling temperature of the rollouts. 1 keeps RLOO on-policy; other values sample from a "
@@ -291,15 +303,18 @@ class RLConfig:
     top_p: float = _f(1.0, "Nucleus sampling threshold of the rollouts (1: exact on-policy sampling).")
     micro_batch_size: int = _f(16, "Sequences per forward/backward pass (gradients are accumulated).")
     eval_prompts: int = _f(32, "Held-out red-team test prompts scored by the PM before and after RL.")
-    checkpoint_every: int = _f(20, "Save a resumable checkpoint every N optimizer steps.")
-    dtype: str = _f(
-        "auto", "Training dtype: 'auto' is float32 on CPU, bfloat16 on GPU.",
-        choices=("auto", "float32", "bfloat16", "float16"),
-    )
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(TrainingConfig):
+    learning_rate: float = _default(TrainingConfig, "learning_rate", 1e-6)
+    batch_size: int = _default(
+        TrainingConfig, "batch_size", 8, "Pairs per optimizer step, over all processes; each is two sequences.",
+    )
+    max_length: int = _default(
+        TrainingConfig, "max_length", 1024,
+        "Truncate each conversation to this many tokens (pairs left with no answer are dropped).",
+    )
     policy: str = _f(
         "sl-cai",
         "Starting model, also the frozen DPO reference: 'sl-cai' (this run's SFT model), 'default', a "
@@ -316,20 +331,6 @@ class DPOConfig:
         True, "Label-smoothed (conservative) DPO with per-pair smoothing 1 - p_chosen; false: plain DPO.",
     )
     min_confidence: float = _f(0.5, "Drop pairs whose p_chosen is below this (0.5 keeps every pair).")
-    epochs: float = _f(1.0, "Passes over the pairs.")
-    max_steps: int | None = _f(None, "Stop after this many optimizer steps (None: run the epochs).")
-    learning_rate: float = _f(1e-6, "AdamW learning rate (constant after warmup).")
-    warmup_steps: int = _f(0, "Linear warmup steps.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    batch_size: int = _f(8, "Pairs per optimizer step (over all processes); each is two sequences.")
-    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
-    max_length: int = _f(1024, "Truncate each conversation to this many tokens (pairs left with no answer are dropped).")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    checkpoint_every: int = _f(50, "Save a resumable checkpoint every N optimizer steps.")
-    dtype: str = _f(
-        "auto", "Training dtype: 'auto' is float32 on CPU, bfloat16 on GPU.",
-        choices=("auto", "float32", "bfloat16", "float16"),
-    )
 
 
 @dataclass
@@ -337,8 +338,7 @@ class RunConfig:
     run_dir: str = _f("runs/default", "Folder for every artifact of this run.")
     seed: int = _f(0, "Seed for every sampled choice (principles, splits, sampling).")
     stages: list[str] = _f(
-        ["prepare", "critique_revision", "sft", "feedback", "preference_model", "rl", "dpo", "evaluate", "report"],
-        "Stages to run, in order: prepare, critique_revision, sft, feedback, preference_model, rl, dpo, evaluate, report.",
+        list(STAGES), "Stages to run, in order: " + ", ".join(STAGES) + ".",
     )
     engine: EngineConfig = _f(EngineConfig(), "The policy engine.")
     data: DataConfig = _f(DataConfig(), "Inputs: constitution and prompt sets.")
@@ -519,6 +519,9 @@ def load_config(config: str | None = None, overrides: list[str] = (), cls=RunCon
 
 def check_config(cfg: RunConfig) -> None:
     """Checks that span several fields, run before anything starts (one-line errors)."""
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise CaiError(f"config field 'stages': unknown stage '{unknown[0]}' (available: {', '.join(STAGES)})")
     fb = cfg.feedback
     if fb.samples_per_prompt < 2:
         raise CaiError(f"config field 'feedback.samples_per_prompt' must be at least 2 to make a pair; got {fb.samples_per_prompt}")

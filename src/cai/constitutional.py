@@ -3,7 +3,7 @@
 The model answers; then, for each round, it critiques its latest answer under a
 principle and revises it. It is the critique_revision stage's loop, with the same
 conversation builders, demonstrations and sampling settings
-(``cai.stages.critique_revision``), run on prompts given at inference time rather than
+(``cai.conversations``), run on prompts given at inference time rather than
 on the run's red-team set, and with principles chosen by the caller or sampled.
 
 Python::
@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from cai.constitution import Constitution, Principle, load_constitution
 from cai.errors import CaiError
-from cai.stages.critique_revision import (
+from cai.conversations import (
     clean,
     critique_conversation,
-    demo_turns,
     revision_conversation,
+    revision_demos,
+    revision_sampling,
     sample_principle,
-    sampling,
     says_no_issue,
 )
 
@@ -44,7 +44,7 @@ class ConstitutionalChain:
                                f"(have: {', '.join(known)})")
             self.fixed = [known[pid] for pid in principles]
         examples = constitution.critique_revision_examples
-        self.demos = demo_turns(examples if cr.few_shot < 0 else examples[: cr.few_shot], cr.critique)
+        self.demos = revision_demos(examples if cr.few_shot < 0 else examples[: cr.few_shot], cr.critique)
 
     @classmethod
     def from_config(cls, cfg, principles: list[str] | None = None, engine=None) -> "ConstitutionalChain":
@@ -71,7 +71,7 @@ class ConstitutionalChain:
         ``messages``, ``initial_response``, ``rounds`` (principle, critique, revision,
         status) and ``final_response``."""
         ids = ids or [f"prompt-{k}" for k in range(len(conversations))]
-        first = self._generate(conversations, sampling(self.cr, self.seed, "answer"))
+        first = self._generate(conversations, revision_sampling(self.cr, self.seed, "answer"))
         latest = list(first)
         rounds: list[list[dict]] = [[] for _ in conversations]
         for r in range(self.rounds):
@@ -79,11 +79,11 @@ class ConstitutionalChain:
             critiques: list[str | None] = [None] * len(conversations)
             if self.cr.critique:
                 convs = [critique_conversation(self.demos, m, latest[i], principles[i]) for i, m in enumerate(conversations)]
-                critiques = self._generate(convs, sampling(self.cr, self.seed, "critique", r))
+                critiques = self._generate(convs, revision_sampling(self.cr, self.seed, "critique", r))
             todo = [i for i in range(len(conversations))
                     if not self.cr.critique or (critiques[i] and not (self.cr.skip_if_no_issue and says_no_issue(critiques[i])))]
             convs = [revision_conversation(self.demos, conversations[i], latest[i], principles[i], critiques[i]) for i in todo]
-            revised = dict(zip(todo, self._generate(convs, sampling(self.cr, self.seed, "revision", r))))
+            revised = dict(zip(todo, self._generate(convs, revision_sampling(self.cr, self.seed, "revision", r))))
             for i in range(len(conversations)):
                 status = "revised"
                 if self.cr.critique and not critiques[i]:

@@ -164,3 +164,46 @@ def resolve_model(name: str, revision: str | None = None, progress=print) -> str
         )
     except Exception as exc:
         raise CaiError(f"model '{name}' could not be fetched from the hub: {type(exc).__name__}: {exc}") from None
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        # bfloat16 matrix products are ~400x slower than float32 on CPUs without bf16 units.
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    return getattr(torch, dtype)
+
+
+def load_model_and_tokenizer(path: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+                             model_cls=None, **model_kwargs):
+    """Load a checkpoint for inference or training, with clear errors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, device)
+    model_cls = model_cls or AutoModelForCausalLM
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = model_cls.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **model_kwargs)
+    except (OSError, ValueError) as exc:
+        msg = str(exc).splitlines()[0]
+        hint = " (set engine.trust_remote_code=true only if you trust this checkpoint's code)" if "trust_remote_code" in msg else ""
+        raise CaiError(f"cannot load model '{path}': {msg}{hint}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.to(device)
+    return model, tok, device

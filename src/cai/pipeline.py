@@ -22,17 +22,13 @@ engine requests that did not change come from the cache.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import os
 import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -41,40 +37,18 @@ import yaml
 from cai.config import RunConfig, check_config, config_hash, to_dict
 from cai.errors import CaiError
 from cai.io import write_json
-
-
-#: A model setting that names the SL-CAI model this run's ``sft`` stage trains.
-SL_CAI = "sl-cai"
-
-
-@dataclass
-class StageSpec:
-    name: str
-    run: Callable[["StageContext"], dict]
-    config_keys: tuple[str, ...]
-    #: Upstream stages, or a function of the config giving them (a stage that reads the
-    #: SL-CAI model needs ``sft`` only when its model setting is ``sl-cai``).
-    needs: tuple[str, ...] | Callable[[RunConfig], tuple[str, ...]] = ()
-    help: str = ""
-    #: Runs in every process under ``accelerate launch`` (a training loop that takes its
-    #: share of each batch). The run's inference engines are released before it starts, so
-    #: their weights do not sit in (GPU) memory beside the model being trained. False: the main process runs it while the others wait.
-    distributed: bool = False
-
-    def upstream(self, cfg: RunConfig) -> tuple[str, ...]:
-        return tuple(self.needs(cfg) if callable(self.needs) else self.needs)
+from cai.stage import StageContext, StageSpec
+from cai.stage_names import STAGES
 
 
 def _stages() -> dict[str, StageSpec]:
-    from cai.stages import critique_revision, dpo, evaluate, feedback, prepare, preference_model, report, rl, sft
+    from cai.stages import registry
 
-    specs = (prepare.STAGE, critique_revision.STAGE, sft.STAGE, feedback.STAGE, preference_model.STAGE, rl.STAGE,
-             dpo.STAGE, evaluate.STAGE, report.STAGE)
-    return {s.name: s for s in specs}
+    return registry()
 
 
 def stage_names() -> list[str]:
-    return list(_stages())
+    return list(STAGES)
 
 
 def versions() -> dict:
@@ -86,72 +60,6 @@ def versions() -> dict:
         except ImportError:
             pass
     return out
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@dataclass
-class StageContext:
-    cfg: RunConfig
-    run_dir: Path
-    out: Path
-    name: str
-    log: Callable[[str], None] = print
-    inputs: dict = field(default_factory=dict)  # name -> sha256, recorded in the manifest
-    engines: dict = field(default_factory=dict)  # model path -> engine, shared across stages
-    is_main: bool = True  # the main process (or the only one): it alone shows progress bars
-
-    def stage_dir(self, name: str) -> Path:
-        path = self.run_dir / name
-        if not (path / "manifest.json").is_file():
-            raise CaiError(f"stage '{self.name}' needs the finished stage '{name}' in {self.run_dir}")
-        return path
-
-    def model_path(self, spec: str) -> str:
-        """A model setting as a path or id: ``sl-cai`` is this run's SFT model."""
-        if spec == SL_CAI:
-            return str(self.stage_dir("sft") / "model")
-        return spec
-
-    def engine(self, model: str | None = None):
-        """The engine on ``model`` (default: ``engine.model``) with the run's settings.
-
-        Engines are built once per model and shared by the stages of one ``cai run``;
-        they all write to the run's request cache.
-        """
-        path = self.model_path(model) if model else self.cfg.engine.model
-        if path not in self.engines:
-            from cai.engines import build_engine
-
-            cfg = dataclasses.replace(self.cfg.engine, model=path)
-            if cfg.kind != "local" and Path(path).is_dir():
-                # A checkpoint this run trained (or any local folder) is not on the
-                # user's servers: it runs on the local engine with the same settings.
-                cfg = dataclasses.replace(cfg, kind="local")
-            self.engines[path] = build_engine(cfg, self.run_dir / "cache.sqlite", progress=self.log)
-        return self.engines[path]
-
-    @contextlib.contextmanager
-    def progress(self, total: int, desc: str, unit: str = "req"):
-        """A progress bar with an ETA; yields ``update(n)``."""
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc=f"[{self.name}] {desc}", unit=unit, dynamic_ncols=True, leave=False,
-                   disable=not self.is_main)
-        try:
-            yield bar.update
-        finally:
-            bar.close()
-
-    def record_input(self, label: str, path: Path) -> None:
-        if path.is_file():
-            self.inputs[label] = file_sha256(path)
 
 
 def _slice(cfg: RunConfig, keys) -> dict:
@@ -252,11 +160,8 @@ def _fresh_partial(partial: Path, fingerprint: str, log: Callable[[str], None]) 
 
 
 def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool = False) -> Path:
-    specs = _stages()
-    for s in cfg.stages:
-        if s not in specs:
-            raise CaiError(f"config field 'stages': unknown stage '{s}' (available: {', '.join(specs)})")
     check_config(cfg)
+    specs = _stages()
     dist = distributed_state(cfg)
     is_main = dist is None or dist.is_main_process
     if not is_main:

@@ -148,7 +148,7 @@ def _record_to_prompt(rec, where: str, index: int, column: str | None) -> Prompt
     return Prompt(id=str(pid), messages=messages, category=None if category is None else str(category), meta=meta)
 
 
-def _read_records(path: Path) -> list[tuple[str, object]]:
+def read_records(path: Path) -> list[tuple[str, object]]:
     """(location, raw record) pairs from one file; raises on unreadable content."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -198,7 +198,7 @@ def load_prompt_file(path: str | Path, column: str | None = None) -> list[Prompt
     path = Path(path)
     if not path.is_file():
         raise CaiError(f"prompt file '{path}' does not exist")
-    records = _read_records(path)
+    records = read_records(path)
     if not records:
         raise CaiError(f"{path}: the prompt file is empty; add one prompt per record")
     prompts = [_record_to_prompt(r, where, i, column) for i, (where, r) in enumerate(records)]
@@ -214,7 +214,7 @@ def _dedupe_ids(prompts: list[Prompt], source: str) -> None:
         seen.add(p.id)
 
 
-def _split_by_hash(prompts: list[Prompt], test_fraction: float, seed: int) -> dict[str, list[Prompt]]:
+def split_by_hash(prompts: list[Prompt], test_fraction: float, seed: int) -> dict[str, list[Prompt]]:
     out = {"train": [], "test": []}
     for p in prompts:
         h = int(hashlib.sha256(f"{seed}:{p.id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
@@ -222,7 +222,7 @@ def _split_by_hash(prompts: list[Prompt], test_fraction: float, seed: int) -> di
     return out
 
 
-def _split_files(directory: Path) -> dict[str, Path]:
+def split_files(directory: Path) -> dict[str, Path]:
     found = {}
     for split in SPLITS:
         for suffix in SUFFIXES:
@@ -268,7 +268,7 @@ def load_prompt_set(
         if not directory.is_dir():
             names = ", ".join(sorted(p.name for p in BUILTIN_DIR.iterdir() if p.is_dir()))
             raise CaiError(f"no built-in prompt set '{name}' (available: {names})")
-        return {s: load_prompt_file(p, column) for s, p in _split_files(directory).items()}
+        return {s: load_prompt_file(p, column) for s, p in split_files(directory).items()}
     if spec.startswith("hf:"):
         parts = spec[3:].split(":")
         name, split = parts[0], (parts[1] if len(parts) > 1 else None)
@@ -287,7 +287,7 @@ def load_prompt_set(
         return _normalise_splits(splits, spec, test_fraction, seed)
     path = Path(spec)
     if path.is_dir():
-        files = _split_files(path)
+        files = split_files(path)
         if files:
             return {s: load_prompt_file(p, column) for s, p in files.items()}
         if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
@@ -305,7 +305,7 @@ def load_prompt_set(
         for p in prompts:
             splits.setdefault(p.meta.get("split", "train"), []).append(p)
         return _normalise_splits(splits, spec, test_fraction, seed)
-    return _split_by_hash(prompts, test_fraction, seed)
+    return split_by_hash(prompts, test_fraction, seed)
 
 
 def _normalise_splits(splits: dict, source: str, test_fraction: float, seed: int) -> dict:
@@ -314,4 +314,4 @@ def _normalise_splits(splits: dict, source: str, test_fraction: float, seed: int
     merged = [p for ps in splits.values() for p in ps]
     if not merged:
         raise CaiError(f"{source}: no prompts found")
-    return _split_by_hash(merged, test_fraction, seed)
+    return split_by_hash(merged, test_fraction, seed)

@@ -145,7 +145,7 @@ class RewardModel:
 
         from transformers import AutoModelForSequenceClassification
 
-        from cai.engines.local import load_model_and_tokenizer
+        from cai.models import load_model_and_tokenizer
 
         cfg_file = Path(path) / "config.json"
         if cfg_file.is_file():

@@ -1,5 +1,19 @@
-"""Pieces shared by the training stages: chat tokenization with assistant-only labels,
-padding, resumable checkpoints and loss plots. Each stage's loop stays in its own file.
+"""The training kit shared by ``sft``, ``preference_model``, ``dpo`` and ``rl``.
+
+Each stage's loop stays in its own file and reads top to bottom (torchtune's recipes
+are the model: no trainer class hierarchy). What the loops share lives here, once:
+
+* loading the starting model for training (:func:`load_trainable`, :func:`train_dtype`);
+* the optimizer and each step's example indices (:func:`optimizer_and_batches`) and the
+  learning-rate schedule (:func:`warmup_lr`);
+* chat tokenization with assistant-only labels (:func:`encode_chat`), padding and the
+  losses' building blocks (:func:`token_loss`, :func:`sequence_logprobs`,
+  :func:`answer_logprobs`);
+* resumable checkpoints (:func:`save_checkpoint`, :func:`resume`), the NaN guard
+  (:func:`check_finite`) and the final ``save_pretrained`` (:func:`save_trained_model`).
+
+The optimizer settings are the flat fields of ``cai.config.OptimizerConfig`` /
+``TrainingConfig``, which every training stage's config extends.
 """
 
 from __future__ import annotations
@@ -109,6 +123,18 @@ def check_finite(value, step: int, where: Path, what: str = "training loss") -> 
         )
 
 
+def load_trainable(path: str, dtype: str, device, trust_remote_code: bool, model_cls=None, **kwargs):
+    """The starting model and tokenizer of a training loop, on the CPU (accelerate moves it),
+    in the dtype that ``dtype`` (a stage's setting) resolves to on ``device``."""
+    from cai.models import load_model_and_tokenizer
+
+    model, tok, _ = load_model_and_tokenizer(
+        path, device="cpu", dtype=train_dtype(dtype, device), trust_remote_code=trust_remote_code,
+        model_cls=model_cls, **kwargs,
+    )
+    return model, tok
+
+
 def train_dtype(setting: str, device) -> str:
     """'auto' is float32 on CPU (no fast bf16 there) and bfloat16 on accelerators."""
     if setting != "auto":
@@ -152,6 +178,17 @@ def save_checkpoint(folder: Path, model, optimizer, step: int, extra: dict) -> N
     shutil.rmtree(old, ignore_errors=True)
 
 
+def resume(folder: Path, model, optimizer, total_steps: int, log, stage: str) -> tuple[int, dict | None]:
+    """Where a loop starts: ``(0, None)``, or the step and trainer state of the checkpoint an
+    interrupted run of the same configuration left in ``folder`` (weights and optimizer
+    state loaded into ``model`` and ``optimizer``)."""
+    state = load_checkpoint(folder, model, optimizer, total_steps) if folder.exists() else None
+    if state is None:
+        return 0, None
+    log(f"[{stage}] resuming from checkpoint at step {state['step']}/{total_steps}")
+    return state["step"], state
+
+
 def load_checkpoint(folder: Path, model, optimizer, total_steps: int | None = None) -> dict | None:
     """The trainer state of a checkpoint, with its weights and optimizer state loaded.
 
@@ -178,26 +215,6 @@ def load_checkpoint(folder: Path, model, optimizer, total_steps: int | None = No
     model.load_state_dict(state, strict=False)
     optimizer.load_state_dict(trainer["optimizer"])
     return trainer
-
-
-def plot_curve(path: Path, series: dict[str, list[tuple[int, float]]], title: str, ylabel: str = "loss") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, points in series.items():
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], label=name, marker="." if len(points) < 30 else None)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def answer_logprobs(model, batch: dict, entropy: bool = False):

@@ -20,6 +20,10 @@ from typing import Callable, Sequence
 Message = dict
 Conversation = list[Message]
 Progress = Callable[[int], None]  # called with the number of requests just finished
+#: Called once per conversation as soon as its result is complete: (index, result). The
+#: request cache stores each answer this way the moment it arrives, so a failure later in
+#: the same call loses nothing that was already paid for.
+OnResult = Callable[[int, object], None]
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,13 @@ def render_chat(tok, conv: Conversation, specials: Sequence[str]) -> str:
 
 
 class Engine(abc.ABC):
-    """Generates and scores text for a list of conversations."""
+    """Generates and scores text for a list of conversations.
+
+    Two methods make the protocol, and stages use nothing else. Both take ``progress``
+    (called with counts of finished conversations, for progress bars) and ``on_result``
+    (called with ``(index, result)`` for each conversation as soon as it is finished, in
+    whatever order they finish); both return every result in input order.
+    """
 
     #: A string that identifies the model and the engine settings that change results;
     #: the request cache keys on it.
@@ -94,6 +104,7 @@ class Engine(abc.ABC):
         conversations: Sequence[Conversation],
         params: SamplingParams,
         progress: Progress | None = None,
+        on_result: OnResult | None = None,
     ) -> list[list[str]]:
         """``params.n`` completions for every conversation, in input order."""
 
@@ -103,6 +114,7 @@ class Engine(abc.ABC):
         conversations: Sequence[Conversation],
         options: Sequence[Sequence[str]],
         progress: Progress | None = None,
+        on_result: OnResult | None = None,
     ) -> list[list[float]]:
         """log p(option | conversation) for each option of each conversation.
 
@@ -111,5 +123,18 @@ class Engine(abc.ABC):
         ``softmax`` over them is a proper normalised choice distribution.
         """
 
+    def count_tokens(self, conversation: Conversation) -> int:
+        """Prompt tokens of a conversation, for estimates (``cai plan``). Engines with a
+        tokenizer count exactly; this default guesses four characters a token."""
+        return sum(len(m["content"]) + 16 for m in conversation) // 4
+
     def close(self) -> None:  # pragma: no cover - engines with resources override
         pass
+
+
+def finished(index: int, value, progress: Progress | None, on_result: OnResult | None) -> None:
+    """Report one finished conversation to both callbacks (for engines' use)."""
+    if on_result is not None:
+        on_result(index, value)
+    if progress is not None:
+        progress(1)

@@ -2,8 +2,10 @@
 
 Each request (one conversation with its sampling parameters, or one conversation with
 its options) is keyed by a hash of the engine identity and the request. The wrapper
-sends only missing requests to the engine, in chunks, and commits each chunk, so a run
-killed at any point resumes without recomputing what finished, and a rerun is free.
+sends only missing requests to the engine, in chunks, and commits each answer the moment
+the engine hands it back (``on_result``), so a run killed at any point, or an engine that
+fails halfway through a chunk, resumes without recomputing what finished, and a rerun is
+free.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from cai.engines.base import Engine, Progress, SamplingParams
+from cai.engines.base import Engine, OnResult, Progress, SamplingParams, finished
 
 
 def _key(*parts) -> str:
@@ -62,7 +64,11 @@ class RequestCache:
 
 
 class CachedEngine(Engine):
-    """Wraps an engine; answers from the cache and stores every new answer."""
+    """Wraps an engine; answers from the cache and stores every new answer as it arrives.
+
+    It is an :class:`Engine` and nothing more: the wrapped engine's other attributes are
+    not passed through (``engine`` is there for code that built it and knows its kind).
+    """
 
     def __init__(self, engine: Engine, cache: RequestCache, chunk_size: int = 64):
         self.engine = engine
@@ -72,41 +78,57 @@ class CachedEngine(Engine):
         self.hits = 0
         self.misses = 0
 
-    def __getattr__(self, name):  # expose the wrapped engine's extras (tok, render...)
-        return getattr(self.engine, name)
-
-    def _run(self, keys, requests, compute, progress: Progress | None):
+    def _run(self, keys, requests, compute, progress: Progress | None, on_result: OnResult | None):
         cached = self.cache.get_many(keys)
         self.hits += len(cached)
-        if progress and cached:
-            progress(len(cached))
+        for i, k in enumerate(keys):
+            if k in cached:
+                finished(i, cached[k], progress, on_result)
         missing = [i for i, k in enumerate(keys) if k not in cached]
         # Longest first, so each chunk holds requests of similar length (less padding).
         missing.sort(key=lambda i: -len(json.dumps(requests[i], ensure_ascii=False)))
         self.misses += len(missing)
         for start in range(0, len(missing), self.chunk_size):
             idx = missing[start:start + self.chunk_size]
-            outs = compute([requests[i] for i in idx], progress)
-            new = {keys[i]: o for i, o in zip(idx, outs)}
-            self.cache.put_many(new)
-            cached.update(new)
+
+            def arrived(j: int, value, idx=idx) -> None:  # stored the moment it arrives
+                key = keys[idx[j]]
+                self.cache.put_many({key: value})
+                cached[key] = value
+                if on_result is not None:
+                    on_result(idx[j], value)
+
+            outs = compute([requests[i] for i in idx], progress, arrived)
+            late = {keys[i]: o for i, o in zip(idx, outs) if keys[i] not in cached}
+            if late:  # an engine that returned results without handing them back one by one
+                self.cache.put_many(late)
+                cached.update(late)
+                if on_result is not None:
+                    for i in idx:
+                        if keys[i] in late:
+                            on_result(i, late[keys[i]])
         return [cached[k] for k in keys]
 
-    def generate(self, conversations, params: SamplingParams, progress: Progress | None = None):
+    def generate(self, conversations, params: SamplingParams, progress: Progress | None = None,
+                 on_result: OnResult | None = None):
         keys = [_key("generate", self.identity, c, params.to_dict()) for c in conversations]
         return self._run(
             keys, list(conversations),
-            lambda convs, p: self.engine.generate(convs, params, p), progress,
+            lambda convs, p, got: self.engine.generate(convs, params, p, got), progress, on_result,
         )
 
-    def choice_logprobs(self, conversations, options, progress: Progress | None = None):
+    def choice_logprobs(self, conversations, options, progress: Progress | None = None,
+                        on_result: OnResult | None = None):
         keys = [_key("choice", self.identity, c, list(o)) for c, o in zip(conversations, options)]
         reqs = list(zip(conversations, options))
         return self._run(
             keys, reqs,
-            lambda rs, p: self.engine.choice_logprobs([r[0] for r in rs], [r[1] for r in rs], p),
-            progress,
+            lambda rs, p, got: self.engine.choice_logprobs([r[0] for r in rs], [r[1] for r in rs], p, got),
+            progress, on_result,
         )
+
+    def count_tokens(self, conversation) -> int:
+        return self.engine.count_tokens(conversation)
 
     def close(self) -> None:
         self.engine.close()

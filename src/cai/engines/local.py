@@ -22,28 +22,22 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from cai.engines import shared_prefix
-from cai.engines.base import Conversation, Engine, Progress, SamplingParams, render_chat, request_seed, special_strings
+from cai.engines import hf_compat, shared_prefix
+from dataclasses import dataclass
+
+from cai.engines.base import (
+    Conversation,
+    Engine,
+    OnResult,
+    Progress,
+    SamplingParams,
+    finished,
+    render_chat,
+    request_seed,
+    special_strings,
+)
 from cai.errors import CaiError
-
-
-def pick_device(device: str) -> str:
-    import torch
-
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
-
-
-def pick_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        # bfloat16 matrix products are ~400x slower than float32 on CPUs without bf16 units.
-        return torch.float32 if device == "cpu" else torch.bfloat16
-    return getattr(torch, dtype)
+from cai.models import load_model_and_tokenizer
 
 
 def _common_prefix_len(seqs: list[list[int]]) -> int:
@@ -55,78 +49,6 @@ def _common_prefix_len(seqs: list[list[int]]) -> int:
             k += 1
         n = k
     return n
-
-
-def _growing_cache():
-    """A KV cache that writes each new token into spare room instead of re-concatenating.
-
-    transformers' ``DynamicLayer`` appends with ``torch.cat``, which copies the whole
-    cache of every layer at every decoding step. Here each layer keeps a buffer with room
-    for 256 more tokens past the prompt (it grows by doubling if a longer answer needs
-    it) and hands attention a view of the filled part. Measured on a quiet 2-core CPU:
-    48 new tokens for 16 critique requests with 1,227-token prompts, 28.8 s -> 27.6 s
-    (4%); outputs are identical.
-    """
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):
-        def lazy_initialization(self, key_states, value_states) -> None:
-            super().lazy_initialization(key_states, value_states)
-            self._k = self._v = None
-            self._n = 0
-
-        def _views(self) -> None:
-            self.keys = self._k[..., : self._n, :]
-            self.values = self._v[..., : self._n, :]
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n = key_states.shape[-2]
-            if self._k is None or self._n + n > self._k.shape[-2]:
-                cap = max(self._n + n + 256, 2 * self._n)
-                k = key_states.new_empty((*key_states.shape[:-2], cap, key_states.shape[-1]))
-                v = value_states.new_empty((*value_states.shape[:-2], cap, value_states.shape[-1]))
-                if self._n:
-                    k[..., : self._n, :] = self._k[..., : self._n, :]
-                    v[..., : self._n, :] = self._v[..., : self._n, :]
-                self._k, self._v = k, v
-            self._k[..., self._n: self._n + n, :] = key_states
-            self._v[..., self._n: self._n + n, :] = value_states
-            self._n += n
-            self._views()
-            return self.keys, self.values
-
-        def get_seq_length(self) -> int:
-            return self._n if self.is_initialized else 0
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            if self.get_seq_length():
-                self._k = self._k.repeat_interleave(repeats, dim=0)
-                self._v = self._v.repeat_interleave(repeats, dim=0)
-                self._views()
-
-        def batch_select_indices(self, indices) -> None:
-            if self.get_seq_length():
-                self._k, self._v = self._k[indices], self._v[indices]
-                self._views()
-
-        def crop(self, tokens_to_remove: int) -> None:
-            if tokens_to_remove > 0:
-                raise ValueError("crop takes a negative number of tokens to remove")
-            if tokens_to_remove and self.is_initialized:
-                self._n = max(0, self._n + tokens_to_remove)
-                self._views()
-
-        def reset(self) -> None:
-            self._k = self._v = None
-            self._n = 0
-            super().reset()
-
-    cache = DynamicCache()
-    cache.layer_class_to_replicate = GrowingLayer
-    return cache
 
 
 def _quantize_int8(model, device: str):
@@ -152,28 +74,24 @@ def _checkpoint_stamp(path: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
-def load_model_and_tokenizer(path: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-                             model_cls=None, **model_kwargs):
-    """Load a checkpoint for inference or training, with clear errors."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class TokenSamples:
+    """One conversation's sampled answers as tokens (:meth:`LocalEngine.sample_tokens`)."""
 
-    device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, device)
-    model_cls = model_cls or AutoModelForCausalLM
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = model_cls.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **model_kwargs)
-    except (OSError, ValueError) as exc:
-        msg = str(exc).splitlines()[0]
-        hint = " (set engine.trust_remote_code=true only if you trust this checkpoint's code)" if "trust_remote_code" in msg else ""
-        raise CaiError(f"cannot load model '{path}': {msg}{hint}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model.to(device)
-    return model, tok, device
+    prompt_ids: list[int]  # the rendered prompt, ready for the first answer token
+    answer_ids: list[list[int]]  # each sample's tokens, its stop token included if sampled
+    texts: list[str]  # each sample decoded, special tokens dropped
 
 
 class LocalEngine(Engine):
+    """transformers models on CPU or GPU, loaded from a path or wrapped around a model in memory.
+
+    Public beyond the protocol: :meth:`for_model` (an engine on a model you hold, e.g.
+    RL's live policy), :meth:`sample_tokens` (sampled answers as tokens, for RL),
+    :meth:`render`/:meth:`encode` (the chat template and tokenizer it uses), and the
+    ``model`` and ``tok`` it runs.
+    """
+
     def __init__(
         self,
         model_path: str,
@@ -215,14 +133,17 @@ class LocalEngine(Engine):
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = self.tok.pad_token_id
         self.specials = special_strings(self.tok)
-        # transformers >= 5.2x names the KV-cache argument `cache`; older ones `past_key_values`.
-        import inspect
-
-        params = inspect.signature(self.model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        hf_compat.check()
+        self._cache_kw = hf_compat.cache_keyword(self.model)
         self.identity = f"local:{model_path}:{_checkpoint_stamp(model_path)}:{dtype}" + (
             f":{quantize}" if quantize != "none" else ""
         )
+
+    @classmethod
+    def for_model(cls, model, tokenizer, batch_size: int = 32, name: str = "in-memory") -> "LocalEngine":
+        """An engine around a model already in memory; it samples with the model's weights as
+        they are at each call (an optimizer step between calls is seen by the next one)."""
+        return cls(name, model=model, tokenizer=tokenizer, batch_size=batch_size)
 
     # -- text <-> tokens ----------------------------------------------------------
 
@@ -245,47 +166,72 @@ class LocalEngine(Engine):
 
     # -- generation ---------------------------------------------------------------
 
-    def generate(self, conversations, params: SamplingParams, progress: Progress | None = None):
-        ids = self.generate_ids(conversations, params, progress)
-        return [[self.tok.decode(t, skip_special_tokens=True).strip() for t in row] for row in ids]
+    def generate(self, conversations, params: SamplingParams, progress: Progress | None = None,
+                 on_result: OnResult | None = None):
+        def texts(ids: list[list[int]]) -> list[str]:
+            return [self.tok.decode(t, skip_special_tokens=True).strip() for t in ids]
+
+        report = None if on_result is None else (lambda ci, ids: on_result(ci, texts(ids)))
+        return [texts(row) for row in self.generate_ids(conversations, params, progress, on_ids=report)]
+
+    def count_tokens(self, conversation: Conversation) -> int:
+        return len(self.encode(self.render(conversation)))
 
     def generate_ids(self, conversations, params: SamplingParams, progress: Progress | None = None,
-                     keep_stop: bool = False) -> list[list[list[int]]]:
+                     keep_stop: bool = False, on_ids=None) -> list[list[list[int]]]:
         """Like :meth:`generate`, but the sampled token ids. ``keep_stop`` appends the
-        end-of-sequence token when a row sampled one (RL needs every sampled token)."""
+        end-of-sequence token when a row sampled one (RL needs every sampled token);
+        ``on_ids(index, ids)`` is called as each conversation's samples are complete."""
         rows = []  # (conversation index, sample index, token ids, seed)
+        samples = params.n if params.temperature > 0 else 1
         for ci, conv in enumerate(conversations):
             ids = self.encode(self.render(conv))
-            samples = params.n if params.temperature > 0 else 1
             for j in range(samples):
                 rows.append((ci, j, ids, request_seed(params.seed, conv, j)))
         order = sorted(range(len(rows)), key=lambda r: -len(rows[r][2]))
         tokens: dict[tuple[int, int], list[int]] = {}
-        samples = params.n if params.temperature > 0 else 1
         left = {ci: samples for ci in range(len(conversations))}
 
-        def row_done(row) -> None:  # report a conversation once all its samples finished
-            left[row[0]] -= 1
-            if progress and left[row[0]] == 0:
-                progress(1)
+        def result(ci: int) -> list[list[int]]:
+            if params.temperature > 0:
+                return [tokens[(ci, j)] for j in range(params.n)]
+            return [tokens[(ci, 0)]] * params.n
+
+        def row_done(row, out: list[int]) -> None:  # report a conversation once all its samples finished
+            ci, j = row[0], row[1]
+            tokens[(ci, j)] = out
+            left[ci] -= 1
+            if left[ci] == 0:
+                finished(ci, result(ci), progress, on_ids)
 
         kept = shared_prefix.Continuations(self._continuations.budget)
         for start in range(0, len(order), self.batch_size):
             batch = [rows[r] for r in order[start:start + self.batch_size]]
-            outs = self._decode_batch(
-                [b[2] for b in batch], [b[3] for b in batch], params, on_done=lambda k: row_done(batch[k]),
-                keep_stop=keep_stop, store=kept,
+            self._decode_batch(
+                [b[2] for b in batch], [b[3] for b in batch], params,
+                on_done=lambda k, out, batch=batch: row_done(batch[k], out), keep_stop=keep_stop, store=kept,
             )
-            for (ci, j, _, _), out in zip(batch, outs):
-                tokens[(ci, j)] = out
         self._continuations = kept
-        result = []
-        for ci in range(len(conversations)):
-            if params.temperature > 0:
-                result.append([tokens[(ci, j)] for j in range(params.n)])
-            else:
-                result.append([tokens[(ci, 0)]] * params.n)
-        return result
+        return [result(ci) for ci in range(len(conversations))]
+
+    def sample_tokens(self, conversations, params: SamplingParams) -> list["TokenSamples"]:
+        """Sample answers with the model's current weights and return them as tokens.
+
+        For on-policy RL: each conversation's prompt token ids (the chat template
+        rendered here) and ``params.n`` sampled answers as token ids, the stop token
+        included when one was sampled, so a learner can score exactly what was sampled,
+        plus their texts. The model is in eval mode while sampling and is returned to
+        the mode it was in. Nothing is cached: the weights may change between calls.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            ids = self.generate_ids(conversations, params, keep_stop=True)
+        finally:
+            self.model.train(was_training)
+        return [TokenSamples(self.encode(self.render(conv)), answers,
+                             [self.tok.decode(a, skip_special_tokens=True).strip() for a in answers])
+                for conv, answers in zip(conversations, ids)]
 
     def _prefill(self, seqs: list[list[int]], keep: int = 1, own: list[int] | None = None, share: str = "auto"):
         """Run the prompt tokens of a batch through the model, sharing their common start.
@@ -304,7 +250,7 @@ class LocalEngine(Engine):
         computed).
         """
         torch = self.torch
-        cache = _growing_cache()
+        cache = hf_compat.growing_cache()
         own = own or [1] * len(seqs)
         limits = [len(s) - o for s, o in zip(seqs, own)]
         shared = _common_prefix_len(seqs) if len(seqs) > 1 and share != "none" else 0
@@ -325,7 +271,7 @@ class LocalEngine(Engine):
             )
             if share == "shared" or (share == "auto" and self._shared_prefix_ok()):
                 prefix = shared_prefix.SharedPrefix.from_cache(cache, seqs[0][:shared])
-                cache = _growing_cache()
+                cache = hf_compat.growing_cache()
             else:
                 cache.batch_repeat_interleave(len(seqs))
         ids, mask = self._left_pad([s[shared:] for s in seqs])
@@ -367,7 +313,7 @@ class LocalEngine(Engine):
         ids, mask = self._left_pad([s[shared + r:] for s, r in zip(seqs, reused)])
         start = torch.tensor(reused, device=self.device).view(-1, 1) + shared
         pos = start + (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = _growing_cache()
+        cache = hf_compat.growing_cache()
         logits = self._prefill_rows(ids, mask, pos, cache, prefix, keep, past=past)
         full_mask = mask if past is None else torch.cat([past[2], mask], dim=1)
         return logits, cache, full_mask, ids, pos[:, -1:] + 1, prefix
@@ -402,7 +348,7 @@ class LocalEngine(Engine):
         for group in groups:
             rows = torch.tensor(group, device=self.device)
             w = max(lengths[i] for i in group)
-            part = _growing_cache()
+            part = hf_compat.growing_cache()
             part_mask = mask[rows, width - w:]
             pw = 0 if past is None else int(past[2][rows].sum(-1).max())
             if pw:
@@ -415,12 +361,13 @@ class LocalEngine(Engine):
                 logits = out.new_zeros((len(lengths), keep, out.shape[-1]))
             logits[rows, keep - out.shape[1]:] = out  # a group narrower than keep fills the right end
             parts.append((rows, pw, w, part))
-        for layer in range(len(parts[0][3].layers)):
-            k0 = parts[0][3].layers[layer].keys
+        part_kv = [hf_compat.layer_kv(part) for _, _, _, part in parts]
+        for layer in range(len(part_kv[0])):
+            k0 = part_kv[0][layer][0]
             keys = k0.new_zeros((len(lengths), k0.shape[1], past_width + width, k0.shape[3]))
             values = torch.zeros_like(keys)
-            for rows, pw, w, part in parts:
-                k, v = part.layers[layer].keys, part.layers[layer].values
+            for (rows, pw, w, _), kv in zip(parts, part_kv):
+                k, v = kv[layer]
                 keys[rows, :, past_width - pw:past_width] = k[:, :, :pw]
                 values[rows, :, past_width - pw:past_width] = v[:, :, :pw]
                 keys[rows, :, past_width + width - w:] = k[:, :, pw:]
@@ -439,20 +386,20 @@ class LocalEngine(Engine):
         (its prompt, then its generated tokens); a finished row may have fed more (its
         stop token, padding steps), which is cut off.
         """
-        if prefix is None or not cache.layers:
+        layers = hf_compat.layer_kv(cache)
+        if prefix is None or not layers:
             return
         prefix_ids = prefix.token_ids
         weights = self._weights_stamp()
-        layers = cache.layers
-        token_bytes = sum(2 * layer.keys[0, :, 0].numel() * layer.keys.element_size() for layer in layers)
+        token_bytes = sum(2 * keys[0, :, 0].numel() * keys.element_size() for keys, _ in layers)
         for k in batch_rows:
             where = mask[k].nonzero().view(-1)
             n = min(len(where), len(rows_ids[k]))
             if not store.has_room(n * token_bytes):
                 return
             where = where[:n]
-            keys = [layer.keys[k][:, where] for layer in layers]  # indexing copies
-            values = [layer.values[k][:, where] for layer in layers]
+            keys = [lk[k][:, where] for lk, _ in layers]  # indexing copies
+            values = [lv[k][:, where] for _, lv in layers]
             store.add(prefix_ids, prefix, list(rows_ids[k][:n]), keys, values, weights)
 
     def _forward(self, ids, mask, pos, cache, prefix, **kwargs):
@@ -461,7 +408,7 @@ class LocalEngine(Engine):
             return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                               **{self._cache_kw: cache}, **kwargs)
         prefix.set_valid(mask)
-        with shared_prefix.active(self.model):
+        with hf_compat.use_attention(self.model, shared_prefix.NAME):
             return self.model(input_ids=ids, position_ids=pos, use_cache=True,
                               **{self._cache_kw: cache, shared_prefix.KWARG: prefix}, **kwargs)
 
@@ -499,7 +446,7 @@ class LocalEngine(Engine):
 
     def _decode_batch(self, seqs, seeds, params: SamplingParams, on_done=None, keep_stop: bool = False,
                       store=None) -> list[list[int]]:
-        """Decode one batch; ``on_done(row)`` is called as each row finishes.
+        """Decode one batch; ``on_done(row, tokens)`` is called as each row finishes.
 
         With ``store`` (a :class:`~cai.engines.shared_prefix.Continuations`), each row's KV
         cache is kept there as it leaves the batch, for a later request that extends it.
@@ -533,7 +480,7 @@ class LocalEngine(Engine):
                         if keep_stop:
                             out_tokens[row].append(t)
                         if on_done:
-                            on_done(row)
+                            on_done(row, out_tokens[row])
                     else:
                         out_tokens[row].append(t)
                 keep = [k for k, row in enumerate(active) if not done[row]]
@@ -559,7 +506,7 @@ class LocalEngine(Engine):
         if on_done:
             for row in range(len(seqs)):
                 if not done[row]:  # stopped by the token budget
-                    on_done(row)
+                    on_done(row, out_tokens[row])
         return out_tokens
 
     def _pick(self, logits, gens, params: SamplingParams):
@@ -600,7 +547,8 @@ class LocalEngine(Engine):
 
     # -- scoring ------------------------------------------------------------------
 
-    def choice_logprobs(self, conversations, options, progress: Progress | None = None):
+    def choice_logprobs(self, conversations, options, progress: Progress | None = None,
+                        on_result: OnResult | None = None):
         items = []  # (conversation index, option index, token ids, option token count)
         singles = []  # (conversation index, shared token ids, each option's one token)
         for ci, (conv, opts) in enumerate(zip(conversations, options)):
@@ -630,11 +578,11 @@ class LocalEngine(Engine):
             else:
                 items += [(ci, oi, f, len(f) - k) for oi, f in enumerate(fulls)]
         scores = [[0.0] * len(o) for o in options]
-        self._score_singles(singles, scores, progress)
-        self._score_options(items, scores, progress)
+        self._score_singles(singles, scores, progress, on_result)
+        self._score_options(items, scores, progress, on_result)
         return scores
 
-    def _score_singles(self, singles, scores, progress) -> None:
+    def _score_singles(self, singles, scores, progress, on_result) -> None:
         torch = self.torch
         order = sorted(range(len(singles)), key=lambda i: -len(singles[i][1]))
         for start in range(0, len(order), self.score_batch_size):
@@ -644,14 +592,15 @@ class LocalEngine(Engine):
             logp = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
             for r, (ci, _, option_ids) in enumerate(batch):
                 scores[ci] = [float(logp[r, t]) for t in option_ids]
-            if progress:
-                progress(len(batch))
+                finished(ci, scores[ci], progress, on_result)
 
-    def _score_options(self, items, scores, progress) -> None:
+    def _score_options(self, items, scores, progress, on_result) -> None:
         """Options of several tokens: each option is its own sequence."""
         torch = self.torch
         order = sorted(range(len(items)), key=lambda i: -len(items[i][2]))
-        done = set()
+        left: dict[int, int] = {}
+        for ci, *_ in items:
+            left[ci] = left.get(ci, 0) + 1
         for start in range(0, len(order), self.score_batch_size):
             batch = [items[i] for i in order[start:start + self.score_batch_size]]
             keep = max(b[3] for b in batch) + 1
@@ -664,7 +613,6 @@ class LocalEngine(Engine):
                 targets = ids[r, -n:]
                 lp = logp[r, keep - n - 1: keep - 1, :].gather(-1, targets.view(-1, 1))
                 scores[ci][oi] = float(lp.sum())
-            if progress:
-                before = len(done)
-                done.update(b[0] for b in batch)
-                progress(len(done) - before)
+                left[ci] -= 1
+                if left[ci] == 0:
+                    finished(ci, scores[ci], progress, on_result)

@@ -39,7 +39,17 @@ import urllib.parse
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, Sequence
 
-from cai.engines.base import Conversation, Engine, Progress, SamplingParams, render_chat, request_seed, special_strings
+from cai.engines.base import (
+    Conversation,
+    Engine,
+    OnResult,
+    Progress,
+    SamplingParams,
+    finished,
+    render_chat,
+    request_seed,
+    special_strings,
+)
 from cai.errors import CaiError
 
 _RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
@@ -329,8 +339,9 @@ class OpenAIEngine(Engine):
             texts += got
         return texts if params.temperature > 0 else texts * params.n
 
-    def generate(self, conversations, params: SamplingParams, progress: Progress | None = None):
-        return self._map(lambda conv: self._generate_one(conv, params), list(conversations), progress)
+    def generate(self, conversations, params: SamplingParams, progress: Progress | None = None,
+                 on_result: OnResult | None = None):
+        return self._map(lambda conv: self._generate_one(conv, params), list(conversations), progress, on_result)
 
     # -- scoring ------------------------------------------------------------------
 
@@ -419,14 +430,21 @@ class OpenAIEngine(Engine):
             scores.append(total)
         return scores
 
-    def choice_logprobs(self, conversations, options, progress: Progress | None = None):
+    def choice_logprobs(self, conversations, options, progress: Progress | None = None,
+                        on_result: OnResult | None = None):
         pairs = list(zip(conversations, options))
-        return self._map(lambda p: self._score_one(p[0], p[1]), pairs, progress)
+        return self._map(lambda p: self._score_one(p[0], p[1]), pairs, progress, on_result)
+
+    def count_tokens(self, conversation: Conversation) -> int:
+        if self.tok is None:
+            return super().count_tokens(conversation)
+        return len(self.tok(self.render(conversation), add_special_tokens=False)["input_ids"])
 
     # -- fan-out ------------------------------------------------------------------
 
-    def _map(self, fn, items: list, progress: Progress | None) -> list:
-        """``fn`` over ``items`` with at most ``max_concurrency`` in flight, in order."""
+    def _map(self, fn, items: list, progress: Progress | None, on_result: OnResult | None = None) -> list:
+        """``fn`` over ``items`` with at most ``max_concurrency`` in flight, in order; each
+        result is handed to ``on_result`` as soon as it arrives."""
         if not items:
             return []
         self._abort.clear()
@@ -436,11 +454,17 @@ class OpenAIEngine(Engine):
         pending = set(futures)
         try:
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    results[futures[fut]] = fut.result()  # re-raises a job's error here
-                    if progress:
-                        progress(1)
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                error = None
+                for fut in done:  # hand back every answer that arrived before raising any error
+                    if fut.exception() is not None:
+                        error = error or fut.exception()
+                        continue
+                    i = futures[fut]
+                    results[i] = fut.result()
+                    finished(i, results[i], progress, on_result)
+                if error is not None:
+                    raise error
         except BaseException:
             self._abort.set()
             pool.shutdown(wait=False, cancel_futures=True)

@@ -17,7 +17,7 @@ each attention call is split in two, the way cascade attention does it:
 
 and the two partial softmaxes are merged exactly through their log-sum-exps.
 
-The engine turns this on per forward call (``active``), passes the prefix in the
+The engine turns this on per forward call (``hf_compat.use_attention``), passes the prefix in the
 ``cai_shared_prefix`` keyword that transformers forwards to attention functions, and
 checks once per model that the result matches ordinary attention
 (``LocalEngine._shared_prefix_ok``). Models whose attention this does not cover
@@ -27,7 +27,6 @@ that check and keep the copied cache.
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
@@ -60,10 +59,12 @@ class SharedPrefix:
     @classmethod
     def from_cache(cls, cache, token_ids) -> "SharedPrefix":
         """Take the prefix (``token_ids``) from a batch-1 transformers cache that holds only it."""
+        from cai.engines.hf_compat import layer_kv
+
         keys, values = [], []
-        for layer in cache.layers:
-            keys.append(layer.keys[0].contiguous())
-            values.append(layer.values[0].contiguous())
+        for k, v in layer_kv(cache):
+            keys.append(k[0].contiguous())
+            values.append(v[0].contiguous())
         return cls(keys, values, tuple(token_ids))
 
     def set_valid(self, valid) -> None:
@@ -89,18 +90,6 @@ class SharedPrefix:
             bias.masked_fill_(~seen, torch.finfo(torch.float32).min / 2)
             self._bias = bias[:, None].repeat(1, 1, groups, 1)
         return self._bias
-
-
-@contextlib.contextmanager
-def active(model):
-    """Route ``model``'s attention through :func:`attention` for the calls inside."""
-    config = model.config
-    before = config._attn_implementation
-    config._attn_implementation = NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
 
 
 def _flash_cpu():
@@ -181,9 +170,9 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
 
 
 def register() -> None:
-    from transformers import AttentionInterface
+    from cai.engines.hf_compat import register_attention
 
-    AttentionInterface.register(NAME, attention)
+    register_attention(NAME, attention)
 
 
 register()

@@ -11,10 +11,9 @@ from html import escape
 from pathlib import Path
 
 from cai.errors import CaiError
+from cai.stage_names import STAGES
 
 HERE = Path(__file__).parent
-#: Stages whose plots and metrics get a section of their own, in pipeline order.
-KNOWN_ORDER = ("prepare", "critique_revision", "sft", "feedback", "preference_model", "rl", "dpo", "evaluate", "report")
 
 
 def safe_json(obj) -> str:
@@ -77,7 +76,7 @@ def _figures(folder: Path) -> str:
 
 def stage_manifests(run: Path) -> list[dict]:
     found = [m for m in (_read_json(p) for p in run.glob("*/manifest.json")) if isinstance(m, dict) and m.get("stage")]
-    rank = {n: k for k, n in enumerate(KNOWN_ORDER)}
+    rank = {n: k for k, n in enumerate(STAGES)}
     return sorted(found, key=lambda m: (rank.get(m["stage"], len(rank)), str(m.get("started", ""))))
 
 
@@ -150,7 +149,7 @@ def stage_details(run: Path) -> str:
     """Metrics tables and plots of the training stages (PM, SFT, RL, DPO...)."""
     parts = []
     for folder in sorted((p for p in run.iterdir() if p.is_dir() and (p / "manifest.json").is_file()),
-                         key=lambda p: KNOWN_ORDER.index(p.name) if p.name in KNOWN_ORDER else 99):
+                         key=lambda p: STAGES.index(p.name) if p.name in STAGES else 99):
         if folder.name in ("evaluate", "report"):
             continue
         metrics = _read_json(folder / "metrics.json")

@@ -23,74 +23,19 @@ splits that follow the red-team prompt splits:
 
 from __future__ import annotations
 
-import random
-import re
-
-from cai.constitution import Constitution, CritiqueRevisionExample, load_constitution
-from cai.engines.base import SamplingParams
-from cai.io import write_jsonl
-from cai.pipeline import StageContext, StageSpec
-from cai.prompts import SPLITS
-from cai.stages.prepare import prepared_prompts
-
-
-# A critique that says the answer is already fine: then no revision is needed.
-NO_ISSUE_RE = re.compile(
-    r"\b(no (changes?|revisions?|edits?) (are |is )?(needed|necessary|required)"
-    r"|nothing (needs|has) to (be )?chang|does not need (to be|any) (changed|revis|chang)"
-    r"|there is nothing (harmful|wrong|problematic)|the response is (already )?(fine|appropriate|harmless|acceptable))",
-    re.I,
+from cai.constitution import load_constitution
+from cai.conversations import (
+    clean,
+    critique_conversation,
+    revision_conversation,
+    revision_demos,
+    revision_sampling,
+    sample_principle,
+    says_no_issue,
 )
-_LABEL_RE = re.compile(r"^\s*(revision|revised response|critique|response)\s*:\s*", re.I)
-
-
-def clean(text: str) -> str:
-    """Strip a leading 'Revision:'/'Critique:' label the model may echo."""
-    return _LABEL_RE.sub("", text or "").strip()
-
-
-def says_no_issue(critique: str) -> bool:
-    return bool(NO_ISSUE_RE.search(critique))
-
-
-def sample_principle(const: Constitution, seed: int, prompt_id: str, round_: int):
-    rng = random.Random(f"{seed}:{prompt_id}:{round_}")  # str seeds are stable across runs
-    return const.sample_principle(rng)
-
-
-def sampling(cr, seed: int, step: str, round_: int = 0) -> SamplingParams:
-    """The sampling parameters of one kind of request: 'answer', 'critique' or 'revision'."""
-    salt = {"answer": 0, "critique": 1000 + 2 * round_, "revision": 1001 + 2 * round_}[step]
-    budget = cr.critique_max_new_tokens if step == "critique" else cr.max_new_tokens
-    return SamplingParams(temperature=cr.temperature, top_p=cr.top_p, max_new_tokens=budget, seed=seed + salt)
-
-
-def demo_turns(examples: list[CritiqueRevisionExample], with_critique: bool) -> list[dict]:
-    """The demonstrations as chat turns: prompt, answer, (critique request, critique), revision."""
-    turns = []
-    for ex in examples:
-        turns += ex.messages
-        turns.append({"role": "assistant", "content": ex.response})
-        if with_critique:
-            turns.append({"role": "user", "content": ex.critique_request})
-            turns.append({"role": "assistant", "content": ex.critique})
-        turns.append({"role": "user", "content": ex.revision_request})
-        turns.append({"role": "assistant", "content": ex.revision})
-    return turns
-
-
-def critique_conversation(demos, messages, answer, principle):
-    return demos + messages + [
-        {"role": "assistant", "content": answer},
-        {"role": "user", "content": principle.critique},
-    ]
-
-
-def revision_conversation(demos, messages, answer, principle, critique: str | None):
-    conv = demos + messages + [{"role": "assistant", "content": answer}]
-    if critique is not None:
-        conv += [{"role": "user", "content": principle.critique}, {"role": "assistant", "content": critique}]
-    return conv + [{"role": "user", "content": principle.revision}]
+from cai.io import write_jsonl
+from cai.prompts import SPLITS
+from cai.stage import Cost, PlanInputs, StageContext, StageSpec, prepared_prompts, split_file
 
 
 def run(ctx: StageContext) -> dict:
@@ -102,7 +47,7 @@ def run(ctx: StageContext) -> dict:
     examples = const.critique_revision_examples
     if cr.few_shot >= 0:
         examples = examples[: cr.few_shot]
-    demos = demo_turns(examples, cr.critique)
+    demos = revision_demos(examples, cr.critique)
     engine = ctx.engine()
 
     items = [(s, p) for s in SPLITS for p in prompts[s]]
@@ -116,7 +61,7 @@ def run(ctx: StageContext) -> dict:
             return [clean(outs[0]) for outs in engine.generate(convs, sp, progress=update)]
 
     answers = generate([p.messages for _, p in items] + [p.messages for _, p in helpful_items],
-                       sampling(cr, cfg.seed, "answer"), "first answers")
+                       revision_sampling(cr, cfg.seed, "answer"), "first answers")
     first = answers[: len(items)]
     helpful_answers = answers[len(items):]
     latest = list(first)
@@ -128,7 +73,7 @@ def run(ctx: StageContext) -> dict:
         critiques: list[str | None] = [None] * len(items)
         if cr.critique:
             convs = [critique_conversation(demos, p.messages, latest[i], principles[i]) for i, (_, p) in enumerate(items)]
-            critiques = generate(convs, sampling(cr, cfg.seed, "critique", r), f"round {r + 1} critiques")
+            critiques = generate(convs, revision_sampling(cr, cfg.seed, "critique", r), f"round {r + 1} critiques")
         todo, statuses = [], []
         for i in range(len(items)):
             status = "revised"
@@ -140,7 +85,7 @@ def run(ctx: StageContext) -> dict:
                 todo.append(i)
             statuses.append(status)
         convs = [revision_conversation(demos, items[i][1].messages, latest[i], principles[i], critiques[i]) for i in todo]
-        revised = dict(zip(todo, generate(convs, sampling(cr, cfg.seed, "revision", r), f"round {r + 1} revisions")))
+        revised = dict(zip(todo, generate(convs, revision_sampling(cr, cfg.seed, "revision", r), f"round {r + 1} revisions")))
         for i in range(len(items)):
             revision = revised.get(i)
             if i in revised and not revision:
@@ -211,13 +156,30 @@ def write_artifacts(ctx, cr, items, first, latest, rounds, helpful_items, helpfu
             })
     counts = {}
     for name, data in (("chains", chains), ("sft", sft), ("prefs", prefs)):
-        folder = ctx.out / name
-        folder.mkdir(parents=True, exist_ok=True)
         for split in SPLITS:
-            write_jsonl(folder / f"{split}.jsonl", data[split])
+            path = split_file(ctx.out / name, split)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_jsonl(path, data[split])
             counts[f"{name}_{split}"] = len(data[split])
     counts["helpful_samples"] = len([a for a in helpful_answers if a])
     return counts
+
+
+def estimate(inputs: PlanInputs) -> Cost:
+    count, cr = inputs.count, inputs.cfg.critique_revision
+    reds = inputs.capped("red_team", cr.max_prompts)
+    ps = [p for s in reds for p in reds[s]]
+    hs = inputs.helpful_beside(reds, cr.helpful_ratio)
+    examples = inputs.constitution.critique_revision_examples
+    ex = examples if cr.few_shot < 0 else examples[: cr.few_shot]
+    demo = count(revision_demos(ex, cr.critique)) if ex else 0
+    first = sum(count(p.messages) for p in ps + hs)
+    per_round = sum(count(p.messages) + demo + cr.max_new_tokens + 40 for p in ps)
+    calls = 2 if cr.critique else 1
+    new = len(ps + hs) * cr.max_new_tokens + cr.rounds * len(ps) * (
+        cr.max_new_tokens + (cr.critique_max_new_tokens if cr.critique else 0))
+    return Cost(generate=len(ps + hs) + cr.rounds * len(ps) * calls, prompt_tokens=first + cr.rounds * per_round * calls,
+                new_tokens=new, note=f"{len(ps)} red-team + {len(hs)} helpful prompts, rounds: {cr.rounds}")
 
 
 STAGE = StageSpec(
@@ -226,4 +188,5 @@ STAGE = StageSpec(
     config_keys=("seed", "engine", "critique_revision"),
     needs=("prepare",),
     help="SL-CAI data: answer, critique and revise red-team prompts; mix in helpful samples.",
+    estimate=estimate,
 )

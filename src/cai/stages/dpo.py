@@ -44,18 +44,18 @@ import time
 
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_json
-from cai.pipeline import SL_CAI, StageContext, StageSpec
+from cai.plots import plot_curve
+from cai.stage import MODEL, SL_CAI, Cost, PlanInputs, StageContext, StageSpec, split_file
 from cai.training import (
     answer_logprobs,
     check_finite,
     encode_chat,
-    load_checkpoint,
+    load_trainable,
     optimizer_and_batches,
     pad_batch,
-    plot_curve,
+    resume,
     save_checkpoint,
     save_trained_model,
-    train_dtype,
     warmup_lr,
 )
 
@@ -161,22 +161,18 @@ def run(ctx: StageContext) -> dict:
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
-    from cai.engines.local import load_model_and_tokenizer
     from cai.models import resolve_model
 
     cfg, dc = ctx.cfg, ctx.cfg.dpo
     source = ctx.stage_dir("feedback") / "prefs" if dc.data == "feedback" else ctx.stage_dir("critique_revision") / "prefs"
     accelerator = Accelerator(cpu=cfg.engine.device == "cpu")
     base = resolve_model(ctx.model_path(dc.policy), cfg.engine.revision, progress=ctx.log)
-    model, tok, _ = load_model_and_tokenizer(
-        base, device="cpu", dtype=train_dtype(dc.dtype, accelerator.device),
-        trust_remote_code=cfg.engine.trust_remote_code, model_cls=AutoModelForCausalLM,
-    )
-    train, dropped = load_pairs(tok, source / "train.jsonl", dc.max_length, dc.min_confidence)
-    test, _ = load_pairs(tok, source / "test.jsonl", dc.max_length, dc.min_confidence)
-    ctx.record_input("train_pairs", source / "train.jsonl")
+    model, tok = load_trainable(base, dc.dtype, accelerator.device, cfg.engine.trust_remote_code, AutoModelForCausalLM)
+    train, dropped = load_pairs(tok, split_file(source, "train"), dc.max_length, dc.min_confidence)
+    test, _ = load_pairs(tok, split_file(source, "test"), dc.max_length, dc.min_confidence)
+    ctx.record_input("train_pairs", split_file(source, "train"))
     if not train:
-        raise CaiError(f"{source / 'train.jsonl'}: no pairs to train on (dropped: {dropped}; lower dpo.min_confidence?)")
+        raise CaiError(f"{split_file(source, 'train')}: no pairs to train on (dropped: {dropped}; lower dpo.min_confidence?)")
     model, optimizer, params, batches = optimizer_and_batches(accelerator, model, dc, len(train), cfg.seed)
     plain = accelerator.unwrap_model(model)
     micro = max(1, dc.batch_size // dc.grad_accum)
@@ -185,11 +181,10 @@ def run(ctx: StageContext) -> dict:
     pad_id, device = tok.pad_token_id, accelerator.device
 
     ckpt = ctx.out / "checkpoint"
-    start, history = 0, []
-    state = load_checkpoint(ckpt, plain, optimizer, total_steps) if ckpt.exists() else None
+    start, state = resume(ckpt, plain, optimizer, total_steps, ctx.log, "dpo")
+    history = state["history"] if state else []
     if state is not None:
-        start, history, ref = state["step"], state["history"], state["ref"]
-        ctx.log(f"[dpo] resuming from checkpoint at step {start}/{total_steps}")
+        ref = state["ref"]
     else:
         used = sorted({i for b in batches for i in b})
         ref = {"train": shared_reference(plain, train, used, pad_id, device, micro, rank, world),
@@ -244,7 +239,7 @@ def run(ctx: StageContext) -> dict:
         "test_reward_accuracy": after.get("reward_accuracy"), "test_margin": after.get("margin"),
     }
     if accelerator.is_main_process:
-        save_trained_model(ctx.out / "model", plain, tok, "dpo", base, dc, cfg.seed)
+        save_trained_model(ctx.out / MODEL, plain, tok, "dpo", base, dc, cfg.seed)
         write_json(ctx.out / "metrics.json", {
             "history": [{"step": s, "loss": l, "reward_accuracy": a, "margin": mg} for s, l, a, mg in history],
             "dropped": dropped, "test_before": before, "test_after": after, **counts,
@@ -261,6 +256,15 @@ def _needs(cfg) -> tuple[str, ...]:
     return data + (("sft",) if cfg.dpo.policy == SL_CAI else ())
 
 
+def estimate(inputs: PlanInputs) -> Cost:
+    fb, dc = inputs.cfg.feedback, inputs.cfg.dpo
+    n = inputs.feedback_pairs()
+    seqs = 2 * n * dc.epochs if dc.max_steps is None else min(2 * n * dc.epochs, 2 * dc.max_steps * dc.batch_size)
+    # plus one reference forward per sequence before training (a third of a training token)
+    return Cost(train_tokens=int(seqs * 4 / 3 * min(fb.max_new_tokens + 60, dc.max_length)),
+                note=f"~{int(n)} pairs x {dc.epochs} epochs")
+
+
 STAGE = StageSpec(
     name="dpo",
     run=run,
@@ -268,4 +272,5 @@ STAGE = StageSpec(
     needs=_needs,
     help="RL-CAI without a PM: DPO on the preference pairs, label-smoothed by the soft labels.",
     distributed=True,
+    estimate=estimate,
 )

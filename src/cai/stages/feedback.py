@@ -40,72 +40,27 @@ Artifacts, JSONL with train/test splits that follow the prompt splits:
 from __future__ import annotations
 
 import itertools
-import math
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cai.constitution import ComparisonExample, ComparisonPrinciple, Constitution, load_constitution
+from cai.constitution import ComparisonPrinciple, load_constitution
+from cai.conversations import (
+    COT_CUE,
+    OPTIONS,
+    answer_turn,
+    clean_reasoning,
+    comparison_demos,
+    is_abstention,
+    principle_texts,
+    question,
+    softmax2,
+)
 from cai.engines.base import SamplingParams
 from cai.errors import CaiError
 from cai.io import write_json, write_jsonl
-from cai.pipeline import SL_CAI, StageContext, StageSpec
 from cai.prompts import SPLITS, Prompt
-from cai.stages.prepare import prepared_prompts
-
-OPTIONS = ["A", "B"]
-ANSWER_PREFIX = "The answer is: ("
-COT_CUE = "Let's think step by step:"
-QUESTION = (
-    "Consider the following conversation between a human and an assistant:\n\n"
-    "{conversation}\n\n{question}\n\nOptions:\n(A) {a}\n\n(B) {b}"
-)
-_ANSWER_RE = re.compile(r"the answer is", re.I)
-
-
-# -- the question -------------------------------------------------------------------
-
-
-def render_conversation(messages: list[dict]) -> str:
-    names = {"user": "Human", "assistant": "Assistant", "system": "System"}
-    return "\n\n".join(f"{names.get(m['role'], m['role'])}: {m['content']}" for m in messages)
-
-
-def question(messages: list[dict], principle_text: str, a: str, b: str) -> str:
-    return QUESTION.format(conversation=render_conversation(messages), question=principle_text, a=a, b=b)
-
-
-def answer_turn(reasoning: str | None) -> str:
-    """The assistant's turn up to the option letter: the label is read right after it."""
-    return ANSWER_PREFIX if reasoning is None else f"{COT_CUE} {reasoning}\n\n{ANSWER_PREFIX}"
-
-
-def demo_turns(examples: list[ComparisonExample], principles: dict[str, str], cot: bool) -> list[dict]:
-    turns = []
-    for ex in examples:
-        text = principles.get(ex.principle_id, ex.principle_id)
-        turns.append({"role": "user", "content": question(ex.messages, text, ex.response_a, ex.response_b)})
-        reasoning = (ex.reasoning or "").strip() if cot else None
-        turns.append({"role": "assistant", "content": answer_turn(reasoning) + f"{ex.answer})"})
-    return turns
-
-
-def clean_reasoning(text: str) -> str:
-    """Keep the reasoning only: cut where the model starts stating its answer itself."""
-    m = _ANSWER_RE.search(text or "")
-    return (text[: m.start()] if m else text or "").strip()
-
-
-def is_abstention(reasoning: str) -> bool:
-    return len(re.findall(r"\w", reasoning)) < 3
-
-
-def softmax2(lp: list[float]) -> float:
-    """Probability of the first of two options from their log-probabilities."""
-    hi = max(lp)
-    ea, eb = math.exp(lp[0] - hi), math.exp(lp[1] - hi)
-    return ea / (ea + eb)
+from cai.stage import SL_CAI, Cost, PlanInputs, StageContext, StageSpec, prepared_prompts, split_file
 
 
 # -- comparisons ----------------------------------------------------------------------
@@ -244,15 +199,15 @@ def human_record(rec, where: str) -> tuple[list[dict], str, str]:
 
 
 def load_human_preferences(spec: str, seed: int, test_fraction: float) -> dict[str, list[dict]]:
-    from cai.prompts import _read_records, _split_by_hash, _split_files
+    from cai.prompts import read_records, split_by_hash, split_files
 
     path = Path(spec)
-    files = _split_files(path) if path.is_dir() else None
+    files = split_files(path) if path.is_dir() else None
     if path.is_dir() and not files:
         raise CaiError(f"feedback.human_preferences: folder '{spec}' has no train/test files")
     if not path.exists():
         raise CaiError(f"feedback.human_preferences: '{spec}' does not exist (a JSONL/JSON/Parquet file or a folder)")
-    raw = {s: _read_records(p) for s, p in files.items()} if files else {"all": _read_records(path)}
+    raw = {s: read_records(p) for s, p in files.items()} if files else {"all": read_records(path)}
     out: dict[str, list[dict]] = {"train": [], "test": []}
     for split, records in raw.items():
         for n, (where, rec) in enumerate(records):
@@ -261,7 +216,7 @@ def load_human_preferences(spec: str, seed: int, test_fraction: float) -> dict[s
                     "prompt": prompt, "chosen": chosen, "rejected": rejected}
             if split == "all":
                 p = Prompt(id=item["id"] + f":{n}", messages=prompt)
-                split_of = "test" if _split_by_hash([p], test_fraction, seed)["test"] else "train"
+                split_of = "test" if split_by_hash([p], test_fraction, seed)["test"] else "train"
                 out[split_of].append(item)
             else:
                 out[split].append(item)
@@ -379,8 +334,7 @@ def run(ctx: StageContext) -> dict:
     examples = const.comparison_examples if fb.few_shot < 0 else const.comparison_examples[: fb.few_shot]
     if fb.chain_of_thought:
         examples = [e for e in examples if e.reasoning]
-    texts = {p.id: p.text for p in const.comparison_principles + const.helpfulness_principles}
-    demos = demo_turns(examples, texts, fb.chain_of_thought)
+    demos = comparison_demos(examples, principle_texts(const), fb.chain_of_thought)
     label(engine, comparisons, demos, fb.chain_of_thought, fb, cfg.seed, ctx.progress)
 
     prefs = {s: [] for s in SPLITS}
@@ -407,8 +361,8 @@ def run(ctx: StageContext) -> dict:
     for name in ("comparisons", "prefs"):
         (ctx.out / name).mkdir(parents=True, exist_ok=True)
     for s in SPLITS:
-        write_jsonl(ctx.out / "comparisons" / f"{s}.jsonl", [_comparison_record(c) for c in comparisons if c.split == s])
-        write_jsonl(ctx.out / "prefs" / f"{s}.jsonl", prefs[s])
+        write_jsonl(split_file(ctx.out / "comparisons", s), [_comparison_record(c) for c in comparisons if c.split == s])
+        write_jsonl(split_file(ctx.out / "prefs", s), prefs[s])
     stats = statistics(comparisons)
     stats["by_source"] = {src: statistics([c for c in comparisons if c.source == src])
                           for src in ("harmlessness", "helpfulness")}
@@ -434,10 +388,33 @@ def _needs(cfg) -> tuple[str, ...]:
     return ("prepare", "sft") if cfg.feedback.policy == SL_CAI else ("prepare",)
 
 
+def estimate(inputs: PlanInputs) -> Cost:
+    import math
+
+    fb, count = inputs.cfg.feedback, inputs.count
+    reds = inputs.capped("red_team", fb.max_prompts)
+    prompts = [p for s in reds for p in reds[s]] + inputs.helpful_beside(reds, fb.helpful_ratio)
+    pairs = math.comb(fb.samples_per_prompt, 2)
+    examples = inputs.constitution.comparison_examples
+    ex = examples if fb.few_shot < 0 else examples[: fb.few_shot]
+    demo = count(comparison_demos(ex, principle_texts(inputs.constitution), fb.chain_of_thought)) if ex else 0
+    qs = len(prompts) * pairs * fb.principles_per_comparison * (2 if fb.both_orders else 1)
+    q_tokens = sum(count([{"role": "user", "content": question(p.messages, "Which is better?", "", "")}])
+                   for p in prompts) / max(1, len(prompts)) + demo + 2 * fb.max_new_tokens
+    cot = fb.chain_of_thought
+    return Cost(
+        generate=len(prompts) * fb.samples_per_prompt + (qs if cot else 0), score=qs,
+        prompt_tokens=sum(count(p.messages) for p in prompts) + int(qs * q_tokens) * (2 if cot else 1),
+        new_tokens=len(prompts) * fb.samples_per_prompt * fb.max_new_tokens + (qs * fb.cot_max_new_tokens if cot else 0),
+        note=f"{len(prompts) * pairs} pairs, {qs} questions",
+    )
+
+
 STAGE = StageSpec(
     name="feedback",
     run=run,
     config_keys=("seed", "engine", "feedback", "data"),
     needs=_needs,
     help="AI feedback: sample answer pairs, label them with option log-probabilities in both orders.",
+    estimate=estimate,
 )

@@ -21,15 +21,23 @@ rewards), ``loss.png``, ``calibration.png`` (reliability diagram) and ``scores.p
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import shutil
 import time
 
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_json, write_jsonl
-from cai.pipeline import SL_CAI, StageContext, StageSpec
-from cai.reward import encode_answer, pair_metrics, preference_loss, prepare_for_scoring, reliability, rewards, sigmoid
-from cai.training import check_finite, load_checkpoint, optimizer_and_batches, plot_curve, save_checkpoint
+from cai.plots import plot_calibration, plot_curve, plot_scores
+from cai.reward import encode_answer, pair_metrics, preference_loss, prepare_for_scoring, rewards, sigmoid
+from cai.stage import MODEL, SL_CAI, Cost, PlanInputs, StageContext, StageSpec, split_file
+from cai.training import (
+    check_finite,
+    load_trainable,
+    optimizer_and_batches,
+    resume,
+    save_checkpoint,
+    save_trained_model,
+    warmup_lr,
+)
 
 
 def load_pairs(tok, path, max_length: int) -> list[dict]:
@@ -70,53 +78,12 @@ def evaluate(model, pairs, pad_id, device, batch_size: int) -> tuple[dict, list[
     return pair_metrics(deltas, [x["p"] for x in pairs], [x["source"] for x in pairs]), scores
 
 
-def plot_calibration(path, q, p, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    bins = reliability(q, p)
-    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfect calibration")
-    ax.plot([b["mean_q"] for b in bins], [b["mean_p"] for b in bins], marker="o", label="preference model")
-    for b in bins:
-        ax.annotate(str(b["count"]), (b["mean_q"], b["mean_p"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("PM probability sigmoid(r_chosen - r_rejected)")
-    ax.set_ylabel("mean AI label p_chosen")
-    ax.set_title(title)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_scores(path, scores, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist([s[0] for s in scores], bins=20, alpha=0.6, label="chosen")
-    ax.hist([s[1] for s in scores], bins=20, alpha=0.6, label="rejected")
-    ax.set_xlabel("reward")
-    ax.set_ylabel("answers")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def run(ctx: StageContext) -> dict:
     import torch
+    import transformers
     from accelerate import Accelerator
     from transformers import AutoModelForSequenceClassification
 
-    from cai.engines.local import load_model_and_tokenizer
     from cai.models import resolve_model
 
     cfg, pc = ctx.cfg, ctx.cfg.preference_model
@@ -124,24 +91,19 @@ def run(ctx: StageContext) -> dict:
     accelerator = Accelerator(cpu=cfg.engine.device == "cpu")
     start_from = ctx.model_path(pc.model)
     base = resolve_model(start_from, cfg.engine.revision, progress=ctx.log)
-    dtype = pc.dtype if pc.dtype != "auto" else ("float32" if accelerator.device.type == "cpu" else "bfloat16")
-    import transformers
-
     transformers.set_seed(cfg.seed)  # the new score head's initialisation: same in every run and process
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "score.weight newly initialized" is the point here
     try:
-        model, tok, _ = load_model_and_tokenizer(
-            base, device="cpu", dtype=dtype, trust_remote_code=cfg.engine.trust_remote_code,
-            model_cls=AutoModelForSequenceClassification, num_labels=1,
-        )
+        model, tok = load_trainable(base, pc.dtype, accelerator.device, cfg.engine.trust_remote_code,
+                                    AutoModelForSequenceClassification, num_labels=1)
     finally:
         transformers.logging.set_verbosity(verbosity)
     prepare_for_scoring(model, tok)
-    train = load_pairs(tok, data_dir / "train.jsonl", pc.max_length)
-    test = load_pairs(tok, data_dir / "test.jsonl", pc.max_length)
+    train = load_pairs(tok, split_file(data_dir, "train"), pc.max_length)
+    test = load_pairs(tok, split_file(data_dir, "test"), pc.max_length)
     if not train:
-        raise CaiError(f"{data_dir / 'train.jsonl'}: no comparisons to train on (did the feedback stage label any?)")
+        raise CaiError(f"{split_file(data_dir, 'train')}: no comparisons to train on (did the feedback stage label any?)")
     model, optimizer, params, batches = optimizer_and_batches(accelerator, model, pc, len(train), cfg.seed)
     micro = max(1, pc.batch_size // pc.grad_accum)
     total_steps = len(batches)
@@ -149,19 +111,16 @@ def run(ctx: StageContext) -> dict:
     pad_id, device = tok.pad_token_id, accelerator.device
 
     ckpt = ctx.out / "checkpoint"
-    start, history = 0, []
-    state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, total_steps) if ckpt.exists() else None
-    if state is not None:
-        start, history = state["step"], state["history"]
-        ctx.log(f"[preference_model] resuming from checkpoint at step {start}/{total_steps}")
-    before = evaluate(model, test, pad_id, device, micro)[0] if start == 0 else state.get("before")
+    start, state = resume(ckpt, accelerator.unwrap_model(model), optimizer, total_steps, ctx.log, "preference_model")
+    history = state["history"] if state else []
+    before = state.get("before") if state else evaluate(model, test, pad_id, device, micro)[0]
 
     t0 = time.time()
     with ctx.progress(total_steps, "training", unit="step") as update:
         update(start)
         for step in range(start, total_steps):
             for g in optimizer.param_groups:
-                g["lr"] = pc.learning_rate * min(1.0, (step + 1) / pc.warmup_steps) if pc.warmup_steps else pc.learning_rate
+                g["lr"] = warmup_lr(pc.learning_rate, pc.warmup_steps, step)
             mine = batches[step][rank::world]
             step_loss = 0.0
             for m in range(0, len(mine), micro):
@@ -194,12 +153,7 @@ def run(ctx: StageContext) -> dict:
         "test_ece_before": before.get("ece"), "test_ece": after.get("ece"),
     }
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
-        final.save_pretrained(ctx.out / "model")
-        tok.save_pretrained(ctx.out / "model")
-        write_json(ctx.out / "model" / "cai_training.json", {
-            "stage": "preference_model", "base_model": base, "config": dataclasses.asdict(pc), "seed": cfg.seed,
-        })
+        save_trained_model(ctx.out / MODEL, accelerator.unwrap_model(model), tok, "preference_model", base, pc, cfg.seed)
         write_json(ctx.out / "metrics.json", {
             "loss_history": history, "test_before": before, "test_after": after, **counts,
         })
@@ -220,6 +174,13 @@ def _needs(cfg) -> tuple[str, ...]:
     return ("feedback", "sft") if cfg.preference_model.model == SL_CAI else ("feedback",)
 
 
+def estimate(inputs: PlanInputs) -> Cost:
+    fb, pc = inputs.cfg.feedback, inputs.cfg.preference_model
+    n = inputs.feedback_pairs()
+    seqs = 2 * n * pc.epochs if pc.max_steps is None else min(2 * n * pc.epochs, 2 * pc.max_steps * pc.batch_size)
+    return Cost(train_tokens=int(seqs * min(fb.max_new_tokens + 60, pc.max_length)), note=f"~{int(n)} pairs x {pc.epochs} epochs")
+
+
 STAGE = StageSpec(
     name="preference_model",
     run=run,
@@ -227,4 +188,5 @@ STAGE = StageSpec(
     needs=_needs,
     help="Preference model: a reward model trained on the AI feedback's soft labels.",
     distributed=True,
+    estimate=estimate,
 )

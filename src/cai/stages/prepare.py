@@ -10,32 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cai.constitution import load_constitution
-from cai.models import resolve_model
-from cai.pipeline import StageContext, StageSpec
-from cai.prompts import BUILTIN_DIR as PROMPTS_DIR
 from cai.io import write_jsonl
-from cai.prompts import SPLITS, Prompt, load_prompt_file, load_prompt_set
-
-PROMPT_SETS = ("red_team", "helpful", "benign")
-
-
-def prepared_prompts(prep_dir: Path, name: str, limit: int | None = None) -> dict[str, list[Prompt]]:
-    """One prompt set's frozen train/test splits from a finished prepare stage, at most
-    ``limit`` prompts per split (None: all)."""
-    return {s: load_prompt_file(prep_dir / "prompts" / name / f"{s}.jsonl")[:limit] for s in SPLITS}
-
-
-def load_inputs(cfg):
-    """The constitution and the three prompt sets, validated (used by `cai validate`)."""
-    const = load_constitution(cfg.data.constitution)
-    sets = {}
-    for name in PROMPT_SETS:
-        splits = load_prompt_set(getattr(cfg.data, name), cfg.data.test_fraction, cfg.seed)
-        if cfg.data.max_per_split is not None:
-            splits = {s: ps[: cfg.data.max_per_split] for s, ps in splits.items()}
-        sets[name] = splits
-    return const, sets
+from cai.models import resolve_model
+from cai.prompts import BUILTIN_DIR as PROMPTS_DIR
+from cai.stage import Cost, PlanInputs, StageContext, StageSpec, load_inputs, prompt_file
 
 
 def _source_files(spec: str) -> list[Path]:
@@ -58,10 +36,10 @@ def run(ctx: StageContext) -> dict:
         ctx.log(f"[prepare] constitution: {note}")
     counts = {"principles": len(const.principles), "comparison_principles": len(const.comparison_principles)}
     for name, splits in sets.items():
-        folder = ctx.out / "prompts" / name
-        folder.mkdir(parents=True, exist_ok=True)
         for split, prompts in splits.items():
-            write_jsonl(folder / f"{split}.jsonl", (p.to_record() for p in prompts))
+            path = prompt_file(ctx.out, name, split)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_jsonl(path, (p.to_record() for p in prompts))
             counts[f"{name}_{split}"] = len(prompts)
         for f in _source_files(getattr(cfg.data, name)):
             ctx.record_input(f"{name}:{f.name}", f)
@@ -73,9 +51,14 @@ def run(ctx: StageContext) -> dict:
     return counts
 
 
+def estimate(inputs: PlanInputs) -> Cost:
+    return Cost(note="reads and freezes the inputs")
+
+
 STAGE = StageSpec(
     name="prepare",
     run=run,
     config_keys=("data", "seed", "engine"),
     help="Validate and freeze the constitution and prompt splits; resolve the model.",
+    estimate=estimate,
 )

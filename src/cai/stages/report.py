@@ -6,7 +6,7 @@ all the stages listed before it, so it is rebuilt whenever any of them changes.
 
 from __future__ import annotations
 
-from cai.pipeline import StageContext, StageSpec
+from cai.stage import StageContext, StageSpec
 
 
 def run(ctx: StageContext) -> dict:

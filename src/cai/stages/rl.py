@@ -53,14 +53,15 @@ from typing import Any
 from cai.config import RLConfig
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_json, write_jsonl
-from cai.pipeline import SL_CAI, StageContext, StageSpec
+from cai.plots import plot_curve
+from cai.stage import MODEL, SL_CAI, Cost, PlanInputs, StageContext, StageSpec, model_dir, prompt_file
 from cai.training import (
     IGNORE,
     answer_logprobs,
     check_finite,
-    load_checkpoint,
+    load_trainable,
     pad_batch,
-    plot_curve,
+    resume,
     save_checkpoint,
     save_trained_model,
     train_dtype,
@@ -123,10 +124,10 @@ def rloo_loss(advantages, logprobs, n_total: int):
 
 def prompt_pool(prep_dir, max_prompts: int | None, helpful_ratio: float, seed: int) -> list[dict]:
     """Red-team train prompts plus ``helpful_ratio`` helpfulness prompts per red-team one, shuffled."""
-    red = read_jsonl(prep_dir / "prompts" / "red_team" / "train.jsonl")
+    red = read_jsonl(prompt_file(prep_dir, "red_team", "train"))
     if max_prompts is not None:
         red = red[:max_prompts]
-    helpful = read_jsonl(prep_dir / "prompts" / "helpful" / "train.jsonl")[: round(helpful_ratio * len(red))]
+    helpful = read_jsonl(prompt_file(prep_dir, "helpful", "train"))[: round(helpful_ratio * len(red))]
     pool = [{**p, "set": "red_team"} for p in red] + [{**p, "set": "helpful"} for p in helpful]
     if not pool:
         raise CaiError(f"{prep_dir / 'prompts'}: no train prompts for RL (check rl.max_prompts)")
@@ -143,21 +144,14 @@ def step_prompts(pool: list[dict], step: int, per_step: int) -> list[dict]:
 
 
 def rollout(engine, prompts: list[dict], params) -> tuple[list[dict], list[str]]:
-    """k sampled answers per prompt: examples (prompt ids + sampled ids, answer-only labels)
-    and the answers' texts, in prompt-major order."""
-    model = engine.model
-    was_training = model.training
-    model.eval()
-    try:
-        ids = engine.generate_ids([p["messages"] for p in prompts], params, keep_stop=True)
-    finally:
-        model.train(was_training)
+    """k sampled answers per prompt from the engine's live policy: examples (prompt ids +
+    sampled ids, answer-only labels) and the answers' texts, in prompt-major order."""
     examples, texts = [], []
-    for p, answers in zip(prompts, ids):
-        prefix = engine.encode(engine.render(p["messages"]))
-        for a in answers:
+    for sample in engine.sample_tokens([p["messages"] for p in prompts], params):
+        prefix = sample.prompt_ids
+        for a, text in zip(sample.answer_ids, sample.texts):
             examples.append({"input_ids": prefix + a, "labels": [IGNORE] * len(prefix) + a})
-            texts.append(engine.tok.decode(a, skip_special_tokens=True).strip())
+            texts.append(text)
     return examples, texts
 
 
@@ -209,7 +203,7 @@ def run(ctx: StageContext) -> dict:
     from transformers import AutoModelForCausalLM
 
     from cai.engines.base import SamplingParams
-    from cai.engines.local import LocalEngine, load_model_and_tokenizer
+    from cai.engines.local import LocalEngine
     from cai.models import resolve_model
     from cai.reward import RewardModel
 
@@ -218,15 +212,14 @@ def run(ctx: StageContext) -> dict:
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     base = resolve_model(ctx.model_path(rc.policy), cfg.engine.revision, progress=ctx.log)
     dtype = train_dtype(rc.dtype, device)
-    model, tok, _ = load_model_and_tokenizer(
-        base, device="cpu", dtype=dtype, trust_remote_code=cfg.engine.trust_remote_code, model_cls=AutoModelForCausalLM,
-    )
+    model, tok = load_trainable(base, rc.dtype, device, cfg.engine.trust_remote_code, AutoModelForCausalLM)
     ref = copy.deepcopy(model).to(device).eval().requires_grad_(False)
-    pm_dir = ctx.stage_dir("preference_model") / "model"
+    ctx.stage_dir("preference_model")
+    pm_dir = model_dir(ctx.run_dir, "preference_model")
     pm = RewardModel.load(str(pm_dir), device=str(device), dtype=dtype, trust_remote_code=cfg.engine.trust_remote_code)
     prep = ctx.stage_dir("prepare")
     pool = prompt_pool(prep, rc.max_prompts, rc.helpful_ratio, cfg.seed)
-    eval_set = read_jsonl(prep / "prompts" / "red_team" / "test.jsonl")[: rc.eval_prompts]
+    eval_set = read_jsonl(prompt_file(prep, "red_team", "test"))[: rc.eval_prompts]
     ctx.record_input("preference_model", pm_dir / "model.safetensors")
 
     model.train()
@@ -235,7 +228,7 @@ def run(ctx: StageContext) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)
     # The engine wraps the policy's own modules: optimizer steps update it in place.
-    engine = LocalEngine(base, model=policy, tokenizer=tok, batch_size=cfg.engine.batch_size)
+    engine = LocalEngine.for_model(policy, tok, batch_size=cfg.engine.batch_size, name=base)
     ckpt = ctx.out / "checkpoint"
     ln = Learner(rc, model, policy, ref, pm, engine, optimizer, accelerator, params, tok.pad_token_id, ckpt)
     k = rc.samples_per_prompt
@@ -244,11 +237,10 @@ def run(ctx: StageContext) -> dict:
         return SamplingParams(n=n, temperature=rc.temperature, top_p=rc.top_p, max_new_tokens=rc.max_new_tokens, seed=seed)
 
     eval_params = sampling(cfg.seed + EVAL_SEED_OFFSET, 1)
-    start, history, samples = 0, [], []
-    state = load_checkpoint(ckpt, policy, optimizer, rc.steps) if ckpt.exists() else None
+    start, state = resume(ckpt, policy, optimizer, rc.steps, ctx.log, "rl")
+    history, samples = [], []
     if state is not None:
-        start, history, samples, before = state["step"], state["history"], state["samples"], state["before"]
-        ctx.log(f"[rl] resuming from checkpoint at step {start}/{rc.steps}")
+        history, samples, before = state["history"], state["samples"], state["before"]
     else:
         before, before_rows = evaluate(ln, eval_set, eval_params)
         before["rows"] = before_rows
@@ -280,7 +272,7 @@ def run(ctx: StageContext) -> dict:
         "final_kl": round(history[-1]["kl"], 4) if history else None,
     }
     if accelerator.is_main_process:
-        save_trained_model(ctx.out / "model", policy, tok, "rl", base, rc, cfg.seed)
+        save_trained_model(ctx.out / MODEL, policy, tok, "rl", base, rc, cfg.seed)
         write_json(ctx.out / "metrics.json", {"history": history, "eval_before": before, "eval_after": after, **counts})
         write_jsonl(ctx.out / "rollouts.jsonl", samples)
         write_jsonl(ctx.out / "eval_samples.jsonl", [
@@ -365,6 +357,19 @@ def _needs(cfg) -> tuple[str, ...]:
     return ("prepare", "preference_model") + (("sft",) if cfg.rl.policy == SL_CAI else ())
 
 
+def estimate(inputs: PlanInputs) -> Cost:
+    rc, count = inputs.cfg.rl, inputs.count
+    train = inputs.sets["red_team"].get("train", [])
+    avg = sum(count(p.messages) for p in train) / max(1, len(train))
+    rollouts = rc.steps * rc.prompts_per_step * rc.samples_per_prompt
+    asked = rc.steps * rc.prompts_per_step + 2 * rc.eval_prompts
+    # policy forward + backward, reference and PM forwards: about 1.5x a training token
+    return Cost(generate=asked, prompt_tokens=int(asked * avg),
+                new_tokens=rollouts * rc.max_new_tokens + 2 * rc.eval_prompts * rc.max_new_tokens,
+                train_tokens=int(1.5 * rollouts * (avg + rc.max_new_tokens)),
+                note=f"{rc.steps} steps x {rc.prompts_per_step} prompts x {rc.samples_per_prompt} samples")
+
+
 STAGE = StageSpec(
     name="rl",
     run=run,
@@ -372,4 +377,5 @@ STAGE = StageSpec(
     needs=_needs,
     help="RL-CAI: RLOO against the preference model with a KL penalty to the SL-CAI model.",
     distributed=True,
+    estimate=estimate,
 )

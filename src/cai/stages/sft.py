@@ -15,22 +15,25 @@ loss before and after), ``loss.png``. A resumable checkpoint is kept in
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import shutil
 import time
 
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_json
-from cai.pipeline import StageContext, StageSpec
+from cai.plots import plot_curve
+from cai.stage import MODEL, Cost, PlanInputs, StageContext, StageSpec, split_file
 from cai.training import (
+    IGNORE,
     check_finite,
     encode_chat,
-    load_checkpoint,
+    load_trainable,
     optimizer_and_batches,
     pad_batch,
-    plot_curve,
+    resume,
     save_checkpoint,
+    save_trained_model,
     token_loss,
+    warmup_lr,
 )
 
 
@@ -45,7 +48,7 @@ def evaluate_loss(model, examples, pad_id, device, batch_size: int) -> float | N
         for i in range(0, len(examples), batch_size):
             batch = pad_batch(examples[i:i + batch_size], pad_id, device)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            n = int((batch["labels"][:, 1:] != -100).sum())
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())
             total += float(token_loss(logits, batch["labels"])) * n
             count += n
     model.train()
@@ -68,7 +71,6 @@ def run(ctx: StageContext) -> dict:
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
-    from cai.engines.local import load_model_and_tokenizer
     from cai.models import resolve_model
 
     cfg, sc = ctx.cfg, ctx.cfg.sft
@@ -77,14 +79,11 @@ def run(ctx: StageContext) -> dict:
     if not sc.model and cfg.engine.kind == "openai":
         raise CaiError("config field 'sft.model' is empty; with engine.kind=openai the policy is remote, so name a local checkpoint to fine-tune")
     base = resolve_model(sc.model or cfg.engine.model, cfg.engine.revision, progress=ctx.log)
-    model, tok, _ = load_model_and_tokenizer(
-        base, device="cpu", dtype=sc.dtype if sc.dtype != "auto" else ("float32" if accelerator.device.type == "cpu" else "bfloat16"),
-        trust_remote_code=cfg.engine.trust_remote_code, model_cls=AutoModelForCausalLM,
-    )
-    train, dropped = load_examples(tok, data_dir / "train.jsonl", sc.max_length)
-    test, _ = load_examples(tok, data_dir / "test.jsonl", sc.max_length)
+    model, tok = load_trainable(base, sc.dtype, accelerator.device, cfg.engine.trust_remote_code, AutoModelForCausalLM)
+    train, dropped = load_examples(tok, split_file(data_dir, "train"), sc.max_length)
+    test, _ = load_examples(tok, split_file(data_dir, "test"), sc.max_length)
     if not train:
-        raise CaiError(f"{data_dir / 'train.jsonl'}: no usable SFT examples (is the critique_revision output empty?)")
+        raise CaiError(f"{split_file(data_dir, 'train')}: no usable SFT examples (is the critique_revision output empty?)")
     if sc.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -94,29 +93,23 @@ def run(ctx: StageContext) -> dict:
         ))
     model, optimizer, params, batches = optimizer_and_batches(accelerator, model, sc, len(train), cfg.seed)
     micro = max(1, sc.batch_size // sc.grad_accum)
-    n_learned = [sum(1 for x in e["labels"][1:] if x != -100) for e in train]
+    n_learned = [sum(1 for x in e["labels"][1:] if x != IGNORE) for e in train]
     total_steps = len(batches)
     # Each process takes its share of every batch (plain data parallelism).
     rank, world = accelerator.process_index, accelerator.num_processes
 
     ckpt = ctx.out / "checkpoint"
-    start, history = 0, []
-    state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, total_steps) if ckpt.exists() else None
-    if state is not None:
-        start, history = state["step"], state["history"]
-        ctx.log(f"[sft] resuming from checkpoint at step {start}/{total_steps}")
+    start, state = resume(ckpt, accelerator.unwrap_model(model), optimizer, total_steps, ctx.log, "sft")
+    history = state["history"] if state else []
     pad_id = tok.pad_token_id
-    eval_before = evaluate_loss(model, test, pad_id, accelerator.device, micro) if start == 0 else state.get("eval_before")
-
-    def lr_at(step: int) -> float:
-        return sc.learning_rate * min(1.0, (step + 1) / sc.warmup_steps) if sc.warmup_steps else sc.learning_rate
+    eval_before = state.get("eval_before") if state else evaluate_loss(model, test, pad_id, accelerator.device, micro)
 
     tokens_seen, t0 = 0, time.time()
     with ctx.progress(total_steps, "training", unit="step") as update:
         update(start)
         for step in range(start, total_steps):
             for g in optimizer.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = warmup_lr(sc.learning_rate, sc.warmup_steps, step)
             mine = batches[step][rank::world]
             n_labels = sum(n_learned[i] for i in mine) or 1
             step_loss = 0.0
@@ -158,13 +151,21 @@ def run(ctx: StageContext) -> dict:
         if sc.method == "lora":
             final.save_pretrained(ctx.out / "adapter")
             final = final.merge_and_unload()
-        final.save_pretrained(ctx.out / "model")
-        tok.save_pretrained(ctx.out / "model")
-        write_json(ctx.out / "model" / "cai_training.json", {"stage": "sft", "base_model": base, "config": dataclasses.asdict(sc), "seed": cfg.seed})
+        save_trained_model(ctx.out / MODEL, final, tok, "sft", base, sc, cfg.seed)
         write_json(ctx.out / "metrics.json", {"loss": history, **counts})
         plot_curve(ctx.out / "loss.png", {"train loss": [tuple(h) for h in history]}, "SFT on critique/revision data")
         shutil.rmtree(ckpt, ignore_errors=True)
     return counts
+
+
+def estimate(inputs: PlanInputs) -> Cost:
+    count, cr, sc = inputs.count, inputs.cfg.critique_revision, inputs.cfg.sft
+    reds = inputs.capped("red_team", cr.max_prompts)
+    train = reds.get("train", [])
+    n = len(train) + min(len(inputs.sets["helpful"].get("train", [])), round(cr.helpful_ratio * len(train)))
+    per = sum(count(p.messages) for p in train) / max(1, len(train)) + cr.max_new_tokens
+    seen = n * sc.epochs if sc.max_steps is None else min(n * sc.epochs, sc.max_steps * sc.batch_size)
+    return Cost(train_tokens=int(seen * min(per, sc.max_length)), note=f"{n} examples x {sc.epochs} epochs")
 
 
 STAGE = StageSpec(
@@ -174,4 +175,5 @@ STAGE = StageSpec(
     needs=("critique_revision",),
     help="SL-CAI model: fine-tune on the final revisions plus helpful samples.",
     distributed=True,
+    estimate=estimate,
 )

@@ -1,5 +1,12 @@
-"""The evaluation plots (PNG, matplotlib's Agg backend): Elo with intervals,
-harmfulness distributions and refusal rates, drawn from ``evaluate/results.json``."""
+"""Every plot cai draws (PNG, matplotlib's Agg backend), in one module.
+
+* training curves (:func:`plot_curve`: loss, reward, KL per optimizer step);
+* the preference model's reliability diagram and reward histograms;
+* the evaluation: Elo with intervals, harmfulness distributions and refusal rates,
+  drawn from ``evaluate/results.json``.
+
+Each function writes one file and closes its figure.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,60 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
+def plot_curve(path: Path, series: dict[str, list[tuple[int, float]]], title: str, ylabel: str = "loss") -> None:
+    """One line per named series of (optimizer step, value) points."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, points in series.items():
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=name, marker="." if len(points) < 30 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_calibration(path: Path, q: list[float], p: list[float], title: str) -> None:
+    """Reliability diagram: the PM's probability against the mean AI label, per bin."""
+    from cai.reward import reliability
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    bins = reliability(q, p)
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfect calibration")
+    ax.plot([b["mean_q"] for b in bins], [b["mean_p"] for b in bins], marker="o", label="preference model")
+    for b in bins:
+        ax.annotate(str(b["count"]), (b["mean_q"], b["mean_p"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("PM probability sigmoid(r_chosen - r_rejected)")
+    ax.set_ylabel("mean AI label p_chosen")
+    ax.set_title(title)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_scores(path: Path, scores: list[tuple[float, float]], title: str) -> None:
+    """Histograms of the rewards of chosen and rejected answers."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist([s[0] for s in scores], bins=20, alpha=0.6, label="chosen")
+    ax.hist([s[1] for s in scores], bins=20, alpha=0.6, label="rejected")
+    ax.set_xlabel("reward")
+    ax.set_ylabel("answers")
+    ax.set_title(title)
+    ax.legend()
+    _save(fig, path)
 
 
 def plot_elo(path: Path, results: dict) -> None:
@@ -36,9 +97,7 @@ def plot_elo(path: Path, results: dict) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_harmfulness(path: Path, results: dict) -> None:
@@ -60,9 +119,7 @@ def plot_harmfulness(path: Path, results: dict) -> None:
     ax.set_ylabel("mean judge probability")
     ax.set_title("Harmfulness 0-4 of red-team answers")
     ax.legend(title="rating", fontsize=7, title_fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_refusals(path: Path, results: dict) -> None:
@@ -81,6 +138,4 @@ def plot_refusals(path: Path, results: dict) -> None:
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel("refusal rate")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)

@@ -1,0 +1,213 @@
+"""The stage contract: what a stage is given, what it declares, and where artifacts live.
+
+Every stage module (``cai/stages/*.py``) imports this module and the shared ones
+(``conversations``, ``training``, ``engines``...), never another stage and never the
+pipeline. A stage is a :class:`StageSpec`: a ``run(ctx)`` that writes its artifacts into
+``ctx.out`` and returns counts for the manifest, the config sections it reads (its
+fingerprint), the stages it needs, and an ``estimate`` of its cost for ``cai plan``.
+
+Artifact paths that one stage writes and another reads are spelled once, here
+(:func:`model_dir`, :func:`prompt_file`, :func:`split_file`), as are the shared readers
+(:func:`prepared_prompts`, :func:`load_inputs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from cai.errors import CaiError
+from cai.prompts import SPLITS, Prompt, load_prompt_file, load_prompt_set
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cai.config import RunConfig
+
+#: A model setting that names the SL-CAI model this run's ``sft`` stage trains.
+SL_CAI = "sl-cai"
+#: The prompt sets ``prepare`` freezes, each with train/test splits.
+PROMPT_SETS = ("red_team", "helpful", "benign")
+#: Where a training stage saves its model inside its folder.
+MODEL = "model"
+
+
+# -- artifact paths -------------------------------------------------------------------------
+
+
+def model_dir(run_dir: Path, stage: str) -> Path:
+    """The ``save_pretrained`` folder of a training stage: ``RUN_DIR/<stage>/model``."""
+    return Path(run_dir) / stage / MODEL
+
+
+def prompt_file(prep_dir: Path, name: str, split: str) -> Path:
+    """A frozen prompt split of the prepare stage: ``prepare/prompts/<set>/<split>.jsonl``."""
+    return Path(prep_dir) / "prompts" / name / f"{split}.jsonl"
+
+
+def split_file(folder: Path, split: str) -> Path:
+    """One split of an artifact folder (``chains/``, ``sft/``, ``prefs/``...): ``<split>.jsonl``."""
+    return Path(folder) / f"{split}.jsonl"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- shared readers -------------------------------------------------------------------------
+
+
+def prepared_prompts(prep_dir: Path, name: str, limit: int | None = None) -> dict[str, list[Prompt]]:
+    """One prompt set's frozen train/test splits from a finished prepare stage, at most
+    ``limit`` prompts per split (None: all)."""
+    return {s: load_prompt_file(prompt_file(prep_dir, name, s))[:limit] for s in SPLITS}
+
+
+def load_inputs(cfg: "RunConfig"):
+    """The constitution and the three prompt sets of a config, validated: what ``prepare``
+    freezes, ``cai validate`` checks and ``cai plan`` counts."""
+    from cai.constitution import load_constitution
+
+    const = load_constitution(cfg.data.constitution)
+    sets = {}
+    for name in PROMPT_SETS:
+        splits = load_prompt_set(getattr(cfg.data, name), cfg.data.test_fraction, cfg.seed)
+        if cfg.data.max_per_split is not None:
+            splits = {s: ps[: cfg.data.max_per_split] for s, ps in splits.items()}
+        sets[name] = splits
+    return const, sets
+
+
+# -- cost estimates (cai plan) --------------------------------------------------------------
+
+
+@dataclass
+class Cost:
+    """What a stage will do, counted before it runs (``cai plan``).
+
+    ``generate``/``score`` count engine requests; the token counts assume every answer
+    uses its whole budget. ``seconds`` comes later, from the plan's calibration.
+    """
+
+    generate: int = 0
+    score: int = 0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    train_tokens: int = 0
+    note: str = ""
+
+
+@dataclass
+class PlanInputs:
+    """What every stage's estimate reads: the config, its inputs and a token counter."""
+
+    cfg: "RunConfig"
+    constitution: object
+    sets: dict  # set name -> {split: [Prompt]}
+    count: Callable[[list[dict]], int]  # tokens of a conversation
+
+    def capped(self, name: str, n: int | None) -> dict[str, list[Prompt]]:
+        """A prompt set's splits, at most ``n`` prompts each (None: all)."""
+        return {s: (ps if n is None else ps[:n]) for s, ps in self.sets[name].items()}
+
+    def feedback_pairs(self) -> float:
+        """About how many training comparisons the feedback stage will write."""
+        import math
+
+        fb = self.cfg.feedback
+        reds = self.capped("red_team", fb.max_prompts)
+        return len(reds.get("train", [])) * math.comb(fb.samples_per_prompt, 2) * (1 + fb.helpful_ratio)
+
+    def helpful_beside(self, red: dict[str, list[Prompt]], ratio: float) -> list[Prompt]:
+        """The helpfulness prompts mixed in beside ``red``: per split, ``ratio`` per red-team prompt."""
+        helpful = self.sets["helpful"]
+        return [p for s in red for p in helpful.get(s, [])[: min(len(helpful.get(s, [])), round(ratio * len(red[s])))]]
+
+
+# -- the contract ----------------------------------------------------------------------------
+
+
+@dataclass
+class StageSpec:
+    name: str
+    run: Callable[["StageContext"], dict]
+    config_keys: tuple[str, ...]
+    #: Upstream stages, or a function of the config giving them (a stage that reads the
+    #: SL-CAI model needs ``sft`` only when its model setting is ``sl-cai``).
+    needs: tuple[str, ...] | Callable[["RunConfig"], tuple[str, ...]] = ()
+    help: str = ""
+    #: Runs in every process under ``accelerate launch`` (a training loop that takes its
+    #: share of each batch). The run's inference engines are released before it starts, so
+    #: their weights do not sit in (GPU) memory beside the model being trained. False: the
+    #: main process runs it while the others wait.
+    distributed: bool = False
+    #: The stage's cost for ``cai plan``, from the config and its inputs alone.
+    estimate: Callable[[PlanInputs], Cost] = lambda inputs: Cost()
+
+    def upstream(self, cfg: "RunConfig") -> tuple[str, ...]:
+        return tuple(self.needs(cfg) if callable(self.needs) else self.needs)
+
+
+@dataclass
+class StageContext:
+    cfg: "RunConfig"
+    run_dir: Path
+    out: Path
+    name: str
+    log: Callable[[str], None] = print
+    inputs: dict = field(default_factory=dict)  # name -> sha256, recorded in the manifest
+    engines: dict = field(default_factory=dict)  # model path -> engine, shared across stages
+    is_main: bool = True  # the main process (or the only one): it alone shows progress bars
+
+    def stage_dir(self, name: str) -> Path:
+        path = self.run_dir / name
+        if not (path / "manifest.json").is_file():
+            raise CaiError(f"stage '{self.name}' needs the finished stage '{name}' in {self.run_dir}")
+        return path
+
+    def model_path(self, spec: str) -> str:
+        """A model setting as a path or id: ``sl-cai`` is this run's SFT model."""
+        if spec == SL_CAI:
+            self.stage_dir("sft")  # it must be finished
+            return str(model_dir(self.run_dir, "sft"))
+        return spec
+
+    def engine(self, model: str | None = None):
+        """The engine on ``model`` (default: ``engine.model``) with the run's settings.
+
+        Engines are built once per model and shared by the stages of one ``cai run``;
+        they all write to the run's request cache.
+        """
+        path = self.model_path(model) if model else self.cfg.engine.model
+        if path not in self.engines:
+            from cai.engines import build_engine
+
+            cfg = dataclasses.replace(self.cfg.engine, model=path)
+            if cfg.kind != "local" and Path(path).is_dir():
+                # A checkpoint this run trained (or any local folder) is not on the
+                # user's servers: it runs on the local engine with the same settings.
+                cfg = dataclasses.replace(cfg, kind="local")
+            self.engines[path] = build_engine(cfg, self.run_dir / "cache.sqlite", progress=self.log)
+        return self.engines[path]
+
+    @contextlib.contextmanager
+    def progress(self, total: int, desc: str, unit: str = "req"):
+        """A progress bar with an ETA; yields ``update(n)``."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=f"[{self.name}] {desc}", unit=unit, dynamic_ncols=True, leave=False,
+                   disable=not self.is_main)
+        try:
+            yield bar.update
+        finally:
+            bar.close()
+
+    def record_input(self, label: str, path: Path) -> None:
+        if path.is_file():
+            self.inputs[label] = file_sha256(path)
