@@ -130,6 +130,50 @@ def test_cache_answers_repeats_and_resumes(tiny_engine, tmp_path):
     assert calls == [2, 1, 1, 1]
 
 
+def test_every_answer_is_handed_back_once_as_it_finishes(tiny_engine):
+    """on_result sees each conversation exactly once, with what the call returns."""
+    for call, args in ((tiny_engine.generate, (SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=3),)),
+                       (tiny_engine.choice_logprobs, ([["A", "B"], ["yes", "no way"], ["0", "1", "2"]],))):
+        seen = {}
+        out = call(CONVS, *args, on_result=lambda i, v: seen.setdefault(i, []).append(v))
+        assert sorted(seen) == [0, 1, 2]
+        assert all(len(v) == 1 for v in seen.values())
+        assert [seen[i][0] for i in range(3)] == out
+
+
+def test_an_engine_that_fails_midway_keeps_every_answer_it_gave(tiny_engine, tmp_path):
+    """A server that answered N requests and then died: those N are cached, and the rerun
+    computes only the rest (the cache stores each answer the moment it arrives)."""
+    convs = [[{"role": "user", "content": f"question {i}"}] for i in range(7)]
+    asked = []
+
+    class DiesAfter:
+        identity = tiny_engine.identity
+
+        def __init__(self, n):
+            self.n = n
+
+        def generate(self, batch, params, progress=None, on_result=None):
+            for i, conv in enumerate(batch):
+                if len(asked) == self.n:
+                    raise ConnectionError("server went away")
+                asked.append(conv[0]["content"])
+                on_result(i, tiny_engine.generate([conv], params)[0])
+            return [None] * len(batch)  # never reached with a failure
+
+    params = SamplingParams(max_new_tokens=4)
+    eng = CachedEngine(DiesAfter(3), RequestCache(tmp_path / "c.sqlite"), chunk_size=64)
+    with pytest.raises(ConnectionError):
+        eng.generate(convs, params)
+    assert len(asked) == 3 and len(eng.cache) == 3
+    eng.cache.close()
+    asked.clear()
+    again = CachedEngine(DiesAfter(99), RequestCache(tmp_path / "c.sqlite"))
+    out = again.generate(convs, params)
+    assert len(asked) == 4  # only the 4 that were never answered
+    assert out == tiny_engine.generate(convs, params)
+
+
 def test_bad_sampling_params_are_rejected():
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from cai.engines import hf_compat, shared_prefix
+import cai.engines.hf_compat as hf_compat
+import cai.engines.shared_prefix as shared_prefix
 from dataclasses import dataclass
 
 from cai.engines.base import (

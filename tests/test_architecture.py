@@ -1,0 +1,150 @@
+"""The shape of the code: who may import whom, one stage order, and the adapter that
+holds the engine's transformers internals."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from cai.errors import CaiError
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _module_names() -> dict[str, Path]:
+    out = {}
+    for path in (SRC / "cai").rglob("*.py"):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def _imports() -> dict[str, set[str]]:
+    """Every cai module's imports of other cai modules, deferred (in-function) ones included."""
+    modules = _module_names()
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            graph[name] |= {f for f in found if f in modules and f != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Groups of modules that reach each other (Tarjan's strongly connected components)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.add(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(group)
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_package_has_no_import_cycle():
+    assert _cycles(_imports()) == []
+
+
+def test_stages_are_leaves_and_only_the_pipeline_and_plan_reach_them():
+    graph = _imports()
+    for name, deps in graph.items():
+        stage_deps = {d for d in deps if d == "cai.stages" or d.startswith("cai.stages.")}
+        if name.startswith("cai.stages."):
+            # A stage imports the contract and shared modules: no other stage, no pipeline.
+            assert stage_deps == set(), f"{name} imports {stage_deps}"
+            assert "cai.pipeline" not in deps and "cai.plan" not in deps, name
+        elif name != "cai.stages":
+            assert not stage_deps or name in ("cai.pipeline", "cai.plan", "cai.cli"), f"{name} imports {stage_deps}"
+    assert not any(d.startswith("cai.stages") for d in graph["cai.stage"] | graph["cai.stage_names"])
+
+
+def test_the_stage_order_is_written_once_and_every_stage_estimates_itself():
+    from cai.config import RunConfig
+    from cai.stage_names import STAGES
+    from cai.stages import registry
+
+    specs = registry()
+    assert tuple(specs) == STAGES
+    assert tuple(RunConfig().stages) == STAGES
+    for name, spec in specs.items():
+        assert spec.name == name and callable(spec.estimate)
+    source = "\n".join(p.read_text(encoding="utf-8") for p in _module_names().values())
+    # The order as a literal appears in stage_names.py alone.
+    assert source.count('"critique_revision",\n    "sft",') == 1
+
+
+def test_training_configs_share_one_set_of_optimizer_fields():
+    import dataclasses
+
+    from cai.config import DPOConfig, OptimizerConfig, PreferenceModelConfig, RLConfig, SFTConfig, TrainingConfig
+
+    shared = {f.name for f in dataclasses.fields(TrainingConfig)}
+    for cls in (SFTConfig, PreferenceModelConfig, DPOConfig):
+        assert issubclass(cls, TrainingConfig) and shared <= {f.name for f in dataclasses.fields(cls)}
+    assert issubclass(RLConfig, OptimizerConfig)
+    # The stages keep their own defaults (flat keys, as before).
+    assert (SFTConfig().learning_rate, PreferenceModelConfig().learning_rate, DPOConfig().learning_rate,
+            RLConfig().learning_rate) == (2e-5, 1e-5, 1e-6, 1e-6)
+    assert RLConfig().checkpoint_every == 20 and SFTConfig().checkpoint_every == 50
+
+
+def test_transformers_internals_pass_the_adapter_check():
+    from cai.engines import hf_compat
+
+    hf_compat._checked = False
+    hf_compat.check()
+    cache = hf_compat.growing_cache()
+    assert hf_compat.layer_kv(cache) == []
+
+
+def test_a_transformers_release_that_moves_an_internal_fails_with_one_clear_line(monkeypatch):
+    import transformers.cache_utils
+
+    from cai.engines import hf_compat
+
+    monkeypatch.setattr(hf_compat, "_checked", False)
+    monkeypatch.delattr(transformers.cache_utils.DynamicLayer, "batch_select_indices")
+    with pytest.raises(CaiError, match=r"transformers .* changed transformers\.cache_utils\.DynamicLayer\."
+                                       r"batch_select_indices.*engine\.kind=openai"):
+        hf_compat.check()
+
+
+def test_use_attention_restores_the_model_setting_on_error(tiny_engine):
+    from cai.engines import hf_compat
+
+    config = tiny_engine.model.config
+    before = config._attn_implementation
+    with pytest.raises(RuntimeError):
+        with hf_compat.use_attention(tiny_engine.model, "cai_shared_prefix"):
+            assert config._attn_implementation == "cai_shared_prefix"
+            raise RuntimeError("boom")
+    assert config._attn_implementation == before
