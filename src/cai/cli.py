@@ -7,6 +7,7 @@ file) < ``KEY=VALUE`` overrides such as ``engine.batch_size=8`` (values read as 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import textwrap
@@ -145,7 +146,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from cai.config import check_config, load_config
+    from cai.config import check_config, check_run_dir, load_config
     from cai.constitution import load_constitution
     from cai.prompts import load_prompt_set
 
@@ -164,10 +165,13 @@ def cmd_validate(args) -> int:
             sizes = ", ".join(f"{s}={len(p)}" for s, p in splits.items())
             print(f"ok: {args.prompts}: {sizes}")
         return 0
+    from cai.models import check_model_settings
     from cai.stage import load_inputs
 
     cfg = load_config(_default_config(args), args.overrides)
     check_config(cfg)
+    check_run_dir(cfg.run_dir)
+    check_model_settings(cfg)
     const, sets = load_inputs(cfg)
     print(f"ok: config ({', '.join(cfg.stages)}) -> {cfg.run_dir}")
     print(f"ok: constitution '{const.name}': {len(const.principles)} principles, {len(const.comparison_principles)} comparison principles")
@@ -303,7 +307,13 @@ COMMANDS = {"run": cmd_run, "validate": cmd_validate, "config": cmd_config, "mod
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may come before and after options (`cai run a=1 --force b=2`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0
@@ -311,6 +321,13 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args)
     except CaiError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        print(f"error: no space left on the device{where}; free some space and rerun the same command: "
+              "finished stages and cached answers are kept, the interrupted stage resumes", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)

@@ -7,6 +7,7 @@ field and where the value came from.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -19,15 +20,20 @@ from typing import Any
 import yaml
 
 from cai.errors import CaiError
+from cai.io import read_text
 from cai.stage_names import STAGES
 
 PRESET_DIR = Path(__file__).parent / "data" / "presets"
 
 
-def _f(default, help: str, choices: tuple | None = None, **kw):
+def _f(default, help: str, choices: tuple | None = None, fingerprint: bool = True, **kw):
+    """A config field with its help text; ``fingerprint=False`` marks a setting that changes
+    only speed, never results (batch sizes, timeouts, endpoints): changing it reruns nothing."""
     meta = {"help": help}
     if choices:
         meta["choices"] = choices
+    if not fingerprint:
+        meta["fingerprint"] = False
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     if dataclasses.is_dataclass(default):
@@ -57,8 +63,8 @@ class EngineConfig:
         "bfloat16 on GPU.",
         choices=("auto", "float32", "bfloat16", "float16"),
     )
-    batch_size: int = _f(32, "Sequences per generation batch (batches are length-sorted).")
-    score_batch_size: int = _f(16, "Sequences per forward pass when scoring options.")
+    batch_size: int = _f(32, "Sequences per generation batch (batches are length-sorted).", fingerprint=False)
+    score_batch_size: int = _f(16, "Sequences per forward pass when scoring options.", fingerprint=False)
     trust_remote_code: bool = _f(
         False, "Run model code shipped with a checkpoint. Only for checkpoints you trust."
     )
@@ -68,27 +74,30 @@ class EngineConfig:
         "(CPU only; ~1.5x faster here, slightly different outputs). Training is unaffected.",
         choices=("none", "int8"),
     )
-    cache: bool = _f(True, "Keep every request's answer in the run's SQLite cache (resume, reuse).")
+    cache: bool = _f(True, "Keep every request's answer in the run's SQLite cache (resume, reuse).", fingerprint=False)
     endpoints: list[str] = _f(
-        [], "kind=openai: server base URLs (http://host:8000/v1); requests go to the least busy healthy one."
-    )
+        [], "kind=openai: server base URLs (http://host:8000/v1); requests go to the least busy healthy one.", fingerprint=False)
     api_key_env: str = _f(
         "OPENAI_API_KEY",
         "kind=openai: the environment variable holding the API key (unset or empty: no auth header). "
-        "The key itself is never written anywhere.",
+        "The key itself is never written anywhere.", fingerprint=False,
     )
     tokenizer: str | None = _f(
         None,
         "kind=openai: a local tokenizer ('default', a directory or hub id) whose chat template is applied "
         "here; requests then go to /completions (needed for llama.cpp servers). None: /chat/completions.",
     )
-    max_concurrency: int = _f(16, "kind=openai: requests in flight at once, over all endpoints.")
-    timeout_s: float = _f(600.0, "kind=openai: seconds to wait for a server's reply before retrying.")
+    max_concurrency: int = _f(16, "kind=openai: requests in flight at once, over all endpoints.", fingerprint=False)
+    timeout_s: float = _f(600.0, "kind=openai: seconds to wait for a server's reply before retrying.", fingerprint=False)
     max_retries: int = _f(
-        4, "kind=openai: retries per endpoint (429, 5xx, timeouts, refused connections), with backoff."
-    )
+        4, "kind=openai: retries per endpoint (429, 5xx, timeouts, refused connections), with backoff.", fingerprint=False)
     top_logprobs: int = _f(
         20, "kind=openai: next-token alternatives asked for when scoring options (OpenAI allows <= 20).",
+    )
+    wait_for_endpoints_s: float = _f(
+        600.0, "kind=openai: when every endpoint is out (each retried after a 60 s cooldown), wait this many "
+        "seconds in all for one to come back before failing (0: fail at once). Answers received so far are cached.",
+        fingerprint=False,
     )
 
 
@@ -489,7 +498,7 @@ def list_presets() -> list[str]:
 
 def read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text(path, "config file"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -518,7 +527,8 @@ def load_config(config: str | None = None, overrides: list[str] = (), cls=RunCon
 
 
 def check_config(cfg: RunConfig) -> None:
-    """Checks that span several fields, run before anything starts (one-line errors)."""
+    """Checks of values and of fields together, run before anything starts (one-line errors)."""
+    _check_bounds(cfg)
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise CaiError(f"config field 'stages': unknown stage '{unknown[0]}' (available: {', '.join(STAGES)})")
@@ -552,6 +562,68 @@ def check_config(cfg: RunConfig) -> None:
                 "config field 'sft.model' is empty; with engine.kind=openai the engine's model is remote, "
                 "so set sft.model to a local checkpoint ('default', a directory or a hub id) to fine-tune"
             )
+
+
+def results_dict(cfg) -> dict:
+    """``to_dict(cfg)`` without the fields marked ``fingerprint=False`` (speed-only settings):
+    what a stage's fingerprint hashes, so changing a batch size or an endpoint reruns nothing."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("fingerprint", True) is False:
+            continue
+        value = getattr(cfg, f.name)
+        out[f.name] = results_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
+
+
+#: Allowed ranges of numeric fields, by field name (any section) or dotted name (one
+#: section, checked first): (lowest, highest, whether the lowest itself is allowed).
+#: ``None`` is always allowed where a field's type admits it.
+BOUNDS: dict[str, tuple[float | None, float | None, bool]] = {
+    "max_new_tokens": (1, None, True), "critique_max_new_tokens": (1, None, True),
+    "cot_max_new_tokens": (1, None, True),
+    "temperature": (0, None, True), "top_p": (0, 1, False),
+    "batch_size": (1, None, True), "score_batch_size": (1, None, True), "micro_batch_size": (1, None, True),
+    "grad_accum": (1, None, True), "max_length": (1, None, True), "checkpoint_every": (1, None, True),
+    "max_prompts": (1, None, True), "max_per_split": (1, None, True), "max_steps": (1, None, True),
+    "rounds": (1, None, True), "few_shot": (-1, None, True), "principles_per_comparison": (1, None, True),
+    "samples_per_prompt": (2, None, True), "steps": (1, None, True), "prompts_per_step": (1, None, True),
+    "eval_prompts": (0, None, True), "helpful_ratio": (0, None, True), "human_ratio": (0, None, True),
+    "learning_rate": (0, None, False), "warmup_steps": (0, None, True), "weight_decay": (0, None, True),
+    "max_grad_norm": (0, None, False), "epochs": (0, None, False),
+    "lora_r": (1, None, True), "lora_alpha": (0, None, False), "lora_dropout": (0, 1, True),
+    "kl_coef": (0, None, True), "beta": (0, None, False), "min_confidence": (0, 1, True),
+    "test_fraction": (0, 1, True), "bootstrap": (0, None, True),
+    "max_concurrency": (1, None, True), "timeout_s": (0, None, False), "max_retries": (0, None, True),
+    "top_logprobs": (1, None, True), "wait_for_endpoints_s": (0, None, True),
+}
+
+
+def _check_bounds(cfg, prefix: str = "") -> None:
+    for f in dataclasses.fields(cfg):
+        value, name = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_bounds(value, name + ".")
+            continue
+        bound = BOUNDS.get(name) or BOUNDS.get(f.name)
+        if bound is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        low, high, low_ok = bound
+        too_low = low is not None and (value < low or (value == low and not low_ok))
+        # The upper end is open where the lowest is closed, except for shares that may be all (top_p: (0, 1]).
+        too_high = high is not None and (value > high or (value == high and f.name == "test_fraction"))
+        if too_low or too_high:
+            lo = "" if low is None else ("[" if low_ok else "(") + f"{low:g}"
+            hi = "" if high is None else (f"{high:g}" + (")" if f.name == "test_fraction" else "]"))
+            want = f"in {lo}, {hi}" if high is not None else f"{'>=' if low_ok else '>'} {low:g}"
+            raise CaiError(f"config field '{name}' must be {want}; got {value!r}")
+
+
+def check_run_dir(run_dir: str) -> None:
+    """The run directory must be a folder, or not exist yet."""
+    p = Path(run_dir)
+    if p.exists() and not p.is_dir():
+        raise CaiError(f"config field 'run_dir': '{run_dir}' is a file, not a folder; choose another run_dir")
 
 
 def config_hash(obj) -> str:

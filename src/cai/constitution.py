@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from cai.errors import CaiError
+from cai.io import read_text
 
 BUILTIN_DIR = Path(__file__).parent / "data" / "constitutions"
 
@@ -386,7 +387,7 @@ def load_constitution(spec: str | Path) -> Constitution:
         path = Path(spec)
         if not path.is_file():
             raise CaiError(f"constitution file '{spec}' does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "constitution file")
     if not text.strip():
         raise CaiError(f"{path}: the constitution file is empty")
     if path.suffix == ".json":

@@ -166,6 +166,55 @@ def resolve_model(name: str, revision: str | None = None, progress=print) -> str
         raise CaiError(f"model '{name}' could not be fetched from the hub: {type(exc).__name__}: {exc}") from None
 
 
+def check_model(name: str, field: str, revision: str | None = None) -> None:
+    """Fail with one line if model setting ``name`` cannot resolve, without loading or
+    converting anything: the embedded package is there, a folder holds a checkpoint, a hub
+    id is in the local cache, or (online) the hub knows it."""
+    if name == DEFAULT_MODEL:
+        embedded_gguf()
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CaiError(f"config field '{field}': '{name}' has no config.json; expected a save_pretrained checkpoint")
+        return
+    if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
+        raise CaiError(f"config field '{field}': '{name}' does not exist and is not a hub id like org/name "
+                       "(or 'default', the embedded model)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(name, revision=revision, local_files_only=True)
+        return
+    except Exception:
+        pass
+    if offline():
+        raise CaiError(f"config field '{field}': model '{name}' is not in the local Hugging Face cache and the "
+                       "hub is offline (HF_HUB_OFFLINE=1); download it while online or give a local folder")
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        HfApi().model_info(name, revision=revision, timeout=10)
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise CaiError(f"config field '{field}': no model '{name}' on the Hugging Face hub (or it is private: "
+                       "log in with `hf auth login`)") from None
+    except Exception:
+        pass  # the hub cannot be asked now: the stage that loads it will say what went wrong
+
+
+def check_model_settings(cfg) -> None:
+    """Every model a config names (``sl-cai``, this run's SFT model, is made by the run)."""
+    e = cfg.engine
+    named = [("engine.model", e.model if e.kind == "local" else None), ("engine.tokenizer", e.tokenizer),
+             ("sft.model", cfg.sft.model), ("feedback.policy", cfg.feedback.policy),
+             ("feedback.model", cfg.feedback.model), ("preference_model.model", cfg.preference_model.model),
+             ("rl.policy", cfg.rl.policy), ("dpo.policy", cfg.dpo.policy), ("evaluate.judge", cfg.evaluate.judge)]
+    for field, name in named:
+        if name and name != "sl-cai" and not (e.kind != "local" and name == e.model):
+            check_model(name, field, e.revision)
+
+
 # -- loading ----------------------------------------------------------------------------------
 
 

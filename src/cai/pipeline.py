@@ -23,7 +23,6 @@ engine requests that did not change come from the cache.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import shutil
@@ -34,9 +33,11 @@ from typing import Callable
 
 import yaml
 
-from cai.config import RunConfig, check_config, config_hash, to_dict
+from cai.config import RunConfig, check_config, check_run_dir, config_hash, results_dict, to_dict
 from cai.errors import CaiError
-from cai.io import write_json
+from cai.io import write_json, write_text
+from cai.runlock import RunLock
+from cai.artifacts import PARTIAL_STAMP, hash_outputs, read_manifest, verify_stage
 from cai.stage import StageContext, StageSpec
 from cai.stage_names import STAGES
 
@@ -68,22 +69,64 @@ def _slice(cfg: RunConfig, keys) -> dict:
 
 
 def fingerprints(cfg: RunConfig) -> dict[str, str]:
+    """Each stage's fingerprint: a hash of the config fields it reads that change results
+    (speed-only settings such as ``engine.batch_size`` are left out) and of its upstream
+    stages' fingerprints."""
     specs = _stages()
+    results = results_dict(cfg)
     out: dict[str, str] = {}
     for name, spec in specs.items():
         up = {n: out.get(n) for n in spec.upstream(cfg)}
-        out[name] = config_hash({"config": _slice(cfg, spec.config_keys), "needs": up, "stage": name})
+        out[name] = config_hash({"config": {k: results[k] for k in spec.config_keys}, "needs": up, "stage": name})
     return out
 
 
-def read_manifest(run_dir: Path, name: str) -> dict | None:
-    path = run_dir / name / "manifest.json"
-    if not path.is_file():
-        return None
+# -- promotion --------------------------------------------------------------------------------
+
+
+def _sync_dir(path: Path) -> None:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _promote(partial: Path, final: Path) -> None:
+    """Put a finished ``<stage>.partial`` in place of ``<stage>``, with no moment where a crash
+    loses both: the old folder is set aside (``<stage>.old``) before the rename and removed
+    after it, and :func:`_recover` finishes the job if a crash falls in between."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    _sync_dir(final.parent)
+    (final / PARTIAL_STAMP).unlink(missing_ok=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover(run_dir: Path, name: str, fingerprint: str, log: Callable[[str], None]) -> None:
+    """Finish a promotion a crash interrupted (see :func:`_promote`): a ``.partial`` whose
+    manifest says complete had finished (the manifest is written last)."""
+    final, partial = run_dir / name, run_dir / f"{name}.partial"
+    old = final.with_name(final.name + ".old")
+    done = read_manifest(run_dir, f"{name}.partial")
+    if done and done.get("status") == "complete" and (not final.exists() or done.get("fingerprint") == fingerprint):
+        if not final.exists() and old.exists():
+            os.replace(old, final)  # set aside just before the crash: _promote replaces it properly
+        _promote(partial, final)
+        log(f"[{name}] finished the move into place that an interrupted run had begun")
+    if old.exists():
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)  # the new folder never arrived: keep the previous result
 
 
 class _Engines(dict):
@@ -137,9 +180,6 @@ def _on_main(state, fn: Callable[[], dict]) -> dict:
     return result
 
 
-PARTIAL_STAMP = ".fingerprint"
-
-
 def _fresh_partial(partial: Path, fingerprint: str, log: Callable[[str], None]) -> None:
     """Make ``partial`` ready for a stage run with ``fingerprint``.
 
@@ -166,15 +206,36 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
     is_main = dist is None or dist.is_main_process
     if not is_main:
         log = lambda _msg: None  # noqa: E731 - one log, from the main process
+    check_run_dir(cfg.run_dir)
+    if is_main:
+        from cai.models import check_model_settings
+
+        check_model_settings(cfg)  # a missing model is found now, not hours later in its stage
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)
+    if dist is None:
+        lock.acquire()
+    else:  # every process of one launch is one run: the main process holds the lock for all
+        _on_main(dist, lambda: lock.acquire() or {})
+    try:
+        return _run_stages(cfg, specs, dist, is_main, run_dir, log, force)
+    finally:
+        lock.release()
+
+
+def _run_stages(cfg, specs, dist, is_main, run_dir: Path, log, force: bool) -> Path:
     if is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+        write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     prints = fingerprints(cfg)
     engines = _Engines()
     total = time.time()
     for name in cfg.stages:
         spec = specs[name]
+        if is_main:
+            _recover(run_dir, name, prints[name], log)
+        if dist is not None:
+            dist.wait_for_everyone()
         for need in spec.upstream(cfg):
             if need not in cfg.stages and read_manifest(run_dir, need) is None:
                 raise CaiError(f"stage '{name}' needs stage '{need}'; add it to 'stages' or run it first")
@@ -189,6 +250,9 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
         if dist is not None:
             dist.wait_for_everyone()  # the others use the folder the main process made
         partial.mkdir(parents=True, exist_ok=True)
+        for need in spec.upstream(cfg):  # what this stage reads is what its upstream stage wrote
+            if read_manifest(run_dir, need) is not None:
+                verify_stage(run_dir, need)
         if spec.distributed:
             _release(engines)
         ctx = StageContext(cfg=cfg, run_dir=run_dir, out=partial, name=name, log=log, engines=engines, is_main=is_main)
@@ -202,7 +266,8 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
         if not is_main:
             dist.wait_for_everyone()  # the main process writes the manifest and renames
             continue
-        (partial / PARTIAL_STAMP).unlink(missing_ok=True)
+        # The manifest is written last, after every output is on disk with its hash; the
+        # stamp stays until the folder is in place (see _promote / _recover).
         write_json(
             partial / "manifest.json",
             {
@@ -216,12 +281,10 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
                 "started": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(),
                 "seconds": round(seconds, 3),
                 "versions": versions(),
-                "outputs": sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file()),
+                "outputs": hash_outputs(partial),
             },
         )
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
+        _promote(partial, final)
         if dist is not None:
             dist.wait_for_everyone()
         log(f"[{name}] done in {seconds:.1f}s: " + ", ".join(f"{k}={v}" for k, v in counts.items()))

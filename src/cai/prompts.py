@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cai.errors import CaiError
+from cai.io import read_text
 
 BUILTIN_DIR = Path(__file__).parent / "data" / "prompts"
 TEXT_COLUMNS = ("prompt", "text", "question", "instruction", "chosen")
@@ -153,18 +155,17 @@ def read_records(path: Path) -> list[tuple[str, object]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         out = []
-        with path.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    out.append((f"{path}:{n}", json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise CaiError(f"{path}:{n}: malformed JSON line ({exc.msg}); fix or remove that line") from None
+        for n, line in enumerate(read_text(path, "prompt file").split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                out.append((f"{path}:{n}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise CaiError(f"{path}:{n}: malformed JSON line ({exc.msg}); fix or remove that line") from None
         return out
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8") or "null")
+            data = json.loads(read_text(path, "prompt file") or "null")
         except json.JSONDecodeError as exc:
             raise CaiError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -175,11 +176,10 @@ def read_records(path: Path) -> list[tuple[str, object]]:
             raise CaiError(f"{path}: expected a JSON list of records (or JSONL, one record a line)")
         return [(f"{path}[{i}]", r) for i, r in enumerate(data)]
     if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            return [(f"{path}:{n}", dict(row)) for n, row in enumerate(reader, 2)]
+        reader = csv.DictReader(io.StringIO(read_text(path, "prompt file"), newline=""))
+        return [(f"{path}:{n}", dict(row)) for n, row in enumerate(reader, 2)]
     if suffix == ".txt":
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_text(path, "prompt file").splitlines()
         return [(f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
     if suffix == ".parquet":
         import pyarrow.parquet as pq

@@ -52,9 +52,14 @@ def split_file(folder: Path, split: str) -> Path:
     return Path(folder) / f"{split}.jsonl"
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, sync: bool = False) -> str:
+    """A file's sha256; with ``sync``, also flush it to disk (fsync) first."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
+        if sync:
+            import os
+
+            os.fsync(fh.fileno())
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -80,6 +85,15 @@ def load_inputs(cfg: "RunConfig"):
         splits = load_prompt_set(getattr(cfg.data, name), cfg.data.test_fraction, cfg.seed)
         if cfg.data.max_per_split is not None:
             splits = {s: ps[: cfg.data.max_per_split] for s, ps in splits.items()}
+        needed = ("train", "test") if name == "red_team" else ("test",)
+        for split in needed:
+            if not splits.get(split):
+                n = sum(len(ps) for ps in splits.values())
+                raise CaiError(
+                    f"data.{name} '{getattr(cfg.data, name)}': its {split} split is empty ({n} prompts in all, "
+                    f"test_fraction {cfg.data.test_fraction}); add prompts, give train/test files, or change "
+                    "data.test_fraction"
+                )
         sets[name] = splits
     return const, sets
 

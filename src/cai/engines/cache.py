@@ -10,6 +10,8 @@ free.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import sqlite3
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cai.engines.base import Engine, OnResult, Progress, SamplingParams, finished
+from cai.errors import CaiError
 
 
 def _key(*parts) -> str:
@@ -29,16 +32,33 @@ class RequestCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=60)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS requests (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        self._db.commit()
         self._lock = threading.Lock()
+        with self._errors():
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=60)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS requests (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self._db.commit()
+
+    @contextlib.contextmanager
+    def _errors(self):
+        """SQLite failures as one line: a corrupt file names the way out; a full disk is the
+        OSError the CLI reports as such."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if "full" in str(exc):
+                raise OSError(errno.ENOSPC, "database or disk is full", str(self.path)) from None
+            raise CaiError(f"{self.path}: the request cache cannot be used ({exc})") from None
+        except (sqlite3.DatabaseError, ValueError) as exc:
+            raise CaiError(
+                f"{self.path}: not a readable request cache ({exc}); move it away (mv {self.path.name} "
+                f"{self.path.name}.bad) and rerun: finished stages are kept, unfinished requests are recomputed"
+            ) from None
 
     def get_many(self, keys: Sequence[str]) -> dict[str, object]:
         out = {}
-        with self._lock:
+        with self._lock, self._errors():
             for start in range(0, len(keys), 500):
                 chunk = list(keys[start:start + 500])
                 q = f"SELECT key, value FROM requests WHERE key IN ({','.join('?' * len(chunk))})"
@@ -47,7 +67,7 @@ class RequestCache:
         return out
 
     def put_many(self, items: dict[str, object]) -> None:
-        with self._lock:
+        with self._lock, self._errors():
             self._db.executemany(
                 "INSERT OR REPLACE INTO requests (key, value) VALUES (?, ?)",
                 [(k, json.dumps(v, ensure_ascii=False)) for k, v in items.items()],

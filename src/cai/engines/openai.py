@@ -80,10 +80,12 @@ def normalize_url(url: str, field: str = "engine.endpoints") -> str:
     parts = urllib.parse.urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise CaiError(f"config field '{field}': '{url}' is not an http:// or https:// URL (example: http://127.0.0.1:8000/v1)")
-    if parts.username or parts.password:
+    if parts.username or parts.password or parts.query or parts.fragment:
+        what = "a user or password" if parts.username or parts.password else "a query string"
         raise CaiError(
-            f"config field '{field}': a URL with a user or password would be written to config.yaml; "
-            "put the key in the environment variable named by engine.api_key_env instead"
+            f"config field '{field}': a URL with {what} would be written to config.yaml and every manifest "
+            "(and a query string is not sent); put a key in the environment variable named by "
+            "engine.api_key_env instead, and give the bare base URL (example: http://127.0.0.1:8000/v1)"
         )
     path = parts.path.rstrip("/")
     if not path:
@@ -136,16 +138,27 @@ class EndpointPool:
         self.cooldown_s = cooldown_s
         self._lock = threading.Lock()
 
-    def acquire(self) -> Endpoint:
-        with self._lock:
-            now = time.monotonic()
-            live = [e for e in self.endpoints if e.down_until <= now]
-            if not live:
+    def acquire(self, wait_s: float = 0.0, abort: threading.Event | None = None) -> Endpoint:
+        """The least busy endpoint that is not taken out. When every one is, wait for the
+        first to come back (a taken-out endpoint is tried again after its cooldown), for at
+        most ``wait_s`` seconds in all, then fail with every endpoint's last error."""
+        give_up = time.monotonic() + wait_s
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                live = [e for e in self.endpoints if e.down_until <= now]
+                if live:
+                    ep = min(live, key=lambda e: e.in_flight)
+                    ep.in_flight += 1
+                    return ep
+                back = min(e.down_until for e in self.endpoints)
+            if back > give_up or (abort is not None and abort.is_set()):
                 why = "; ".join(f"{e.url}: {e.last_error}" for e in self.endpoints)
-                raise CaiError(f"every OpenAI endpoint failed ({why}); check the servers and engine.endpoints")
-            ep = min(live, key=lambda e: e.in_flight)
-            ep.in_flight += 1
-            return ep
+                raise CaiError(
+                    f"every OpenAI endpoint failed ({why}) and none came back within engine.wait_for_endpoints_s="
+                    f"{wait_s:g}; check the servers and engine.endpoints, then rerun (answers so far are cached)"
+                )
+            time.sleep(min(max(back - now, 0.05), 5.0))
 
     def release(self, ep: Endpoint, ok: bool) -> None:
         with self._lock:
@@ -172,8 +185,11 @@ class OpenAIEngine(Engine):
         top_logprobs: int = 20,
         backoff_s: float = 0.5,
         cooldown_s: float = 60.0,
+        wait_for_endpoints_s: float = 0.0,
+        served: str = "",
     ):
         self.pool = EndpointPool(endpoints, cooldown_s)
+        self.wait_for_endpoints_s = wait_for_endpoints_s
         self.model = model
         self._api_key = api_key or None  # never logged, never part of identity or repr
         self.tok = tokenizer
@@ -189,7 +205,9 @@ class OpenAIEngine(Engine):
         if tokenizer is not None and getattr(tokenizer, "chat_template", None) is None:
             raise CaiError(f"engine.tokenizer '{tokenizer_name}' has no chat template; use a chat model's tokenizer")
         mode = f"template={tokenizer_name}" if tokenizer is not None else "chat"
-        self.identity = f"openai:{model}:{mode}:top{top_logprobs}"
+        # What the servers say they serve under this name (see served_model): another model
+        # behind the same name then gets its own cache entries.
+        self.identity = f"openai:{model}:{mode}:top{top_logprobs}" + (f":served={served}" if served else "")
 
     def __repr__(self) -> str:
         return f"OpenAIEngine({[e.url for e in self.pool.endpoints]}, model={self.model!r})"
@@ -259,7 +277,7 @@ class OpenAIEngine(Engine):
     def _post(self, path: str, body: dict, before: Callable[[Endpoint], None] | None = None) -> dict:
         """Send to the least-busy healthy endpoint, moving on when one goes down."""
         while True:
-            ep = self.pool.acquire()
+            ep = self.pool.acquire(self.wait_for_endpoints_s, self._abort)
             ok = False
             try:
                 if before is not None:
@@ -487,11 +505,60 @@ def build_openai_engine(cfg, progress=print) -> OpenAIEngine:
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as exc:
             raise CaiError(f"config field 'engine.tokenizer': cannot load '{cfg.tokenizer}': {str(exc).splitlines()[0]}") from None
+    api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
     return OpenAIEngine(
-        cfg.endpoints, cfg.model, api_key=os.environ.get(cfg.api_key_env) if cfg.api_key_env else None,
+        cfg.endpoints, cfg.model, api_key=api_key,
         tokenizer=tok, tokenizer_name=cfg.tokenizer, max_concurrency=cfg.max_concurrency,
         timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, top_logprobs=cfg.top_logprobs,
+        wait_for_endpoints_s=cfg.wait_for_endpoints_s,
+        served=served_model(cfg.endpoints, cfg.model, api_key, progress),
     )
+
+
+#: Fields of a ``/v1/models`` entry that say what is behind a name (vLLM: ``root``,
+#: ``parent``, ``max_model_len``; llama.cpp: ``meta`` with the vocabulary, context and
+#: parameter counts). ``created`` is left out: vLLM stamps it with the time of the request.
+SERVED_FIELDS = ("root", "parent", "max_model_len", "meta", "owned_by")
+
+
+def served_model(endpoints, model: str, api_key: str | None, progress=print, timeout_s: float = 10.0) -> str:
+    """A short hash of what the servers report about ``model`` at ``/v1/models``, or "".
+
+    It goes into the engine's identity, so the request cache tells apart two different
+    models served under the same name, where the server says anything beyond the name.
+    A server that reports only the name cannot be told apart (docs/engine.md). Servers
+    that disagree about the same name are an error: their answers would mix in one cache.
+    """
+    import hashlib
+
+    seen = {}
+    for url in endpoints:
+        base = normalize_url(url)
+        parts = urllib.parse.urlsplit(base)
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        try:
+            conn = cls(parts.hostname, parts.port, timeout=timeout_s)
+            headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+            conn.request("GET", parts.path + "/models", headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+            conn.close()
+            entries = json.loads(raw).get("data", []) if resp.status == 200 else []
+        except (OSError, http.client.HTTPException, ValueError, AttributeError):
+            entries = []
+        entry = next((e for e in entries if isinstance(e, dict) and e.get("id") == model), None)
+        if entry is None:
+            continue
+        seen[base] = json.dumps({k: entry.get(k) for k in SERVED_FIELDS if entry.get(k) is not None}, sort_keys=True)
+    if not seen:
+        progress(f"engine: no endpoint described model '{model}' at /v1/models; the request cache keys on its name only")
+        return ""
+    if len(set(seen.values())) > 1:
+        urls = ", ".join(seen)
+        raise CaiError(f"config field 'engine.endpoints': the servers ({urls}) report different models under the name "
+                       f"'{model}'; point every endpoint at the same model")
+    only = next(iter(seen.values()))
+    return hashlib.sha256(only.encode()).hexdigest()[:12] if only != "{}" else ""
 
 
 def check_openai_config(cfg) -> None:
@@ -508,3 +575,5 @@ def check_openai_config(cfg) -> None:
             raise CaiError(f"config field 'engine.{name}' must be >= {low}; got {getattr(cfg, name)}")
     if not cfg.timeout_s > 0:
         raise CaiError(f"config field 'engine.timeout_s' must be > 0; got {cfg.timeout_s}")
+    if cfg.wait_for_endpoints_s < 0:
+        raise CaiError(f"config field 'engine.wait_for_endpoints_s' must be >= 0; got {cfg.wait_for_endpoints_s}")

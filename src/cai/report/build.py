@@ -10,10 +10,14 @@ import json
 from html import escape
 from pathlib import Path
 
+from cai.artifacts import verify_stage
 from cai.errors import CaiError
+from cai.io import read_jsonl, read_text
 from cai.stage_names import STAGES
 
 HERE = Path(__file__).parent
+#: The artifact files the report reads, checked against their stage's manifest first.
+REPORTED = (".json", ".jsonl", ".png", ".yaml")
 
 
 def safe_json(obj) -> str:
@@ -26,23 +30,19 @@ def safe_json(obj) -> str:
 
 
 def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    """A JSON artifact, or None when it is absent; bad bytes or JSON are a one-line error."""
+    if not path.is_file():
         return None
+    try:
+        return json.loads(read_text(path, "artifact"))
+    except json.JSONDecodeError as exc:
+        raise CaiError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); rebuild the stage that wrote it") from None
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    out = []
-    for line in path.read_text(encoding="utf-8").split("\n"):  # not splitlines(): U+2028 is text
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a report shows what it can; the stages validate their own files
-    return out
+    return read_jsonl(path)
 
 
 def _png(path: Path) -> str:
@@ -75,7 +75,9 @@ def _figures(folder: Path) -> str:
 
 
 def stage_manifests(run: Path) -> list[dict]:
-    found = [m for m in (_read_json(p) for p in run.glob("*/manifest.json")) if isinstance(m, dict) and m.get("stage")]
+    found = [m for m in (_read_json(p) for p in run.glob("*/manifest.json")
+                         if p.parent.name in STAGES)  # not an interrupted <stage>.partial
+             if isinstance(m, dict) and m.get("stage")]
     rank = {n: k for k, n in enumerate(STAGES)}
     return sorted(found, key=lambda m: (rank.get(m["stage"], len(rank)), str(m.get("started", ""))))
 
@@ -216,7 +218,7 @@ def _load_constitution(run: Path) -> dict | None:
 
     path = run / "prepare" / "constitution.yaml"
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return yaml.safe_load(read_text(path, "artifact")) if path.is_file() else None
     except yaml.YAMLError:
         return None
 
@@ -228,6 +230,8 @@ def build_report(run_dir: str | Path) -> str:
     manifests = stage_manifests(run)
     if not manifests:
         raise CaiError(f"'{run_dir}' has no finished stage (no <stage>/manifest.json): nothing to report")
+    for m in manifests:  # what the page shows is what the stages wrote (model weights are not read here)
+        verify_stage(run, m["stage"], only=REPORTED)
     chains = _splits(run / "critique_revision" / "chains")
     comparisons = _splits(run / "feedback" / "comparisons")
     fb_stats = _read_json(run / "feedback" / "stats.json")
