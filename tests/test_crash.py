@@ -124,3 +124,97 @@ def test_kill_during_rl_then_resume_from_checkpoint(tmp_path, tiny_model):
     assert [h["step"] for h in metrics["history"]] == list(range(1, 25))  # none lost, none repeated
     rollouts = (tmp_path / "run" / "rl" / "rollouts.jsonl").read_text().splitlines()
     assert [json.loads(l)["step"] for l in rollouts] == [s for s in range(1, 25) for _ in range(8)]
+
+
+# -- the other stages: prepare, preference_model, dpo, evaluate, report --------------------------
+#
+# Each is killed at seeded points (a delay after the stage's folder appears), then rerun; the
+# result must equal an uninterrupted run's, with every request answered before the kill
+# taken from the cache.
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _artifacts(run, stage):
+    """Every data file of a finished stage (JSON/JSONL/YAML), minus its timings."""
+    out = {}
+    for p in sorted((run / stage).rglob("*")):
+        if p.suffix in (".jsonl", ".yaml") or (p.suffix == ".json" and p.name not in ("manifest.json", "metrics.json")):
+            out[str(p.relative_to(run))] = p.read_text()
+    return out
+
+
+def _kill_at(tmp_path, tiny_model, extra, stage, seed, reference):
+    cmd, env, proc = _start(tmp_path, tiny_model, *extra)
+    partial = tmp_path / "run" / f"{stage}.partial"
+    _wait_for(partial.exists, proc)
+    time.sleep(random.Random(seed).uniform(0.0, 1.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = _cached_rows(tmp_path / "run" / "cache.sqlite")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    run = tmp_path / "run"
+    assert not (run / f"{stage}.partial").exists() and not (run / f"{stage}.old").exists()
+    assert _artifacts(run, stage) == _artifacts(reference, stage)  # nothing lost, duplicated or changed
+    line = next((l for l in out.stdout.splitlines() if l.startswith("engine cache:")), None)
+    if line is not None:
+        assert int(line.split()[2]) >= saved  # every answer cached before the kill was reused
+    return out
+
+
+def _reference(tmp_path_factory, tiny_model, extra):
+    ref = tmp_path_factory.mktemp("reference")
+    cmd, env, proc = _start(ref, tiny_model, *extra)
+    proc.wait(timeout=600)
+    assert proc.returncode == 0, proc.stdout.read()[-2000:]
+    return ref / "run"
+
+
+EVAL = ["stages=[prepare, evaluate]", "evaluate.max_new_tokens=8", "evaluate.bootstrap=10", "data.max_per_split=20"]
+REPORT = ["stages=[prepare, critique_revision, report]", "critique_revision.rounds=1", "critique_revision.max_prompts=6",
+          "critique_revision.max_new_tokens=8", "critique_revision.critique_max_new_tokens=6"]
+
+
+@pytest.fixture(scope="module")
+def eval_reference(tmp_path_factory, tiny_model):
+    return _reference(tmp_path_factory, tiny_model, EVAL)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kill_during_prepare_or_evaluate_then_resume(seed, tmp_path, tiny_model, eval_reference):
+    stage = "prepare" if seed == 0 else "evaluate"
+    out = _kill_at(tmp_path, tiny_model, EVAL, stage, seed, eval_reference)
+    assert _artifacts(tmp_path / "run", "prepare") == _artifacts(eval_reference, "prepare")
+    assert "run finished" in out.stdout
+
+
+def test_kill_during_report_then_resume(tmp_path, tiny_model, tmp_path_factory):
+    reference = _reference(tmp_path_factory, tiny_model, REPORT)
+    _kill_at(tmp_path, tiny_model, REPORT, "report", 2, reference)
+    assert (tmp_path / "run" / "report" / "index.html").stat().st_size > 1000
+
+
+TRAIN = ["feedback.max_prompts=6", "feedback.max_new_tokens=6"]
+
+
+@pytest.mark.parametrize("stage", ["preference_model", "dpo"])
+def test_kill_during_pm_or_dpo_training_then_resume_from_checkpoint(stage, tmp_path, tiny_model):
+    extra = [f"stages=[prepare, feedback, {stage}]", f"feedback.policy={tiny_model}", *TRAIN,
+             f"{stage}.{'model' if stage == 'preference_model' else 'policy'}={tiny_model}",
+             f"{stage}.batch_size=1", f"{stage}.checkpoint_every=2"]
+    cmd, env, proc = _start(tmp_path, tiny_model, *extra)
+    checkpoint = tmp_path / "run" / f"{stage}.partial" / "checkpoint"
+    assert _wait_for(checkpoint.is_dir, proc), "no checkpoint appeared before the run ended"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / stage).exists()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "[feedback] already finished" in out.stdout
+    assert f"[{stage}] resuming from checkpoint at step" in out.stdout
+    metrics = json.loads((tmp_path / "run" / stage / "metrics.json").read_text())
+    steps = [h[0] for h in metrics["loss_history"]] if stage == "preference_model" else [h["step"] for h in metrics["history"]]
+    assert steps == list(range(1, metrics["steps"] + 1))  # none lost, none repeated

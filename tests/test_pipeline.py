@@ -89,3 +89,19 @@ def test_an_interrupted_stage_resumes_only_under_the_same_configuration(tmp_path
     assert not (run / "sft.partial" / "checkpoint").exists()
     assert (run / "sft.partial" / PARTIAL_STAMP).read_text().strip() == fingerprints(new)["sft"]
     assert any("another configuration" in m for m in logs)
+
+
+def test_speed_only_settings_change_no_fingerprint():
+    """Changing a batch size, a timeout or the endpoint list (after an out-of-memory error,
+    or to replace a dead server) must not rerun anything; a result-changing field must."""
+    from cai.config import load_config
+    from cai.pipeline import fingerprints
+
+    base = fingerprints(load_config("cpu-tiny"))
+    for override in ("engine.batch_size=4", "engine.score_batch_size=3", "engine.max_concurrency=2",
+                     "engine.timeout_s=5", "engine.max_retries=1", "engine.cache=false",
+                     "engine.wait_for_endpoints_s=0", "engine.api_key_env=OTHER",
+                     "engine.endpoints=[http://127.0.0.1:9/v1]"):
+        assert fingerprints(load_config("cpu-tiny", [override])) == base, override
+    changed = fingerprints(load_config("cpu-tiny", ["engine.quantize=none"]))
+    assert changed["prepare"] != base["prepare"] and changed["report"] != base["report"]

@@ -127,6 +127,8 @@ def _recover(run_dir: Path, name: str, fingerprint: str, log: Callable[[str], No
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(old, final)  # the new folder never arrived: keep the previous result
+    if final.exists():
+        (final / PARTIAL_STAMP).unlink(missing_ok=True)  # renamed, then the crash: the stamp is not an artifact
 
 
 class _Engines(dict):
@@ -207,17 +209,25 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
     if not is_main:
         log = lambda _msg: None  # noqa: E731 - one log, from the main process
     check_run_dir(cfg.run_dir)
-    if is_main:
+    run_dir = Path(cfg.run_dir)
+    lock = RunLock(run_dir)
+
+    def preflight() -> dict:
         from cai.models import check_model_settings
 
         check_model_settings(cfg)  # a missing model is found now, not hours later in its stage
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run_dir)
-    if dist is None:
+        if "prepare" in cfg.stages:
+            from cai.stage import load_inputs
+
+            load_inputs(cfg)  # bad input files stop the run before it writes anything
+        run_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
-    else:  # every process of one launch is one run: the main process holds the lock for all
-        _on_main(dist, lambda: lock.acquire() or {})
+        return {}
+
+    if dist is None:
+        preflight()
+    else:  # every process of one launch is one run: the main process checks and holds the lock for all
+        _on_main(dist, preflight)
     try:
         return _run_stages(cfg, specs, dist, is_main, run_dir, log, force)
     finally:

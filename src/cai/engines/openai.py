@@ -79,7 +79,9 @@ def normalize_url(url: str, field: str = "engine.endpoints") -> str:
     """The base URL requests are appended to: ``http://host:8000`` becomes ``.../v1``."""
     parts = urllib.parse.urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise CaiError(f"config field '{field}': '{url}' is not an http:// or https:// URL (example: http://127.0.0.1:8000/v1)")
+        shown = urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", "")) or "(empty)"
+        raise CaiError(f"config field '{field}': '{shown}' is not an http:// or https:// URL "
+                       "(example: http://127.0.0.1:8000/v1)")
     if parts.username or parts.password or parts.query or parts.fragment:
         what = "a user or password" if parts.username or parts.password else "a query string"
         raise CaiError(

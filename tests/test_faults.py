@@ -1,0 +1,395 @@
+"""Fault injection: bad input, two runs at once, a corrupt cache, a full disk, a cut
+artifact, a crash while a finished stage is moved into place.
+
+Every bad input must end with exit status 2 and one line on stderr (``error: ...``), no
+traceback, and nothing written: the contract of docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cai.cli import main
+
+GOOD_CONSTITUTION = "builtin:default"
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _one_line_error(capsys, argv, root: Path, match: str | None = None) -> str:
+    """Run the CLI in-process; assert exit 2, one `error:` line, no traceback, nothing written."""
+    before = _tree(root)
+    rc = main(argv)
+    out = capsys.readouterr()
+    lines = [line for line in out.err.splitlines() if line.strip()]
+    assert rc == 2, (rc, out.out[-500:], out.err[-500:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.err
+    assert "Traceback" not in out.err + out.out
+    assert _tree(root) == before, "a bad input wrote something"
+    if match:
+        assert match in lines[0], lines[0]
+    return lines[0]
+
+
+# -- bad config values and settings (each through `cai validate` and `cai run`) ---------------
+
+BAD_SETTINGS = [
+    ("critique_revision.temperature=-1", "critique_revision.temperature' must be >= 0"),
+    ("critique_revision.max_new_tokens=0", "critique_revision.max_new_tokens' must be >= 1"),
+    ("critique_revision.rounds=-2", "critique_revision.rounds' must be >= 1"),
+    ("critique_revision.rounds=0", "critique_revision.rounds' must be >= 1"),
+    ("critique_revision.top_p=0", "critique_revision.top_p' must be in (0, 1]"),
+    ("data.max_per_split=-5", "data.max_per_split' must be >= 1"),
+    ("data.max_per_split=0", "data.max_per_split' must be >= 1"),
+    ("data.test_fraction=1", "data.test_fraction' must be in [0, 1)"),
+    ("engine.batch_size=-4", "engine.batch_size' must be >= 1"),
+    ("engine.score_batch_size=0", "engine.score_batch_size' must be >= 1"),
+    ("feedback.top_p=1.5", "feedback.top_p' must be in (0, 1]"),
+    ("feedback.samples_per_prompt=1", "feedback.samples_per_prompt"),
+    ("feedback.cot_clamp=[0.7, 0.9]", "feedback.cot_clamp"),
+    ("feedback.few_shot=-3", "feedback.few_shot' must be >= -1"),
+    ("rl.kl_coef=-1", "rl.kl_coef' must be >= 0"),
+    ("rl.temperature=0", "rl.temperature"),
+    ("dpo.beta=0", "dpo.beta' must be > 0"),
+    ("dpo.min_confidence=2", "dpo.min_confidence' must be in [0, 1]"),
+    ("sft.learning_rate=0", "sft.learning_rate' must be > 0"),
+    ("sft.epochs=-1", "sft.epochs' must be > 0"),
+    ("sft.lora_dropout=1.5", "sft.lora_dropout' must be in [0, 1]"),
+    ("preference_model.batch_size=0", "preference_model.batch_size' must be >= 1"),
+    ("evaluate.bootstrap=-1", "evaluate.bootstrap' must be >= 0"),
+    ("stages=[prepare, nosuch]", "unknown stage 'nosuch'"),
+    ("engine.kind=vllm", "engine.kind' must be one of"),
+    ("engine.modle=x", "unknown key 'engine.modle'"),
+    ("engine.batch_size=abc", "engine.batch_size' expects an integer"),
+    ("seed=1.5", "'seed' expects an integer"),
+    ("engine.batch_size", "is not KEY=VALUE"),
+    ("engine.model=/does/not/exist", "'engine.model': '/does/not/exist' does not exist"),
+    ("engine.model=not a model!", "is not a hub id"),
+    ("dpo.policy=/nope/dir", "'dpo.policy': '/nope/dir' does not exist"),
+    ("engine.model=nobody/not-in-the-cache", "not in the local Hugging Face cache"),
+    ("engine.kind=openai", "engine.endpoints' is empty"),
+    ("engine.wait_for_endpoints_s=-1", "engine.wait_for_endpoints_s' must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("setting,match", BAD_SETTINGS, ids=[b[0] for b in BAD_SETTINGS])
+def test_a_bad_setting_is_one_line_before_anything_runs(command, setting, match, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(capsys, [command, f"run_dir={tmp_path / 'run'}", setting], tmp_path, match)
+
+
+ENDPOINTS = [
+    ("http://127.0.0.1:8000/v1?token=SECRET", "query string"),
+    ("http://user:SECRET@127.0.0.1:8000/v1", "user or password"),
+    ("ftp://user:SECRET@127.0.0.1/v1", "is not an http:// or https:// URL"),
+]
+
+
+@pytest.mark.parametrize("url,match", ENDPOINTS, ids=["query-token", "userinfo", "ftp"])
+def test_a_bad_endpoint_is_rejected_and_its_secret_never_printed_or_written(url, match, tmp_path, monkeypatch,
+                                                                            capsys):
+    monkeypatch.chdir(tmp_path)
+    line = _one_line_error(capsys, ["run", f"run_dir={tmp_path / 'run'}", "engine.kind=openai",
+                                    f'engine.endpoints=["{url}"]', "sft.model=default"], tmp_path, match)
+    assert "SECRET" not in line  # nor written anywhere: nothing is (checked above)
+
+
+def test_a_run_dir_that_is_a_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("a file\n")
+    for command in ("validate", "run"):
+        _one_line_error(capsys, [command, "run_dir=taken"], tmp_path, "is a file, not a folder")
+
+
+def test_a_model_folder_without_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty_model").mkdir()
+    _one_line_error(capsys, ["validate", f"sft.model={tmp_path / 'empty_model'}"], tmp_path, "has no config.json")
+
+
+# -- bad files -------------------------------------------------------------------------------
+
+NOT_UTF8 = b"\xff\xfe\x00bad \xc3\x28 bytes\n"
+
+
+def _files(tmp: Path) -> dict[str, Path]:
+    d = tmp / "inputs"
+    d.mkdir()
+    (d / "config_latin1.yaml").write_bytes("seed: 0\nrun_dir: caf\xe9\n".encode("latin-1"))
+    (d / "config_bad.yaml").write_text("seed: [0\n")
+    (d / "config_list.yaml").write_text("- seed\n- 0\n")
+    (d / "constitution_latin1.yaml").write_bytes(NOT_UTF8)
+    (d / "constitution_empty.yaml").write_text("")
+    (d / "constitution_bad.yaml").write_text("principles: [\n")
+    (d / "constitution_noprinciples.yaml").write_text("name: x\nprinciples: []\n")
+    (d / "prompts_latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9"}\n')
+    (d / "prompts_badline.jsonl").write_text('{"prompt": "fine"}\n{"prompt": \n')
+    (d / "prompts_empty.jsonl").write_text("")
+    (d / "prompts_nocolumn.jsonl").write_text('{"title": "x"}\n')
+    (d / "prompts_dupes.jsonl").write_text('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n')
+    (d / "prompts.xyz").write_text("what\n")
+    (d / "prompts_badrole.jsonl").write_text('{"messages": [{"role": "wizard", "content": "hi"}]}\n')
+    (d / "prompts_two.jsonl").write_text('{"prompt": "only one"}\n')  # one split must be empty
+    (d / "prompts_latin1.csv").write_bytes(b"prompt\ncaf\xe9\n")
+    (d / "prompts_latin1.txt").write_bytes(b"caf\xe9\n")
+    (d / "prompts_emptydir").mkdir()
+    (d / "prompts_json_notlist.json").write_text('{"prompt": "x"}')
+    return {p.name: p for p in d.iterdir()}
+
+
+BAD_FILES = [
+    (["--config", "{config_latin1.yaml}"], "is not UTF-8"),
+    (["--config", "{config_bad.yaml}"], "not valid YAML"),
+    (["--config", "{config_list.yaml}"], "expected a mapping"),
+    (["--config", "missing.yaml"], "does not exist"),
+    (["--config", "no-such-preset"], "no config file or preset named"),
+    (["data.constitution={constitution_latin1.yaml}"], "is not UTF-8"),
+    (["data.constitution={constitution_empty.yaml}"], "is empty"),
+    (["data.constitution={constitution_bad.yaml}"], "constitution_bad.yaml"),
+    (["data.constitution={constitution_noprinciples.yaml}"], "constitution_noprinciples.yaml"),
+    (["data.constitution=missing.yaml"], "does not exist"),
+    (["data.constitution=builtin:nope"], "no built-in constitution"),
+    (["data.red_team={prompts_latin1.jsonl}"], "is not UTF-8"),
+    (["data.red_team={prompts_badline.jsonl}"], "malformed JSON line"),
+    (["data.red_team={prompts_empty.jsonl}"], "is empty"),
+    (["data.helpful={prompts_nocolumn.jsonl}"], "no prompt column"),
+    (["data.benign={prompts_dupes.jsonl}"], "duplicate prompt id"),
+    (["data.red_team={prompts.xyz}"], "unknown prompt file format"),
+    (["data.red_team={prompts_badrole.jsonl}"], "role must be"),
+    (["data.red_team={prompts_two.jsonl}"], "split is empty"),
+    (["data.helpful={prompts_latin1.csv}"], "is not UTF-8"),
+    (["data.benign={prompts_latin1.txt}"], "is not UTF-8"),
+    (["data.red_team={prompts_emptydir}"], "has no train/test files"),
+    (["data.red_team={prompts_json_notlist.json}"], "expected a JSON list"),
+    (["data.red_team=builtin:nope"], "no built-in prompt set"),
+]
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("args,match", BAD_FILES, ids=[" ".join(b[0]) for b in BAD_FILES])
+def test_a_bad_input_file_is_one_line_naming_it(command, args, match, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    files = _files(tmp_path)
+    def fill(arg: str) -> str:
+        for name, path in files.items():
+            arg = arg.replace("{" + name + "}", str(path))
+        return arg
+
+    argv = [command, f"run_dir={tmp_path / 'run'}"] + [fill(a) for a in args]
+    _one_line_error(capsys, argv, tmp_path, match)
+
+
+def test_validate_checks_single_files_too(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    files = _files(tmp_path)
+    _one_line_error(capsys, ["validate", "--constitution", str(files["constitution_latin1.yaml"])], tmp_path,
+                    "is not UTF-8")
+    _one_line_error(capsys, ["validate", "--prompts", str(files["prompts_badline.jsonl"])], tmp_path,
+                    "malformed JSON line")
+
+
+def test_the_real_command_exits_2_with_one_line(tmp_path):
+    """The console entry point, not just main(): status 2 and one line on stderr."""
+    out = subprocess.run([sys.executable, "-m", "cai", "validate", "critique_revision.temperature=-1"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: config field 'critique_revision.temperature' must be >= 0; got -1.0"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overrides_may_come_after_options(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["config", "seed=3", "--config", "cpu-tiny", "data.max_per_split=2"]) == 0
+    text = capsys.readouterr().out
+    assert "seed: 3" in text and "max_per_split: 2" in text
+
+
+# -- faults at run time, on a tiny model ------------------------------------------------------
+
+SMALL = ["stages=[prepare, critique_revision]", "data.max_per_split=4", "critique_revision.rounds=1",
+         "critique_revision.max_new_tokens=8", "critique_revision.critique_max_new_tokens=6", "engine.batch_size=4"]
+
+
+def _runtime_error(err: str, match: str) -> str:
+    """The one error line of a run that failed at run time (progress bars may precede it)."""
+    assert "Traceback" not in err
+    errors = [line for line in re.split(r"[\r\n]+", err) if line.startswith("error:")]
+    assert len(errors) == 1 and match in errors[0], err[-1500:]
+    assert err.rstrip().endswith(errors[0])
+    return errors[0]
+
+
+def _run(tmp_path, tiny_model, *extra, check=True):
+    argv = ["run", f"run_dir={tmp_path / 'run'}", f"engine.model={tiny_model}", *SMALL, *extra]
+    return main(argv)
+
+
+def test_a_corrupt_request_cache_is_one_line_and_finished_stages_survive(tmp_path, tiny_model, capsys):
+    assert _run(tmp_path, tiny_model, "stages=[prepare]") == 0
+    capsys.readouterr()
+    prepared = _tree(tmp_path / "run" / "prepare")
+    (tmp_path / "run" / "cache.sqlite").write_bytes(b"this is not a database at all " * 40)
+    rc = _run(tmp_path, tiny_model)
+    line = _runtime_error(capsys.readouterr().err, "not a readable request cache")
+    assert rc == 2 and "mv cache.sqlite cache.sqlite.bad" in line
+    assert _tree(tmp_path / "run" / "prepare") == prepared
+    # The way out the message names works.
+    os.replace(tmp_path / "run" / "cache.sqlite", tmp_path / "run" / "cache.sqlite.bad")
+    assert _run(tmp_path, tiny_model) == 0
+
+
+def test_a_full_disk_is_one_line_and_nothing_finished_is_damaged(tmp_path, tiny_model, capsys, monkeypatch):
+    """ENOSPC injected into the artifact writer while critique_revision writes its files."""
+    assert _run(tmp_path, tiny_model, "stages=[prepare]") == 0
+    capsys.readouterr()
+    prepared = {p: p.read_bytes() for p in (tmp_path / "run" / "prepare").rglob("*") if p.is_file()}
+    import cai.io
+
+    real = cai.io._atomic
+
+    def full(path, write):
+        if "critique_revision" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, write)
+
+    monkeypatch.setattr(cai.io, "_atomic", full)
+    rc = _run(tmp_path, tiny_model)
+    _runtime_error(capsys.readouterr().err, "no space left on the device")
+    assert rc == 2
+    assert not (tmp_path / "run" / "critique_revision").exists()
+    assert {p: p.read_bytes() for p in (tmp_path / "run" / "prepare").rglob("*") if p.is_file()} == prepared
+    monkeypatch.setattr(cai.io, "_atomic", real)
+    assert _run(tmp_path, tiny_model) == 0  # space is back: the same command finishes
+    assert (tmp_path / "run" / "critique_revision" / "manifest.json").is_file()
+
+
+def test_a_failed_write_leaves_the_old_file_whole(tmp_path):
+    from cai.io import write_jsonl
+
+    path = tmp_path / "a.jsonl"
+    write_jsonl(path, [{"n": 1}, {"n": 2}])
+
+    def rows():
+        yield {"n": 3}
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_jsonl(path, rows())
+    assert path.read_text() == '{"n": 1}\n{"n": 2}\n'
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_a_cut_artifact_is_caught_before_the_next_stage_reads_it(tmp_path, tiny_model, capsys):
+    assert _run(tmp_path, tiny_model, "stages=[prepare]") == 0
+    capsys.readouterr()
+    split = tmp_path / "run" / "prepare" / "prompts" / "red_team" / "train.jsonl"
+    split.write_text(split.read_text().splitlines()[0] + "\n")  # cut to one line
+    rc = _run(tmp_path, tiny_model)
+    line = _runtime_error(capsys.readouterr().err, str(split))
+    assert rc == 2 and "stage 'prepare'" in line and "delete" in line
+    assert not (tmp_path / "run" / "critique_revision").exists()
+
+
+def test_the_report_checks_what_it_reads(tmp_path, tiny_model, capsys):
+    assert _run(tmp_path, tiny_model) == 0
+    capsys.readouterr()
+    chains = tmp_path / "run" / "critique_revision" / "chains" / "train.jsonl"
+    chains.write_bytes(chains.read_bytes()[:-4] + b"\xff\xfe}\n")  # same length, bad bytes
+    for argv in (["report", str(tmp_path / "run")], ["report", str(tmp_path / "run"), "--out", str(tmp_path / "r.html")]):
+        rc = main(argv)
+        _runtime_error(capsys.readouterr().err, "content changed")
+        assert rc == 2
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_a_second_run_on_the_same_folder_is_refused_naming_the_first(tmp_path, tiny_model, capsys):
+    from cai.runlock import RunLock
+
+    (tmp_path / "run").mkdir()
+    holder = RunLock(tmp_path / "run")
+    holder.acquire()
+    try:
+        rc = _run(tmp_path, tiny_model)
+        line = _runtime_error(capsys.readouterr().err, "in use by another cai run")
+        assert rc == 2 and f"pid {os.getpid()}" in line
+        assert not (tmp_path / "run" / "prepare").exists()
+    finally:
+        holder.release()
+    assert _run(tmp_path, tiny_model, "stages=[prepare]") == 0  # released: the next run goes ahead
+
+
+def test_two_concurrent_runs_one_refused_and_the_other_whole(tmp_path, tiny_model):
+    """Two real processes on one run directory: exactly one runs; its artifacts are whole."""
+    cmd = [sys.executable, "-m", "cai", "run", f"run_dir={tmp_path / 'run'}", f"engine.model={tiny_model}", *SMALL]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], [o[1][-800:] for o in outs]
+    refused = next(o for p, o in zip(procs, outs) if p.returncode == 2)
+    _runtime_error(refused[1], "in use by another cai run (pid")
+    chains = [json.loads(line) for s in ("train", "test")
+              for line in (tmp_path / "run" / "critique_revision" / "chains" / f"{s}.jsonl").read_text().splitlines()]
+    assert len(chains) == len({c["id"] for c in chains}) == 8 and all(len(c["rounds"]) == 1 for c in chains)
+
+
+def test_a_stale_lock_from_a_killed_run_blocks_nobody(tmp_path, tiny_model):
+    """The lock is the OS's: a process killed with -9 holds nothing afterwards."""
+    (tmp_path / "run").mkdir()
+    code = ("import sys, time; from cai.runlock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    proc.kill()
+    proc.wait()
+    assert json.loads((tmp_path / "run" / ".cai.lock").read_text())["pid"] == proc.pid  # the file is still there
+    assert _run(tmp_path, tiny_model, "stages=[prepare]") == 0
+
+
+@pytest.mark.parametrize("crash_after", ["set_aside", "renamed"])
+def test_a_crash_while_a_finished_stage_moves_into_place_loses_nothing(crash_after, tmp_path, tiny_model, capsys,
+                                                                       monkeypatch):
+    """The old window: the stamp was deleted before the old folder was removed and the new
+    one renamed, so a crash there made the next run discard a finished stage."""
+    import cai.pipeline
+
+    assert _run(tmp_path, tiny_model, "stages=[prepare]") == 0
+    real_replace = os.replace
+    calls = []
+
+    def crashing(src, dst):
+        calls.append((str(src), str(dst)))
+        real_replace(src, dst)
+        if str(src).endswith("critique_revision.partial") and crash_after == "renamed":
+            raise SystemExit("crash")
+        if str(dst).endswith("critique_revision.old") and crash_after == "set_aside":
+            raise SystemExit("crash")
+
+    # A first finished critique_revision, then a config change that reruns it and crashes mid-move.
+    assert _run(tmp_path, tiny_model) == 0
+    first = (tmp_path / "run" / "critique_revision" / "chains" / "train.jsonl").read_text()
+    monkeypatch.setattr(cai.pipeline.os, "replace", crashing)
+    with pytest.raises(SystemExit):
+        _run(tmp_path, tiny_model, "critique_revision.max_new_tokens=9")
+    monkeypatch.setattr(cai.pipeline.os, "replace", real_replace)
+    capsys.readouterr()
+    # The next run with the same config finds the finished work instead of redoing it.
+    assert _run(tmp_path, tiny_model, "critique_revision.max_new_tokens=9") == 0
+    out = capsys.readouterr().out
+    assert "already finished" in out and "[critique_revision] running" not in out
+    second = (tmp_path / "run" / "critique_revision" / "chains" / "train.jsonl").read_text()
+    assert second != first
+    assert not (tmp_path / "run" / "critique_revision.old").exists()
+    assert not (tmp_path / "run" / "critique_revision.partial").exists()
