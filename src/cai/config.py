@@ -140,6 +140,26 @@ class CritiqueRevisionConfig:
         False, "Put every round's revision in the SFT data, not only the final one (the paper trained on all)."
     )
     max_prompts: int | None = _f(None, "Use at most this many red-team prompts per split (None: all).")
+    quality_gates: bool = _f(
+        True,
+        "Beyond the paper: never train on a revision that is empty, loops, copies the critique or the "
+        "principle's requests, talks about 'the assistant's response', or only restates the prompt "
+        "(cai.quality), nor on such a helpful answer. A rejected text is retried (gate_retries); a round "
+        "still rejected keeps the previous answer, and a chain with no accepted revision is left out of "
+        "the SFT data. false: the paper's behaviour.",
+    )
+    gate_retries: int = _f(
+        1, "Retries for a text the quality gates reject: a newly sampled principle, critique and revision "
+        "(a new sample for a helpful answer). Each retry costs engine calls for the rejected prompts only.",
+    )
+    best_of: int = _f(
+        1, "Beyond the paper: revisions sampled per request; the acceptable one the best_of_model judges most "
+        "likely to do what the round's revision request asks, compared with the answer it revises (option "
+        "log-probabilities, both orders), is kept. 1: off (one revision, as in the paper).",
+    )
+    best_of_model: str | None = _f(
+        None, "Model that picks among best_of revisions; None uses engine.model (also the feedback model by default).",
+    )
 
 
 def _default(cls, name: str, value, help: str | None = None):
@@ -522,6 +542,14 @@ def check_config(cfg: RunConfig) -> None:
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise CaiError(f"config field 'stages': unknown stage '{unknown[0]}' (available: {', '.join(STAGES)})")
+    cr = cfg.critique_revision
+    if cr.gate_retries < 0:
+        raise CaiError(f"config field 'critique_revision.gate_retries' must be >= 0 (0: no retries); got {cr.gate_retries}")
+    if cr.best_of < 1:
+        raise CaiError(f"config field 'critique_revision.best_of' must be >= 1 (1: off); got {cr.best_of}")
+    if cr.best_of > 1 and cr.temperature <= 0:
+        raise CaiError("config field 'critique_revision.best_of' > 1 needs critique_revision.temperature > 0 "
+                       "(greedy decoding gives the same revision every time)")
     fb = cfg.feedback
     if fb.samples_per_prompt < 2:
         raise CaiError(f"config field 'feedback.samples_per_prompt' must be at least 2 to make a pair; got {fb.samples_per_prompt}")

@@ -68,7 +68,7 @@ really basically simply following
 
 META_RE = re.compile(
     r"\bthe assistant\b"
-    r"|\b(?:the|my|your|this|that|its)\s+(?:last|previous|original|initial|first|above|earlier|revised)\s+"
+    r"|\b(?:the|my|your|this|that|its|[^\W_]+'s)\s+(?:last|previous|original|initial|first|above|earlier|revised)\s+"
     r"(?:response|answer|reply|statement)\b"
     r"|\b(?:the|this|my) (?:critique|revision request|critique request)\b",
     re.I,
@@ -192,3 +192,34 @@ def meta_commentary(text: str) -> bool:
     """True when the text talks about "the assistant" or "the original response" instead
     of talking to the human."""
     return bool(META_RE.search(text or ""))
+
+
+# -- the SL-CAI quality gates -----------------------------------------------------------------
+
+#: A revision copies a text when at least this share of its word 3-grams occur in it.
+COPY_SHARE = 0.6
+
+#: Why a text is not trained on, in the order they are checked.
+REASONS = ("empty", "loops", "copies_critique", "copies_request", "meta_commentary", "restates_prompt")
+
+
+def problems(text: str, prompt, critique: str | None = None, requests: tuple[str, ...] | None = None) -> list[str]:
+    """Every reason (of :data:`REASONS`) not to train on ``text`` as the answer to
+    ``prompt``; [] when there is none. ``critique`` and ``requests`` (the principle's
+    critique and revision requests) are given for a revision: then copying them and
+    meta-commentary count too."""
+    if not words(text):
+        return ["empty"]
+    found = []
+    if degenerate(text):
+        found.append("loops")
+    if critique and copied_share(text, critique) >= COPY_SHARE:
+        found.append("copies_critique")
+    if requests is not None:
+        if copied_share(text, "\n".join(requests)) >= COPY_SHARE:
+            found.append("copies_request")
+        if meta_commentary(text):
+            found.append("meta_commentary")
+    if unhelpful(text, prompt):
+        found.append("restates_prompt")
+    return found
