@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from cai.errors import CaiError
 from cai.stage_names import STAGES
 
 PRESET_DIR = Path(__file__).parent / "data" / "presets"
+#: An ``evaluate.extra_models`` name: it becomes a file name (answers/<name>.jsonl).
+EXTRA_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _f(default, help: str, choices: tuple | None = None, **kw):
@@ -292,6 +295,11 @@ class EvaluateConfig:
     preference_model: bool = _f(
         True, "Score every red-team and helpful answer with preference_model/model when the run has one."
     )
+    extra_models: dict[str, str] = _f(
+        {}, "More models to evaluate beside this run's, on the same prompts with the same judge, so the rows "
+        "of a study compare: name -> a checkpoint directory, 'default', a hub id, or another run's directory "
+        "(its final model: rl/model, else dpo/model, else sft/model). Names: letters, digits, '.', '_', '-'.",
+    )
 
 
 @dataclass
@@ -402,6 +410,12 @@ def _coerce(value: Any, tp, name: str, source: str):
         if not isinstance(value, list):
             raise CaiError(f"{source}: field '{name}' expects a list, got {value!r}")
         return [_coerce(v, item, f"{name}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise CaiError(f"{source}: field '{name}' expects a mapping, got {value!r}")
+        return {_coerce(k, key_type, f"{name} (a key)", source): _coerce(v, value_type, f"{name}.{k}", source)
+                for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise CaiError(f"{source}: field '{name}' expects a mapping, got {value!r}")
@@ -550,6 +564,12 @@ def check_config(cfg: RunConfig) -> None:
     if cr.best_of > 1 and cr.temperature <= 0:
         raise CaiError("config field 'critique_revision.best_of' > 1 needs critique_revision.temperature > 0 "
                        "(greedy decoding gives the same revision every time)")
+    for name in cfg.evaluate.extra_models:
+        if not EXTRA_MODEL_NAME.fullmatch(name) or name in ("initial", "sl-cai", "rl", "dpo", "comparisons"):
+            raise CaiError(
+                f"config field 'evaluate.extra_models': bad name '{name}' (use letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit, and none of initial, sl-cai, rl, dpo, comparisons)"
+            )
     fb = cfg.feedback
     if fb.samples_per_prompt < 2:
         raise CaiError(f"config field 'feedback.samples_per_prompt' must be at least 2 to make a pair; got {fb.samples_per_prompt}")
