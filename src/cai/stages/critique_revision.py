@@ -298,9 +298,15 @@ def estimate(inputs: PlanInputs) -> Cost:
     per_round = sum(count(p.messages) + demo + cr.max_new_tokens + 40 for p in ps)
     calls = 2 if cr.critique else 1
     new = len(ps + hs) * cr.max_new_tokens + cr.rounds * len(ps) * (
-        cr.max_new_tokens + (cr.critique_max_new_tokens if cr.critique else 0))
-    return Cost(generate=len(ps + hs) + cr.rounds * len(ps) * calls, prompt_tokens=first + cr.rounds * per_round * calls,
-                new_tokens=new, note=f"{len(ps)} red-team + {len(hs)} helpful prompts, rounds: {cr.rounds}")
+        cr.best_of * cr.max_new_tokens + (cr.critique_max_new_tokens if cr.critique else 0))
+    score = cr.rounds * len(ps) * cr.best_of * 2 if cr.best_of > 1 else 0
+    note = f"{len(ps)} red-team + {len(hs)} helpful prompts, rounds: {cr.rounds}"
+    if cr.best_of > 1:
+        note += f", {cr.best_of} revisions per request"
+    if cr.quality_gates and cr.gate_retries:
+        note += f"; plus up to {cr.gate_retries} retry per rejected text (not counted)"
+    return Cost(generate=len(ps + hs) + cr.rounds * len(ps) * calls, score=score,
+                prompt_tokens=first + cr.rounds * per_round * calls, new_tokens=new, note=note)
 
 
 STAGE = StageSpec(
