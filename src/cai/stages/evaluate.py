@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 from cai import quality
 from cai.constitution import ComparisonPrinciple, load_constitution
@@ -183,8 +184,6 @@ def resolve_extra_model(model: str) -> str:
     """An ``evaluate.extra_models`` value as a model setting: a run directory (it has a
     ``prepare/`` or ``config.yaml``) becomes its final model folder; anything else is used
     as given (a checkpoint directory, 'default', a hub id)."""
-    from pathlib import Path
-
     path = Path(model)
     if path.is_dir() and not (path / "config.json").is_file() and (
             (path / "prepare").is_dir() or (path / "config.yaml").is_file()):
