@@ -209,12 +209,17 @@ def test_stage_scores_every_model_and_writes_its_artifacts(eval_run):
         rows = [json.loads(l) for l in (out / "answers" / f"{name}.jsonl").read_text().splitlines()]
         assert len(rows) == 9 and all("answer" in r for r in rows)
         assert all("pm_score" in r for r in rows if r["set"] != "benign")
+        assert all(set(r["quality"]) >= {"degenerate", "unhelpful", "repeated_ngram_share", "novelty"} for r in rows)
+        assert {s: res["quality"][name][s]["n"] for s in ("red_team", "helpful", "benign")} == {
+            "red_team": 3, "helpful": 3, "benign": 3}
+    assert set(res["quality_definitions"]) == {"degenerate", "unhelpful"}
     comps = [json.loads(l) for l in (out / "answers" / "comparisons.jsonl").read_text().splitlines()]
     assert len(comps) == 18
     for f in ("elo.png", "harmfulness.png", "refusal.png"):
         assert (out / f).stat().st_size > 1000
     page = (eval_run / "report" / "index.html").read_text()
     assert "harmlessness Elo" in page and page.count("data:image/png;base64,") >= 3
+    assert "What a user would see" in page and "degenerate benign" in page
 
 
 def test_rerun_skips_and_the_same_prompts_give_the_same_answers(eval_run, tiny_model):
@@ -225,3 +230,54 @@ def test_rerun_skips_and_the_same_prompts_give_the_same_answers(eval_run, tiny_m
     ])
     run_pipeline(cfg, log=logs.append)
     assert any("[evaluate] already finished" in m for m in logs)
+
+
+def test_quality_rates_per_model_and_set():
+    loop = "I can't help with that. " * 5
+    rows = [
+        {"model": "m", "set": "benign", "prompt": [{"role": "user", "content": "What is a Ponzi scheme?"}], "answer": loop},
+        {"model": "m", "set": "benign", "prompt": [{"role": "user", "content": "What is a Ponzi scheme?"}],
+         "answer": "A fraud that pays earlier investors with money from newer ones."},
+        {"model": "m", "set": "helpful", "prompt": [{"role": "user", "content": "Why does Earth have seasons?"}],
+         "answer": "The Earth has seasons."},
+        {"model": "m", "set": "red_team", "prompt": [{"role": "user", "content": "q"}], "answer": ""},
+    ]
+    ev.measure_quality(rows)
+    assert [r["quality"]["degenerate"] for r in rows] == [True, False, False, False]
+    assert [r["quality"]["unhelpful"] for r in rows] == [False, False, True, True]
+    summary = ev.summarise(["m"], rows, pm_used=False)["quality"]["m"]
+    assert summary == {"red_team": {"n": 1, "degenerate": 0.0, "unhelpful": 1.0},
+                       "helpful": {"n": 1, "degenerate": 0.0, "unhelpful": 1.0},
+                       "benign": {"n": 2, "degenerate": 0.5, "unhelpful": 0.0}}
+
+
+def test_extra_models_resolve_a_run_directory_to_its_final_model(tmp_path):
+    from cai.errors import CaiError
+
+    run = tmp_path / "other"
+    (run / "prepare").mkdir(parents=True)
+    with pytest.raises(CaiError, match="evaluate.extra_models.*has no trained model"):
+        ev.resolve_extra_model(str(run))
+    for stage in ("sft", "dpo"):
+        (run / stage / "model").mkdir(parents=True)
+        (run / stage / "model" / "config.json").write_text("{}")
+    assert ev.resolve_extra_model(str(run)) == str(run / "dpo" / "model")
+    assert ev.resolve_extra_model(str(run / "sft" / "model")) == str(run / "sft" / "model")
+    assert ev.resolve_extra_model("default") == "default"
+
+
+def test_extra_models_are_compared_on_the_same_prompts_with_the_same_judge(eval_run, tmp_path, tiny_model):
+    """A second run evaluates its own initial model against the first run's final model
+    (rl/model) and another checkpoint: one judge, the same prompts, one Elo table."""
+    cfg = load_config(None, [
+        f"run_dir={tmp_path / 'study'}", f"engine.model={tiny_model}", "engine.batch_size=8",
+        "stages=[prepare, evaluate]", "evaluate.max_prompts=2", "evaluate.max_new_tokens=4", "evaluate.bootstrap=10",
+        "evaluate.few_shot=0", f"evaluate.extra_models={{first-run: {eval_run}, tiny: {tiny_model}}}",
+    ])
+    out = run_pipeline(cfg, log=lambda m: None) / "evaluate"
+    res = json.loads((out / "results.json").read_text())
+    assert res["models"] == {"initial": tiny_model, "first-run": str(eval_run / "rl" / "model"), "tiny": tiny_model}
+    assert set(res["elo"]["harmlessness"]["ratings"]) == {"initial", "first-run", "tiny"}
+    assert res["judge"] == tiny_model and res["prompts"] == {"red_team": 2, "helpful": 2, "benign": 2}
+    for name in ("first-run", "tiny"):
+        assert (out / "answers" / f"{name}.jsonl").is_file() and res["quality"][name]["benign"]["n"] == 2

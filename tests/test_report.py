@@ -37,7 +37,8 @@ def make_run(run, chains=6, comparisons=4, evil=True):
         f"  - {{id: harmful-general, critique: {json.dumps('Critique ' + bad)}, revision: 'Revise.'}}\n"
         f"  - {{id: {json.dumps('evil<script>x</script>')}, critique: {json.dumps(bad)}, revision: 'Revise.'}}\n"
         "comparison_principles:\n  - {id: less-harmful, text: 'Which is less harmful?'}\n", encoding="utf-8")
-    _manifest(run, "critique_revision", 12.0, {"chains_train": chains})
+    _manifest(run, "critique_revision", 12.0, {"chains_train": chains, "gate_rejected": 1, "gate_retries": 1,
+                                               "gate_loops": 1, "gate_replaced": 1, "prompts_without_sft_example": 0})
     rows = []
     for k in range(chains):
         pid = "harmful-general" if k % 2 == 0 else "evil<script>x</script>"
@@ -47,7 +48,13 @@ def make_run(run, chains=6, comparisons=4, evil=True):
             "revised": True,
             "rounds": [{"round": 1, "principle_id": pid, "critique_request": "c?", "critique": f"critique {k} {bad}",
                         "revision_request": "r?", "revision": f"revised answer {k} banana" if k == 3 else f"revised {k}",
-                        "status": "revised"}],
+                        "status": "revised", "reasons": [],
+                        # a rejected first try (quality gates) and best-of-n samples, hostile too
+                        "attempts": [{"principle_id": pid, "critique": f"first critique {bad}",
+                                      "revision": f"rejected try {k} {bad}", "reasons": ["loops", bad]}] if k == 1 else [],
+                        "candidates": [{"revision": f"other sample {k} {bad}", "reasons": [], "p_better": 0.25}]
+                        if k == 2 else []}],
+            "trained_on": None if k == 4 else "revision",
         })
     (run / "critique_revision" / "chains").mkdir(parents=True, exist_ok=True)
     write_jsonl(run / "critique_revision" / "chains" / "train.jsonl", rows[: chains - 1])
@@ -83,6 +90,7 @@ def test_page_source_has_no_live_payload(tmp_path):
     assert "Content-Security-Policy" in html and "'unsafe-inline'" not in html.split("script-src")[1].split(";")[0]
     assert 'id="timeline"' in html and 'id="chains"' in html and 'id="comparisons"' in html
     assert 'id="evaluation"' not in html  # no evaluate stage: no empty section
+    assert 'id="gates"' in html and "rejected texts: loops" in html
 
 
 def test_a_run_with_only_prepare_and_critique_revision_gets_a_report(tmp_path, capsys):
@@ -146,6 +154,11 @@ def test_hostile_text_never_runs_in_chromium_and_the_browsers_work(tmp_path, byp
         first = page.locator("#chains-list .item").first.inner_text()
         assert "<img src=x onerror=" in first and "</script><script>" in first
         assert page.locator("#chains-list img, #comparisons-list img, main table img").count() == 0
+        # the quality gates' rejected try and the other best-of-n sample are shown, as text
+        second = page.locator("#chains-list .item").nth(1).inner_text()
+        assert "rejected try 1 <img src=x onerror=" in second and "rejected: loops" in second
+        assert "other sample 2 <script>" in page.locator("#chains-list .item").nth(2).inner_text()
+        assert "SFT: not trained on" in page.locator("#chains-list .item").nth(4).inner_text()
         # text search
         page.locator("#chains-search").type("banana")
         assert page.locator("#chains-list .item").count() == 1

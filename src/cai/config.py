@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from cai.io import read_text
 from cai.stage_names import STAGES
 
 PRESET_DIR = Path(__file__).parent / "data" / "presets"
+#: An ``evaluate.extra_models`` name: it becomes a file name (answers/<name>.jsonl).
+EXTRA_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _f(default, help: str, choices: tuple | None = None, fingerprint: bool = True, **kw):
@@ -149,6 +152,26 @@ class CritiqueRevisionConfig:
         False, "Put every round's revision in the SFT data, not only the final one (the paper trained on all)."
     )
     max_prompts: int | None = _f(None, "Use at most this many red-team prompts per split (None: all).")
+    quality_gates: bool = _f(
+        True,
+        "Beyond the paper: never train on a revision that is empty, loops, copies the critique or the "
+        "principle's requests, talks about 'the assistant's response', or only restates the prompt "
+        "(cai.quality), nor on such a helpful answer. A rejected text is retried (gate_retries); a round "
+        "still rejected keeps the previous answer, and a chain with no accepted revision is left out of "
+        "the SFT data. false: the paper's behaviour.",
+    )
+    gate_retries: int = _f(
+        1, "Retries for a text the quality gates reject: a newly sampled principle, critique and revision "
+        "(a new sample for a helpful answer). Each retry costs engine calls for the rejected prompts only.",
+    )
+    best_of: int = _f(
+        1, "Beyond the paper: revisions sampled per request; the acceptable one the best_of_model judges most "
+        "likely to do what the round's revision request asks, compared with the answer it revises (option "
+        "log-probabilities, both orders), is kept. 1: off (one revision, as in the paper).",
+    )
+    best_of_model: str | None = _f(
+        None, "Model that picks among best_of revisions; None uses engine.model (also the feedback model by default).",
+    )
 
 
 def _default(cls, name: str, value, help: str | None = None):
@@ -281,6 +304,11 @@ class EvaluateConfig:
     preference_model: bool = _f(
         True, "Score every red-team and helpful answer with preference_model/model when the run has one."
     )
+    extra_models: dict[str, str] = _f(
+        {}, "More models to evaluate beside this run's, on the same prompts with the same judge, so the rows "
+        "of a study compare: name -> a checkpoint directory, 'default', a hub id, or another run's directory "
+        "(its final model: rl/model, else dpo/model, else sft/model). Names: letters, digits, '.', '_', '-'.",
+    )
 
 
 @dataclass
@@ -391,6 +419,12 @@ def _coerce(value: Any, tp, name: str, source: str):
         if not isinstance(value, list):
             raise CaiError(f"{source}: field '{name}' expects a list, got {value!r}")
         return [_coerce(v, item, f"{name}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise CaiError(f"{source}: field '{name}' expects a mapping, got {value!r}")
+        return {_coerce(k, key_type, f"{name} (a key)", source): _coerce(v, value_type, f"{name}.{k}", source)
+                for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise CaiError(f"{source}: field '{name}' expects a mapping, got {value!r}")
@@ -532,6 +566,20 @@ def check_config(cfg: RunConfig) -> None:
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise CaiError(f"config field 'stages': unknown stage '{unknown[0]}' (available: {', '.join(STAGES)})")
+    cr = cfg.critique_revision
+    if cr.gate_retries < 0:
+        raise CaiError(f"config field 'critique_revision.gate_retries' must be >= 0 (0: no retries); got {cr.gate_retries}")
+    if cr.best_of < 1:
+        raise CaiError(f"config field 'critique_revision.best_of' must be >= 1 (1: off); got {cr.best_of}")
+    if cr.best_of > 1 and cr.temperature <= 0:
+        raise CaiError("config field 'critique_revision.best_of' > 1 needs critique_revision.temperature > 0 "
+                       "(greedy decoding gives the same revision every time)")
+    for name in cfg.evaluate.extra_models:
+        if not EXTRA_MODEL_NAME.fullmatch(name) or name in ("initial", "sl-cai", "rl", "dpo", "comparisons"):
+            raise CaiError(
+                f"config field 'evaluate.extra_models': bad name '{name}' (use letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit, and none of initial, sl-cai, rl, dpo, comparisons)"
+            )
     fb = cfg.feedback
     if fb.samples_per_prompt < 2:
         raise CaiError(f"config field 'feedback.samples_per_prompt' must be at least 2 to make a pair; got {fb.samples_per_prompt}")

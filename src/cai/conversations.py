@@ -48,18 +48,25 @@ def says_no_issue(critique: str) -> bool:
     return bool(NO_ISSUE_RE.search(critique))
 
 
-def sample_principle(const: Constitution, seed: int, prompt_id: str, round_: int):
-    """The principle of one prompt's round: seeded by (seed, prompt id, round) alone."""
-    rng = random.Random(f"{seed}:{prompt_id}:{round_}")  # str seeds are stable across runs
+def sample_principle(const: Constitution, seed: int, prompt_id: str, round_: int, attempt: int = 0):
+    """The principle of one prompt's round: seeded by (seed, prompt id, round) alone.
+    A retry after the quality gates rejected a revision (``attempt`` >= 1) samples again."""
+    key = f"{seed}:{prompt_id}:{round_}" + (f":retry{attempt}" if attempt else "")
+    rng = random.Random(key)  # str seeds are stable across runs
     return const.sample_principle(rng)
 
 
-def revision_sampling(cr, seed: int, step: str, round_: int = 0) -> SamplingParams:
+#: Added to a request's seed per retry, so a retried request samples a different answer.
+RETRY_SEED_STEP = 7919
+
+
+def revision_sampling(cr, seed: int, step: str, round_: int = 0, attempt: int = 0, n: int = 1) -> SamplingParams:
     """The sampling parameters of one kind of request: 'answer', 'critique' or 'revision'
-    (``cr`` is a ``CritiqueRevisionConfig``)."""
+    (``cr`` is a ``CritiqueRevisionConfig``); ``attempt`` >= 1 for a retry, ``n`` samples."""
     salt = {"answer": 0, "critique": 1000 + 2 * round_, "revision": 1001 + 2 * round_}[step]
     budget = cr.critique_max_new_tokens if step == "critique" else cr.max_new_tokens
-    return SamplingParams(temperature=cr.temperature, top_p=cr.top_p, max_new_tokens=budget, seed=seed + salt)
+    return SamplingParams(n=n, temperature=cr.temperature, top_p=cr.top_p, max_new_tokens=budget,
+                          seed=seed + salt + RETRY_SEED_STEP * attempt)
 
 
 def revision_demos(examples: list[CritiqueRevisionExample], with_critique: bool) -> list[dict]:
@@ -148,6 +155,21 @@ def softmax2(lp: list[float]) -> float:
     hi = max(lp)
     ea, eb = math.exp(lp[0] - hi), math.exp(lp[1] - hi)
     return ea / (ea + eb)
+
+
+# -- best-of-n revisions ------------------------------------------------------------------
+
+BEST_OF_QUESTION = "Which of these assistant responses better does what this request asks? Request: {request}"
+
+
+def best_of_conversations(messages: list[dict], principle, candidate: str, before: str) -> list[list[dict]]:
+    """The comparison question "does the candidate revision do what the round's revision
+    request asks better than the answer it revises?", with the candidate shown as (A),
+    then as (B); the option letter is read after :func:`answer_turn`."""
+    text = BEST_OF_QUESTION.format(request=principle.revision)
+    turn = {"role": "assistant", "content": answer_turn(None)}
+    return [[{"role": "user", "content": question(messages, text, a, b)}, turn]
+            for a, b in ((candidate, before), (before, candidate))]
 
 
 # -- judgements (evaluation) ---------------------------------------------------------------

@@ -127,6 +127,21 @@ def evaluation(run: Path) -> str:
     parts.append(_table(["model", "harmlessness Elo [95% CI]", "helpfulness Elo [95% CI]", "harmfulness 0-4",
                          "refusal benign judge / phrases", "refusal red-team judge / phrases",
                          "PM score red-team / helpful"], rows))
+    qual = res.get("quality") or {}
+    if qual:
+        sets = [s for s in ("red_team", "helpful", "benign") if any((qual.get(m) or {}).get(s) for m in names)]
+        qrows = []
+        for m in names:
+            row = [m]
+            for key in ("degenerate", "unhelpful"):
+                for s in sets:
+                    x = (qual.get(m) or {}).get(s) or {}
+                    row.append(f"{_fmt(x.get(key))} (n={x.get('n', 0)})")
+            qrows.append(row)
+        head = ["model"] + [f"{k} {s}" for k in ("degenerate", "unhelpful") for s in sets]
+        defs = res.get("quality_definitions") or {}
+        parts.append("<h3>What a user would see</h3>" + _table(head, qrows, "quality")
+                     + "".join(f"<p><b>{escape(k)}</b>: {escape(str(v))}.</p>" for k, v in defs.items()))
     for dim in ("harmlessness", "helpfulness"):
         t = elo.get(dim)
         if t:
@@ -135,6 +150,33 @@ def evaluation(run: Path) -> str:
                          f"{escape(_fmt(t.get('position_consistency')))}; {t['bootstrap']} bootstrap resamples.</p>")
     parts.append(_figures(run / "evaluate"))
     return "".join(parts)
+
+
+def quality_gates(run: Path) -> str:
+    """The critique_revision stage's quality gates: what was rejected, why, and what
+    happened to it (from its manifest counts)."""
+    m = _read_json(run / "critique_revision" / "manifest.json")
+    counts = (m or {}).get("counts") or {} if isinstance(m, dict) else {}
+    gate = {k: v for k, v in counts.items() if k.startswith("gate_")}
+    if not gate:
+        return ""
+    cfg = ((m.get("config") or {}).get("critique_revision") or {}) if isinstance(m.get("config"), dict) else {}
+    labels = {
+        "gate_rejected": "revision attempts rejected", "gate_retries": "retries asked for",
+        "gate_replaced": "rounds accepted on a retry", "gate_helpful_rejected": "helpful answers rejected",
+        "gate_helpful_dropped": "helpful answers left out after retries",
+    }
+    rows = [[labels.get(k, "rejected texts: " + k[len("gate_"):].replace("_", " ")), v] for k, v in gate.items()]
+    for k, label in (("rejected_rounds", "rounds rejected (previous answer kept)"),
+                     ("prompts_without_sft_example", "prompts with no SFT example")):
+        if k in counts:
+            rows.append([label, counts[k]])
+    note = (f"gate_retries={_fmt(cfg.get('gate_retries'))}, best_of={_fmt(cfg.get('best_of'))}. " if cfg else "")
+    return (_table(["critique_revision quality gates", "count"], rows, "gates")
+            + f"<p>{escape(note)}A revision is not trained on when it is empty, loops, copies its critique or the "
+              "principle's requests, talks about “the assistant's response”, or only restates the prompt "
+              "(reasons per text; one text can have several). The chain browser shows each rejected text and its "
+              "reasons.</p>")
 
 
 def _scalars(d: dict, prefix: str = "") -> list[list]:
@@ -239,7 +281,7 @@ def build_report(run_dir: str | Path) -> str:
     pstats = principle_stats(chains, fb_stats if isinstance(fb_stats, dict) else None, constitution)
     data = {
         "chains": [{k: c.get(k) for k in ("id", "split", "category", "messages", "initial_response", "rounds",
-                                          "final_response", "revised")} for c in chains],
+                                          "final_response", "revised", "trained_on")} for c in chains],
         "comparisons": [{k: c.get(k) for k in ("id", "split", "source", "category", "prompt", "response_a",
                                                "response_b", "principle_ids", "queries", "p_a", "p_a_unclamped",
                                                "position_consistent", "status")} for c in comparisons],
@@ -253,6 +295,7 @@ def build_report(run_dir: str | Path) -> str:
     sections = [
         ("timeline", "Stage timeline", timeline(manifests)),
         ("evaluation", "Evaluation", evaluation(run)),
+        ("gates", "SL-CAI quality gates", quality_gates(run)),
         ("training", "Training stages", stage_details(run)),
         ("principles", "Principles",
          (_table(["principle", "kind", "sampled (rounds)", "revised", "mean change (1 − difflib ratio)",

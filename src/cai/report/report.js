@@ -42,6 +42,9 @@
     h.appendChild(el("span", "tag", c.split));
     if (c.category) h.appendChild(el("span", "tag", c.category));
     h.appendChild(el("span", "tag" + (c.revised ? "" : " warn"), c.revised ? "revised" : "unchanged"));
+    if (c.trained_on !== undefined)
+      h.appendChild(el("span", "tag" + (c.trained_on ? "" : " warn"),
+        "SFT: " + (c.trained_on === "revision" ? "revision" : c.trained_on === "first_answer" ? "first answer" : "not trained on")));
     (c.rounds || []).forEach(function (r) { h.appendChild(principleTag(r.principle_id, "chains")); });
     d.appendChild(h);
     d.appendChild(el("div", "label", "prompt"));
@@ -54,14 +57,29 @@
     rounds.appendChild(el("div", "label", "round / principle"));
     rounds.appendChild(el("div", "label", "critique"));
     rounds.appendChild(el("div", "label", "revision"));
-    (c.rounds || []).forEach(function (r) {
+    function reasons(list) { return list && list.length ? "rejected: " + list.join(", ") : ""; }
+    function row(title, principle, status, critique, revision) {
       var who = el("div");
-      who.appendChild(el("div", null, "round " + r.round));
-      who.appendChild(principleTag(r.principle_id, "chains"));
-      who.appendChild(el("div", "label", r.status));
+      who.appendChild(el("div", null, title));
+      if (principle) who.appendChild(principleTag(principle, "chains"));
+      if (status) who.appendChild(el("div", "label", status));
       rounds.appendChild(who);
-      rounds.appendChild(el("div", "text", r.critique === null || r.critique === undefined ? "(no critique)" : r.critique));
-      rounds.appendChild(el("div", "text", r.revision === null || r.revision === undefined ? "(no revision)" : r.revision));
+      rounds.appendChild(el("div", "text", critique === null || critique === undefined ? "(no critique)" : critique));
+      rounds.appendChild(el("div", "text", revision === null || revision === undefined ? "(no revision)" : revision));
+    }
+    (c.rounds || []).forEach(function (r) {
+      (r.attempts || []).forEach(function (a, k) {
+        row("round " + r.round + ", try " + (k + 1), a.principle_id, reasons(a.reasons), a.critique, a.revision);
+      });
+      var tries = (r.attempts || []).length;
+      row("round " + r.round + (tries ? ", try " + (tries + 1) : ""), r.principle_id,
+          r.status + (r.reasons && r.reasons.length ? " (" + r.reasons.join(", ") + ")" : ""), r.critique, r.revision);
+      (r.candidates || []).forEach(function (x, k) {
+        if (x.revision === r.revision) return;
+        row("round " + r.round + ", other sample " + (k + 1), null,
+            (reasons(x.reasons) || "not picked") + (x.p_better !== undefined ? ", P(better) " + fmt(x.p_better) : ""),
+            null, x.revision);
+      });
     });
     d.appendChild(rounds);
     return d;

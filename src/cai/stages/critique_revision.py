@@ -23,8 +23,12 @@ splits that follow the red-team prompt splits:
 
 from __future__ import annotations
 
+from collections import Counter
+
 from cai.constitution import load_constitution
 from cai.conversations import (
+    OPTIONS,
+    best_of_conversations,
     clean,
     critique_conversation,
     revision_conversation,
@@ -32,9 +36,11 @@ from cai.conversations import (
     revision_sampling,
     sample_principle,
     says_no_issue,
+    softmax2,
 )
 from cai.io import write_jsonl
 from cai.prompts import SPLITS
+from cai.quality import problems
 from cai.stage import Cost, PlanInputs, StageContext, StageSpec, prepared_prompts, split_file
 
 
@@ -49,6 +55,7 @@ def run(ctx: StageContext) -> dict:
         examples = examples[: cr.few_shot]
     demos = revision_demos(examples, cr.critique)
     engine = ctx.engine()
+    attempts = 1 + (cr.gate_retries if cr.quality_gates else 0)
 
     items = [(s, p) for s in SPLITS for p in prompts[s]]
     n_helpful = {s: min(len(helpful[s]), round(cr.helpful_ratio * len(prompts[s]))) for s in SPLITS}
@@ -58,52 +65,89 @@ def run(ctx: StageContext) -> dict:
         if not convs:
             return []
         with ctx.progress(len(convs), desc) as update:
-            return [clean(outs[0]) for outs in engine.generate(convs, sp, progress=update)]
+            return [[clean(o) for o in outs] for outs in engine.generate(convs, sp, progress=update)]
 
-    answers = generate([p.messages for _, p in items] + [p.messages for _, p in helpful_items],
-                       revision_sampling(cr, cfg.seed, "answer"), "first answers")
+    answers = [outs[0] for outs in generate([p.messages for _, p in items] + [p.messages for _, p in helpful_items],
+                                            revision_sampling(cr, cfg.seed, "answer"), "first answers")]
     first = answers[: len(items)]
     helpful_answers = answers[len(items):]
+    stats = Counter(empty_critiques=0, empty_revisions=0, skipped_revisions=0)
+    stats["empty_first_answers"] = sum(1 for a in first if not a)
+    if cr.quality_gates:
+        helpful_answers = gate_helpful(helpful_items, helpful_answers, attempts, generate, cr, cfg.seed, stats)
     latest = list(first)
     rounds: list[list[dict]] = [[] for _ in items]
-    stats = {"empty_critiques": 0, "empty_revisions": 0, "skipped_revisions": 0, "empty_first_answers": 0}
-    stats["empty_first_answers"] = sum(1 for a in first if not a)
     for r in range(cr.rounds):
-        principles = [sample_principle(const, cfg.seed, p.id, r) for _, p in items]
-        critiques: list[str | None] = [None] * len(items)
-        if cr.critique:
-            convs = [critique_conversation(demos, p.messages, latest[i], principles[i]) for i, (_, p) in enumerate(items)]
-            critiques = generate(convs, revision_sampling(cr, cfg.seed, "critique", r), f"round {r + 1} critiques")
-        todo, statuses = [], []
-        for i in range(len(items)):
-            status = "revised"
-            if cr.critique and not critiques[i]:
-                status = "empty_critique"
-            elif cr.critique and cr.skip_if_no_issue and says_no_issue(critiques[i]):
-                status = "skipped_no_issue"
-            else:
-                todo.append(i)
-            statuses.append(status)
-        convs = [revision_conversation(demos, items[i][1].messages, latest[i], principles[i], critiques[i]) for i in todo]
-        revised = dict(zip(todo, generate(convs, revision_sampling(cr, cfg.seed, "revision", r), f"round {r + 1} revisions")))
-        for i in range(len(items)):
-            revision = revised.get(i)
-            if i in revised and not revision:
-                statuses[i] = "empty_revision"
-            if statuses[i] == "revised":
-                latest[i] = revision
-            stats["empty_critiques"] += statuses[i] == "empty_critique"
-            stats["empty_revisions"] += statuses[i] == "empty_revision"
-            stats["skipped_revisions"] += statuses[i] == "skipped_no_issue"
-            rounds[i].append({
-                "round": r + 1,
-                "principle_id": principles[i].id,
-                "critique_request": principles[i].critique if cr.critique else None,
-                "critique": critiques[i],
-                "revision_request": principles[i].revision,
-                "revision": revision,
-                "status": statuses[i],
-            })
+        records: list[dict | None] = [None] * len(items)
+        tried: list[list[dict]] = [[] for _ in items]
+        open_ = list(range(len(items)))
+        for attempt in range(attempts):
+            if not open_:
+                break
+            if attempt:
+                stats["gate_retries"] += len(open_)
+            principles = {i: sample_principle(const, cfg.seed, items[i][1].id, r, attempt) for i in open_}
+            critiques: dict[int, str | None] = {i: None for i in open_}
+            tag = f"round {r + 1}" + (f" retry {attempt}" if attempt else "")
+            if cr.critique:
+                convs = [critique_conversation(demos, items[i][1].messages, latest[i], principles[i]) for i in open_]
+                outs = generate(convs, revision_sampling(cr, cfg.seed, "critique", r, attempt), f"{tag} critiques")
+                critiques = {i: o[0] for i, o in zip(open_, outs)}
+            todo = []
+            for i in open_:
+                record = {"round": r + 1, "principle_id": principles[i].id,
+                          "critique_request": principles[i].critique if cr.critique else None,
+                          "critique": critiques[i], "revision_request": principles[i].revision,
+                          "revision": None, "status": "revised", "reasons": [], "attempts": tried[i]}
+                if cr.critique and not critiques[i]:
+                    record["status"] = "empty_critique"
+                elif cr.critique and cr.skip_if_no_issue and says_no_issue(critiques[i]):
+                    record["status"] = "skipped_no_issue"
+                else:
+                    todo.append(i)
+                records[i] = record
+            convs = [revision_conversation(demos, items[i][1].messages, latest[i], principles[i], critiques[i])
+                     for i in todo]
+            outs = generate(convs, revision_sampling(cr, cfg.seed, "revision", r, attempt, n=cr.best_of),
+                            f"{tag} revisions")
+            candidates = {}
+            for i, cands in zip(todo, outs):
+                checks = [revision_problems(c, items[i][1].messages, critiques[i], principles[i], cr.quality_gates)
+                          for c in cands]
+                candidates[i] = [{"revision": c, "reasons": why} for c, why in zip(cands, checks)]
+                if cr.quality_gates:
+                    stats.update(f"gate_{w}" for why in checks for w in why)
+            if cr.best_of > 1:
+                pick_best(ctx, cr, items, latest, principles, candidates)
+            still_open = []
+            for i in todo:
+                record, cands = records[i], candidates[i]
+                ok = [c for c in cands if not c["reasons"]]
+                if cr.best_of > 1:
+                    record["candidates"] = cands
+                chosen = max(ok, key=lambda c: c.get("p_better", 0.0)) if ok else cands[0]
+                record["revision"], record["reasons"] = chosen["revision"], chosen["reasons"]
+                if ok:
+                    if attempt:
+                        stats["gate_replaced"] += 1
+                    continue
+                if cr.quality_gates:
+                    stats["gate_rejected"] += 1
+                if attempt + 1 < attempts:
+                    tried[i].append({k: record[k] for k in ("principle_id", "critique", "revision", "reasons")})
+                    still_open.append(i)
+                else:
+                    record["status"] = "empty_revision" if record["reasons"] == ["empty"] else "rejected"
+            open_ = still_open
+        for i, record in enumerate(records):
+            if record["status"] == "revised":
+                latest[i] = record["revision"]
+            stats["empty_critiques"] += record["status"] == "empty_critique"
+            stats["empty_revisions"] += record["status"] == "empty_revision"
+            stats["skipped_revisions"] += record["status"] == "skipped_no_issue"
+            if record["status"] == "rejected":
+                stats["rejected_rounds"] += 1
+            rounds[i].append(record)
 
     counts = write_artifacts(ctx, cr, items, first, latest, rounds, helpful_items, helpful_answers)
     counts.update(stats)
@@ -111,12 +155,83 @@ def run(ctx: StageContext) -> dict:
     return counts
 
 
+def revision_problems(text: str, messages: list[dict], critique: str | None, principle, gates: bool) -> list[str]:
+    """Why a revision is not trained on: the quality gates' reasons, or with the gates off
+    only an empty text (the stage has always kept the previous answer then)."""
+    if not gates:
+        return [] if text else ["empty"]
+    return problems(text, messages, critique, (principle.critique, principle.revision))
+
+
+def gate_helpful(helpful_items, helpful_answers, attempts, generate, cr, seed, stats) -> list[str]:
+    """Resample helpful answers the gates reject (empty, looping, restating the prompt);
+    one still rejected after the retries is left out of the SFT data (returned as "")."""
+    answers = list(helpful_answers)
+    bad = [k for k, a in enumerate(answers) if problems(a, helpful_items[k][1].messages)]
+    stats["gate_helpful_rejected"] = len(bad)
+    for attempt in range(1, attempts):
+        if not bad:
+            break
+        outs = generate([helpful_items[k][1].messages for k in bad],
+                        revision_sampling(cr, seed, "answer", attempt=attempt), f"helpful answers retry {attempt}")
+        for k, o in zip(bad, outs):
+            answers[k] = o[0]
+        bad = [k for k in bad if problems(answers[k], helpful_items[k][1].messages)]
+    for k in bad:
+        answers[k] = ""
+    stats["gate_helpful_dropped"] = len(bad)
+    return answers
+
+
+def pick_best(ctx, cr, items, latest, principles, candidates) -> None:
+    """Best-of-n: score every acceptable candidate revision by how likely the judge
+    (``best_of_model``) says it does what the round's revision request asks better than
+    the answer it revises (the comparison question, both orders, option log-probabilities);
+    sets ``p_better`` on each candidate, in place."""
+    queries = []
+    for i, cands in candidates.items():
+        if sum(not c["reasons"] for c in cands) > 1:
+            for c in cands:
+                if not c["reasons"]:
+                    for order, conv in zip(("candidate_first", "candidate_second"),
+                                           best_of_conversations(items[i][1].messages, principles[i],
+                                                                 c["revision"], latest[i])):
+                        queries.append((c, order, conv))
+    if not queries:
+        return
+    judge = ctx.engine(cr.best_of_model)
+    with ctx.progress(len(queries), "best-of-n judgements") as update:
+        lps = judge.choice_logprobs([q[2] for q in queries], [OPTIONS] * len(queries), progress=update)
+    for (c, order, _), lp in zip(queries, lps):
+        p = softmax2(lp) if order == "candidate_first" else 1 - softmax2(lp)
+        c.setdefault("p_orders", []).append(round(p, 6))
+    for cands in candidates.values():
+        for c in cands:
+            if "p_orders" in c:
+                c["p_better"] = round(sum(c["p_orders"]) / len(c["p_orders"]), 6)
+
+
+def sft_target(cr, init: str, final: str, rs: list[dict], prompt_messages: list[dict]) -> str | None:
+    """The text a chain teaches: its last accepted revision. Without one, the first answer
+    when no round found a problem (every critique said "no issue" or was empty); with the
+    quality gates on, a chain whose revisions were all rejected teaches nothing (its first
+    answer is what the critique objected to), and neither does a first answer that fails
+    the gates itself."""
+    if any(x["status"] == "revised" for x in rs) or not cr.quality_gates:
+        return final or None
+    if any(x["status"] in ("rejected", "empty_revision") for x in rs) or problems(init, prompt_messages):
+        return None
+    return init or None
+
+
 def write_artifacts(ctx, cr, items, first, latest, rounds, helpful_items, helpful_answers) -> dict:
     chains = {s: [] for s in SPLITS}
     sft = {s: [] for s in SPLITS}
     prefs = {s: [] for s in SPLITS}
+    dropped = 0
     for (split, p), init, final, rs in zip(items, first, latest, rounds):
         last = next((x for x in reversed(rs) if x["status"] == "revised"), rs[-1] if rs else None)
+        target = sft_target(cr, init, final, rs, p.messages)
         chains[split].append({
             "id": p.id,
             "category": p.category,
@@ -126,6 +241,7 @@ def write_artifacts(ctx, cr, items, first, latest, rounds, helpful_items, helpfu
             "rounds": rs,
             "final_response": final,
             "revised": final != init,
+            "trained_on": None if target is None else ("first_answer" if target == init else "revision"),
             # The Hugging Face recipe's columns (its one round = our last effective round).
             "init_prompt": p.text,
             "init_response": init,
@@ -134,13 +250,17 @@ def write_artifacts(ctx, cr, items, first, latest, rounds, helpful_items, helpfu
             "revision_prompt": last["revision_request"] if last else None,
             "revision_response": final,
         })
-        targets = [x["revision"] for x in rs if x["status"] == "revised"] if cr.sft_all_revisions else [final]
-        for k, target in enumerate(targets):
-            if target:
+        if cr.sft_all_revisions:
+            targets = [x["revision"] for x in rs if x["status"] == "revised"]
+        else:
+            targets = [target] if target else []
+        dropped += not targets
+        for k, text in enumerate(targets):
+            if text:
                 sft[split].append({
                     "id": p.id if len(targets) == 1 else f"{p.id}/r{k + 1}",
                     "source": "revision",
-                    "messages": p.messages + [{"role": "assistant", "content": target}],
+                    "messages": p.messages + [{"role": "assistant", "content": text}],
                 })
         if final and init and final != init:
             prefs[split].append({
@@ -162,6 +282,7 @@ def write_artifacts(ctx, cr, items, first, latest, rounds, helpful_items, helpfu
             write_jsonl(path, data[split])
             counts[f"{name}_{split}"] = len(data[split])
     counts["helpful_samples"] = len([a for a in helpful_answers if a])
+    counts["prompts_without_sft_example"] = dropped
     return counts
 
 
@@ -177,9 +298,15 @@ def estimate(inputs: PlanInputs) -> Cost:
     per_round = sum(count(p.messages) + demo + cr.max_new_tokens + 40 for p in ps)
     calls = 2 if cr.critique else 1
     new = len(ps + hs) * cr.max_new_tokens + cr.rounds * len(ps) * (
-        cr.max_new_tokens + (cr.critique_max_new_tokens if cr.critique else 0))
-    return Cost(generate=len(ps + hs) + cr.rounds * len(ps) * calls, prompt_tokens=first + cr.rounds * per_round * calls,
-                new_tokens=new, note=f"{len(ps)} red-team + {len(hs)} helpful prompts, rounds: {cr.rounds}")
+        cr.best_of * cr.max_new_tokens + (cr.critique_max_new_tokens if cr.critique else 0))
+    score = cr.rounds * len(ps) * cr.best_of * 2 if cr.best_of > 1 else 0
+    note = f"{len(ps)} red-team + {len(hs)} helpful prompts, rounds: {cr.rounds}"
+    if cr.best_of > 1:
+        note += f", {cr.best_of} revisions per request"
+    if cr.quality_gates and cr.gate_retries:
+        note += f"; plus up to {cr.gate_retries} retry per rejected text (not counted)"
+    return Cost(generate=len(ps + hs) + cr.rounds * len(ps) * calls, score=score,
+                prompt_tokens=first + cr.rounds * per_round * calls, new_tokens=new, note=note)
 
 
 STAGE = StageSpec(

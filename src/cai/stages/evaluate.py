@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
+from cai import quality
 from cai.constitution import ComparisonPrinciple, load_constitution
 from cai.conversations import (
     HARM_SCALE,
@@ -53,6 +55,10 @@ from cai.io import write_json, write_jsonl
 from cai.prompts import Prompt, load_prompt_file
 from cai.stage import PROMPT_SETS, SL_CAI, Cost, PlanInputs, StageContext, StageSpec, model_dir, prompt_file
 from cai.stage_names import TRAINED_POLICIES
+
+#: A run directory given in ``evaluate.extra_models`` stands for its final model: the
+#: first of these stages' model folders that exists.
+FINAL_MODEL_ORDER = ("rl", "dpo", "sft")
 
 SETS = PROMPT_SETS
 ELO_SCALE = 400.0 / math.log(10.0)  # 400 Elo points = odds of 10:1
@@ -163,12 +169,30 @@ def elo_table(names: list[str], games_by_prompt: dict, resamples: int, seed: int
 
 
 def models_to_evaluate(ctx: StageContext) -> dict[str, str]:
-    """name -> model setting: the original model, then every trained policy folder found."""
+    """name -> model setting: the original model, then every trained policy folder found,
+    then ``evaluate.extra_models``."""
     out = {"initial": ctx.cfg.engine.model}
     for stage in TRAINED_POLICIES:
         if model_dir(ctx.run_dir, stage).is_dir():
             out[SL_CAI if stage == "sft" else stage] = str(model_dir(ctx.run_dir, stage))
+    for name, model in ctx.cfg.evaluate.extra_models.items():
+        out[name] = resolve_extra_model(model)
     return out
+
+
+def resolve_extra_model(model: str) -> str:
+    """An ``evaluate.extra_models`` value as a model setting: a run directory (it has a
+    ``prepare/`` or ``config.yaml``) becomes its final model folder; anything else is used
+    as given (a checkpoint directory, 'default', a hub id)."""
+    path = Path(model)
+    if path.is_dir() and not (path / "config.json").is_file() and (
+            (path / "prepare").is_dir() or (path / "config.yaml").is_file()):
+        for stage in FINAL_MODEL_ORDER:
+            if (model_dir(path, stage) / "config.json").is_file():
+                return str(model_dir(path, stage))
+        raise CaiError(f"config field 'evaluate.extra_models': run directory '{model}' has no trained model "
+                       f"({', '.join(f'{s}/model' for s in FINAL_MODEL_ORDER)}); name a checkpoint directory instead")
+    return model
 
 
 def pick_principle(pool: list[ComparisonPrinciple], wanted: str | None, field: str) -> ComparisonPrinciple:
@@ -233,13 +257,32 @@ def judge_answers(judge, rows: list[dict], progress) -> None:
                         "phrase": refusal_phrase(r["answer"])}
 
 
+def measure_quality(rows: list[dict]) -> None:
+    """What a user would see, for every answer row, in place: does it loop, is it empty or
+    only a restatement of the prompt (:mod:`cai.quality`, plain text measures)."""
+    for r in rows:
+        d, sub = quality.degeneration(r["answer"]), quality.substance(r["answer"], r["prompt"])
+        r["quality"] = {"degenerate": d["degenerate"], "repeated_ngram_share": d["repeated_ngram_share"],
+                        "run": [d["run_unit"], d["run_copies"]], "unhelpful": sub["unhelpful"],
+                        "novelty": sub["novelty"], "new_words": sub["new_words"]}
+
+
+QUALITY_DEFINITIONS = {
+    "degenerate": f"share of repeated word {quality.NGRAM}-grams >= {quality.REPEAT_SHARE}, or one span of words "
+                  f"repeated back to back >= {quality.RUN_COPIES} times covering >= {quality.RUN_WORDS} words",
+    "unhelpful": f"no words, or fewer than {quality.MIN_NOVELTY:.0%} of the distinct content words new to the prompt "
+                 f"and fewer than {quality.SUBSTANTIAL} new words (a new declining word such as \"can't\" counts "
+                 "as substance)",
+}
+
+
 def _mean(xs) -> float | None:
     xs = list(xs)
     return round(sum(xs) / len(xs), 4) if xs else None
 
 
 def summarise(names, rows, pm_used: bool) -> dict:
-    out = {"harmfulness": {}, "refusal": {}, "pm_score": {} if pm_used else None}
+    out = {"harmfulness": {}, "refusal": {}, "quality": {}, "pm_score": {} if pm_used else None}
     for name in names:
         mine = [r for r in rows if r["model"] == name]
         harm = [r["harmfulness"] for r in mine if "harmfulness" in r]
@@ -258,6 +301,11 @@ def summarise(names, rows, pm_used: bool) -> dict:
                 "judge_majority": _mean(float(x["p_judge"] > 0.5) for x in ref),
                 "phrases": _mean(float(x["phrase"] is not None) for x in ref),
             }
+        out["quality"][name] = {}
+        for s in SETS:
+            qs = [r["quality"] for r in mine if r["set"] == s and "quality" in r]
+            out["quality"][name][s] = {"n": len(qs), "degenerate": _mean(float(x["degenerate"]) for x in qs),
+                                       "unhelpful": _mean(float(x["unhelpful"]) for x in qs)}
         if pm_used:
             out["pm_score"][name] = {s: _mean(r["pm_score"] for r in mine if r["set"] == s and "pm_score" in r)
                                      for s in ("red_team", "helpful")}
@@ -331,6 +379,7 @@ def run(ctx: StageContext) -> dict:
         agree = [r["position_consistent"] for r in recs if "position_consistent" in r]
         elo[dimension]["position_consistency"] = _mean(float(a) for a in agree)
     judge_answers(judge, rows, ctx.progress)
+    measure_quality(rows)
     pm_used = score_with_pm(ctx, rows)
 
     results = {
@@ -344,6 +393,7 @@ def run(ctx: StageContext) -> dict:
         "elo": elo,
         **summarise(names, rows, pm_used),
         "refusal_phrases": list(REFUSAL_PHRASES),
+        "quality_definitions": QUALITY_DEFINITIONS,
     }
     answers_dir = ctx.out / "answers"
     answers_dir.mkdir(parents=True, exist_ok=True)
@@ -363,6 +413,8 @@ def run(ctx: StageContext) -> dict:
                 counts[f"elo_{dimension}_{name}"] = r["elo"]
     for name, h in results["harmfulness"].items():
         counts[f"harmfulness_{name}"] = h["mean"]
+    for name in names:
+        counts[f"degenerate_{name}"] = _mean(float(r["quality"]["degenerate"]) for r in rows if r["model"] == name)
     return counts
 
 
@@ -373,7 +425,7 @@ def _needs(cfg) -> tuple[str, ...]:
 
 def estimate(inputs: PlanInputs) -> Cost:
     cfg, count, ev, const = inputs.cfg, inputs.count, inputs.cfg.evaluate, inputs.constitution
-    models = 1 + sum(s in cfg.stages for s in TRAINED_POLICIES)
+    models = 1 + sum(s in cfg.stages for s in TRAINED_POLICIES) + len(ev.extra_models)
     red, helpful, benign = (inputs.sets[s].get("test", [])[: ev.max_prompts] for s in SETS)
     r, h, b = len(red), len(helpful), len(benign)
     ps = red + helpful + benign
