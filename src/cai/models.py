@@ -209,7 +209,8 @@ def check_model_settings(cfg) -> None:
     named = [("engine.model", e.model if e.kind == "local" else None), ("engine.tokenizer", e.tokenizer),
              ("sft.model", cfg.sft.model), ("feedback.policy", cfg.feedback.policy),
              ("feedback.model", cfg.feedback.model), ("preference_model.model", cfg.preference_model.model),
-             ("rl.policy", cfg.rl.policy), ("dpo.policy", cfg.dpo.policy), ("evaluate.judge", cfg.evaluate.judge)]
+             ("rl.policy", cfg.rl.policy), ("dpo.policy", cfg.dpo.policy), ("evaluate.judge", cfg.evaluate.judge),
+             ("critique_revision.best_of_model", getattr(cfg.critique_revision, "best_of_model", None))]
     for field, name in named:
         if name and name != "sl-cai" and not (e.kind != "local" and name == e.model):
             check_model(name, field, e.revision)
