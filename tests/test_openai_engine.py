@@ -32,6 +32,7 @@ class Stub:
 
     def __init__(self, reply):
         self.reply = reply
+        self.models = None  # what GET /v1/models answers (None: 404)
         self.requests: list[tuple[str, dict, dict]] = []  # (path, body, headers)
         self.lock = threading.Lock()
         stub = self
@@ -44,6 +45,15 @@ class Stub:
                 status, payload = stub.reply(stub, self.path, body)
                 raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def do_GET(self):
+                payload = stub.models if self.path.endswith("/models") and stub.models is not None else None
+                raw = json.dumps(payload or {"error": "not found"}).encode()
+                self.send_response(200 if payload else 404)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(raw)))
                 self.end_headers()
@@ -365,3 +375,65 @@ def test_base_url_forms(stubs):
     bare = s.url[: -len("/v1")]
     assert engine(bare + "/").generate([USER], SamplingParams(max_new_tokens=2)) == [["echo hello #0"]]
     assert s.requests[-1][0] == "/v1/chat/completions"
+
+
+def test_a_server_that_dies_after_n_answers_keeps_those_n_in_the_cache(stubs, tmp_path):
+    """The reliability promise through the real HTTP engine: 5 answers, then only 500s."""
+    from cai.engines.cache import CachedEngine, RequestCache
+
+    answered = []
+
+    def reply(stub, path, body):
+        with stub.lock:
+            if len(answered) >= 5:
+                return 500, {"error": "gone"}
+            answered.append(body["messages"][0]["content"])
+        return chat_reply()(stub, path, body)
+
+    s = stubs(reply)
+    convs = [[{"role": "user", "content": f"q{i}"}] for i in range(12)]
+    cached = CachedEngine(engine(s.url, max_concurrency=2, max_retries=0), RequestCache(tmp_path / "c.sqlite"))
+    with pytest.raises(CaiError, match="every OpenAI endpoint failed"):
+        cached.generate(convs, SamplingParams(max_new_tokens=4))
+    assert len(cached.cache) == 5
+    cached.close()
+    healthy = stubs(chat_reply())
+    again = CachedEngine(engine(healthy.url), RequestCache(tmp_path / "c.sqlite"))
+    out = again.generate(convs, SamplingParams(max_new_tokens=4))
+    assert len(healthy.requests) == 7  # only the ones never answered
+    assert {o[0].split()[1] for o in out} == {f"q{i}" for i in range(12)}
+
+
+def test_when_every_endpoint_is_out_the_engine_waits_for_one_to_return(stubs):
+    fails = {"left": 3}
+
+    def reply(stub, path, body):
+        with stub.lock:
+            if fails["left"]:
+                fails["left"] -= 1
+                return 503, {"error": "warming up"}
+        return chat_reply()(stub, path, body)
+
+    s = stubs(reply)
+    patient = engine(s.url, max_retries=0, cooldown_s=0.2, wait_for_endpoints_s=10)
+    assert patient.generate([USER], SamplingParams(max_new_tokens=2)) == [["echo hello #0"]]
+    fails["left"] = 3
+    impatient = engine(s.url, max_retries=0, cooldown_s=5, wait_for_endpoints_s=0)
+    with pytest.raises(CaiError, match="none came back within engine.wait_for_endpoints_s=0"):
+        impatient.generate([USER], SamplingParams(max_new_tokens=2))
+
+
+def test_the_cache_identity_includes_what_the_server_serves(stubs):
+    from cai.engines.openai import served_model
+
+    a, b = stubs(chat_reply()), stubs(chat_reply())
+    assert served_model([a.url], "m", None, progress=lambda m: None) == ""  # reports nothing: name only
+    a.models = {"data": [{"id": "m", "object": "model", "created": 1, "root": "/models/llama-8b", "max_model_len": 8192}]}
+    b.models = {"data": [{"id": "m", "object": "model", "created": 2, "root": "/models/llama-8b", "max_model_len": 8192}]}
+    first = served_model([a.url, b.url], "m", None)
+    assert first and first == served_model([b.url], "m", None)  # `created` (a request time in vLLM) is ignored
+    b.models["data"][0]["root"] = "/models/qwen-7b"
+    assert served_model([b.url], "m", None) != first  # another model behind the same name: other cache entries
+    with pytest.raises(CaiError, match="report different models under the name 'm'"):
+        served_model([a.url, b.url], "m", None)
+    assert OpenAIEngine([a.url], "m", served=first).identity.endswith(f":served={first}")
