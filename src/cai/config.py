@@ -409,7 +409,7 @@ class RunConfig:
     evaluate: EvaluateConfig = _f(
         EvaluateConfig(), "Evaluation of every model of the run: Elo, harmfulness, evasiveness, PM scores."
     )
-    rl: RLConfig = _f(RLConfig(), "RL-CAI: RLOO against the preference model with a KL penalty to the reference.")
+    rl: RLConfig = _f(RLConfig(), "RL-CAI: RLOO or GRPO against the preference model with a KL penalty to the reference.")
     dpo: DPOConfig = _f(DPOConfig(), "RL-CAI without a PM: (label-smoothed) DPO on the preference pairs.")
 
 

@@ -405,7 +405,7 @@ STAGE = StageSpec(
     run=run,
     config_keys=("seed", "engine", "rl"),
     needs=_needs,
-    help="RL-CAI: RLOO against the preference model with a KL penalty to the SL-CAI model.",
+    help="RL-CAI: RLOO (or GRPO) against the preference model with a KL penalty to the SL-CAI model.",
     distributed=True,
     estimate=estimate,
 )
