@@ -391,7 +391,7 @@ def test_revision_scores_by_hand_on_a_stub_pm():
     scores = ev.score_chain_texts(pm, chains, batch_size=2)
     assert scores == [[0, 1, 3], [1, 1, 1], [2, 0, 6]]
     assert sorted(pm.scored) == sorted(["", "+", "+++", "+", "++", "x", "++++++"])  # each kept text once per chain
-    out = ev.revision_effects(chains, scores, resamples=1000, seed=0)
+    out = ev.revision_effects(chains, scores, resamples=1000, seed=0, min_prompts=1)
     assert out["chains"] == 3 and [r["round"] for r in out["rounds"]] == [0, 1, 2]
     assert [r["mean"] for r in out["rounds"]] == pytest.approx([1, 2 / 3, 10 / 3], abs=1e-6)
     assert [r["change"] for r in out["rounds"]] == pytest.approx([0, -1 / 3, 7 / 3], abs=1e-6)
@@ -404,6 +404,13 @@ def test_revision_scores_by_hand_on_a_stub_pm():
     assert p["delta"] == pytest.approx(5 / 3, abs=1e-6)
     assert (p["delta_ci_low"], p["delta_ci_high"]) == pytest.approx((1, 2))
     assert (q["id"], q["sampled"], q["revised"], q["delta"], q["delta_ci_low"], q["delta_ci_high"]) == ("q", 2, 1, 2, 2, 2)
+    # By default a number needs 5 prompts behind it for an interval: here none has one.
+    default = ev.revision_effects(chains, scores, resamples=1000, seed=0)
+    assert default["min_ci_prompts"] == 5 and default["principles"][0]["delta"] == p["delta"]
+    assert all(r["mean_ci_low"] is None for r in default["rounds"])
+    assert all(x["delta_ci_low"] is None and x["delta_ci_high"] is None for x in default["principles"])
+    five = ev.revision_effects([CHAIN_A] * 5, [[0, 1, 3]] * 5, resamples=100, seed=0)
+    assert (five["rounds"][2]["mean_ci_low"], five["rounds"][2]["mean_ci_high"]) == (3, 3)
 
 
 def test_revision_intervals_over_two_prompts_by_hand():
@@ -411,12 +418,12 @@ def test_revision_intervals_over_two_prompts_by_hand():
     BB, so its mean is A's value a quarter of the time and B's a quarter: the 2.5th and
     97.5th percentiles are the two prompts' values. Round 0: [0, 1]; round 2: [1, 3];
     change at round 2 (3 and 0): [0, 3]. No resamples: no intervals."""
-    out = ev.revision_effects([CHAIN_A, CHAIN_B], [[0, 1, 3], [1, 1, 1]], resamples=1000, seed=3)
+    out = ev.revision_effects([CHAIN_A, CHAIN_B], [[0, 1, 3], [1, 1, 1]], resamples=1000, seed=3, min_prompts=2)
     r0, _, r2 = out["rounds"]
     assert (r0["mean"], r0["mean_ci_low"], r0["mean_ci_high"]) == (0.5, 0, 1)
     assert (r2["mean"], r2["mean_ci_low"], r2["mean_ci_high"]) == (2, 1, 3)
     assert (r2["change"], r2["change_ci_low"], r2["change_ci_high"]) == (1.5, 0, 3)
-    none = ev.revision_effects([CHAIN_A, CHAIN_B], [[0, 1, 3], [1, 1, 1]], resamples=0, seed=3)
+    none = ev.revision_effects([CHAIN_A, CHAIN_B], [[0, 1, 3], [1, 1, 1]], resamples=0, seed=3, min_prompts=2)
     assert none["rounds"][2]["mean"] == 2 and none["rounds"][2]["mean_ci_low"] is None
     assert none["principles"][0]["delta_ci_high"] is None
 

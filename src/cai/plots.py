@@ -184,7 +184,7 @@ def plot_revisions(path: Path, rev: dict) -> None:
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
     fig.suptitle(f"PM score vs number of revisions ({rev.get('chains', 0)} chains, "
-                 f"{'+'.join(rev.get('splits') or [])}; 95% bootstrap CI){_chance_note(rev)}", fontsize=10)
+                 f"{'+'.join(map(str, rev.get('splits') or []))}; 95% bootstrap CI){_chance_note(rev)}", fontsize=10)
     _save(fig, path)
 
 
@@ -195,11 +195,14 @@ def plot_revision_principles(path: Path, rev: dict) -> None:
     rows = sorted((p for p in rev.get("principles") or [] if p.get("delta") is not None), key=lambda p: p["delta"])
     fig, ax = plt.subplots(figsize=(7, 0.9 + 0.32 * max(len(rows), 1)))
     ys = list(range(len(rows)))
+    # pale: too few prompts for an interval (revision_effects' min_prompts)
     ax.barh(ys, [p["delta"] for p in rows], xerr=_yerr(rows, "delta"), capsize=3,
-            color=["#2e7d32" if p["delta"] >= 0 else "#c62828" for p in rows])
+            color=[("#2e7d32" if p["delta"] >= 0 else "#c62828") + ("ff" if p.get("delta_ci_low") is not None else "55")
+                   for p in rows])
     ax.set_yticks(ys, [f"{_label(p['id'])} (n={p['revised']})" for p in rows], fontsize=8)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_xlabel("mean PM score change per revision (after - before)")
-    ax.set_title(f"Effect of each principle's revisions (95% bootstrap CI){_chance_note(rev)}", fontsize=10)
+    few = f"; pale: < {rev['min_ci_prompts']} prompts, no CI" if rev.get("min_ci_prompts") else ""
+    ax.set_title(f"Effect of each principle's revisions (95% bootstrap CI{few}){_chance_note(rev)}", fontsize=10)
     ax.grid(alpha=0.3, axis="x")
     _save(fig, path)

@@ -159,7 +159,9 @@ def evaluation(run: Path) -> str:
 
 
 def _ci(row: dict, key: str) -> str:
-    """``mean [low, high]`` of ``key`` in a revisions.json row."""
+    """``mean [low, high]`` of ``key`` in a revisions.json row (the mean alone without an interval)."""
+    if row.get(key + "_ci_low") is None or row.get(key + "_ci_high") is None:
+        return _fmt(row.get(key))
     return f"{_fmt(row.get(key))} [{_fmt(row.get(key + '_ci_low'))}, {_fmt(row.get(key + '_ci_high'))}]"
 
 
@@ -174,7 +176,8 @@ def revisions(run: Path) -> str:
              f"({escape(', '.join(map(str, rev.get('splits') or [])))} split; at most "
              f"{escape(_fmt(rev.get('max_chains')))} per split). A round that did not revise (no issue found, "
              "empty, or rejected by the quality gates) keeps the previous answer. Intervals: 95% bootstrap over "
-             f"prompts, {escape(_fmt(rev.get('bootstrap')))} resamples.</p>"]
+             f"prompts, {escape(_fmt(rev.get('bootstrap')))} resamples; none (–) for a number with fewer than "
+             f"{escape(_fmt(rev.get('min_ci_prompts')))} prompts behind it.</p>"]
     h = rev.get("pm_heldout")
     if isinstance(h, dict):
         verdict = ("<b>not distinguishable from chance: these scores say nothing about harmlessness</b>"

@@ -236,14 +236,21 @@ def bootstrap_ratio_ci(clusters: list[tuple[float, int]], resamples: int, seed: 
     return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
 
 
-def _with_ci(prefix: str, values: list[tuple[float, int]], resamples: int, seed: int) -> dict:
+#: Fewer prompts than this get no interval: a percentile bootstrap over 1-4 prompts only
+#: re-shuffles the few values there are (one prompt gives [v, v]) and looks far surer than it is.
+MIN_CI_PROMPTS = 5
+
+
+def _with_ci(prefix: str, values: list[tuple[float, int]], resamples: int, seed: int, min_prompts: int) -> dict:
     n = sum(c for _, c in values)
-    ci = bootstrap_ratio_ci(values, resamples, seed)
+    enough = sum(1 for _, c in values if c > 0) >= min_prompts
+    ci = bootstrap_ratio_ci(values, resamples, seed) if enough else None
     return {prefix: round(sum(v for v, _ in values) / n, 6) if n else None,
             f"{prefix}_ci_low": round(ci[0], 6) if ci else None, f"{prefix}_ci_high": round(ci[1], 6) if ci else None}
 
 
-def revision_effects(chains: list[dict], scores: list[list[float]], resamples: int, seed: int) -> dict:
+def revision_effects(chains: list[dict], scores: list[list[float]], resamples: int, seed: int,
+                     min_prompts: int = MIN_CI_PROMPTS) -> dict:
     """From each chain's PM scores after 0..R rounds (:func:`score_chain_texts`):
 
     * per round r: the mean score of the answers in effect (``mean``), the mean change
@@ -254,6 +261,8 @@ def revision_effects(chains: list[dict], scores: list[list[float]], resamples: i
       round, over the rounds it revised (``delta``), with a 95% bootstrap interval over
       prompts (a prompt carries all its rounds under the principle), how many rounds
       sampled it and how many of those revised.
+
+    Intervals are None with fewer than ``min_prompts`` prompts behind a number.
     """
     depth = max((len(s) for s in scores), default=0)
     rounds = []
@@ -261,8 +270,8 @@ def revision_effects(chains: list[dict], scores: list[list[float]], resamples: i
         have = [(c, s) for c, s in zip(chains, scores) if len(s) > r]
         revised = sum(1 for c, _ in have if r and (c.get("rounds") or [])[r - 1].get("status") == "revised")
         rounds.append({"round": r, "chains": len(have), "revised": revised,
-                       **_with_ci("mean", [(s[r], 1) for _, s in have], resamples, seed + r),
-                       **_with_ci("change", [(s[r] - s[0], 1) for _, s in have], resamples, seed + r)})
+                       **_with_ci("mean", [(s[r], 1) for _, s in have], resamples, seed + r, min_prompts),
+                       **_with_ci("change", [(s[r] - s[0], 1) for _, s in have], resamples, seed + r, min_prompts)})
     per: dict[str, dict] = {}
     for c, s in zip(chains, scores):
         mine: dict[str, list[float]] = {}
@@ -278,8 +287,10 @@ def revision_effects(chains: list[dict], scores: list[list[float]], resamples: i
     for k, pid in enumerate(sorted(per)):
         d = per[pid]
         principles.append({"id": pid, "sampled": d["sampled"], "revised": sum(n for _, n in d["clusters"]),
-                           "prompts": len(d["clusters"]), **_with_ci("delta", d["clusters"], resamples, seed + 1000 + k)})
-    return {"chains": len(chains), "bootstrap": resamples, "rounds": rounds, "principles": principles}
+                           "prompts": len(d["clusters"]),
+                           **_with_ci("delta", d["clusters"], resamples, seed + 1000 + k, min_prompts)})
+    return {"chains": len(chains), "bootstrap": resamples, "min_ci_prompts": min_prompts, "rounds": rounds,
+            "principles": principles}
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
