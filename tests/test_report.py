@@ -249,7 +249,7 @@ def test_pm_score_vs_revisions_section_shows_its_numbers_escaped(tmp_path):
     assert "<td>few</td><td>1</td><td>1</td><td>1</td><td>0.375</td>" in section
     assert "<td>never</td><td>1</td><td>0</td><td>0</td><td>–</td>" in section
     assert "fewer than 1 prompts" in section
-    assert "evaluate/revisions.png" in section and "evaluate/revision_principles.png" in section
+    assert section.index("evaluate/revisions.png") < section.index("evaluate/revision_principles.png")
     assert 'href="#revisions"' in html
     evaluation = html.split('<section id="evaluation">')[1].split("</section>")[0]
     assert "<table" in evaluation and "revisions.png" not in evaluation  # each figure shows once

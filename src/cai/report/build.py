@@ -68,9 +68,11 @@ REVISION_PNGS = ("revisions.png", "revision_principles.png")
 
 
 def _figures(folder: Path, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> str:
+    """Every PNG in ``folder`` (by name) but ``skip``; or those named in ``only``, in that order."""
     out = []
-    for png in sorted(folder.glob("*.png")):
-        if png.name in skip or (only is not None and png.name not in only):
+    pngs = sorted(folder.glob("*.png")) if only is None else [folder / n for n in only if (folder / n).is_file()]
+    for png in pngs:
+        if png.name in skip:
             continue
         out.append(f'<figure><img alt="{escape(png.stem)}" src="{_png(png)}"><figcaption>'
                    f"{escape(folder.name)}/{escape(png.name)}</figcaption></figure>")
@@ -173,7 +175,7 @@ def revisions(run: Path) -> str:
         return ""
     parts = [f"<p>The run's preference model scored the first answer and the answer in effect after each "
              f"critique/revision round of {escape(_fmt(rev.get('chains')))} chains "
-             f"({escape(', '.join(map(str, rev.get('splits') or [])))} split; at most "
+             f"(split: {escape(', '.join(map(str, rev.get('splits') or [])))}; at most "
              f"{escape(_fmt(rev.get('max_chains')))} per split). A round that did not revise (no issue found, "
              "empty, or rejected by the quality gates) keeps the previous answer. Intervals: 95% bootstrap over "
              f"prompts, {escape(_fmt(rev.get('bootstrap')))} resamples; none (–) for a number with fewer than "
