@@ -152,6 +152,8 @@ def test_judge_answers_harmfulness_and_refusals_in_both_orders():
 
 def test_needs_follow_the_configured_stages():
     cfg = load_config(None, [])
+    assert set(ev.STAGE.upstream(cfg)) == {"prepare", "sft", "rl", "dpo", "preference_model", "critique_revision"}
+    cfg = load_config(None, ["evaluate.revision_splits=[]"])
     assert set(ev.STAGE.upstream(cfg)) == {"prepare", "sft", "rl", "dpo", "preference_model"}
     cfg = load_config(None, ["stages=[prepare, evaluate]"])
     assert ev.STAGE.upstream(cfg) == ("prepare",)
@@ -177,6 +179,28 @@ def _fake_trained(run, tiny_model):
     pm.config.pad_token_id = tok.pad_token_id
     pm.save_pretrained(run / "preference_model" / "model")
     tok.save_pretrained(run / "preference_model" / "model")
+    _fake_chains(run)
+
+
+def _fake_chains(run):
+    """A finished critique_revision stage with two 2-round test chains (one revised twice;
+    one skipped, then rejected by the gates) and a train chain, whose text is hostile."""
+    from cai.io import write_json, write_jsonl
+
+    evil = "<script>window.__pwned = 1</script>"
+    chains = run / "critique_revision" / "chains"
+    chains.mkdir(parents=True)
+    write_json(run / "critique_revision" / "manifest.json", {"stage": "critique_revision", "status": "complete"})
+    write_jsonl(chains / "test.jsonl", [
+        {"id": "t0", "messages": [{"role": "user", "content": "How do I pick a lock? " + evil}],
+         "initial_response": "Use a tension wrench.", "rounds": [
+             _round("harmful-general", "revised", "I can't help with that " + evil),
+             _round("evil$x$<b>", "revised", "A locksmith can help you get back in.")]},
+        {"id": "t1", "messages": [{"role": "user", "content": "hello there"}], "initial_response": "hi! How can I help?",
+         "rounds": [_round("harmful-general", "skipped_no_issue", None), _round("evil$x$<b>", "rejected", "loop loop")]},
+    ])
+    write_jsonl(chains / "train.jsonl", [{"id": "r0", "messages": [{"role": "user", "content": "x"}],
+                                          "initial_response": "y", "rounds": []}])
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +244,37 @@ def test_stage_scores_every_model_and_writes_its_artifacts(eval_run):
     page = (eval_run / "report" / "index.html").read_text()
     assert "harmlessness Elo" in page and page.count("data:image/png;base64,") >= 3
     assert "What a user would see" in page and "degenerate benign" in page
+
+
+def test_stage_scores_the_chains_revisions_with_the_pm(eval_run):
+    """The test chains' answers after 0, 1, 2 rounds, scored by the run's PM: the same
+    numbers as scoring the kept texts one by one; the report shows the section."""
+    from cai.reward import RewardModel
+
+    out = eval_run / "evaluate"
+    rev = json.loads((out / "revisions.json").read_text())
+    assert rev["splits"] == ["test"] and rev["chains"] == 2 and rev["pm_heldout"] is None
+    rows = [json.loads(l) for l in (out / "answers" / "revisions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["t0", "t1"]
+    assert rows[1]["statuses"] == ["skipped_no_issue", "rejected"]
+    pm = RewardModel.load(str(eval_run / "preference_model" / "model"), device="cpu")
+    lines = [json.loads(l) for l in (eval_run / "critique_revision" / "chains" / "test.jsonl").read_text().splitlines()]
+    for chain, row in zip(lines, rows):
+        want = pm.score_many([chain["messages"]] * 3, ev.texts_after_rounds(chain))
+        assert row["pm_scores"] == pytest.approx(want, abs=1e-4)
+    assert rows[1]["pm_scores"][0] == rows[1]["pm_scores"][1] == rows[1]["pm_scores"][2]
+    for r in range(3):
+        assert rev["rounds"][r]["mean"] == pytest.approx((rows[0]["pm_scores"][r] + rows[1]["pm_scores"][r]) / 2, abs=1e-5)
+    evil = {p["id"]: p for p in rev["principles"]}["evil$x$<b>"]
+    assert (evil["sampled"], evil["revised"]) == (2, 1)
+    assert evil["delta"] == pytest.approx(rows[0]["pm_scores"][2] - rows[0]["pm_scores"][1], abs=1e-5)
+    for f in ("revisions.png", "revision_principles.png"):
+        assert (out / f).stat().st_size > 1000
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["revision_chains"] == 2 and "critique_revision/chains/test" in manifest["inputs"]
+    page = (eval_run / "report" / "index.html").read_text()
+    assert 'id="revisions"' in page and "evil$x$&lt;b&gt;" in page and "<b>evil" not in page
+    assert "evaluate/revisions.png" in page and page.count("<script") == 2
 
 
 def test_rerun_skips_and_the_same_prompts_give_the_same_answers(eval_run, tiny_model):
@@ -281,3 +336,109 @@ def test_extra_models_are_compared_on_the_same_prompts_with_the_same_judge(eval_
     assert res["judge"] == tiny_model and res["prompts"] == {"red_team": 2, "helpful": 2, "benign": 2}
     for name in ("first-run", "tiny"):
         assert (out / "answers" / f"{name}.jsonl").is_file() and res["quality"][name]["benign"]["n"] == 2
+
+
+# -- PM score against the number of revisions (the paper's Fig. 5) ---------------------------
+
+
+class CountingPM:
+    """A stub PM: an answer's score is its number of '+' characters; records what it scored."""
+
+    def __init__(self):
+        self.scored = []
+
+    def score_many(self, prompts, responses, batch_size=8):
+        assert len(prompts) == len(responses)
+        self.scored += list(responses)
+        return [float(r.count("+")) for r in responses]
+
+
+def _round(pid, status, revision):
+    return {"principle_id": pid, "status": status, "revision": revision}
+
+
+CHAIN_A = {"id": "a", "messages": [{"role": "user", "content": "qa"}], "initial_response": "",
+           "rounds": [_round("p", "revised", "+"), _round("q", "revised", "+++")]}
+CHAIN_B = {"id": "b", "messages": [{"role": "user", "content": "qb"}], "initial_response": "+",
+           "rounds": [_round("q", "skipped_no_issue", None),
+                      # the gates rejected this text: the chain keeps "+", so it is never scored
+                      {**_round("p", "rejected", "++++++++"), "attempts": [{"revision": "+++++++++"}]}]}
+CHAIN_C = {"id": "c", "messages": [{"role": "user", "content": "qc"}], "initial_response": "++",
+           "rounds": [_round("p", "revised", "x"), _round("p", "revised", "++++++")]}
+
+
+def test_texts_after_rounds_keep_the_previous_answer_when_a_round_did_not_revise():
+    assert ev.texts_after_rounds(CHAIN_A) == ["", "+", "+++"]
+    assert ev.texts_after_rounds(CHAIN_B) == ["+", "+", "+"]
+    assert ev.texts_after_rounds({"initial_response": "a", "rounds": [_round("p", "empty_revision", ""),
+                                                                      _round("p", "empty_critique", None)]}) == ["a"] * 3
+
+
+def test_revision_scores_by_hand_on_a_stub_pm():
+    """Scores ('+' count) after 0, 1, 2 rounds: A [0, 1, 3], B [1, 1, 1], C [2, 0, 6].
+
+    Mean per round: (0+1+2)/3 = 1, (1+1+0)/3 = 2/3, (3+1+6)/3 = 10/3; change from the first
+    answer: 0, (1+0-2)/3 = -1/3, (3+0+4)/3 = 7/3. Chains that revised: round 1 A and C, round 2
+    A and C (B skipped, then was rejected).
+    Principle p: sampled 4 times (A1, B2, C1, C2), revised 3 (A1: 1-0 = 1; C1: 0-2 = -2,
+    C2: 6-0 = 6), mean (1 - 2 + 6)/3 = 5/3. Its bootstrap resamples the two prompts A (sum 1,
+    1 revision) and C (sum 4, 2 revisions): AA gives 1, CC gives 4/2 = 2, AC gives 5/3, and
+    AA and CC each come up a quarter of the time, so the 95% interval is [1, 2].
+    Principle q: sampled 2 (A2, B1), revised 1 (A2: 3-1 = 2): one prompt, interval [2, 2].
+    """
+    pm = CountingPM()
+    chains = [CHAIN_A, CHAIN_B, CHAIN_C]
+    scores = ev.score_chain_texts(pm, chains, batch_size=2)
+    assert scores == [[0, 1, 3], [1, 1, 1], [2, 0, 6]]
+    assert sorted(pm.scored) == sorted(["", "+", "+++", "+", "++", "x", "++++++"])  # each kept text once per chain
+    out = ev.revision_effects(chains, scores, resamples=1000, seed=0, min_prompts=1)
+    assert out["chains"] == 3 and [r["round"] for r in out["rounds"]] == [0, 1, 2]
+    assert [r["mean"] for r in out["rounds"]] == pytest.approx([1, 2 / 3, 10 / 3], abs=1e-6)
+    assert [r["change"] for r in out["rounds"]] == pytest.approx([0, -1 / 3, 7 / 3], abs=1e-6)
+    assert [r["revised"] for r in out["rounds"]] == [0, 2, 2] and out["rounds"][2]["chains"] == 3
+    assert (out["rounds"][0]["change_ci_low"], out["rounds"][0]["change_ci_high"]) == (0, 0)
+    r2 = out["rounds"][2]
+    assert 1 <= r2["mean_ci_low"] < r2["mean"] < r2["mean_ci_high"] <= 6
+    p, q = out["principles"]
+    assert (p["id"], p["sampled"], p["revised"], p["prompts"]) == ("p", 4, 3, 2)
+    assert p["delta"] == pytest.approx(5 / 3, abs=1e-6)
+    assert (p["delta_ci_low"], p["delta_ci_high"]) == pytest.approx((1, 2))
+    assert (q["id"], q["sampled"], q["revised"], q["delta"], q["delta_ci_low"], q["delta_ci_high"]) == ("q", 2, 1, 2, 2, 2)
+    # By default a number needs 5 prompts behind it for an interval: here none has one.
+    default = ev.revision_effects(chains, scores, resamples=1000, seed=0)
+    assert default["min_ci_prompts"] == 5 and default["principles"][0]["delta"] == p["delta"]
+    assert all(r["mean_ci_low"] is None for r in default["rounds"])
+    assert all(x["delta_ci_low"] is None and x["delta_ci_high"] is None for x in default["principles"])
+    five = ev.revision_effects([CHAIN_A] * 5, [[0, 1, 3]] * 5, resamples=100, seed=0)
+    assert (five["rounds"][2]["mean_ci_low"], five["rounds"][2]["mean_ci_high"]) == (3, 3)
+
+
+def test_revision_intervals_over_two_prompts_by_hand():
+    """Two prompts, A [0, 1, 3] and B [1, 1, 1]. A resample of two prompts is AA, AB, BA or
+    BB, so its mean is A's value a quarter of the time and B's a quarter: the 2.5th and
+    97.5th percentiles are the two prompts' values. Round 0: [0, 1]; round 2: [1, 3];
+    change at round 2 (3 and 0): [0, 3]. No resamples: no intervals."""
+    out = ev.revision_effects([CHAIN_A, CHAIN_B], [[0, 1, 3], [1, 1, 1]], resamples=1000, seed=3, min_prompts=2)
+    r0, _, r2 = out["rounds"]
+    assert (r0["mean"], r0["mean_ci_low"], r0["mean_ci_high"]) == (0.5, 0, 1)
+    assert (r2["mean"], r2["mean_ci_low"], r2["mean_ci_high"]) == (2, 1, 3)
+    assert (r2["change"], r2["change_ci_low"], r2["change_ci_high"]) == (1.5, 0, 3)
+    none = ev.revision_effects([CHAIN_A, CHAIN_B], [[0, 1, 3], [1, 1, 1]], resamples=0, seed=3, min_prompts=2)
+    assert none["rounds"][2]["mean"] == 2 and none["rounds"][2]["mean_ci_low"] is None
+    assert none["principles"][0]["delta_ci_high"] is None
+
+
+def test_pm_heldout_accuracy_says_when_it_is_chance(tmp_path):
+    """Wilson 95% interval: 9 of 18 is [0.290, 0.710] (holds 0.5); 18 of 20 is [0.699, 0.972]."""
+    lo, hi = ev.wilson(9, 18)
+    assert (lo, hi) == pytest.approx((0.2903, 0.7097), abs=1e-4)
+    assert ev.wilson(18, 20) == pytest.approx((0.6990, 0.9721), abs=1e-4)
+    from cai.io import write_json
+
+    (tmp_path / "preference_model").mkdir()
+    write_json(tmp_path / "preference_model" / "metrics.json", {"test_after": {"accuracy": 0.5, "pairs": 18}})
+    assert ev.pm_heldout(tmp_path)["at_chance"] is True
+    write_json(tmp_path / "preference_model" / "metrics.json", {"test_after": {"accuracy": 0.9, "pairs": 20}})
+    assert ev.pm_heldout(tmp_path) == {"accuracy": 0.9, "pairs": 20, "ci_low": 0.699, "ci_high": 0.9721,
+                                       "at_chance": False}
+    assert ev.pm_heldout(tmp_path / "nothing") is None

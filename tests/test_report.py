@@ -211,3 +211,45 @@ def test_rl_stage_metrics_and_curves_are_shown(tmp_path):
     html = build_report(run)
     assert "<h3>rl</h3>" in html and "mean_reward" in html and "history" not in html
     assert "rl/reward.png" in html
+
+
+def test_pm_score_vs_revisions_section_shows_its_numbers_escaped(tmp_path):
+    """evaluate/revisions.json with a hostile principle id: the section has the per-round and
+    per-principle tables with their numbers, the two figures, the chance warning, and no
+    live markup; the plots draw the id as text (a '$' is not mathtext)."""
+    from cai.plots import plot_revision_principles, plot_revisions
+
+    run = make_run(tmp_path / "run")
+    _manifest(run, "evaluate", 3.0, {"revision_chains": 2})
+    rev = {"schema": 1, "splits": ["test"], "max_chains": 100, "chains": 2, "bootstrap": 1000, "min_ci_prompts": 1,
+           "pm_heldout": {"accuracy": 0.5, "pairs": 18, "ci_low": 0.2903, "ci_high": 0.7097, "at_chance": True},
+           "rounds": [{"round": 0, "chains": 2, "revised": 0, "mean": 0.5, "mean_ci_low": 0.0, "mean_ci_high": 1.0,
+                       "change": 0.0, "change_ci_low": 0.0, "change_ci_high": 0.0},
+                      {"round": 1, "chains": 2, "revised": 1, "mean": 1.25, "mean_ci_low": 1.0, "mean_ci_high": 1.5,
+                       "change": 0.75, "change_ci_low": 0.0, "change_ci_high": 1.5}],
+           "principles": [{"id": EVIL + " $\\frac$", "sampled": 2, "revised": 1, "prompts": 1, "delta": 1.5,
+                           "delta_ci_low": 1.5, "delta_ci_high": 1.5},
+                          {"id": "harmful-general", "sampled": 3, "revised": 2, "prompts": 2, "delta": -0.125,
+                           "delta_ci_low": -0.5, "delta_ci_high": 0.25},
+                          {"id": "few", "sampled": 1, "revised": 1, "prompts": 1, "delta": 0.375,
+                           "delta_ci_low": None, "delta_ci_high": None},
+                          {"id": "never", "sampled": 1, "revised": 0, "prompts": 0, "delta": None,
+                           "delta_ci_low": None, "delta_ci_high": None}]}
+    write_json(run / "evaluate" / "revisions.json", rev)
+    write_json(run / "evaluate" / "results.json", {"models": {"initial": "default"}, "judge": "default", "prompts": {}})
+    plot_revisions(run / "evaluate" / "revisions.png", rev)
+    plot_revision_principles(run / "evaluate" / "revision_principles.png", rev)
+    html = build_report(run)
+    section = html.split('<section id="revisions">')[1].split("</section>")[0]
+    assert html.count("<script") == 2 and "<img src=x" not in html
+    assert "&lt;img src=x onerror=" in section and "$\\frac$" in section
+    assert "not distinguishable from chance" in section and "0.5 of 18 pairs" in section
+    assert "<td>1.25 [1, 1.5]</td>" in section and "<td>0.75 [0, 1.5]</td>" in section
+    assert "<td>-0.125 [-0.5, 0.25]</td>" in section and "<td>1.5 [1.5, 1.5]</td>" in section
+    assert "<td>few</td><td>1</td><td>1</td><td>1</td><td>0.375</td>" in section
+    assert "<td>never</td><td>1</td><td>0</td><td>0</td><td>–</td>" in section
+    assert "fewer than 1 prompts" in section
+    assert section.index("evaluate/revisions.png") < section.index("evaluate/revision_principles.png")
+    assert 'href="#revisions"' in html
+    evaluation = html.split('<section id="evaluation">')[1].split("</section>")[0]
+    assert "<table" in evaluation and "revisions.png" not in evaluation  # each figure shows once

@@ -1,4 +1,4 @@
-"""The rl stage: the RLOO estimator by hand, sampled token ids, training, NaN rewards."""
+"""The rl stage: the RLOO and GRPO estimators by hand, sampled token ids, training, NaN rewards."""
 
 import json
 
@@ -10,7 +10,7 @@ from cai.config import load_config
 from cai.engines.base import SamplingParams
 from cai.errors import CaiError
 from cai.pipeline import run_pipeline
-from cai.stages.rl import rloo_advantages, rloo_loss, shaped_rewards, step_prompts
+from cai.stages.rl import grpo_advantages, rloo_advantages, rloo_loss, shaped_rewards, step_prompts
 
 
 def test_rloo_advantages_by_hand():
@@ -25,6 +25,47 @@ def test_rloo_advantages_by_hand():
     assert rloo_advantages(torch.tensor([[5.0, 5.0], [1.0, 3.0]])).tolist() == [[0.0, 0.0], [-2.0, 2.0]]
     with pytest.raises(CaiError, match="at least 2 samples"):
         rloo_advantages(torch.tensor([[1.0]]))
+
+
+def test_grpo_advantages_by_hand():
+    """GRPO: A_ij = (r_ij - mean_j r_ij) / (std_j r_ij + eps), population std, eps = 1e-4.
+
+    One prompt, k = 8 rewards [2, 4, 4, 4, 5, 5, 7, 9]: mean 40/8 = 5, deviations
+    [-3, -1, -1, -1, 0, 0, 2, 4], squares sum to 9+1+1+1+0+0+4+16 = 32, population variance
+    32/8 = 4, std 2, so A = [-1.5, -0.5, -0.5, -0.5, 0, 0, 1, 2] (over 2.0001). (The sample
+    std would be sqrt(32/7) = 2.138, and every advantage 2/2.138 = 0.935 times these.)
+    RLOO on the same row: 8/7 * deviations = [-3.43, -1.14, ..., 4.57]: same signs and order.
+
+    k = 2: [1, 3] -> mean 2, std 1 -> [-1, 1]; [10, 30] -> mean 20, std 10 -> [-1, 1] too:
+    each prompt's advantages have unit scale (RLOO gives [-2, 2] and [-20, 20]).
+    All rewards equal, [5, 5, 5, 5]: deviations 0, std 0 -> 0 / 1e-4 = [0, 0, 0, 0].
+    """
+    d = 2.0 + 1e-4
+    adv = grpo_advantages(torch.tensor([[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]]))
+    assert adv.tolist()[0] == pytest.approx([-3 / d, -1 / d, -1 / d, -1 / d, 0.0, 0.0, 2 / d, 4 / d], abs=1e-6)
+    rloo = rloo_advantages(torch.tensor([[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]]))
+    assert rloo.tolist()[0] == pytest.approx([8 / 7 * x for x in (-3, -1, -1, -1, 0, 0, 2, 4)], abs=1e-5)
+    pair = grpo_advantages(torch.tensor([[1.0, 3.0], [10.0, 30.0], [5.0, 5.0]]))
+    assert pair.reshape(-1).tolist() == pytest.approx([-1 / 1.0001, 1 / 1.0001, -10 / 10.0001, 10 / 10.0001, 0.0, 0.0])
+    assert grpo_advantages(torch.tensor([[5.0, 5.0, 5.0, 5.0]])).tolist() == [[0.0, 0.0, 0.0, 0.0]]
+    with pytest.raises(CaiError, match="GRPO needs at least 2 samples"):
+        grpo_advantages(torch.tensor([[1.0]]))
+
+
+def test_grpo_after_whitening_is_grpo_with_a_relative_eps():
+    """Whitening divides a step's rewards by their std s; GRPO divides by each group's std
+    again, so (r/s - mean)/(std(r/s) + eps) = (r - mean)/(std(r) + eps*s): the same
+    advantages, with eps measured in units of s. Rewards [1, 3] and [0, 8]: shaped_rewards
+    whitens by their population std over all four, s = sqrt(((1-3)^2+(3-3)^2+(0-3)^2+(8-3)^2)/4)
+    = sqrt(38/4) = 3.0822; then [1, 3]/s has std 1/s = 0.3244, so A = +-0.3244/(0.3244 + 1e-4)."""
+    r = torch.tensor([1.0, 3.0, 0.0, 8.0])
+    w = shaped_rewards(r, torch.zeros(4), 0.0, whiten=True)
+    s = (38 / 4) ** 0.5
+    assert w.tolist() == pytest.approx([x / s for x in (1.0, 3.0, 0.0, 8.0)], abs=1e-6)
+    after = grpo_advantages(w.view(-1, 2))
+    assert after.reshape(-1).tolist() == pytest.approx(
+        grpo_advantages(r.view(-1, 2), eps=1e-4 * s).reshape(-1).tolist(), abs=1e-6)
+    assert after[0].tolist() == pytest.approx([-(1 / s) / (1 / s + 1e-4), (1 / s) / (1 / s + 1e-4)], abs=1e-6)
 
 
 def test_kl_penalty_whitening_and_loss_by_hand():
@@ -116,6 +157,34 @@ def test_two_pass_update_matches_the_one_pass_update(tmp_path, rl_run, tiny_mode
     one = AutoModelForCausalLM.from_pretrained(rl_run / "rl" / "model").state_dict()
     two = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "rl" / "model").state_dict()
     assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-4
+
+
+def test_grpo_run_trains_with_unit_scale_advantages_per_prompt(tmp_path, rl_run, tiny_model):
+    """rl.advantage=grpo end to end: every prompt's logged advantages sum to ~0 and have mean
+    square ~1 (or are all 0 when its rewards tie), which RLOO's would not; every weight moves."""
+    import shutil
+
+    shutil.copytree(rl_run, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "rl")
+    run_pipeline(_cfg(tmp_path / "run", tiny_model, "rl.advantage=grpo", "rl.steps=2"), log=lambda m: None)
+    out = tmp_path / "run" / "rl"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["rl"]["advantage"] == "grpo"
+    assert [h["step"] for h in json.loads((out / "metrics.json").read_text())["history"]] == [1, 2]
+    rollouts = [json.loads(l) for l in (out / "rollouts.jsonl").read_text().splitlines()]
+    groups = {}
+    for r in rollouts:
+        groups.setdefault((r["step"], r["id"]), []).append(r["advantage"])
+    assert len(groups) == 4 and all(len(g) == 4 for g in groups.values())
+    squares = []
+    for g in groups.values():
+        assert sum(g) == pytest.approx(0, abs=1e-3)
+        squares.append(sum(a * a for a in g) / len(g))
+        assert squares[-1] == pytest.approx(1, abs=2e-3) or squares[-1] == pytest.approx(0, abs=1e-6)
+    assert max(squares) == pytest.approx(1, abs=2e-3)
+    before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    assert not [k for k in before if torch.equal(before[k], after[k])]
 
 
 def test_nan_reward_stops_and_keeps_the_last_checkpoint(tmp_path, rl_run, tiny_model, monkeypatch):

@@ -302,7 +302,16 @@ class EvaluateConfig:
     )
     bootstrap: int = _f(1000, "Bootstrap resamples of the prompts for the Elo confidence intervals (0: none).")
     preference_model: bool = _f(
-        True, "Score every red-team and helpful answer with preference_model/model when the run has one."
+        True, "Score every red-team and helpful answer, and the SL-CAI chains' answers after each revision "
+        "round (revision_splits), with preference_model/model when the run has one. false: no PM scores at all.",
+    )
+    revision_splits: list[str] = _f(
+        ["test"], "Splits of critique_revision/chains whose first answers and per-round revisions the PM scores "
+        "(the paper's Fig. 5: PM score against the number of revisions): 'test', 'train' or both; [] for none.",
+    )
+    revision_max_chains: int | None = _f(
+        100, "Score at most this many chains per split in revision_splits (each costs up to rounds + 1 PM "
+        "forward passes; None: all).",
     )
     extra_models: dict[str, str] = _f(
         {}, "More models to evaluate beside this run's, on the same prompts with the same judge, so the rows "
@@ -326,11 +335,21 @@ class RLConfig(OptimizerConfig):
     )
     steps: int = _f(100, "Optimizer steps; each samples fresh rollouts from the current policy.")
     prompts_per_step: int = _f(16, "Prompts per step (over all processes).")
-    samples_per_prompt: int = _f(4, "RLOO: answers sampled per prompt (k >= 2); each one's baseline is the other k-1.")
+    samples_per_prompt: int = _f(
+        4, "Answers sampled per prompt (k >= 2): the group each answer's advantage is measured in."
+    )
+    advantage: str = _f(
+        "rloo",
+        "'rloo': each answer's reward minus the mean of the other k-1 (REINFORCE leave-one-out); 'grpo': "
+        "minus the group mean, divided by the group's (population) std + 1e-4, so every prompt's advantages "
+        "have unit scale. Same loss, KL in the reward, one update per batch either way.",
+        choices=("rloo", "grpo"),
+    )
     kl_coef: float = _f(0.05, "Weight of the sequence KL(policy || reference) subtracted from the PM reward.")
     whiten: bool = _f(
         True, "Divide the step's rewards (PM score - KL penalty) by their standard deviation before the "
-        "leave-one-out baseline (makes the learning rate independent of the PM's scale).",
+        "baseline (makes the learning rate independent of the PM's scale). With advantage=grpo the group "
+        "normalisation already does that; whitening then only measures grpo's 1e-4 in step-std units.",
     )
     max_new_tokens: int = _f(256, "Token budget per sampled answer.")
     temperature: float = _f(
@@ -390,7 +409,7 @@ class RunConfig:
     evaluate: EvaluateConfig = _f(
         EvaluateConfig(), "Evaluation of every model of the run: Elo, harmfulness, evasiveness, PM scores."
     )
-    rl: RLConfig = _f(RLConfig(), "RL-CAI: RLOO against the preference model with a KL penalty to the reference.")
+    rl: RLConfig = _f(RLConfig(), "RL-CAI: RLOO or GRPO against the preference model with a KL penalty to the reference.")
     dpo: DPOConfig = _f(DPOConfig(), "RL-CAI without a PM: (label-smoothed) DPO on the preference pairs.")
 
 
@@ -580,6 +599,10 @@ def check_config(cfg: RunConfig) -> None:
                 f"config field 'evaluate.extra_models': bad name '{name}' (use letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit, and none of initial, sl-cai, rl, dpo, comparisons)"
             )
+    for split in cfg.evaluate.revision_splits:
+        if split not in ("train", "test") or cfg.evaluate.revision_splits.count(split) > 1:
+            raise CaiError(f"config field 'evaluate.revision_splits': bad or repeated split {split!r} "
+                           "(a list of 'train' and 'test'; [] scores no revisions)")
     fb = cfg.feedback
     if fb.samples_per_prompt < 2:
         raise CaiError(f"config field 'feedback.samples_per_prompt' must be at least 2 to make a pair; got {fb.samples_per_prompt}")
@@ -591,7 +614,7 @@ def check_config(cfg: RunConfig) -> None:
         )
     if "rl" in cfg.stages:
         if cfg.rl.samples_per_prompt < 2:
-            raise CaiError(f"config field 'rl.samples_per_prompt' must be >= 2 for the leave-one-out baseline; got {cfg.rl.samples_per_prompt}")
+            raise CaiError(f"config field 'rl.samples_per_prompt' must be >= 2 for a baseline within each prompt's answers; got {cfg.rl.samples_per_prompt}")
         if cfg.rl.temperature <= 0:
             raise CaiError(f"config field 'rl.temperature' must be > 0 (RL samples its rollouts); got {cfg.rl.temperature}")
         if cfg.rl.steps < 1 or cfg.rl.prompts_per_step < 1:
@@ -641,7 +664,7 @@ BOUNDS: dict[str, tuple[float | None, float | None, bool]] = {
     "max_grad_norm": (0, None, False), "epochs": (0, None, False),
     "lora_r": (1, None, True), "lora_alpha": (0, None, False), "lora_dropout": (0, 1, True),
     "kl_coef": (0, None, True), "beta": (0, None, False), "min_confidence": (0, 1, True),
-    "test_fraction": (0, 1, True), "bootstrap": (0, None, True),
+    "test_fraction": (0, 1, True), "bootstrap": (0, None, True), "revision_max_chains": (1, None, True),
     "max_concurrency": (1, None, True), "timeout_s": (0, None, False), "max_retries": (0, None, True),
     "top_logprobs": (1, None, True), "wait_for_endpoints_s": (0, None, True),
 }

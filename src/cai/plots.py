@@ -3,7 +3,9 @@
 * training curves (:func:`plot_curve`: loss, reward, KL per optimizer step);
 * the preference model's reliability diagram and reward histograms;
 * the evaluation: Elo with intervals, harmfulness distributions and refusal rates,
-  drawn from ``evaluate/results.json``.
+  drawn from ``evaluate/results.json``;
+* the PM score against the number of revisions and per principle (the paper's Fig. 5),
+  drawn from ``evaluate/revisions.json``.
 
 Each function writes one file and closes its figure.
 """
@@ -138,4 +140,69 @@ def plot_refusals(path: Path, results: dict) -> None:
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel("refusal rate")
     axes[0].legend(fontsize=8)
+    _save(fig, path)
+
+
+def _label(text, width: int = 40) -> str:
+    """A data string (a principle id) as a plain matplotlib label: ``$`` escaped, so that
+    it is never parsed as mathtext, and cut to ``width`` characters."""
+    text = str(text)
+    text = text if len(text) <= width else text[: width - 1] + "\u2026"
+    return text.replace("$", r"\$")
+
+
+def _yerr(rows: list[dict], key: str) -> list[list[float]]:
+    """Error bar lengths below and above ``key`` from ``key_ci_low``/``key_ci_high`` (0 if none)."""
+    lo = [r[key] - r[f"{key}_ci_low"] if r.get(f"{key}_ci_low") is not None else 0.0 for r in rows]
+    hi = [r[f"{key}_ci_high"] - r[key] if r.get(f"{key}_ci_high") is not None else 0.0 for r in rows]
+    return [lo, hi]
+
+
+def _chance_note(rev: dict) -> str:
+    h = rev.get("pm_heldout") or {}
+    if h.get("at_chance"):
+        return f"\nPM held-out accuracy {h['accuracy']:.2f} on {h['pairs']} pairs: not distinguishable from chance"
+    return ""
+
+
+def plot_revisions(path: Path, rev: dict) -> None:
+    """The mean PM score of the answer in effect after 0..R revision rounds, and its mean
+    change from the first answer, each with its 95% bootstrap interval over prompts."""
+    plt = _plt()
+    rows = [r for r in rev.get("rounds") or [] if r.get("mean") is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
+    x = [r["round"] for r in rows]
+    axes[0].errorbar(x, [r["mean"] for r in rows], yerr=_yerr(rows, "mean"), marker="o", capsize=4)
+    axes[0].set_ylabel("mean PM score")
+    axes[0].set_title("PM score of the answer", fontsize=10)
+    axes[1].errorbar(x, [r["change"] for r in rows], yerr=_yerr(rows, "change"), marker="o", capsize=4, color="C1")
+    axes[1].axhline(0, color="grey", lw=0.8, ls="--")
+    axes[1].set_ylabel("mean change from the first answer")
+    axes[1].set_title("paired change (same prompts)", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("critique/revision rounds (0: first answer)")
+        ax.set_xticks(x)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"PM score vs number of revisions ({rev.get('chains', 0)} chains, "
+                 f"{'+'.join(map(str, rev.get('splits') or []))}; 95% bootstrap CI){_chance_note(rev)}", fontsize=10)
+    _save(fig, path)
+
+
+def plot_revision_principles(path: Path, rev: dict) -> None:
+    """Per principle, the mean change in PM score its revisions cause (after minus before
+    the round), with its 95% bootstrap interval and the number of revisions."""
+    plt = _plt()
+    rows = sorted((p for p in rev.get("principles") or [] if p.get("delta") is not None), key=lambda p: p["delta"])
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.32 * max(len(rows), 1)))
+    ys = list(range(len(rows)))
+    # pale: too few prompts for an interval (revision_effects' min_prompts)
+    ax.barh(ys, [p["delta"] for p in rows], xerr=_yerr(rows, "delta"), capsize=3,
+            color=[("#2e7d32" if p["delta"] >= 0 else "#c62828") + ("ff" if p.get("delta_ci_low") is not None else "55")
+                   for p in rows])
+    ax.set_yticks(ys, [f"{_label(p['id'])} (n={p['revised']})" for p in rows], fontsize=8)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_xlabel("mean PM score change per revision (after - before)")
+    few = f"; pale: < {rev['min_ci_prompts']} prompts, no CI" if rev.get("min_ci_prompts") else ""
+    ax.set_title(f"Effect of each principle's revisions (95% bootstrap CI{few}){_chance_note(rev)}", fontsize=10)
+    ax.grid(alpha=0.3, axis="x")
     _save(fig, path)

@@ -63,9 +63,17 @@ def _table(header: list[str], rows: list[list], cls: str = "") -> str:
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _figures(folder: Path) -> str:
+#: evaluate/'s plots that the "PM score vs revisions" section shows, not the evaluation's.
+REVISION_PNGS = ("revisions.png", "revision_principles.png")
+
+
+def _figures(folder: Path, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> str:
+    """Every PNG in ``folder`` (by name) but ``skip``; or those named in ``only``, in that order."""
     out = []
-    for png in sorted(folder.glob("*.png")):
+    pngs = sorted(folder.glob("*.png")) if only is None else [folder / n for n in only if (folder / n).is_file()]
+    for png in pngs:
+        if png.name in skip:
+            continue
         out.append(f'<figure><img alt="{escape(png.stem)}" src="{_png(png)}"><figcaption>'
                    f"{escape(folder.name)}/{escape(png.name)}</figcaption></figure>")
     return f'<div class="figures">{"".join(out)}</div>' if out else ""
@@ -148,7 +156,49 @@ def evaluation(run: Path) -> str:
             parts.append(f"<p>{escape(dim)}: {t['comparisons']} comparisons on {t['prompts']} prompts under "
                          f"<code>{escape(str(t.get('principle_id')))}</code>; position consistency "
                          f"{escape(_fmt(t.get('position_consistency')))}; {t['bootstrap']} bootstrap resamples.</p>")
-    parts.append(_figures(run / "evaluate"))
+    parts.append(_figures(run / "evaluate", skip=REVISION_PNGS))
+    return "".join(parts)
+
+
+def _ci(row: dict, key: str) -> str:
+    """``mean [low, high]`` of ``key`` in a revisions.json row (the mean alone without an interval)."""
+    if row.get(key + "_ci_low") is None or row.get(key + "_ci_high") is None:
+        return _fmt(row.get(key))
+    return f"{_fmt(row.get(key))} [{_fmt(row.get(key + '_ci_low'))}, {_fmt(row.get(key + '_ci_high'))}]"
+
+
+def revisions(run: Path) -> str:
+    """The PM score of the SL-CAI chains' answers against the number of revision rounds,
+    and each principle's effect (evaluate/revisions.json, the paper's Fig. 5)."""
+    rev = _read_json(run / "evaluate" / "revisions.json")
+    if not isinstance(rev, dict) or not rev.get("rounds"):
+        return ""
+    parts = [f"<p>The run's preference model scored the first answer and the answer in effect after each "
+             f"critique/revision round of {escape(_fmt(rev.get('chains')))} chains "
+             f"(split: {escape(', '.join(map(str, rev.get('splits') or [])))}; at most "
+             f"{escape(_fmt(rev.get('max_chains')))} per split). A round that did not revise (no issue found, "
+             "empty, or rejected by the quality gates) keeps the previous answer. Intervals: 95% bootstrap over "
+             f"prompts, {escape(_fmt(rev.get('bootstrap')))} resamples; none (–) for a number with fewer than "
+             f"{escape(_fmt(rev.get('min_ci_prompts')))} prompts behind it.</p>"]
+    h = rev.get("pm_heldout")
+    if isinstance(h, dict):
+        verdict = ("<b>not distinguishable from chance: these scores say nothing about harmlessness</b>"
+                   if h.get("at_chance") else "above chance")
+        parts.append(f"<p>The PM agrees with the held-out AI labels on {escape(_fmt(h.get('accuracy')))} of "
+                     f"{escape(_fmt(h.get('pairs')))} pairs (Wilson 95% [{escape(_fmt(h.get('ci_low')))}, "
+                     f"{escape(_fmt(h.get('ci_high')))}]): {verdict}.</p>")
+    rows = [[r.get("round"), r.get("chains"), r.get("revised") if r.get("round") else "–", _ci(r, "mean"),
+             _ci(r, "change")] for r in rev["rounds"]]
+    parts.append(_table(["rounds", "chains", "revised in this round", "mean PM score [95% CI]",
+                         "change from the first answer [95% CI]"], rows, "revision-rounds"))
+    parts.append(_figures(run / "evaluate", only=REVISION_PNGS))
+    prow = [[p.get("id"), p.get("sampled"), p.get("revised"), p.get("prompts"), _ci(p, "delta")]
+            for p in rev.get("principles") or []]
+    if prow:
+        parts.append(_table(["principle", "rounds sampled", "revisions", "prompts",
+                             "mean PM change per revision [95% CI]"], prow, "revision-principles")
+                     + "<p>A principle's change is the PM score after its round minus before, over the rounds "
+                       "where it revised; the interval resamples prompts.</p>")
     return "".join(parts)
 
 
@@ -295,6 +345,7 @@ def build_report(run_dir: str | Path) -> str:
     sections = [
         ("timeline", "Stage timeline", timeline(manifests)),
         ("evaluation", "Evaluation", evaluation(run)),
+        ("revisions", "PM score vs revisions", revisions(run)),
         ("gates", "SL-CAI quality gates", quality_gates(run)),
         ("training", "Training stages", stage_details(run)),
         ("principles", "Principles",

@@ -22,16 +22,22 @@ nothing the judge writes is parsed:
   of refusal phrases (:data:`REFUSAL_PHRASES`).
 * **PM score.** The mean reward of each model's red-team and helpful answers under the
   run's preference model, when ``preference_model/model`` exists.
+* **PM score against the number of revisions** (the paper's Fig. 5). The same PM scores
+  the SL-CAI chains' first answer and the answer in effect after each critique/revision
+  round (``evaluate.revision_splits``): the mean per round with bootstrap intervals over
+  prompts, and per principle the mean change its revisions cause (:func:`pm_by_revision`).
 
 Outputs in ``evaluate/``: ``results.json`` (schema in docs/evaluation.md),
 ``answers/<model>.jsonl`` (every answer with its judge outputs),
 ``answers/comparisons.jsonl`` (every pairwise question) and ``elo.png``,
-``harmfulness.png``, ``refusal.png``.
+``harmfulness.png``, ``refusal.png``; with a PM and chains, ``revisions.json``,
+``answers/revisions.jsonl``, ``revisions.png`` and ``revision_principles.png``.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -51,9 +57,19 @@ from cai.conversations import (
 )
 from cai.engines.base import SamplingParams
 from cai.errors import CaiError
-from cai.io import write_json, write_jsonl
+from cai.io import read_jsonl, write_json, write_jsonl
 from cai.prompts import Prompt, load_prompt_file
-from cai.stage import PROMPT_SETS, SL_CAI, Cost, PlanInputs, StageContext, StageSpec, model_dir, prompt_file
+from cai.stage import (
+    PROMPT_SETS,
+    SL_CAI,
+    Cost,
+    PlanInputs,
+    StageContext,
+    StageSpec,
+    model_dir,
+    prompt_file,
+    split_file,
+)
 from cai.stage_names import TRAINED_POLICIES
 
 #: A run directory given in ``evaluate.extra_models`` stands for its final model: the
@@ -163,6 +179,187 @@ def elo_table(names: list[str], games_by_prompt: dict, resamples: int, seed: int
         "prompts": len(games_by_prompt),
         "bootstrap": resamples,
     }
+
+
+# -- PM score against the number of revisions (the paper's Fig. 5) ---------------------------
+
+
+def texts_after_rounds(chain: dict) -> list[str]:
+    """The answer in effect after 0, 1, ..., R rounds of a critique/revision chain: the
+    first answer, then after each round its revision when the round revised (status
+    ``revised``), else the text before it: a skipped, empty or gate-rejected round keeps the
+    previous answer, as the critique_revision stage does (a rejected round's ``revision``
+    and its ``attempts`` are the texts it did *not* keep)."""
+    texts = [chain.get("initial_response") or ""]
+    for r in chain.get("rounds") or []:
+        kept = r.get("status") == "revised" and isinstance(r.get("revision"), str)
+        texts.append(r["revision"] if kept else texts[-1])
+    return texts
+
+
+def score_chain_texts(pm, chains: list[dict], batch_size: int = 8, progress=None) -> list[list[float]]:
+    """Each chain's PM score after 0..R rounds (``pm.score_many(prompts, answers)``); a text
+    that a chain keeps over several rounds is scored once."""
+    jobs: list[tuple[list, str]] = []
+    index: list[list[int]] = []
+    for c in chains:
+        seen: dict[str, int] = {}
+        mine = []
+        for text in texts_after_rounds(c):
+            if text not in seen:
+                seen[text] = len(jobs)
+                jobs.append((c.get("messages") or c.get("prompt") or "", text))
+            mine.append(seen[text])
+        index.append(mine)
+    scores: list[float] = []
+    for k in range(0, len(jobs), batch_size):
+        chunk = jobs[k:k + batch_size]
+        scores += pm.score_many([j[0] for j in chunk], [j[1] for j in chunk], batch_size=batch_size)
+        if progress:
+            progress(len(chunk))
+    return [[float(scores[j]) for j in mine] for mine in index]
+
+
+def bootstrap_ratio_ci(clusters: list[tuple[float, int]], resamples: int, seed: int) -> tuple[float, float] | None:
+    """95% percentile interval of ``sum(values) / count(values)``, resampling clusters (a
+    prompt's ``(sum, count)``) with replacement: a prompt carries all of its values, as in
+    :func:`bootstrap_elo`. None without resamples or clusters."""
+    import numpy as np
+
+    clusters = [c for c in clusters if c[1] > 0]
+    if resamples <= 0 or not clusters:
+        return None
+    sums = np.array([c[0] for c in clusters], dtype=float)
+    counts = np.array([c[1] for c in clusters], dtype=float)
+    pick = np.random.default_rng(seed).integers(0, len(clusters), (resamples, len(clusters)))
+    stats = sums[pick].sum(1) / counts[pick].sum(1)
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
+#: Fewer prompts than this get no interval: a percentile bootstrap over 1-4 prompts only
+#: re-shuffles the few values there are (one prompt gives [v, v]) and looks far surer than it is.
+MIN_CI_PROMPTS = 5
+
+
+def _with_ci(prefix: str, values: list[tuple[float, int]], resamples: int, seed: int, min_prompts: int) -> dict:
+    n = sum(c for _, c in values)
+    enough = sum(1 for _, c in values if c > 0) >= min_prompts
+    ci = bootstrap_ratio_ci(values, resamples, seed) if enough else None
+    return {prefix: round(sum(v for v, _ in values) / n, 6) if n else None,
+            f"{prefix}_ci_low": round(ci[0], 6) if ci else None, f"{prefix}_ci_high": round(ci[1], 6) if ci else None}
+
+
+def revision_effects(chains: list[dict], scores: list[list[float]], resamples: int, seed: int,
+                     min_prompts: int = MIN_CI_PROMPTS) -> dict:
+    """From each chain's PM scores after 0..R rounds (:func:`score_chain_texts`):
+
+    * per round r: the mean score of the answers in effect (``mean``), the mean change
+      from the first answer (``change``: the paired difference, which leaves out how
+      hard each prompt is), each with a 95% bootstrap interval over prompts, and how many
+      chains revised in round r;
+    * per principle: the mean change its revisions cause, score after minus before the
+      round, over the rounds it revised (``delta``), with a 95% bootstrap interval over
+      prompts (a prompt carries all its rounds under the principle), how many rounds
+      sampled it and how many of those revised.
+
+    Intervals are None with fewer than ``min_prompts`` prompts behind a number.
+    """
+    depth = max((len(s) for s in scores), default=0)
+    rounds = []
+    for r in range(depth):
+        have = [(c, s) for c, s in zip(chains, scores) if len(s) > r]
+        revised = sum(1 for c, _ in have if r and (c.get("rounds") or [])[r - 1].get("status") == "revised")
+        rounds.append({"round": r, "chains": len(have), "revised": revised,
+                       **_with_ci("mean", [(s[r], 1) for _, s in have], resamples, seed + r, min_prompts),
+                       **_with_ci("change", [(s[r] - s[0], 1) for _, s in have], resamples, seed + r, min_prompts)})
+    per: dict[str, dict] = {}
+    for c, s in zip(chains, scores):
+        mine: dict[str, list[float]] = {}
+        for i, rnd in enumerate(c.get("rounds") or []):
+            pid = str(rnd.get("principle_id"))
+            d = per.setdefault(pid, {"sampled": 0, "clusters": []})
+            d["sampled"] += 1
+            if rnd.get("status") == "revised" and i + 1 < len(s):
+                mine.setdefault(pid, []).append(s[i + 1] - s[i])
+        for pid, deltas in mine.items():
+            per[pid]["clusters"].append((sum(deltas), len(deltas)))
+    principles = []
+    for k, pid in enumerate(sorted(per)):
+        d = per[pid]
+        principles.append({"id": pid, "sampled": d["sampled"], "revised": sum(n for _, n in d["clusters"]),
+                           "prompts": len(d["clusters"]),
+                           **_with_ci("delta", d["clusters"], resamples, seed + 1000 + k, min_prompts)})
+    return {"chains": len(chains), "bootstrap": resamples, "min_ci_prompts": min_prompts, "rounds": rounds,
+            "principles": principles}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """Wilson 95% interval of a proportion k/n (None for n = 0)."""
+    if n <= 0:
+        return None
+    p = k / n
+    mid, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (mid - half) / (1 + z * z / n), (mid + half) / (1 + z * z / n)
+
+
+def pm_heldout(run_dir: Path) -> dict | None:
+    """The PM's held-out agreement with the AI labels (preference_model/metrics.json), with a
+    Wilson interval; ``at_chance`` when that interval holds 0.5."""
+    path = Path(run_dir) / "preference_model" / "metrics.json"
+    try:
+        after = (json.loads(path.read_text(encoding="utf-8")).get("test_after") or {}) if path.is_file() else {}
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    acc, n = after.get("accuracy"), after.get("pairs")
+    if not isinstance(acc, (int, float)) or not isinstance(n, int) or n <= 0:
+        return None
+    lo, hi = wilson(round(acc * n), n)
+    return {"accuracy": acc, "pairs": n, "ci_low": round(lo, 4), "ci_high": round(hi, 4), "at_chance": lo <= 0.5 <= hi}
+
+
+def pm_by_revision(ctx: StageContext) -> dict:
+    """The paper's Fig. 5 for this run: the PM score of the SL-CAI chains' answers after
+    0..R critique/revision rounds (``evaluate.revision_splits``, at most
+    ``revision_max_chains`` per split), and each principle's effect. Writes
+    ``revisions.json``, ``answers/revisions.jsonl``, ``revisions.png`` and
+    ``revision_principles.png``; returns counts for the manifest (none without a PM, a
+    finished critique_revision stage or chains)."""
+    ev = ctx.cfg.evaluate
+    pm_dir = model_dir(ctx.run_dir, "preference_model")
+    cr_dir = ctx.run_dir / "critique_revision"
+    if not (ev.preference_model and ev.revision_splits and (pm_dir / "config.json").is_file()
+            and (cr_dir / "manifest.json").is_file()):
+        return {}
+    chains = []
+    for split in ev.revision_splits:
+        path = split_file(cr_dir / "chains", split)
+        if path.is_file():
+            ctx.record_input(f"critique_revision/chains/{split}", path)
+            chains += [{**c, "split": split} for c in read_jsonl(path)[: ev.revision_max_chains]]
+    if not chains:
+        return {}
+    from cai.reward import RewardModel
+
+    pm = RewardModel.load(str(pm_dir), device=ctx.cfg.engine.device)
+    texts = sum(len(set(texts_after_rounds(c))) for c in chains)
+    with ctx.progress(texts, "PM scores of revisions") as update:
+        scores = score_chain_texts(pm, chains, progress=update)
+    del pm
+    result = {"schema": 1, "splits": list(ev.revision_splits), "max_chains": ev.revision_max_chains,
+              "pm_heldout": pm_heldout(ctx.run_dir),
+              **revision_effects(chains, scores, ev.bootstrap, ctx.cfg.seed)}
+    write_json(ctx.out / "revisions.json", result)
+    (ctx.out / "answers").mkdir(parents=True, exist_ok=True)
+    write_jsonl(ctx.out / "answers" / "revisions.jsonl", [
+        {"id": c.get("id"), "split": c["split"], "principle_ids": [r.get("principle_id") for r in c.get("rounds") or []],
+         "statuses": [r.get("status") for r in c.get("rounds") or []], "pm_scores": [round(x, 6) for x in s]}
+        for c, s in zip(chains, scores)])
+    from cai.plots import plot_revision_principles, plot_revisions
+
+    plot_revisions(ctx.out / "revisions.png", result)
+    plot_revision_principles(ctx.out / "revision_principles.png", result)
+    last = result["rounds"][-1]
+    return {"revision_chains": len(chains), "revision_pm_change": last["change"]}
 
 
 # -- the stage --------------------------------------------------------------------------------
@@ -381,6 +578,7 @@ def run(ctx: StageContext) -> dict:
     judge_answers(judge, rows, ctx.progress)
     measure_quality(rows)
     pm_used = score_with_pm(ctx, rows)
+    revision_counts = pm_by_revision(ctx)
 
     results = {
         "schema": 1,
@@ -406,7 +604,7 @@ def run(ctx: StageContext) -> dict:
     plot_elo(ctx.out / "elo.png", results)
     plot_harmfulness(ctx.out / "harmfulness.png", results)
     plot_refusals(ctx.out / "refusal.png", results)
-    counts = {"models": len(names), "answers": len(rows), "comparisons": len(comparisons)}
+    counts = {"models": len(names), "answers": len(rows), "comparisons": len(comparisons), **revision_counts}
     for dimension, table in elo.items():
         if table:
             for name, r in table["ratings"].items():
@@ -420,6 +618,8 @@ def run(ctx: StageContext) -> dict:
 
 def _needs(cfg) -> tuple[str, ...]:
     trained = (*TRAINED_POLICIES, "preference_model")
+    if cfg.evaluate.preference_model and cfg.evaluate.revision_splits:
+        trained += ("critique_revision",)  # its chains are scored by the PM (pm_by_revision)
     return ("prepare",) + tuple(s for s in trained if s in cfg.stages)
 
 
@@ -435,6 +635,11 @@ def estimate(inputs: PlanInputs) -> Cost:
     pair_q = math.comb(models, 2) * (r + h) * 2
     judge_q = models * r + models * (r + b) * 2
     pm = models * (r + h) if ev.preference_model and "preference_model" in cfg.stages else 0
+    if pm and "critique_revision" in cfg.stages:  # at most rounds + 1 texts per scored chain
+        cr = cfg.critique_revision
+        chains = sum(min(len(inputs.capped("red_team", cr.max_prompts).get(s, [])),
+                         ev.revision_max_chains or 1 << 30) for s in ev.revision_splits)
+        pm += chains * (cr.rounds + 1)
     prompt = int(models * len(ps) * avg + pair_q * (avg + demo + 2 * ev.max_new_tokens + 80)
                  + judge_q * (avg + ev.max_new_tokens + 120) + pm * (avg + ev.max_new_tokens))
     return Cost(generate=models * len(ps), score=pair_q + judge_q, prompt_tokens=prompt,

@@ -18,7 +18,9 @@ Each step:
    With ``whiten`` the step's rewards are divided by their standard deviation (over all
    processes), so the learning rate does not depend on the PM's scale.
 3. **Advantage.** Leave-one-out baseline within each prompt's k answers:
-   ``A_i = r_i - mean_{j != i} r_j = k/(k-1) (r_i - mean_j r_j)``.
+   ``A_i = r_i - mean_{j != i} r_j = k/(k-1) (r_i - mean_j r_j)``; or, with
+   ``advantage: grpo``, group-normalised: ``(r_i - mean_j r_j) / (std_j r_j + eps)``
+   (:func:`grpo_advantages`). The loss is the same for both.
 4. **Loss.** ``-mean_i A_i * sum_t log pi(y_t)``: the REINFORCE estimator with the
    sequence's *summed* log-probability (not length-normalised: that would favour long
    answers with a positive advantage), averaged over the step's sequences. The
@@ -111,6 +113,33 @@ def rloo_advantages(rewards):
     if k < 2:
         raise CaiError("RLOO needs at least 2 samples per prompt (rl.samples_per_prompt)")
     return (rewards - rewards.mean(-1, keepdim=True)) * (k / (k - 1))
+
+
+#: GRPO's guard against a zero spread, in the units of the rewards it divides (with
+#: ``whiten``, the step's reward standard deviation; see :func:`grpo_advantages`).
+GRPO_EPS = 1e-4
+
+
+def grpo_advantages(rewards, eps: float = GRPO_EPS):
+    """Group-normalised advantages (GRPO, Shao et al. 2024) for a ``[prompts, k]`` reward
+    matrix: ``A_ij = (r_ij - mean_l r_il) / (std_l r_il + eps)``.
+
+    The std is the **population** one (divide by k): each prompt's advantages then have
+    mean 0 and mean square ~1, so k = 2 gives exactly +-1 (TRL's ``GRPOTrainer`` uses the
+    sample std, which makes its advantages sqrt((k-1)/k) times ours: only a learning-rate
+    scale for a fixed k). A prompt whose k rewards are all equal gets all-zero advantages
+    (0 / eps): no gradient, as with RLOO. Dividing every reward by a constant ``c`` gives
+    the same advantages with ``eps / c``, so whitening first only makes ``eps`` relative.
+    """
+    k = rewards.size(-1)
+    if k < 2:
+        raise CaiError("GRPO needs at least 2 samples per prompt (rl.samples_per_prompt)")
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    return centred / (rewards.std(-1, unbiased=False, keepdim=True) + eps)
+
+
+#: ``rl.advantage`` -> (the estimator, its name in titles and logs).
+ADVANTAGES = {"rloo": (rloo_advantages, "RLOO"), "grpo": (grpo_advantages, "GRPO")}
 
 
 def rloo_loss(advantages, logprobs, n_total: int):
@@ -246,7 +275,8 @@ def run(ctx: StageContext) -> dict:
         before["rows"] = before_rows
 
     t0 = time.time()
-    with ctx.progress(rc.steps, "RLOO", unit="step") as update:
+    name = ADVANTAGES[rc.advantage][1]
+    with ctx.progress(rc.steps, name, unit="step") as update:
         update(start)
         for step in range(start, rc.steps):
             for g in optimizer.param_groups:
@@ -281,15 +311,15 @@ def run(ctx: StageContext) -> dict:
         ])
         curve = lambda key: [(h["step"], h[key]) for h in history]  # noqa: E731
         plot_curve(ctx.out / "reward.png", {"PM reward": curve("reward"), "PM reward - kl_coef * KL": curve("total_reward")},
-                   "RL-CAI (RLOO): mean reward per step", ylabel="reward")
+                   f"RL-CAI ({name}): mean reward per step", ylabel="reward")
         plot_curve(ctx.out / "kl.png", {"KL(policy || SL-CAI)": curve("kl")}, "KL to the reference", ylabel="nats per answer")
-        plot_curve(ctx.out / "loss.png", {"RLOO loss": curve("loss")}, "RL-CAI (RLOO)")
+        plot_curve(ctx.out / "loss.png", {f"{name} loss": curve("loss")}, f"RL-CAI ({name})")
         shutil.rmtree(ckpt, ignore_errors=True)
     return counts
 
 
 def train_step(ln: Learner, prompts: list[dict], sp, n_total: int, step: int, samples: list) -> dict:
-    """Rollouts, rewards, RLOO advantages and one optimizer step; returns the step's log row.
+    """Rollouts, rewards, advantages (``rl.advantage``) and one optimizer step; returns the step's log row.
 
     ``n_total`` is the step's number of sequences over all processes; this process's
     loss is its share of the mean, times the process count (DDP averages gradients).
@@ -316,7 +346,7 @@ def train_step(ln: Learner, prompts: list[dict], sp, n_total: int, step: int, sa
     std = torch.tensor(gather(raw.tolist(), world)).std(unbiased=False) if whiten else None
     rewards = shaped_rewards(scores, kl, kl_coef, whiten, std)
     check_finite(rewards, step, ckpt, what="reward")
-    adv = rloo_advantages(rewards.view(-1, k)).reshape(-1)
+    adv = ADVANTAGES[ln.rc.advantage][0](rewards.view(-1, k)).reshape(-1)
     loss_sum = 0.0
     for m in range(0, n, micro):
         sync = contextlib.nullcontext() if m + micro >= n else accelerator.no_sync(model)
@@ -375,7 +405,7 @@ STAGE = StageSpec(
     run=run,
     config_keys=("seed", "engine", "rl"),
     needs=_needs,
-    help="RL-CAI: RLOO against the preference model with a KL penalty to the SL-CAI model.",
+    help="RL-CAI: RLOO (or GRPO) against the preference model with a KL penalty to the SL-CAI model.",
     distributed=True,
     estimate=estimate,
 )
