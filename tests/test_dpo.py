@@ -108,7 +108,7 @@ def test_nan_loss_stops_then_rerun_resumes_from_the_checkpoint(tmp_path, dpo_run
     monkeypatch.setattr(stage, "dpo_loss", nan_on_fourth)
     with pytest.raises(CaiError, match=r"training loss is nan at step 2; stopped. The last good checkpoint is in .*dpo.partial/checkpoint"):
         run_pipeline(cfg, log=lambda m: None)
-    assert (tmp_path / "run" / "dpo.partial" / "checkpoint" / "trainer_state.pt").is_file()
+    assert (tmp_path / "run" / "dpo.partial" / "checkpoint" / "trainer_state.json").is_file()
     assert not (tmp_path / "run" / "dpo").exists()
     monkeypatch.setattr(stage, "dpo_loss", real)
     logs = []

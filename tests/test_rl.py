@@ -135,7 +135,7 @@ def test_nan_reward_stops_and_keeps_the_last_checkpoint(tmp_path, rl_run, tiny_m
     monkeypatch.setattr(RewardModel, "score_many", nan_on_step_two)
     with pytest.raises(CaiError, match=r"PM reward is nan at step 1; stopped. The last good checkpoint is in .*rl.partial/checkpoint"):
         run_pipeline(_cfg(tmp_path / "run", tiny_model, "rl.checkpoint_every=1"), log=lambda m: None)
-    assert (tmp_path / "run" / "rl.partial" / "checkpoint" / "trainer_state.pt").is_file()
+    assert (tmp_path / "run" / "rl.partial" / "checkpoint" / "trainer_state.json").is_file()
     assert not (tmp_path / "run" / "rl").exists()
 
 

@@ -37,7 +37,7 @@ import yaml
 from cai.config import RunConfig, check_config, config_hash, to_dict
 from cai.errors import CaiError
 from cai.io import write_json
-from cai.stage import StageContext, StageSpec
+from cai.stage import Engines, StageContext, StageSpec
 from cai.stage_names import STAGES
 
 
@@ -86,23 +86,6 @@ def read_manifest(run_dir: Path, name: str) -> dict | None:
         return None
 
 
-class _Engines(dict):
-    """The run's engines by model path, with the cache counts of those already released."""
-
-    hits = misses = 0
-    used = False
-
-
-def _release(engines: _Engines) -> None:
-    import gc
-
-    for e in engines.values():
-        engines.hits += getattr(e, "hits", 0)
-        engines.misses += getattr(e, "misses", 0)
-        engines.used = True
-        e.close()
-    engines.clear()
-    gc.collect()
 def distributed_state(cfg: RunConfig):
     """accelerate's process state when launched in several processes, else None.
 
@@ -171,7 +154,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
     if is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
     prints = fingerprints(cfg)
-    engines = _Engines()
+    engines = Engines()
     total = time.time()
     for name in cfg.stages:
         spec = specs[name]
@@ -190,7 +173,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
             dist.wait_for_everyone()  # the others use the folder the main process made
         partial.mkdir(parents=True, exist_ok=True)
         if spec.distributed:
-            _release(engines)
+            engines.release()
         ctx = StageContext(cfg=cfg, run_dir=run_dir, out=partial, name=name, log=log, engines=engines, is_main=is_main)
         log(f"[{name}] running" + (f" in {dist.num_processes} processes" if dist and spec.distributed else ""))
         started = time.time()
@@ -225,7 +208,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
         if dist is not None:
             dist.wait_for_everyone()
         log(f"[{name}] done in {seconds:.1f}s: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-    _release(engines)
+    engines.release()
     if engines.used:
         log(f"engine cache: {engines.hits} hits, {engines.misses} new requests")
     log(f"run finished in {time.time() - total:.1f}s: {run_dir}")

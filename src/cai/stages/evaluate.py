@@ -312,6 +312,8 @@ def run(ctx: StageContext) -> dict:
             answers[s].setdefault(name, []).append(text)
             rows.append({"model": name, "set": s, "id": p.id, "category": p.category, "prompt": p.messages,
                          "answer": text})
+        del engine
+        ctx.release_engine(model)  # one model in memory at a time: the next one (or the judge) loads after
 
     judge_model = ev.judge or cfg.engine.model
     judge = ctx.engine(judge_model)
@@ -331,6 +333,8 @@ def run(ctx: StageContext) -> dict:
         agree = [r["position_consistent"] for r in recs if "position_consistent" in r]
         elo[dimension]["position_consistency"] = _mean(float(a) for a in agree)
     judge_answers(judge, rows, ctx.progress)
+    del judge
+    ctx.release_engine(judge_model)  # the PM loads into the room the judge leaves
     pm_used = score_with_pm(ctx, rows)
 
     results = {
