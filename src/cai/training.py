@@ -264,7 +264,10 @@ def load_trainable(path: str, tc, device, trust_remote_code: bool, model_cls, st
         trust_remote_code=trust_remote_code, model_cls=model_cls, **kwargs,
     )
     if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tc.method == "lora":
         model = add_lora(model, tc, stage, prec)
     return model, tok, prec
@@ -423,7 +426,9 @@ def load_checkpoint(folder: Path, model, optimizer, total_steps: int | None = No
     for key, value in [*load_file(str(files[2])).items(), *trainer.pop("optimizer_scalars").items()]:
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": trainer.pop("param_groups")})
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in trainer.pop("param_groups")]  # JSON made AdamW's betas a list
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
     if scaler is not None and trainer.get("scaler"):
         scaler.load_state_dict(trainer["scaler"])
     return trainer
