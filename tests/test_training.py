@@ -277,3 +277,29 @@ def test_a_pickled_checkpoint_is_never_unpickled(tmp_path, tiny_model, monkeypat
     other = copy.deepcopy(model)
     other.model.layers = other.model.layers[:1]
     assert load_checkpoint(folder, other, torch.optim.AdamW(other.parameters()), 5) is None
+
+
+def test_a_lora_checkpoint_holds_the_adapters_and_resumes_them(tmp_path, tiny_model):
+    from transformers import AutoModelForSequenceClassification
+
+    tc = replace(DPOConfig(), method="lora", lora_r=4, dtype="float32")
+
+    def pm():
+        torch.manual_seed(0)
+        model, _, _ = load_trainable(tiny_model, tc, "cpu", False, AutoModelForSequenceClassification,
+                                     "preference_model", num_labels=1)
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    model, opt = pm()
+    model(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "ckpt", model, opt, 1, {"total_steps": 3})
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "ckpt" / "weights.safetensors"))
+    assert saved and all("lora_" in k or "score" in k for k in saved)  # the trained weights only
+    assert any("score.modules_to_save" in k for k in saved)
+    fresh, fresh_opt = pm()
+    assert load_checkpoint(tmp_path / "ckpt", fresh, fresh_opt, 3)["step"] == 1
+    for n, p in trainable_weights(model).items():
+        assert torch.equal(p, trainable_weights(fresh)[n]), n
