@@ -67,7 +67,7 @@ def test_kill_during_sft_then_resume_from_checkpoint(tmp_path, tiny_model):
               "critique_revision.max_prompts=30", "critique_revision.max_new_tokens=24",
               "sft.batch_size=1", "sft.checkpoint_every=2"]
     cmd, env, proc = _start(tmp_path, tiny_model, *common)
-    state = tmp_path / "run" / "sft.partial" / "checkpoint" / "trainer_state.pt"
+    state = tmp_path / "run" / "sft.partial" / "checkpoint" / "trainer_state.json"
     assert _wait_for(state.exists, proc), "no checkpoint appeared before the run ended"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -111,7 +111,7 @@ def test_kill_during_rl_then_resume_from_checkpoint(tmp_path, tiny_model):
              f"rl.policy={tiny_model}", "rl.steps=24", "rl.prompts_per_step=2", "rl.max_new_tokens=16",
              "rl.eval_prompts=2", "rl.checkpoint_every=2"]
     cmd, env, proc = _start(tmp_path, tiny_model, *extra)
-    state = tmp_path / "run" / "rl.partial" / "checkpoint" / "trainer_state.pt"
+    state = tmp_path / "run" / "rl.partial" / "checkpoint" / "trainer_state.json"
     assert _wait_for(state.exists, proc), "no checkpoint appeared before the run ended"
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -108,7 +108,7 @@ def test_nan_loss_stops_then_rerun_resumes_from_the_checkpoint(tmp_path, dpo_run
     monkeypatch.setattr(stage, "dpo_loss", nan_on_fourth)
     with pytest.raises(CaiError, match=r"training loss is nan at step 2; stopped. The last good checkpoint is in .*dpo.partial/checkpoint"):
         run_pipeline(cfg, log=lambda m: None)
-    assert (tmp_path / "run" / "dpo.partial" / "checkpoint" / "trainer_state.pt").is_file()
+    assert (tmp_path / "run" / "dpo.partial" / "checkpoint" / "trainer_state.json").is_file()
     assert not (tmp_path / "run" / "dpo").exists()
     monkeypatch.setattr(stage, "dpo_loss", real)
     logs = []
@@ -116,3 +116,24 @@ def test_nan_loss_stops_then_rerun_resumes_from_the_checkpoint(tmp_path, dpo_run
     assert any("[dpo] resuming from checkpoint at step 2/" in m for m in logs), logs
     metrics = json.loads((tmp_path / "run" / "dpo" / "metrics.json").read_text())
     assert [h["step"] for h in metrics["history"]] == list(range(1, metrics["steps"] + 1))
+
+
+def test_lora_dpo_uses_the_model_with_adapters_off_as_reference(tmp_path, dpo_run, tiny_model):
+    """With LoRA the reference log-probs come from the policy with its adapters off; at the
+    start that is the starting model, so h = 0 and the first step's loss is log 2."""
+    import shutil
+
+    shutil.copytree(dpo_run, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "dpo")
+    run = run_pipeline(_cfg(tmp_path / "run", tiny_model, "dpo.soft_labels=false", "dpo.method=lora", "dpo.lora_r=4",
+                            "dpo.learning_rate=1e-2", "dpo.lora_dropout=0.0"), log=lambda m: None)
+    out = run / "dpo"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert metrics["test_after"]["loss"] != metrics["test_before"]["loss"]
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    assert set(before) == set(after)  # merged: a plain checkpoint
+    assert not torch.equal(before["model.layers.1.mlp.down_proj.weight"].to(after["model.layers.1.mlp.down_proj.weight"].dtype),
+                           after["model.layers.1.mlp.down_proj.weight"])

@@ -442,3 +442,38 @@ def test_pm_heldout_accuracy_says_when_it_is_chance(tmp_path):
     assert ev.pm_heldout(tmp_path) == {"accuracy": 0.9, "pairs": 20, "ci_low": 0.699, "ci_high": 0.9721,
                                        "at_chance": False}
     assert ev.pm_heldout(tmp_path / "nothing") is None
+
+def test_one_model_in_memory_at_a_time(tmp_path, eval_run, tiny_model, monkeypatch):
+    """Each model answers, is closed and dropped, then the next loads; the judge comes after
+    them, and the preference model after the judge is gone."""
+    import cai.engines
+    from cai.reward import RewardModel
+
+    shutil.copytree(eval_run, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "evaluate")
+    live, seen = [], []
+    real_build, real_load = cai.engines.build_engine, RewardModel.load
+
+    def build(cfg, *a, **kw):
+        seen.append((cfg.model, len(live)))
+        engine = real_build(cfg, *a, **kw)
+        close = engine.close
+        live.append(engine)
+        engine.close = lambda: (live.remove(engine), close())[1]
+        return engine
+
+    def load(cls, *a, **kw):
+        seen.append(("pm", len(live)))
+        return real_load(*a, **kw)
+
+    monkeypatch.setattr(cai.engines, "build_engine", build)
+    monkeypatch.setattr(RewardModel, "load", classmethod(load))
+    cfg = load_config(None, [
+        f"run_dir={tmp_path / 'run'}", f"engine.model={tiny_model}", "engine.batch_size=8", "stages=[prepare, evaluate]",
+        "evaluate.max_prompts=1", "evaluate.max_new_tokens=4", "evaluate.bootstrap=0", "evaluate.few_shot=0",
+    ])
+    run_pipeline(cfg, log=lambda m: None)
+    run = tmp_path / "run"
+    assert seen == [(tiny_model, 0), (str(run / "sft" / "model"), 0), (str(run / "rl" / "model"), 0),
+                    (tiny_model, 0), ("pm", 0)]
+    assert live == []

@@ -73,7 +73,9 @@ def _run(run_dir, tiny_model, *extra):
         f"run_dir={run_dir}", f"engine.model={tiny_model}", "engine.batch_size=8",
         "stages=[prepare, feedback, preference_model]", f"feedback.policy={tiny_model}",
         f"preference_model.model={tiny_model}", "feedback.max_prompts=6", "feedback.max_new_tokens=6",
-        "preference_model.batch_size=4", "preference_model.learning_rate=1e-3", *extra,
+        "preference_model.batch_size=4", "preference_model.learning_rate=1e-3",
+        "preference_model.dtype=float32",  # on every CPU: the scores are compared to 1e-4
+        *extra,
     ])
     return run_pipeline(cfg, log=lambda m: None)
 
@@ -139,3 +141,32 @@ def test_hard_label_option_reuses_the_feedback(tmp_path, pm_run, tiny_model):
     shutil.copytree(pm_run, tmp_path / "run")
     run = _run(tmp_path / "run", tiny_model, "preference_model.loss=hard", "preference_model.max_steps=1")
     assert json.loads((run / "preference_model" / "metrics.json").read_text())["loss"] == "hard"
+
+
+def test_lora_pm_trains_adapters_and_the_whole_score_head(tmp_path, pm_run, tiny_model):
+    import shutil
+
+    from safetensors import safe_open
+    from transformers import AutoModelForSequenceClassification
+
+    shutil.copytree(pm_run, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "preference_model")
+    run = _run(tmp_path / "run", tiny_model, "preference_model.method=lora", "preference_model.lora_r=4",
+               "preference_model.learning_rate=1e-2")
+    out = run / "preference_model"
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any("lora_A" in k for k in keys) and any(k.endswith("score.weight") for k in keys)
+    start = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).state_dict()
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "model").state_dict()
+    assert set(start) == set(merged)
+    assert not torch.equal(start["model.layers.0.self_attn.q_proj.weight"], merged["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(start["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])  # frozen
+    # the merged model scores as the stage's adapters + head did on its held-out pairs
+    pm = RewardModel.load(str(out / "model"), device="cpu")
+    row = json.loads((out / "test_scores.jsonl").read_text().splitlines()[0])
+    pair = next(json.loads(l) for l in (run / "feedback" / "prefs" / "test.jsonl").read_text().splitlines()
+                if json.loads(l)["id"] == row["id"])
+    assert pm.score(pair["prompt"], pair["chosen"][0]["content"]) == pytest.approx(row["reward_chosen"], abs=1e-4)
+    assert json.loads((out / "metrics.json").read_text())["loss_history"][-1][1] != \
+        json.loads((out / "metrics.json").read_text())["loss_history"][0][1]

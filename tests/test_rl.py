@@ -111,7 +111,9 @@ def _cfg(run_dir, tiny_model, *extra):
         "stages=[prepare, feedback, preference_model, rl]", f"feedback.policy={tiny_model}",
         f"preference_model.model={tiny_model}", "feedback.max_prompts=6", "feedback.max_new_tokens=6",
         "preference_model.batch_size=4", f"rl.policy={tiny_model}", "rl.steps=3", "rl.prompts_per_step=2",
-        "rl.max_new_tokens=8", "rl.eval_prompts=4", "rl.learning_rate=1e-3", "rl.micro_batch_size=8", *extra,
+        "rl.max_new_tokens=8", "rl.eval_prompts=4", "rl.learning_rate=1e-3", "rl.micro_batch_size=8",
+        # float32 everywhere, on every CPU: these tests compare numbers to 1e-4 (bf16-mixed has its own tests)
+        "preference_model.dtype=float32", "rl.dtype=float32", *extra,
     ])
 
 
@@ -204,7 +206,7 @@ def test_nan_reward_stops_and_keeps_the_last_checkpoint(tmp_path, rl_run, tiny_m
     monkeypatch.setattr(RewardModel, "score_many", nan_on_step_two)
     with pytest.raises(CaiError, match=r"PM reward is nan at step 1; stopped. The last good checkpoint is in .*rl.partial/checkpoint"):
         run_pipeline(_cfg(tmp_path / "run", tiny_model, "rl.checkpoint_every=1"), log=lambda m: None)
-    assert (tmp_path / "run" / "rl.partial" / "checkpoint" / "trainer_state.pt").is_file()
+    assert (tmp_path / "run" / "rl.partial" / "checkpoint" / "trainer_state.json").is_file()
     assert not (tmp_path / "run" / "rl").exists()
 
 
@@ -214,3 +216,68 @@ def test_rl_needs_the_preference_model(tmp_path, tiny_model):
         run_pipeline(cfg, log=lambda m: None)
     with pytest.raises(CaiError, match="rl.samples_per_prompt' must be >= 2"):
         run_pipeline(_cfg(tmp_path / "run", tiny_model, "rl.samples_per_prompt=1"), log=lambda m: None)
+
+
+def test_lora_rl_kl_reference_is_the_policy_with_adapters_off(tmp_path, rl_run, tiny_model):
+    """LoRA policy, no reference copy: the first step's KL is 0 (the adapters start at zero),
+    the adapters then move the policy away from its adapters-off self. Offloading on a CPU
+    run moves nothing and changes nothing."""
+    import shutil
+
+    from cai.stages import rl as stage
+
+    shutil.copytree(rl_run, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "rl")
+    copies = []
+    real_deepcopy = stage.copy.deepcopy
+    monkey = pytest.MonkeyPatch()
+    def deepcopy(x, *a):
+        if isinstance(x, torch.nn.Module) and any(True for _ in x.parameters()):
+            copies.append(type(x).__name__)
+        return real_deepcopy(x, *a)
+
+    monkey.setattr(stage.copy, "deepcopy", deepcopy)
+    try:
+        run = run_pipeline(_cfg(tmp_path / "run", tiny_model, "rl.method=lora", "rl.lora_r=4", "rl.learning_rate=1e-2",
+                                "rl.offload=always", "rl.lora_dropout=0.0"), log=lambda m: None)
+    finally:
+        monkey.undo()
+    assert copies == []  # no second copy of the policy
+    out = run / "rl"
+    hist = json.loads((out / "metrics.json").read_text())["history"]
+    assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert abs(hist[-1]["kl"]) > 1e-4
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    assert set(before) == set(after) and not torch.equal(before["model.layers.0.self_attn.v_proj.weight"],
+                                                         after["model.layers.0.self_attn.v_proj.weight"])
+
+
+def test_offload_setting(tiny_model):
+    from cai.stages.rl import use_offload
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert use_offload("auto", torch.device("cpu"), model, model, model) is False  # nothing to move on a CPU run
+    assert use_offload("always", torch.device("cpu"), model, None, model) is True
+    assert use_offload("never", torch.device("cuda"), model, None, model) is False
+
+
+def test_a_step_needs_a_prompt_for_every_process():
+    from cai.errors import CaiError
+    from cai.stages import rl as stage
+
+    class Ctx:
+        cfg = load_config(None, ["rl.prompts_per_step=1"])
+
+    class TwoProcesses:
+        def __init__(self, cpu):
+            self.process_index, self.num_processes, self.device = 0, 2, torch.device("cpu")
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr("accelerate.Accelerator", TwoProcesses)
+    try:
+        with pytest.raises(CaiError, match=r"'rl.prompts_per_step' is 1 but there are 2 processes"):
+            stage.run(Ctx())
+    finally:
+        monkey.undo()

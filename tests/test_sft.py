@@ -67,6 +67,8 @@ def test_lora_trains_adapters_and_saves_a_merged_model(tmp_path, tiny_model):
     after = AutoModelForCausalLM.from_pretrained(run / "sft" / "model").state_dict()
     assert set(before) == set(after)  # a plain checkpoint, adapters merged
     assert not torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
+    emb = after["model.embed_tokens.weight"]  # the frozen base, saved in the run's dtype
+    assert torch.equal(before["model.embed_tokens.weight"].to(emb.dtype), emb)
 
 
 def test_nan_loss_stops_with_a_clear_error(tmp_path, tiny_model):
@@ -80,3 +82,24 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, tiny_model):
     with pytest.raises(CaiError, match="training loss is nan at step 0"):
         run_pipeline(_cfg(tmp_path, tiny_model, f"sft.model={bad}"), log=lambda m: None)
     assert not (tmp_path / "run" / "sft").exists()
+
+
+def test_bf16_mixed_saves_a_bfloat16_model_and_says_so(tmp_path, tiny_model, monkeypatch):
+    from safetensors import safe_open
+
+    monkeypatch.setenv("CAI_ALLOW_SLOW_DTYPE", "1")  # also on CPUs without bfloat16 units: the model is tiny
+    run = run_pipeline(_cfg(tmp_path, tiny_model, "sft.dtype=bf16-mixed", "sft.max_steps=1"), log=lambda m: None)
+    with safe_open(str(run / "sft" / "model" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    made = json.loads((run / "sft" / "model" / "cai_training.json").read_text())
+    assert made["precision"] == "bf16-mixed" and made["config"]["dtype"] == "bf16-mixed"
+
+
+def test_lora_keys_are_the_same_for_every_training_stage(tmp_path, tiny_model):
+    cfg = load_config(None, ["sft.method=lora", "preference_model.lora_r=4", "dpo.lora_target_modules=[q_proj, v_proj]",
+                             "rl.gradient_checkpointing=true", "rl.offload=always"])
+    assert cfg.sft.method == "lora" and cfg.preference_model.lora_r == 4 and cfg.rl.gradient_checkpointing
+    assert cfg.dpo.lora_target_modules == ["q_proj", "v_proj"] and cfg.rl.offload == "always"
+    for stage in ("sft", "preference_model", "dpo", "rl"):
+        with pytest.raises(CaiError, match=f"'{stage}.dtype' must be one of auto, float32, bf16-mixed, bfloat16, fp16-mixed"):
+            load_config(None, [f"{stage}.dtype=float16"])

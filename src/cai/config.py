@@ -190,8 +190,32 @@ class OptimizerConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
     checkpoint_every: int = _f(50, "Save a resumable checkpoint every N optimizer steps.")
     dtype: str = _f(
-        "auto", "Training dtype: 'auto' is float32 on CPU, bfloat16 on GPU.",
-        choices=("auto", "float32", "bfloat16", "float16"),
+        "auto",
+        "Training precision. 'bf16-mixed': float32 master weights and AdamW state, forward and backward in "
+        "bfloat16 (autocast), the model saved in bfloat16. 'auto': bf16-mixed where the hardware computes "
+        "bfloat16 natively (GPUs from Ampere on; CPUs with avx512_bf16 or amx_bf16), float32 elsewhere. "
+        "'float32': everything in float32. 'bfloat16': pure bfloat16 weights (warns: AdamW updates below ~1/256 "
+        "of a weight round away). 'fp16-mixed': float32 masters, float16 autocast with a gradient scaler, saved "
+        "in float16 (GPUs without bfloat16). bfloat16 on hardware without it is refused unless "
+        "CAI_ALLOW_SLOW_DTYPE=1.",
+        choices=("auto", "float32", "bf16-mixed", "bfloat16", "fp16-mixed"),
+    )
+    method: str = _f(
+        "full",
+        "'full' fine-tuning, or 'lora': peft LoRA adapters on a frozen base (the preference model also trains "
+        "its score head). With LoRA the frozen reference of rl and dpo is the same model with its adapters "
+        "off; the stage saves the adapter (adapter/) and the merged model (model/).",
+        choices=("full", "lora"),
+    )
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha (the adapters' scale is alpha / r).")
+    lora_dropout: float = _f(0.05, "LoRA dropout.")
+    lora_target_modules: list[str] = _f(
+        ["all-linear"], "Linear layers that get adapters, by name (e.g. [q_proj, v_proj]); 'all-linear': every "
+        "linear layer but the output head.",
+    )
+    gradient_checkpointing: bool = _f(
+        False, "Recompute activations in the backward pass instead of keeping them: less memory, more compute.",
     )
 
 
@@ -202,7 +226,9 @@ class TrainingConfig(OptimizerConfig):
     epochs: float = _f(1.0, "Passes over the training data (paper: 1).")
     max_steps: int | None = _f(None, "Stop after this many optimizer steps (None: run the epochs).")
     batch_size: int = _f(
-        8, "Examples per optimizer step, over all processes: each of N processes takes 1/N of every batch."
+        8, "Examples per optimizer step in total, over all processes: each of N processes takes every N-th "
+        "example of the batch (a process left without one, in a last batch smaller than N, runs a zero-weighted "
+        "pass), so a batch gives the same step with any number of processes.",
     )
     grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
     max_length: int = _f(1024, "Truncate each training conversation to this many tokens.")
@@ -212,10 +238,6 @@ class TrainingConfig(OptimizerConfig):
 class SFTConfig(TrainingConfig):
     learning_rate: float = _default(TrainingConfig, "learning_rate", 2e-5)
     model: str | None = _f(None, "Model to fine-tune; None uses engine.model (the model that wrote the data).")
-    method: str = _f("full", "Full fine-tuning, or LoRA adapters (merged into the saved model).", choices=("full", "lora"))
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: int = _f(32, "LoRA alpha.")
-    lora_dropout: float = _f(0.05, "LoRA dropout.")
 
 
 @dataclass
@@ -334,7 +356,9 @@ class RLConfig(OptimizerConfig):
         1.0, "Helpfulness train prompts per red-team prompt in the RL prompt pool (keeps the policy helpful)."
     )
     steps: int = _f(100, "Optimizer steps; each samples fresh rollouts from the current policy.")
-    prompts_per_step: int = _f(16, "Prompts per step (over all processes).")
+    prompts_per_step: int = _f(
+        16, "Prompts per step in total, over all processes (each takes every N-th; at least one per process)."
+    )
     samples_per_prompt: int = _f(
         4, "Answers sampled per prompt (k >= 2): the group each answer's advantage is measured in."
     )
@@ -359,6 +383,14 @@ class RLConfig(OptimizerConfig):
     top_p: float = _f(1.0, "Nucleus sampling threshold of the rollouts (1: exact on-policy sampling).")
     micro_batch_size: int = _f(16, "Sequences per forward/backward pass (gradients are accumulated).")
     eval_prompts: int = _f(32, "Held-out red-team test prompts scored by the PM before and after RL.")
+    offload: str = _f(
+        "auto",
+        "Move what a phase of the step does not use (the PM; the reference copy in full fine-tuning) to the CPU "
+        "between rollout, scoring and update. 'auto': on an accelerator, only when the policy's weights, "
+        "gradients and AdamW state plus the reference and the PM take over half its memory; never on a CPU run "
+        "(nothing to move). 'always' / 'never' force it.",
+        choices=("auto", "always", "never"),
+    )
 
 
 @dataclass

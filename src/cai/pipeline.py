@@ -35,10 +35,10 @@ import yaml
 
 from cai.config import RunConfig, check_config, check_run_dir, config_hash, results_dict, to_dict
 from cai.errors import CaiError
+from cai.artifacts import PARTIAL_STAMP, hash_outputs, read_manifest, verify_stage
 from cai.io import write_json, write_text
 from cai.runlock import RunLock
-from cai.artifacts import PARTIAL_STAMP, hash_outputs, read_manifest, verify_stage
-from cai.stage import StageContext, StageSpec
+from cai.stage import Engines, StageContext, StageSpec
 from cai.stage_names import STAGES
 
 
@@ -131,23 +131,6 @@ def _recover(run_dir: Path, name: str, fingerprint: str, log: Callable[[str], No
         (final / PARTIAL_STAMP).unlink(missing_ok=True)  # renamed, then the crash: the stamp is not an artifact
 
 
-class _Engines(dict):
-    """The run's engines by model path, with the cache counts of those already released."""
-
-    hits = misses = 0
-    used = False
-
-
-def _release(engines: _Engines) -> None:
-    import gc
-
-    for e in engines.values():
-        engines.hits += getattr(e, "hits", 0)
-        engines.misses += getattr(e, "misses", 0)
-        engines.used = True
-        e.close()
-    engines.clear()
-    gc.collect()
 def distributed_state(cfg: RunConfig):
     """accelerate's process state when launched in several processes, else None.
 
@@ -238,7 +221,7 @@ def _run_stages(cfg, specs, dist, is_main, run_dir: Path, log, force: bool) -> P
     if is_main:
         write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     prints = fingerprints(cfg)
-    engines = _Engines()
+    engines = Engines()
     total = time.time()
     for name in cfg.stages:
         spec = specs[name]
@@ -264,7 +247,7 @@ def _run_stages(cfg, specs, dist, is_main, run_dir: Path, log, force: bool) -> P
             if read_manifest(run_dir, need) is not None:
                 verify_stage(run_dir, need)
         if spec.distributed:
-            _release(engines)
+            engines.release()
         ctx = StageContext(cfg=cfg, run_dir=run_dir, out=partial, name=name, log=log, engines=engines, is_main=is_main)
         log(f"[{name}] running" + (f" in {dist.num_processes} processes" if dist and spec.distributed else ""))
         started = time.time()
@@ -298,7 +281,7 @@ def _run_stages(cfg, specs, dist, is_main, run_dir: Path, log, force: bool) -> P
         if dist is not None:
             dist.wait_for_everyone()
         log(f"[{name}] done in {seconds:.1f}s: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-    _release(engines)
+    engines.release()
     if engines.used:
         log(f"engine cache: {engines.hits} hits, {engines.misses} new requests")
     log(f"run finished in {time.time() - total:.1f}s: {run_dir}")

@@ -168,6 +168,28 @@ class StageSpec:
         return tuple(self.needs(cfg) if callable(self.needs) else self.needs)
 
 
+class Engines(dict):
+    """The run's engines by model path, shared by the stages of one ``cai run``, with the
+    request-cache counts of those already released."""
+
+    hits = misses = 0
+    used = False
+
+    def release(self, paths=None) -> None:
+        """Close the engines on ``paths`` (default: all), drop them and free their memory;
+        a later ``StageContext.engine`` call loads the model again."""
+        import gc
+
+        for path in list(self) if paths is None else [p for p in paths if p in self]:
+            engine = self.pop(path)
+            self.hits += getattr(engine, "hits", 0)
+            self.misses += getattr(engine, "misses", 0)
+            self.used = True
+            engine.close()
+            del engine
+        gc.collect()
+
+
 @dataclass
 class StageContext:
     cfg: "RunConfig"
@@ -176,7 +198,7 @@ class StageContext:
     name: str
     log: Callable[[str], None] = print
     inputs: dict = field(default_factory=dict)  # name -> sha256, recorded in the manifest
-    engines: dict = field(default_factory=dict)  # model path -> engine, shared across stages
+    engines: Engines = field(default_factory=Engines)  # model path -> engine, shared across stages
     is_main: bool = True  # the main process (or the only one): it alone shows progress bars
 
     def stage_dir(self, name: str) -> Path:
@@ -209,6 +231,15 @@ class StageContext:
                 cfg = dataclasses.replace(cfg, kind="local")
             self.engines[path] = build_engine(cfg, self.run_dir / "cache.sqlite", progress=self.log)
         return self.engines[path]
+
+    def release_engine(self, model: str | None = None) -> None:
+        """Close the engine on ``model`` (default: ``engine.model``) and free its memory, so
+        that the next model loads into the room it leaves."""
+        path = self.model_path(model) if model else self.cfg.engine.model
+        if isinstance(self.engines, Engines):
+            self.engines.release([path])
+        elif path in self.engines:
+            self.engines.pop(path).close()
 
     @contextlib.contextmanager
     def progress(self, total: int, desc: str, unit: str = "req"):

@@ -3,14 +3,21 @@
 Each stage's loop stays in its own file and reads top to bottom (torchtune's recipes
 are the model: no trainer class hierarchy). What the loops share lives here, once:
 
-* loading the starting model for training (:func:`load_trainable`, :func:`train_dtype`);
-* the optimizer and each step's example indices (:func:`optimizer_and_batches`) and the
-  learning-rate schedule (:func:`warmup_lr`);
+* the precision (:func:`resolve_precision`: float32 master weights and a bfloat16
+  autocast where the hardware runs bfloat16 fast) and loading the starting model for
+  training, with LoRA adapters when asked (:func:`load_trainable`, :func:`add_lora`);
+* the optimizer and each step's example indices (:func:`optimizer_and_batches`), each
+  process's share of a step's batch (:func:`process_share`), the optimizer step with
+  clipping and the fp16 gradient scaler (:func:`optimizer_step`) and the learning-rate
+  schedule (:func:`warmup_lr`);
 * chat tokenization with assistant-only labels (:func:`encode_chat`), padding and the
   losses' building blocks (:func:`token_loss`, :func:`sequence_logprobs`,
   :func:`answer_logprobs`);
-* resumable checkpoints (:func:`save_checkpoint`, :func:`resume`), the NaN guard
-  (:func:`check_finite`) and the final ``save_pretrained`` (:func:`save_trained_model`).
+* the frozen reference of dpo and rl when training LoRA adapters: the same model with
+  its adapters switched off (:func:`adapters_off`);
+* resumable checkpoints that hold no pickle (:func:`save_checkpoint`, :func:`resume`),
+  the NaN guard (:func:`check_finite`) and the final ``save_pretrained``, merged and in
+  the run's dtype (:func:`save_trained_model`).
 
 The optimizer settings are the flat fields of ``cai.config.OptimizerConfig`` /
 ``TrainingConfig``, which every training stage's config extends.
@@ -18,10 +25,13 @@ The optimizer settings are the flat fields of ``cai.config.OptimizerConfig`` /
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from cai.errors import CaiError
@@ -111,6 +121,29 @@ def optimizer_and_batches(accelerator, model, tc, n: int, seed: int):
     return model, optimizer, params, batches
 
 
+def process_share(batch: list, rank: int, world: int) -> tuple[list, float]:
+    """This process's items of a step's batch, ``batch[rank::world]``, and their weight.
+
+    A batch can be smaller than the process count (the last one of an epoch often is). A
+    process left with nothing still has to run forward and backward, or the others wait
+    forever in the gradient all-reduce: it takes the batch's first item with weight 0,
+    so its gradient is zero and the step is the batch's alone, whatever the process count.
+    """
+    mine = batch[rank::world]
+    return (mine, 1.0) if mine else (batch[:1], 0.0)
+
+
+def optimizer_step(accelerator, optimizer, scaler, params, max_grad_norm: float) -> None:
+    """Clip the gradients to ``max_grad_norm``, step and zero them. With fp16-mixed the
+    gradient scaler unscales first and skips a step whose gradients overflowed; otherwise
+    ``scaler`` is disabled and passes everything through."""
+    scaler.unscale_(optimizer)
+    accelerator.clip_grad_norm_(params, max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def check_finite(value, step: int, where: Path, what: str = "training loss") -> None:
     """Stop with a clear error when ``value`` (a scalar or any tensor) holds NaN or inf."""
     import torch
@@ -123,23 +156,171 @@ def check_finite(value, step: int, where: Path, what: str = "training loss") -> 
         )
 
 
-def load_trainable(path: str, dtype: str, device, trust_remote_code: bool, model_cls=None, **kwargs):
-    """The starting model and tokenizer of a training loop, on the CPU (accelerate moves it),
-    in the dtype that ``dtype`` (a stage's setting) resolves to on ``device``."""
+# -- precision --------------------------------------------------------------------------------
+
+#: The ``dtype`` setting of every training stage (``OptimizerConfig.dtype``).
+PRECISIONS = ("auto", "float32", "bf16-mixed", "bfloat16", "fp16-mixed")
+#: Set to 1 to train in bfloat16 on hardware without native bfloat16 (slow, but allowed).
+FORCE_ENV = "CAI_ALLOW_SLOW_DTYPE"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a training loop stores and computes, resolved from a stage's ``dtype`` setting.
+
+    * ``weights``: the trained weights' dtype, and so AdamW's state's: float32 (master
+      weights) except in pure ``bfloat16``;
+    * ``compute``: the autocast dtype of forward and backward passes (None: no autocast);
+    * ``frozen``: weights that are never updated (LoRA's base model, the PM in rl);
+    * ``saved``: the saved model's dtype (bfloat16 for a bf16 run).
+    """
+
+    name: str  # float32 | bf16-mixed | bfloat16 | fp16-mixed
+    device_type: str  # cpu | cuda | ...
+
+    @property
+    def weights(self) -> str:
+        return "bfloat16" if self.name == "bfloat16" else "float32"
+
+    @property
+    def compute(self) -> str | None:
+        return {"bf16-mixed": "bfloat16", "fp16-mixed": "float16"}.get(self.name)
+
+    @property
+    def frozen(self) -> str:
+        return self.compute or self.weights
+
+    @property
+    def saved(self) -> str:
+        return self.compute or self.weights
+
+    def autocast(self):
+        """The forward/backward context: torch autocast in ``compute``, or nothing."""
+        import torch
+
+        if self.compute is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=getattr(torch, self.compute))
+
+    def grad_scaler(self):
+        """A gradient scaler, enabled for fp16-mixed only (float16 gradients underflow)."""
+        import torch
+
+        return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16-mixed")
+
+
+def resolve_precision(setting: str, device, field: str, log=print) -> Precision:
+    """The :class:`Precision` of a stage's ``dtype`` setting (``field`` names it) on ``device``.
+
+    'auto' is bf16-mixed where the hardware computes bfloat16 natively
+    (:func:`cai.hardware.bf16_fast`) and float32 elsewhere. bfloat16 chosen explicitly on
+    a CPU or GPU without it is refused, unless ``CAI_ALLOW_SLOW_DTYPE=1``; pure bfloat16
+    is allowed with a warning, since most small AdamW updates round away in it.
+    """
+    from cai.hardware import bf16_fast, describe_cpu
+
+    kind = getattr(device, "type", None) or str(device).split(":")[0]
+    fast = bf16_fast(device)
+    name = ("bf16-mixed" if fast else "float32") if setting == "auto" else setting
+    if name not in PRECISIONS[1:]:
+        raise CaiError(f"config field '{field}' must be one of {', '.join(PRECISIONS)}; got {setting!r}")
+    if name in ("bf16-mixed", "bfloat16") and not fast and kind in ("cpu", "cuda") \
+            and os.environ.get(FORCE_ENV, "") not in ("1", "true", "yes"):
+        where, slow = (
+            (f"this CPU has no native bfloat16 ({describe_cpu()})", "about 400x slower than in float32")
+            if kind == "cpu" else
+            ("this GPU has no native bfloat16 (compute capability below 8.0)", "emulated, slower than float16")
+        )
+        raise CaiError(
+            f"config field '{field}={setting}': {where}, so training would run {slow}; use {field}=auto "
+            f"(float32 here{'' if kind == 'cpu' else ' or fp16-mixed'}) or set {FORCE_ENV}=1 to force it"
+        )
+    if name == "bfloat16":
+        log(f"warning: {field}=bfloat16 trains pure bfloat16 weights: AdamW updates smaller than about 1/256 of a "
+            "weight round away (at a learning rate near 1e-6 most of them do); bf16-mixed keeps float32 master weights")
+    return Precision(name, kind)
+
+
+# -- the starting model, LoRA, the reference ---------------------------------------------------
+
+#: Names a sequence classifier's head goes by (the PM's score head is trained in full).
+HEAD_NAMES = ("score", "classifier")
+
+
+def load_trainable(path: str, tc, device, trust_remote_code: bool, model_cls, stage: str, log=print, **kwargs):
+    """The starting model of a training loop (on the CPU: accelerate moves it), its tokenizer
+    and the run's :class:`Precision` (from ``tc.dtype``; ``tc`` is the stage's config).
+
+    Full fine-tuning loads the weights in ``Precision.weights`` (float32 masters unless pure
+    bfloat16). LoRA (``tc.method == 'lora'``) loads the frozen base in the compute dtype and
+    trains float32 adapters on it (:func:`add_lora`). ``tc.gradient_checkpointing``
+    recomputes activations in the backward pass instead of keeping them.
+    """
     from cai.models import load_model_and_tokenizer
 
+    prec = resolve_precision(tc.dtype, device, f"{stage}.dtype", log)
     model, tok, _ = load_model_and_tokenizer(
-        path, device="cpu", dtype=train_dtype(dtype, device), trust_remote_code=trust_remote_code,
-        model_cls=model_cls, **kwargs,
+        path, device="cpu", dtype=prec.frozen if tc.method == "lora" else prec.weights,
+        trust_remote_code=trust_remote_code, model_cls=model_cls, **kwargs,
     )
-    return model, tok
+    if tc.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tc.method == "lora":
+        model = add_lora(model, tc, stage, prec)
+    return model, tok, prec
 
 
-def train_dtype(setting: str, device) -> str:
-    """'auto' is float32 on CPU (no fast bf16 there) and bfloat16 on accelerators."""
-    if setting != "auto":
-        return setting
-    return "float32" if getattr(device, "type", str(device)) == "cpu" else "bfloat16"
+def linear_names(model) -> set[str]:
+    """The last name part of every linear layer (what LoRA's ``target_modules`` match)."""
+    import torch
+
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
+
+
+def add_lora(model, tc, stage: str, prec: Precision):
+    """``model`` with peft LoRA adapters (``tc.lora_*``) on ``tc.lora_target_modules``;
+    a sequence classifier (the PM) also trains its whole score head (``modules_to_save``).
+    The trained weights are kept in ``prec.weights`` (float32 masters)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(tc.lora_target_modules)
+    if targets != ["all-linear"]:
+        have = linear_names(model)
+        missing = [t for t in targets if t not in have]
+        if missing:
+            raise CaiError(
+                f"config field '{stage}.lora_target_modules': this model has no module named {', '.join(missing)}; "
+                f"its linear layers are {', '.join(sorted(have))} (or use all-linear)"
+            )
+    classifier = "ForSequenceClassification" in type(model).__name__
+    heads = [h for h in HEAD_NAMES if any(n.rsplit(".", 1)[-1] == h for n, _ in model.named_modules())]
+    model = get_peft_model(model, LoraConfig(
+        r=tc.lora_r, lora_alpha=tc.lora_alpha, lora_dropout=tc.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type="SEQ_CLS" if classifier else "CAUSAL_LM", modules_to_save=heads[:1] if classifier else None,
+    ))
+    keep = getattr(torch, prec.weights)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != keep:
+            p.data = p.data.to(keep)
+    return model
+
+
+def is_lora(model) -> bool:
+    """Whether ``model`` is a peft model (LoRA adapters on a frozen base)."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def adapters_off(model):
+    """The frozen reference of a LoRA policy: ``with adapters_off(policy):`` runs the same
+    model with its adapters switched off (peft's ``disable_adapter``), which is exactly
+    the starting model, so no second copy is kept. A no-op for a model without adapters."""
+    return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
 
 
 def warmup_lr(base: float, warmup_steps: int, step: int) -> float:
@@ -161,15 +342,41 @@ def sequence_logprobs(logits, labels):
     return -nll.view(labels.shape).sum(-1)
 
 
-def save_checkpoint(folder: Path, model, optimizer, step: int, extra: dict) -> None:
-    """Save weights, optimizer and step atomically (a temp folder renamed into place)."""
+def trainable_weights(model) -> dict:
+    """The weights an optimizer updates, by name (everything in full fine-tuning; the
+    adapters and the PM's score head with LoRA)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(folder: Path, model, optimizer, step: int, extra: dict, scaler=None) -> None:
+    """Save the trained weights, the optimizer state and the loop's state, atomically (a temp
+    folder renamed into place). Nothing is pickled, so loading a checkpoint runs no code:
+
+    * ``weights.safetensors``: :func:`trainable_weights` (float32 masters in a mixed run);
+    * ``optimizer.safetensors``: AdamW's state tensors, keyed ``<param index>.<name>``;
+    * ``trainer_state.json``: the step, the optimizer's param groups and non-tensor state,
+      the fp16 gradient scaler's state and ``extra`` (plain JSON values).
+    """
     import torch
+    from safetensors.torch import save_file
 
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, **extra}, tmp / "trainer_state.pt")
+    save_file({n: p.detach().cpu().contiguous() for n, p in trainable_weights(model).items()},
+              str(tmp / "weights.safetensors"))
+    opt = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in opt["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    state = {"step": step, "param_groups": opt["param_groups"], "optimizer_scalars": scalars,
+             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None, **extra}
+    (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -178,42 +385,52 @@ def save_checkpoint(folder: Path, model, optimizer, step: int, extra: dict) -> N
     shutil.rmtree(old, ignore_errors=True)
 
 
-def resume(folder: Path, model, optimizer, total_steps: int, log, stage: str) -> tuple[int, dict | None]:
+def resume(folder: Path, model, optimizer, total_steps: int, log, stage: str, scaler=None) -> tuple[int, dict | None]:
     """Where a loop starts: ``(0, None)``, or the step and trainer state of the checkpoint an
-    interrupted run of the same configuration left in ``folder`` (weights and optimizer
-    state loaded into ``model`` and ``optimizer``)."""
-    state = load_checkpoint(folder, model, optimizer, total_steps) if folder.exists() else None
+    interrupted run of the same configuration left in ``folder`` (weights, optimizer and
+    gradient scaler state loaded into ``model``, ``optimizer`` and ``scaler``)."""
+    state = load_checkpoint(folder, model, optimizer, total_steps, scaler) if folder.exists() else None
     if state is None:
         return 0, None
     log(f"[{stage}] resuming from checkpoint at step {state['step']}/{total_steps}")
     return state["step"], state
 
 
-def load_checkpoint(folder: Path, model, optimizer, total_steps: int | None = None) -> dict | None:
+def load_checkpoint(folder: Path, model, optimizer, total_steps: int | None = None, scaler=None) -> dict | None:
     """The trainer state of a checkpoint, with its weights and optimizer state loaded.
 
-    None, touching nothing, when there is no checkpoint, when it was made for another
-    number of steps (the config changed), or when its weights do not fit the model:
+    None, touching nothing, when there is no checkpoint of this format (an older one's
+    pickled ``trainer_state.pt`` is never opened), when it was made for another number of
+    steps (the config changed), or when its weights do not fit the model's trained ones:
     then training starts over rather than mixing weights.
     """
     import torch
     from safetensors.torch import load_file
 
-    state_file = folder / "trainer_state.pt"
-    if not state_file.is_file():
+    files = [folder / f for f in ("trainer_state.json", "weights.safetensors", "optimizer.safetensors")]
+    if not all(f.is_file() for f in files):
         return None
-    trainer = torch.load(state_file, weights_only=False)
+    try:
+        trainer = json.loads(files[0].read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
     if total_steps is not None and trainer.get("total_steps") != total_steps:
         return None
-    state = {}
-    for w in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(str(w)))
-    own = set(model.state_dict())
-    missing = [k for k in own - set(state) if "lm_head" not in k]  # tied to the embeddings
-    if missing or set(state) - own:
+    saved, own = load_file(str(files[1])), trainable_weights(model)
+    if set(saved) != set(own) or any(saved[n].shape != p.shape for n, p in own.items()):
         return None
-    model.load_state_dict(state, strict=False)
-    optimizer.load_state_dict(trainer["optimizer"])
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(saved[n])
+    state: dict[int, dict] = {}
+    for key, value in [*load_file(str(files[2])).items(), *trainer.pop("optimizer_scalars").items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in trainer.pop("param_groups")]  # JSON made AdamW's betas a list
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    if scaler is not None and trainer.get("scaler"):
+        scaler.load_state_dict(trainer["scaler"])
     return trainer
 
 
@@ -244,15 +461,27 @@ def answer_logprobs(model, batch: dict, entropy: bool = False):
     return logp, float(ent.sum()), int(mask.sum())
 
 
-def save_trained_model(out: Path, model, tok, stage: str, base: str, config, seed: int) -> None:
-    """``save_pretrained`` weights and tokenizer into ``out``, plus ``cai_training.json``
-    (the stage, its starting model and resolved config), so the artifact says how it was made."""
+def save_trained_model(folder: Path, model, tok, stage: str, base: str, config, seed: int, prec: Precision) -> None:
+    """The trained model as ``folder/model`` (``save_pretrained`` weights in ``prec.saved``:
+    bfloat16 for a bf16 run, plus the tokenizer and ``cai_training.json``: the stage, its
+    starting model, resolved config and precision, so the artifact says how it was made).
+    A LoRA model also saves its adapter alone in ``folder/adapter`` and is merged first.
+    Call it last: the model is merged and cast in place."""
     import dataclasses
 
-    from cai.io import write_json
+    import torch
 
+    from cai.io import write_json
+    from cai.stage import MODEL
+
+    if is_lora(model):
+        model.save_pretrained(folder / "adapter")
+        model = model.merge_and_unload()
+    model.to(getattr(torch, prec.saved))
+    out = folder / MODEL
     model.save_pretrained(out)
     tok.save_pretrained(out)
     write_json(out / "cai_training.json", {
         "stage": stage, "base_model": base, "config": dataclasses.asdict(config), "seed": seed,
+        "precision": prec.name,
     })

@@ -21,16 +21,19 @@ pair. ``dpo.soft_labels=false`` gives plain DPO, ``-log sigmoid(beta h)``;
 trains on the critique_revision stage's pairs (revision over first answer, p = 1).
 
 **Reference log-probabilities** are computed once, before training, with the starting
-weights (which *are* the reference), so no second model is kept in memory; they travel in
-the checkpoint, so a resumed run does not need the reference again. It also means the
+weights (which *are* the reference; with ``dpo.method=lora``, the same model with its
+adapters switched off), so no second model is kept in memory; they travel in the
+checkpoint, so a resumed run does not need the reference again. It also means the
 held-out numbers *before* training are exact without a forward pass: h = 0 for every
 pair (loss log 2, accuracy 0, margin 0).
 
 The loop is the same accelerate loop as ``sft``: each process takes its share of every
 batch of pairs, and its loss is scaled so that the averaged gradient is that of the
-mean over the whole batch (identical to one process up to float summation order).
+mean over the whole batch (identical to one process up to float summation order; a
+process left without a pair in a small last batch runs one with weight 0).
 
-Outputs in ``dpo/``: ``model/`` (``save_pretrained`` + ``cai_training.json``),
+Outputs in ``dpo/``: ``model/`` (``save_pretrained`` + ``cai_training.json``; merged
+with LoRA, whose adapter is also in ``adapter/``),
 ``metrics.json`` (loss per step; held-out loss, reward accuracy and margins before and
 after), ``loss.png``.
 """
@@ -45,14 +48,17 @@ import time
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_json
 from cai.plots import plot_curve
-from cai.stage import MODEL, SL_CAI, Cost, PlanInputs, StageContext, StageSpec, split_file
+from cai.stage import SL_CAI, Cost, PlanInputs, StageContext, StageSpec, split_file
 from cai.training import (
+    adapters_off,
     answer_logprobs,
     check_finite,
     encode_chat,
     load_trainable,
     optimizer_and_batches,
+    optimizer_step,
     pad_batch,
+    process_share,
     resume,
     save_checkpoint,
     save_trained_model,
@@ -100,13 +106,14 @@ def pair_logprobs(model, pairs: list[dict], pad_id, device):
     return lp[: len(pairs)], lp[len(pairs):]
 
 
-def reference_logprobs(model, pairs: list[dict], indices: list[int], pad_id, device, batch_size: int) -> dict:
-    """{pair index: (log pi(c), log pi(r))} under the current (= reference) weights."""
+def reference_logprobs(model, pairs: list[dict], indices: list[int], pad_id, device, batch_size: int, prec) -> dict:
+    """{pair index: (log pi(c), log pi(r))} under the reference: the starting weights, with
+    any LoRA adapters switched off."""
     import torch
 
     out = {}
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), prec.autocast(), adapters_off(model):
         for i in range(0, len(indices), batch_size):
             idx = indices[i:i + batch_size]
             c, r = pair_logprobs(model, [pairs[j] for j in idx], pad_id, device)
@@ -115,11 +122,11 @@ def reference_logprobs(model, pairs: list[dict], indices: list[int], pad_id, dev
     return out
 
 
-def shared_reference(model, pairs, indices, pad_id, device, batch_size, rank: int, world: int) -> dict:
+def shared_reference(model, pairs, indices, pad_id, device, batch_size, rank: int, world: int, prec) -> dict:
     """Reference log-probs of ``indices``: each process computes its share, all get all."""
     from accelerate.utils import gather_object
 
-    mine = reference_logprobs(model, pairs, indices[rank::world], pad_id, device, batch_size)
+    mine = reference_logprobs(model, pairs, indices[rank::world], pad_id, device, batch_size, prec)
     return dict(gather_object(list(mine.items())) if world > 1 else mine.items())
 
 
@@ -138,14 +145,14 @@ def pair_metrics(h: list[float], p: list[float], beta: float, soft: bool) -> dic
     }
 
 
-def evaluate(model, pairs, ref: dict, pad_id, device, batch_size, rank, world, beta, soft) -> dict:
+def evaluate(model, pairs, ref: dict, pad_id, device, batch_size, rank, world, beta, soft, prec) -> dict:
     """Held-out metrics; each process scores its share of the pairs."""
     import torch
     from accelerate.utils import gather_object
 
     rows = []
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), prec.autocast():
         idx = list(range(len(pairs)))[rank::world]
         for i in range(0, len(idx), batch_size):
             part = idx[i:i + batch_size]
@@ -167,13 +174,15 @@ def run(ctx: StageContext) -> dict:
     source = ctx.stage_dir("feedback") / "prefs" if dc.data == "feedback" else ctx.stage_dir("critique_revision") / "prefs"
     accelerator = Accelerator(cpu=cfg.engine.device == "cpu")
     base = resolve_model(ctx.model_path(dc.policy), cfg.engine.revision, progress=ctx.log)
-    model, tok = load_trainable(base, dc.dtype, accelerator.device, cfg.engine.trust_remote_code, AutoModelForCausalLM)
+    model, tok, prec = load_trainable(base, dc, accelerator.device, cfg.engine.trust_remote_code,
+                                      AutoModelForCausalLM, "dpo", ctx.log)
     train, dropped = load_pairs(tok, split_file(source, "train"), dc.max_length, dc.min_confidence)
     test, _ = load_pairs(tok, split_file(source, "test"), dc.max_length, dc.min_confidence)
     ctx.record_input("train_pairs", split_file(source, "train"))
     if not train:
         raise CaiError(f"{split_file(source, 'train')}: no pairs to train on (dropped: {dropped}; lower dpo.min_confidence?)")
     model, optimizer, params, batches = optimizer_and_batches(accelerator, model, dc, len(train), cfg.seed)
+    scaler = prec.grad_scaler()
     plain = accelerator.unwrap_model(model)
     micro = max(1, dc.batch_size // dc.grad_accum)
     total_steps = len(batches)
@@ -181,14 +190,14 @@ def run(ctx: StageContext) -> dict:
     pad_id, device = tok.pad_token_id, accelerator.device
 
     ckpt = ctx.out / "checkpoint"
-    start, state = resume(ckpt, plain, optimizer, total_steps, ctx.log, "dpo")
+    start, state = resume(ckpt, plain, optimizer, total_steps, ctx.log, "dpo", scaler)
     history = state["history"] if state else []
-    if state is not None:
-        ref = state["ref"]
+    if state is not None:  # JSON made the pair indices strings and the pairs lists
+        ref = {split: {int(i): tuple(lp) for i, lp in rows.items()} for split, rows in state["ref"].items()}
     else:
         used = sorted({i for b in batches for i in b})
-        ref = {"train": shared_reference(plain, train, used, pad_id, device, micro, rank, world),
-               "test": shared_reference(plain, test, list(range(len(test))), pad_id, device, micro, rank, world)}
+        ref = {"train": shared_reference(plain, train, used, pad_id, device, micro, rank, world, prec),
+               "test": shared_reference(plain, test, list(range(len(test))), pad_id, device, micro, rank, world, prec)}
     # The policy starts at the reference: h = 0 for every held-out pair (see the docstring).
     before = pair_metrics([0.0] * len(test), [x["p"] for x in test], dc.beta, dc.soft_labels)
 
@@ -198,16 +207,17 @@ def run(ctx: StageContext) -> dict:
         for step in range(start, total_steps):
             for g in optimizer.param_groups:
                 g["lr"] = warmup_lr(dc.learning_rate, dc.warmup_steps, step)
-            mine = batches[step][rank::world]
+            mine, weight = process_share(batches[step], rank, world)
             # sum over my pairs / whole batch * world: the processes' averaged gradient is
             # exactly the gradient of the batch mean.
-            scale = world / len(batches[step])
+            scale = weight * world / len(batches[step])
             stats = torch.zeros(3)  # loss, correct, margin (sums over my pairs)
             for m in range(0, len(mine), micro):
                 idx = mine[m:m + micro]
                 sync = contextlib.nullcontext() if m + micro >= len(mine) else accelerator.no_sync(model)
                 with sync:
-                    c, r = pair_logprobs(model, [train[i] for i in idx], pad_id, device)
+                    with prec.autocast():
+                        c, r = pair_logprobs(model, [train[i] for i in idx], pad_id, device)
                     rc = torch.tensor([ref["train"][i][0] for i in idx], device=device)
                     rr = torch.tensor([ref["train"][i][1] for i in idx], device=device)
                     h = (c - rc) - (r - rr)
@@ -215,11 +225,10 @@ def run(ctx: StageContext) -> dict:
                     per_pair = dpo_loss(h, p, dc.beta, dc.soft_labels)
                     loss = per_pair.sum() * scale
                     check_finite(loss, step, ckpt)
-                    accelerator.backward(loss)
-                stats += torch.tensor([float(per_pair.detach().sum()), float((h > 0).sum()), float(dc.beta * h.detach().sum())])
-            accelerator.clip_grad_norm_(params, dc.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                    accelerator.backward(scaler.scale(loss))
+                stats += weight * torch.tensor([float(per_pair.detach().sum()), float((h > 0).sum()),
+                                                float(dc.beta * h.detach().sum())])
+            optimizer_step(accelerator, optimizer, scaler, params, dc.max_grad_norm)
             if world > 1:
                 stats = accelerator.reduce(stats.to(device), "sum").cpu()
             n = len(batches[step])
@@ -227,9 +236,10 @@ def run(ctx: StageContext) -> dict:
             update(1)
             done = step + 1
             if accelerator.is_main_process and done % dc.checkpoint_every == 0 and done < total_steps:
-                save_checkpoint(ckpt, plain, optimizer, done, {"history": history, "total_steps": total_steps, "ref": ref})
+                save_checkpoint(ckpt, plain, optimizer, done, {"history": history, "total_steps": total_steps, "ref": ref},
+                                scaler)
     seconds = time.time() - t0
-    after = evaluate(plain, test, ref["test"], pad_id, device, micro, rank, world, dc.beta, dc.soft_labels)
+    after = evaluate(plain, test, ref["test"], pad_id, device, micro, rank, world, dc.beta, dc.soft_labels, prec)
     accelerator.wait_for_everyone()
     counts = {
         "train_pairs": len(train), "test_pairs": len(test), "dropped_pairs": sum(dropped.values()),
@@ -239,7 +249,7 @@ def run(ctx: StageContext) -> dict:
         "test_reward_accuracy": after.get("reward_accuracy"), "test_margin": after.get("margin"),
     }
     if accelerator.is_main_process:
-        save_trained_model(ctx.out / MODEL, plain, tok, "dpo", base, dc, cfg.seed)
+        save_trained_model(ctx.out, plain, tok, "dpo", base, dc, cfg.seed, prec)
         write_json(ctx.out / "metrics.json", {
             "history": [{"step": s, "loss": l, "reward_accuracy": a, "margin": mg} for s, l, a, mg in history],
             "dropped": dropped, "test_before": before, "test_after": after, **counts,

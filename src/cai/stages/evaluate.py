@@ -557,6 +557,8 @@ def run(ctx: StageContext) -> dict:
             answers[s].setdefault(name, []).append(text)
             rows.append({"model": name, "set": s, "id": p.id, "category": p.category, "prompt": p.messages,
                          "answer": text})
+        del engine
+        ctx.release_engine(model)  # one model in memory at a time: the next one (or the judge) loads after
 
     judge_model = ev.judge or cfg.engine.model
     judge = ctx.engine(judge_model)
@@ -577,6 +579,8 @@ def run(ctx: StageContext) -> dict:
         elo[dimension]["position_consistency"] = _mean(float(a) for a in agree)
     judge_answers(judge, rows, ctx.progress)
     measure_quality(rows)
+    del judge
+    ctx.release_engine(judge_model)  # the PM loads into the room the judge leaves
     pm_used = score_with_pm(ctx, rows)
     revision_counts = pm_by_revision(ctx)
 

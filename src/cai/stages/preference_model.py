@@ -8,11 +8,13 @@ gives plain Bradley-Terry). TRL's RewardTrainer and OpenRLHF take hard labels on
 paper found soft labels better.
 
 The loop is the same short accelerate loop as ``sft`` (so ``accelerate launch`` runs it
-in several processes, each taking its share of every batch): both answers of a pair go
-through the model in one padded batch.
+in several processes, each taking its share of every batch, weighted so that the step is
+the whole batch's mean): both answers of a pair go through the model in one padded batch.
+With ``preference_model.method=lora`` the body gets LoRA adapters and the score head is
+trained in full (peft's ``modules_to_save``).
 
 Outputs in ``preference_model/``: ``model/`` (``save_pretrained``, plus
-``cai_training.json``), ``metrics.json`` (loss per step; held-out accuracy, ECE and loss
+``cai_training.json``; merged with LoRA, whose adapter is also in ``adapter/``), ``metrics.json`` (loss per step; held-out accuracy, ECE and loss
 before and after training, per source), ``test_scores.jsonl`` (every held-out pair's
 rewards), ``loss.png``, ``calibration.png`` (reliability diagram) and ``scores.png``
 (reward distribution of chosen and rejected answers).
@@ -28,11 +30,13 @@ from cai.errors import CaiError
 from cai.io import read_jsonl, write_json, write_jsonl
 from cai.plots import plot_calibration, plot_curve, plot_scores
 from cai.reward import encode_answer, pair_metrics, preference_loss, prepare_for_scoring, rewards, sigmoid
-from cai.stage import MODEL, SL_CAI, Cost, PlanInputs, StageContext, StageSpec, split_file
+from cai.stage import SL_CAI, Cost, PlanInputs, StageContext, StageSpec, split_file
 from cai.training import (
     check_finite,
     load_trainable,
     optimizer_and_batches,
+    optimizer_step,
+    process_share,
     resume,
     save_checkpoint,
     save_trained_model,
@@ -62,14 +66,14 @@ def pair_deltas(model, pairs: list[dict], pad_id, device):
     return r[: len(pairs)], r[len(pairs):]
 
 
-def evaluate(model, pairs, pad_id, device, batch_size: int) -> tuple[dict, list[tuple[float, float]]]:
+def evaluate(model, pairs, pad_id, device, batch_size: int, prec) -> tuple[dict, list[tuple[float, float]]]:
     import torch
 
     if not pairs:
         return {"pairs": 0}, []
     scores = []
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), prec.autocast():
         for i in range(0, len(pairs), batch_size):
             rc, rr = pair_deltas(model, pairs[i:i + batch_size], pad_id, device)
             scores += list(zip(rc.tolist(), rr.tolist()))
@@ -95,8 +99,8 @@ def run(ctx: StageContext) -> dict:
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "score.weight newly initialized" is the point here
     try:
-        model, tok = load_trainable(base, pc.dtype, accelerator.device, cfg.engine.trust_remote_code,
-                                    AutoModelForSequenceClassification, num_labels=1)
+        model, tok, prec = load_trainable(base, pc, accelerator.device, cfg.engine.trust_remote_code,
+                                          AutoModelForSequenceClassification, "preference_model", ctx.log, num_labels=1)
     finally:
         transformers.logging.set_verbosity(verbosity)
     prepare_for_scoring(model, tok)
@@ -105,15 +109,16 @@ def run(ctx: StageContext) -> dict:
     if not train:
         raise CaiError(f"{split_file(data_dir, 'train')}: no comparisons to train on (did the feedback stage label any?)")
     model, optimizer, params, batches = optimizer_and_batches(accelerator, model, pc, len(train), cfg.seed)
+    scaler = prec.grad_scaler()
     micro = max(1, pc.batch_size // pc.grad_accum)
     total_steps = len(batches)
     rank, world = accelerator.process_index, accelerator.num_processes
     pad_id, device = tok.pad_token_id, accelerator.device
 
     ckpt = ctx.out / "checkpoint"
-    start, state = resume(ckpt, accelerator.unwrap_model(model), optimizer, total_steps, ctx.log, "preference_model")
+    start, state = resume(ckpt, accelerator.unwrap_model(model), optimizer, total_steps, ctx.log, "preference_model", scaler)
     history = state["history"] if state else []
-    before = state.get("before") if state else evaluate(model, test, pad_id, device, micro)[0]
+    before = state.get("before") if state else evaluate(model, test, pad_id, device, micro, prec)[0]
 
     t0 = time.time()
     with ctx.progress(total_steps, "training", unit="step") as update:
@@ -121,29 +126,31 @@ def run(ctx: StageContext) -> dict:
         for step in range(start, total_steps):
             for g in optimizer.param_groups:
                 g["lr"] = warmup_lr(pc.learning_rate, pc.warmup_steps, step)
-            mine = batches[step][rank::world]
-            step_loss = 0.0
+            mine, weight = process_share(batches[step], rank, world)
+            step_loss = torch.zeros((), dtype=torch.float64)
             for m in range(0, len(mine), micro):
                 chunk = [train[i] for i in mine[m:m + micro]]
                 sync = contextlib.nullcontext() if m + micro >= len(mine) else accelerator.no_sync(model)
                 with sync:
-                    rc, rr = pair_deltas(model, chunk, pad_id, device)
+                    with prec.autocast():
+                        rc, rr = pair_deltas(model, chunk, pad_id, device)
                     p = torch.tensor([x["p"] for x in chunk], device=device)
-                    loss = preference_loss(rc - rr, p, pc.loss) * (len(chunk) / len(mine))
+                    # its part of the whole batch's mean loss
+                    loss = preference_loss(rc - rr, p, pc.loss) * (weight * len(chunk) / len(batches[step]))
                     check_finite(loss, step, ckpt)
-                    accelerator.backward(loss)
+                    accelerator.backward(scaler.scale(loss * world))  # DDP averages over the processes
                 step_loss += float(loss.detach())
-            accelerator.clip_grad_norm_(params, pc.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            history.append([step + 1, step_loss])
+            optimizer_step(accelerator, optimizer, scaler, params, pc.max_grad_norm)
+            if world > 1:
+                step_loss = accelerator.reduce(step_loss.to(device), "sum").cpu()
+            history.append([step + 1, float(step_loss)])
             update(1)
             done = step + 1
             if accelerator.is_main_process and done % pc.checkpoint_every == 0 and done < total_steps:
                 save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, done,
-                                {"history": history, "total_steps": total_steps, "before": before})
+                                {"history": history, "total_steps": total_steps, "before": before}, scaler)
     seconds = time.time() - t0
-    after, scores = evaluate(model, test, pad_id, device, micro)
+    after, scores = evaluate(model, test, pad_id, device, micro, prec)
     accelerator.wait_for_everyone()
     counts = {
         "train_pairs": len(train), "test_pairs": len(test), "steps": total_steps, "loss": pc.loss,
@@ -153,7 +160,7 @@ def run(ctx: StageContext) -> dict:
         "test_ece_before": before.get("ece"), "test_ece": after.get("ece"),
     }
     if accelerator.is_main_process:
-        save_trained_model(ctx.out / MODEL, accelerator.unwrap_model(model), tok, "preference_model", base, pc, cfg.seed)
+        save_trained_model(ctx.out, accelerator.unwrap_model(model), tok, "preference_model", base, pc, cfg.seed, prec)
         write_json(ctx.out / "metrics.json", {
             "loss_history": history, "test_before": before, "test_after": after, **counts,
         })

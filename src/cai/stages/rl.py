@@ -24,7 +24,20 @@ Each step:
 4. **Loss.** ``-mean_i A_i * sum_t log pi(y_t)``: the REINFORCE estimator with the
    sequence's *summed* log-probability (not length-normalised: that would favour long
    answers with a positive advantage), averaged over the step's sequences. The
-   reference is a frozen copy of the starting policy, in eval mode.
+   reference is a frozen copy of the starting policy, in eval mode; with
+   ``rl.method=lora`` it is the policy itself with its adapters switched off (no copy).
+
+**Memory.** ``rl.offload`` moves what a phase does not use to the CPU between the phases
+of a step: the PM waits there except while it scores, the reference copy except while it
+gives its log-probs, so the rollout and the update have the accelerator to the policy.
+``auto`` does it on an accelerator when the models and the policy's training state would
+take over half of its memory, never on a CPU run (there is nothing to move).
+
+**Precision.** ``rl.dtype`` as in every training stage: with bf16-mixed the log-prob
+passes and the update run under a bfloat16 autocast over float32 master weights, the PM
+is held in bfloat16. The rollouts sample with the weights as they are stored (float32
+masters in full fine-tuning; LoRA's bfloat16 base with its adapters): the engine's decode
+loop does not run under autocast.
 
 Log-probabilities of the sampled tokens come from one padded forward pass per model
 (logits kept only over the answers). When a process's sequences fit one
@@ -36,7 +49,8 @@ of the policy on the sampled tokens, loss. Evaluation: the mean PM reward (and t
 the reference) of answers sampled with a fixed seed to ``eval_prompts`` held-out
 red-team test prompts, for the starting policy (before) and the trained one (after).
 
-Outputs in ``rl/``: ``model/`` (``save_pretrained`` + ``cai_training.json``),
+Outputs in ``rl/``: ``model/`` (``save_pretrained`` + ``cai_training.json``; merged with
+LoRA, whose adapter is also in ``adapter/``),
 ``metrics.json``, ``rollouts.jsonl`` (every sampled answer with its score, KL and
 advantage), ``eval_samples.jsonl``, ``reward.png``, ``kl.png``, ``loss.png``.
 """
@@ -56,17 +70,19 @@ from cai.config import RLConfig
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_json, write_jsonl
 from cai.plots import plot_curve
-from cai.stage import MODEL, SL_CAI, Cost, PlanInputs, StageContext, StageSpec, model_dir, prompt_file
+from cai.stage import SL_CAI, Cost, PlanInputs, StageContext, StageSpec, model_dir, prompt_file
 from cai.training import (
     IGNORE,
+    adapters_off,
     answer_logprobs,
     check_finite,
+    is_lora,
     load_trainable,
+    optimizer_step,
     pad_batch,
     resume,
     save_checkpoint,
     save_trained_model,
-    train_dtype,
     warmup_lr,
 )
 
@@ -80,14 +96,17 @@ class Learner:
     rc: RLConfig
     model: Any  # the policy as accelerate prepared it (DDP-wrapped in several processes)
     policy: Any  # the same weights, unwrapped (generation, no-grad passes, saving)
-    ref: Any  # frozen copy of the starting policy
+    ref: Any  # frozen copy of the starting policy; None with LoRA (the policy, adapters off)
     pm: Any  # cai.reward.RewardModel
     engine: Any  # LocalEngine around ``policy``
     optimizer: Any
+    scaler: Any  # the fp16 gradient scaler (disabled in other precisions)
     accelerator: Any
     params: list
     pad_id: int
     ckpt: Path
+    prec: Any  # cai.training.Precision
+    offload: bool  # PM and reference copy wait on the CPU outside their phase
 
     @property
     def micro(self) -> int:
@@ -184,12 +203,12 @@ def rollout(engine, prompts: list[dict], params) -> tuple[list[dict], list[str]]
     return examples, texts
 
 
-def logprobs(model, examples, pad_id, device, micro: int, entropy: bool = False):
+def logprobs(model, examples, pad_id, device, micro: int, prec, entropy: bool = False):
     """Summed answer log-probs (no grad), and with ``entropy`` the summed token entropy and count."""
     import torch
 
     lps, ent, count = [], 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), prec.autocast():
         for i in range(0, len(examples), micro):
             batch = pad_batch(examples[i:i + micro], pad_id, device)
             if entropy:
@@ -200,6 +219,56 @@ def logprobs(model, examples, pad_id, device, micro: int, entropy: bool = False)
             lps.append(lp.float())
     out = torch.cat(lps)
     return (out, ent, count) if entropy else out
+
+
+@contextlib.contextmanager
+def on_device(module, device, offload: bool):
+    """``module`` on ``device`` for the block. With ``offload`` it is moved there on entry and
+    back to the CPU on exit, so it takes accelerator memory only while its phase runs."""
+    if offload:
+        module.to(device)
+    try:
+        yield module
+    finally:
+        if offload:
+            module.to("cpu")
+            if getattr(device, "type", "") == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
+
+
+def reference_logprobs(ln: Learner, examples):
+    """Log-probs of ``examples`` under the frozen reference: the policy with its LoRA
+    adapters switched off, or the reference copy (on the accelerator for the call)."""
+    device = ln.accelerator.device
+    if ln.ref is None:
+        with adapters_off(ln.policy):
+            return logprobs(ln.policy, examples, ln.pad_id, device, ln.micro, ln.prec)
+    with on_device(ln.ref, device, ln.offload):
+        return logprobs(ln.ref, examples, ln.pad_id, device, ln.micro, ln.prec)
+
+
+def pm_scores(ln: Learner, prompts: list, texts: list[str]) -> list[float]:
+    """The PM's scores of answers ``texts`` to ``prompts`` (on the accelerator for the call)."""
+    with on_device(ln.pm.model, ln.accelerator.device, ln.offload):
+        return ln.pm.score_many(prompts, texts, batch_size=ln.micro)
+
+
+def use_offload(setting: str, device, policy, ref, pm_model) -> bool:
+    """``rl.offload``: 'always', 'never', or 'auto': on an accelerator, offload when the
+    weights of the policy, reference copy and PM plus the policy's gradients and AdamW
+    state (float32: 12 bytes per trained weight) exceed half of the device's memory."""
+    import torch
+
+    if setting != "auto":
+        return setting == "always"
+    if getattr(device, "type", str(device)) != "cuda":
+        return False  # a CPU run has nothing to move (other accelerators: not measured, so not guessed)
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters()) if m is not None else 0  # noqa: E731
+    trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    need = size(policy) + size(ref) + size(pm_model) + 12 * trained
+    return need > torch.cuda.get_device_properties(device).total_memory / 2
 
 
 def gather(rows: list, world: int) -> list:
@@ -215,9 +284,9 @@ def evaluate(ln: Learner, prompts: list[dict], params) -> tuple[dict, list[dict]
     rows = []
     if mine:
         examples, texts = rollout(ln.engine, mine, params)
-        scores = ln.pm.score_many([p["messages"] for p in mine], texts, batch_size=ln.micro)
-        kl = (logprobs(ln.policy, examples, ln.pad_id, device, ln.micro)
-              - logprobs(ln.ref, examples, ln.pad_id, device, ln.micro)).tolist()
+        scores = pm_scores(ln, [p["messages"] for p in mine], texts)
+        kl = (logprobs(ln.policy, examples, ln.pad_id, device, ln.micro, ln.prec)
+              - reference_logprobs(ln, examples)).tolist()
         rows = [{"id": p["id"], "prompt": p["prompt"], "answer": t, "reward": s, "kl": k}
                 for p, t, s, k in zip(mine, texts, scores, kl)]
     rows = sorted(gather(rows, world), key=lambda r: r["id"])
@@ -239,13 +308,21 @@ def run(ctx: StageContext) -> dict:
     cfg, rc = ctx.cfg, ctx.cfg.rl
     accelerator = Accelerator(cpu=cfg.engine.device == "cpu")
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    if rc.prompts_per_step < world:
+        raise CaiError(f"config field 'rl.prompts_per_step' is {rc.prompts_per_step} but there are {world} processes; "
+                       f"each needs at least one prompt per step (set it to {world} or more)")
     base = resolve_model(ctx.model_path(rc.policy), cfg.engine.revision, progress=ctx.log)
-    dtype = train_dtype(rc.dtype, device)
-    model, tok = load_trainable(base, rc.dtype, device, cfg.engine.trust_remote_code, AutoModelForCausalLM)
-    ref = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    model, tok, prec = load_trainable(base, rc, device, cfg.engine.trust_remote_code, AutoModelForCausalLM, "rl", ctx.log)
+    # The KL reference: with LoRA the policy itself with its adapters off, else a frozen copy.
+    ref = None if is_lora(model) else copy.deepcopy(model).eval().requires_grad_(False)
     ctx.stage_dir("preference_model")
     pm_dir = model_dir(ctx.run_dir, "preference_model")
-    pm = RewardModel.load(str(pm_dir), device=str(device), dtype=dtype, trust_remote_code=cfg.engine.trust_remote_code)
+    pm = RewardModel.load(str(pm_dir), device="cpu", dtype=prec.frozen, trust_remote_code=cfg.engine.trust_remote_code)
+    pm.device = str(device)  # its inputs go where it scores; on_device moves it there
+    offload = use_offload(rc.offload, device, model, ref, pm.model)
+    for frozen in (ref, pm.model):
+        if frozen is not None and not offload:
+            frozen.to(device)
     prep = ctx.stage_dir("prepare")
     pool = prompt_pool(prep, rc.max_prompts, rc.helpful_ratio, cfg.seed)
     eval_set = read_jsonl(prompt_file(prep, "red_team", "test"))[: rc.eval_prompts]
@@ -255,18 +332,22 @@ def run(ctx: StageContext) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=rc.learning_rate, weight_decay=rc.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
+    scaler = prec.grad_scaler()
     policy = accelerator.unwrap_model(model)
-    # The engine wraps the policy's own modules: optimizer steps update it in place.
-    engine = LocalEngine.for_model(policy, tok, batch_size=cfg.engine.batch_size, name=base)
+    # The engine wraps the policy's own modules (with LoRA: the base model with the adapters
+    # in its layers): optimizer steps update it in place.
+    engine = LocalEngine.for_model(policy.get_base_model() if is_lora(policy) else policy, tok,
+                                   batch_size=cfg.engine.batch_size, name=base)
     ckpt = ctx.out / "checkpoint"
-    ln = Learner(rc, model, policy, ref, pm, engine, optimizer, accelerator, params, tok.pad_token_id, ckpt)
+    ln = Learner(rc, model, policy, ref, pm, engine, optimizer, scaler, accelerator, params, tok.pad_token_id, ckpt,
+                 prec, offload)
     k = rc.samples_per_prompt
 
     def sampling(seed: int, n: int) -> SamplingParams:
         return SamplingParams(n=n, temperature=rc.temperature, top_p=rc.top_p, max_new_tokens=rc.max_new_tokens, seed=seed)
 
     eval_params = sampling(cfg.seed + EVAL_SEED_OFFSET, 1)
-    start, state = resume(ckpt, policy, optimizer, rc.steps, ctx.log, "rl")
+    start, state = resume(ckpt, policy, optimizer, rc.steps, ctx.log, "rl", scaler)
     history, samples = [], []
     if state is not None:
         history, samples, before = state["history"], state["samples"], state["before"]
@@ -291,7 +372,7 @@ def run(ctx: StageContext) -> dict:
             if accelerator.is_main_process and done % rc.checkpoint_every == 0 and done < rc.steps:
                 save_checkpoint(ckpt, policy, optimizer, done, {
                     "history": history, "total_steps": rc.steps, "samples": samples, "before": before,
-                })
+                }, scaler)
     seconds = time.time() - t0
     after, after_rows = evaluate(ln, eval_set, eval_params)
     accelerator.wait_for_everyone()
@@ -302,7 +383,7 @@ def run(ctx: StageContext) -> dict:
         "final_kl": round(history[-1]["kl"], 4) if history else None,
     }
     if accelerator.is_main_process:
-        save_trained_model(ctx.out / MODEL, policy, tok, "rl", base, rc, cfg.seed)
+        save_trained_model(ctx.out, policy, tok, "rl", base, rc, cfg.seed, prec)
         write_json(ctx.out / "metrics.json", {"history": history, "eval_before": before, "eval_after": after, **counts})
         write_jsonl(ctx.out / "rollouts.jsonl", samples)
         write_jsonl(ctx.out / "eval_samples.jsonl", [
@@ -329,17 +410,18 @@ def train_step(ln: Learner, prompts: list[dict], sp, n_total: int, step: int, sa
     k, accelerator, model, micro, pad_id, ckpt = sp.n, ln.accelerator, ln.model, ln.micro, ln.pad_id, ln.ckpt
     world, device = accelerator.num_processes, accelerator.device
     kl_coef, whiten = ln.rc.kl_coef, ln.rc.whiten
-    examples, texts = rollout(ln.engine, prompts, sp)
+    examples, texts = rollout(ln.engine, prompts, sp)  # in the weights' own dtype (see the docstring)
     n = len(examples)
-    scores = torch.tensor(ln.pm.score_many([p["messages"] for p in prompts for _ in range(k)], texts, batch_size=micro))
+    scores = torch.tensor(pm_scores(ln, [p["messages"] for p in prompts for _ in range(k)], texts))
     check_finite(scores, step, ckpt, what="PM reward")
-    ref_lp = logprobs(ln.ref, examples, pad_id, device, micro).cpu()
+    ref_lp = reference_logprobs(ln, examples).cpu()
     one_pass = n <= micro
     if one_pass:  # the update reuses this forward pass's graph
-        lp_graph, ent, count = answer_logprobs(model, pad_batch(examples, pad_id, device), entropy=True)
+        with ln.prec.autocast():
+            lp_graph, ent, count = answer_logprobs(model, pad_batch(examples, pad_id, device), entropy=True)
         lp = lp_graph.detach().float().cpu()
     else:
-        lp, ent, count = logprobs(ln.policy, examples, pad_id, device, micro, entropy=True)
+        lp, ent, count = logprobs(ln.policy, examples, pad_id, device, micro, ln.prec, entropy=True)
         lp = lp.cpu()
     kl = lp - ref_lp
     raw = scores - kl_coef * kl
@@ -354,14 +436,13 @@ def train_step(ln: Learner, prompts: list[dict], sp, n_total: int, step: int, sa
             if one_pass:
                 lp_m = lp_graph
             else:
-                lp_m = answer_logprobs(model, pad_batch(examples[m:m + micro], pad_id, device))
+                with ln.prec.autocast():
+                    lp_m = answer_logprobs(model, pad_batch(examples[m:m + micro], pad_id, device))
             loss = rloo_loss(adv[m:m + micro].to(lp_m.device), lp_m, n_total) * world
             check_finite(loss, step, ckpt)
-            accelerator.backward(loss)
+            accelerator.backward(ln.scaler.scale(loss))
         loss_sum += float(loss.detach()) / world
-    accelerator.clip_grad_norm_(ln.params, ln.rc.max_grad_norm)
-    ln.optimizer.step()
-    ln.optimizer.zero_grad(set_to_none=True)
+    optimizer_step(accelerator, ln.optimizer, ln.scaler, ln.params, ln.rc.max_grad_norm)
     lengths = [sum(1 for x in e["labels"] if x != IGNORE) for e in examples]
     mine = [{"step": step + 1, "id": prompts[i // k]["id"], "set": prompts[i // k]["set"], "answer": texts[i],
              "pm_reward": round(float(scores[i]), 4), "kl": round(float(kl[i]), 4), "advantage": round(float(adv[i]), 4),

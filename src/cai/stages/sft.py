@@ -2,14 +2,20 @@
 
 A short, readable PyTorch loop driven by ``accelerate`` (so ``accelerate launch`` runs it
 in several processes): forward, loss on the final assistant turn only, backward, clip,
-AdamW step. Defaults follow the paper: one epoch at a constant learning rate. LoRA
-(peft) is an option; its adapters are merged into the saved model so later stages load
-an ordinary checkpoint.
+AdamW step. Defaults follow the paper: one epoch at a constant learning rate. The
+precision is ``sft.dtype`` (float32 master weights with a bfloat16 autocast where the
+hardware has bfloat16: see ``cai.training.resolve_precision``). LoRA (peft,
+``sft.method=lora``) is an option; its adapters are merged into the saved model so later
+stages load an ordinary checkpoint.
+
+The loss of a step is the mean over the labelled tokens of the whole batch: each process
+scales its share by its tokens over the batch's, times the process count (DDP averages),
+so one batch gives the same step with any number of processes.
 
 Outputs in ``sft/``: ``model/`` (``save_pretrained``: weights, tokenizer, and
-``cai_training.json`` with the resolved config), ``metrics.json`` (loss per step, held-out
-loss before and after), ``loss.png``. A resumable checkpoint is kept in
-``sft.partial/checkpoint`` while training; a rerun after a crash continues from it.
+``cai_training.json`` with the resolved config), ``adapter/`` with LoRA, ``metrics.json``
+(loss per step, held-out loss before and after), ``loss.png``. A resumable checkpoint is
+kept in ``sft.partial/checkpoint`` while training; a rerun after a crash continues from it.
 """
 
 from __future__ import annotations
@@ -21,14 +27,16 @@ import time
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_json
 from cai.plots import plot_curve
-from cai.stage import MODEL, Cost, PlanInputs, StageContext, StageSpec, split_file
+from cai.stage import Cost, PlanInputs, StageContext, StageSpec, split_file
 from cai.training import (
     IGNORE,
     check_finite,
     encode_chat,
     load_trainable,
     optimizer_and_batches,
+    optimizer_step,
     pad_batch,
+    process_share,
     resume,
     save_checkpoint,
     save_trained_model,
@@ -37,14 +45,14 @@ from cai.training import (
 )
 
 
-def evaluate_loss(model, examples, pad_id, device, batch_size: int) -> float | None:
+def evaluate_loss(model, examples, pad_id, device, batch_size: int, prec) -> float | None:
     import torch
 
     if not examples:
         return None
     total, count = 0.0, 0
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), prec.autocast():
         for i in range(0, len(examples), batch_size):
             batch = pad_batch(examples[i:i + batch_size], pad_id, device)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -79,19 +87,14 @@ def run(ctx: StageContext) -> dict:
     if not sc.model and cfg.engine.kind == "openai":
         raise CaiError("config field 'sft.model' is empty; with engine.kind=openai the policy is remote, so name a local checkpoint to fine-tune")
     base = resolve_model(sc.model or cfg.engine.model, cfg.engine.revision, progress=ctx.log)
-    model, tok = load_trainable(base, sc.dtype, accelerator.device, cfg.engine.trust_remote_code, AutoModelForCausalLM)
+    model, tok, prec = load_trainable(base, sc, accelerator.device, cfg.engine.trust_remote_code,
+                                      AutoModelForCausalLM, "sft", ctx.log)
     train, dropped = load_examples(tok, split_file(data_dir, "train"), sc.max_length)
     test, _ = load_examples(tok, split_file(data_dir, "test"), sc.max_length)
     if not train:
         raise CaiError(f"{split_file(data_dir, 'train')}: no usable SFT examples (is the critique_revision output empty?)")
-    if sc.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(
-            r=sc.lora_r, lora_alpha=sc.lora_alpha, lora_dropout=sc.lora_dropout,
-            target_modules="all-linear", task_type="CAUSAL_LM",
-        ))
     model, optimizer, params, batches = optimizer_and_batches(accelerator, model, sc, len(train), cfg.seed)
+    scaler = prec.grad_scaler()
     micro = max(1, sc.batch_size // sc.grad_accum)
     n_learned = [sum(1 for x in e["labels"][1:] if x != IGNORE) for e in train]
     total_steps = len(batches)
@@ -99,10 +102,10 @@ def run(ctx: StageContext) -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
 
     ckpt = ctx.out / "checkpoint"
-    start, state = resume(ckpt, accelerator.unwrap_model(model), optimizer, total_steps, ctx.log, "sft")
+    start, state = resume(ckpt, accelerator.unwrap_model(model), optimizer, total_steps, ctx.log, "sft", scaler)
     history = state["history"] if state else []
     pad_id = tok.pad_token_id
-    eval_before = state.get("eval_before") if state else evaluate_loss(model, test, pad_id, accelerator.device, micro)
+    eval_before = state.get("eval_before") if state else evaluate_loss(model, test, pad_id, accelerator.device, micro, prec)
 
     tokens_seen, t0 = 0, time.time()
     with ctx.progress(total_steps, "training", unit="step") as update:
@@ -110,34 +113,35 @@ def run(ctx: StageContext) -> dict:
         for step in range(start, total_steps):
             for g in optimizer.param_groups:
                 g["lr"] = warmup_lr(sc.learning_rate, sc.warmup_steps, step)
-            mine = batches[step][rank::world]
-            n_labels = sum(n_learned[i] for i in mine) or 1
-            step_loss = 0.0
+            mine, weight = process_share(batches[step], rank, world)
+            n_labels = sum(n_learned[i] for i in batches[step]) or 1  # the whole batch's, over all processes
+            step_loss = torch.zeros((), dtype=torch.float64)
             for m in range(0, len(mine), micro):
                 chunk = mine[m:m + micro]
                 batch = pad_batch([train[i] for i in chunk], pad_id, accelerator.device)
                 # Sync gradients across processes once per optimizer step, not per micro-batch.
                 sync = contextlib.nullcontext() if m + micro >= len(mine) else accelerator.no_sync(model)
                 with sync:
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    share = sum(n_learned[i] for i in chunk) / n_labels
-                    loss = token_loss(logits, batch["labels"]) * share  # token mean over the step
+                    with prec.autocast():
+                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                        share = weight * sum(n_learned[i] for i in chunk) / n_labels
+                        loss = token_loss(logits, batch["labels"]) * share  # its part of the batch's token mean
                     check_finite(loss, step, ckpt)
-                    accelerator.backward(loss)
+                    accelerator.backward(scaler.scale(loss * world))  # DDP averages over the processes
                 step_loss += float(loss.detach())
-                tokens_seen += sum(len(train[i]["input_ids"]) for i in chunk)
-            accelerator.clip_grad_norm_(params, sc.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            history.append([step + 1, step_loss])
+                tokens_seen += int(weight) * sum(len(train[i]["input_ids"]) for i in chunk)
+            optimizer_step(accelerator, optimizer, scaler, params, sc.max_grad_norm)
+            if world > 1:
+                step_loss = accelerator.reduce(step_loss.to(accelerator.device), "sum").cpu()
+            history.append([step + 1, float(step_loss)])
             update(1)
             done = step + 1
             if accelerator.is_main_process and (done % sc.checkpoint_every == 0) and done < total_steps:
                 save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, done,
-                                {"history": history, "total_steps": total_steps, "eval_before": eval_before})
+                                {"history": history, "total_steps": total_steps, "eval_before": eval_before}, scaler)
     seconds = time.time() - t0
     tokens_seen = int(accelerator.reduce(torch.tensor(tokens_seen, device=accelerator.device), "sum"))
-    eval_after = evaluate_loss(model, test, pad_id, accelerator.device, micro)
+    eval_after = evaluate_loss(model, test, pad_id, accelerator.device, micro, prec)
     accelerator.wait_for_everyone()
     counts = {
         "examples": len(train), "dropped_examples": dropped, "steps": total_steps,
@@ -147,11 +151,7 @@ def run(ctx: StageContext) -> dict:
         "test_loss_after": round(eval_after, 4) if eval_after is not None else None,
     }
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
-        if sc.method == "lora":
-            final.save_pretrained(ctx.out / "adapter")
-            final = final.merge_and_unload()
-        save_trained_model(ctx.out / MODEL, final, tok, "sft", base, sc, cfg.seed)
+        save_trained_model(ctx.out, accelerator.unwrap_model(model), tok, "sft", base, sc, cfg.seed, prec)
         write_json(ctx.out / "metrics.json", {"loss": history, **counts})
         plot_curve(ctx.out / "loss.png", {"train loss": [tuple(h) for h in history]}, "SFT on critique/revision data")
         shutil.rmtree(ckpt, ignore_errors=True)
