@@ -317,7 +317,21 @@ def pm_heldout(run_dir: Path) -> dict | None:
     return {"accuracy": acc, "pairs": n, "ci_low": round(lo, 4), "ci_high": round(hi, 4), "at_chance": lo <= 0.5 <= hi}
 
 
-def pm_by_revision(ctx: StageContext) -> dict:
+def _pm_loader(ctx: StageContext):
+    """Loads the run's preference model once, on first use, for both kinds of PM scores."""
+    held = []
+
+    def get():
+        if not held:
+            from cai.reward import RewardModel
+
+            held.append(RewardModel.load(str(model_dir(ctx.run_dir, "preference_model")), device=ctx.cfg.engine.device))
+        return held[0]
+
+    return get, held.clear
+
+
+def pm_by_revision(ctx: StageContext, load_pm=None) -> dict:
     """The paper's Fig. 5 for this run: the PM score of the SL-CAI chains' answers after
     0..R critique/revision rounds (``evaluate.revision_splits``, at most
     ``revision_max_chains`` per split), and each principle's effect. Writes
@@ -338,9 +352,8 @@ def pm_by_revision(ctx: StageContext) -> dict:
             chains += [{**c, "split": split} for c in read_jsonl(path)[: ev.revision_max_chains]]
     if not chains:
         return {}
-    from cai.reward import RewardModel
-
-    pm = RewardModel.load(str(pm_dir), device=ctx.cfg.engine.device)
+    load_pm, release = load_pm or _pm_loader(ctx)
+    pm = load_pm()
     texts = sum(len(set(texts_after_rounds(c))) for c in chains)
     with ctx.progress(texts, "PM scores of revisions") as update:
         scores = score_chain_texts(pm, chains, progress=update)
@@ -509,13 +522,11 @@ def summarise(names, rows, pm_used: bool) -> dict:
     return out
 
 
-def score_with_pm(ctx: StageContext, rows: list[dict]) -> bool:
+def score_with_pm(ctx: StageContext, rows: list[dict], load_pm=None) -> bool:
     pm_dir = model_dir(ctx.run_dir, "preference_model")
     if not ctx.cfg.evaluate.preference_model or not (pm_dir / "config.json").is_file():
         return False
-    from cai.reward import RewardModel
-
-    pm = RewardModel.load(str(pm_dir), device=ctx.cfg.engine.device)
+    pm = (load_pm or _pm_loader(ctx))[0]()
     todo = [r for r in rows if r["set"] in ("red_team", "helpful")]
     with ctx.progress(len(todo), "PM scores") as update:
         scores = []
@@ -581,8 +592,10 @@ def run(ctx: StageContext) -> dict:
     measure_quality(rows)
     del judge
     ctx.release_engine(judge_model)  # the PM loads into the room the judge leaves
-    pm_used = score_with_pm(ctx, rows)
-    revision_counts = pm_by_revision(ctx)
+    pm = _pm_loader(ctx)  # loaded once, on first use, for the answers' and the revisions' scores
+    pm_used = score_with_pm(ctx, rows, pm)
+    revision_counts = pm_by_revision(ctx, pm)
+    pm[1]()
 
     results = {
         "schema": 1,
