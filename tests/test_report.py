@@ -156,7 +156,8 @@ def test_hostile_text_never_runs_in_chromium_and_the_browsers_work(tmp_path, byp
         assert page.locator("#chains-list img, #comparisons-list img, main table img").count() == 0
         # the quality gates' rejected try and the other best-of-n sample are shown, as text
         second = page.locator("#chains-list .item").nth(1).inner_text()
-        assert "rejected try 1 <img src=x onerror=" in second and "rejected: loops" in second
+        assert "rejected try 1 <script>window.__pwned = 1" in second and "<img src=x onerror=" in second
+        assert "rejected: loops" in second.lower()  # labels are upper-cased by the page's CSS
         assert "other sample 2 <script>" in page.locator("#chains-list .item").nth(2).inner_text()
         assert "SFT: not trained on" in page.locator("#chains-list .item").nth(4).inner_text()
         # text search
