@@ -94,6 +94,9 @@ def prepare_run_dir(run_dir: Path, model: str) -> None:
 def measure(src: str, run_dir: Path, stage: str, args: list[str]) -> dict:
     for folder in (run_dir / stage, run_dir / f"{stage}.partial"):
         shutil.rmtree(folder, ignore_errors=True)
+    # no answers from an earlier measurement: an engine whose requests all hit the cache
+    # would never load its model
+    (run_dir / "cache.sqlite").unlink(missing_ok=True)
     if stage == "evaluate":  # the trained models where evaluate looks for them
         for s in ("sft", "rl", "dpo"):
             shutil.rmtree(run_dir / s, ignore_errors=True)

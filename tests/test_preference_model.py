@@ -152,7 +152,7 @@ def test_lora_pm_trains_adapters_and_the_whole_score_head(tmp_path, pm_run, tiny
     shutil.copytree(pm_run, tmp_path / "run")
     shutil.rmtree(tmp_path / "run" / "preference_model")
     run = _run(tmp_path / "run", tiny_model, "preference_model.method=lora", "preference_model.lora_r=4",
-               "preference_model.learning_rate=1e-2")
+               "preference_model.learning_rate=1e-2", "preference_model.gradient_checkpointing=true")
     out = run / "preference_model"
     with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())

@@ -239,7 +239,8 @@ def test_lora_rl_kl_reference_is_the_policy_with_adapters_off(tmp_path, rl_run, 
     monkey.setattr(stage.copy, "deepcopy", deepcopy)
     try:
         run = run_pipeline(_cfg(tmp_path / "run", tiny_model, "rl.method=lora", "rl.lora_r=4", "rl.learning_rate=1e-2",
-                                "rl.offload=always", "rl.lora_dropout=0.0"), log=lambda m: None)
+                                "rl.offload=always", "rl.lora_dropout=0.0", "rl.gradient_checkpointing=true"),
+                           log=lambda m: None)
     finally:
         monkey.undo()
     assert copies == []  # no second copy of the policy

@@ -62,8 +62,8 @@ class EngineConfig:
     device: str = _f("auto", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.")
     dtype: str = _f(
         "auto",
-        "Weights dtype. 'auto' is float32 on CPU (bfloat16 is ~400x slower there) and "
-        "bfloat16 on GPU.",
+        "Weights dtype for generation and scoring. 'auto' is float32 on CPU (bfloat16 is ~400x slower on "
+        "CPUs without bfloat16 units) and bfloat16 on GPU. Training stages have their own dtype.",
         choices=("auto", "float32", "bfloat16", "float16"),
     )
     batch_size: int = _f(32, "Sequences per generation batch (batches are length-sorted).", fingerprint=False)
