@@ -104,6 +104,8 @@ def _engine(urls, **kw):
     from cai.config import EngineConfig
     from cai.engines.openai import build_openai_engine
 
+    # A server that dies fails the test in seconds instead of being waited for (600 s by default).
+    kw.setdefault("wait_for_endpoints_s", 5.0)
     cfg = EngineConfig(kind="openai", model="smollm2", endpoints=list(urls), tokenizer="default", **kw)
     return build_openai_engine(cfg, progress=lambda m: None)
 
@@ -186,7 +188,7 @@ def test_pipeline_stage_through_the_server(server, tmp_path):
     from cai.pipeline import run_pipeline
 
     cfg = load_config(None, [
-        f"run_dir={tmp_path / 'run'}", "engine.kind=openai", f"engine.endpoints=[{server.url}]",
+        f"run_dir={tmp_path / 'run'}", "engine.kind=openai", f"engine.endpoints=[{server.url}]", "engine.wait_for_endpoints_s=5",
         "engine.tokenizer=default", "engine.model=smollm2", "stages=[prepare, critique_revision]",
         "critique_revision.rounds=1", "critique_revision.max_prompts=2", "critique_revision.few_shot=1",
         "critique_revision.max_new_tokens=24", "critique_revision.critique_max_new_tokens=16",
