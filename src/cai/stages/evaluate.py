@@ -352,7 +352,7 @@ def pm_by_revision(ctx: StageContext, load_pm=None) -> dict:
             chains += [{**c, "split": split} for c in read_jsonl(path)[: ev.revision_max_chains]]
     if not chains:
         return {}
-    load_pm, release = load_pm or _pm_loader(ctx)
+    load_pm = (load_pm or _pm_loader(ctx))[0]
     pm = load_pm()
     texts = sum(len(set(texts_after_rounds(c))) for c in chains)
     with ctx.progress(texts, "PM scores of revisions") as update:
