@@ -183,38 +183,50 @@ def eval_reference(tmp_path_factory, tiny_model):
     return _reference(tmp_path_factory, tiny_model, EVAL)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_kill_during_prepare_or_evaluate_then_resume(seed, tmp_path, tiny_model, eval_reference):
-    stage = "prepare" if seed == 0 else "evaluate"
+@pytest.mark.parametrize("stage,seed", [("prepare", 0), ("prepare", 3), ("prepare", 4),
+                                        ("evaluate", 1), ("evaluate", 5), ("evaluate", 6)])
+def test_kill_during_prepare_or_evaluate_then_resume(stage, seed, tmp_path, tiny_model, eval_reference):
     out = _kill_at(tmp_path, tiny_model, EVAL, stage, seed, eval_reference)
     assert _artifacts(tmp_path / "run", "prepare") == _artifacts(eval_reference, "prepare")
     assert "run finished" in out.stdout
 
 
-def test_kill_during_report_then_resume(tmp_path, tiny_model, tmp_path_factory):
-    reference = _reference(tmp_path_factory, tiny_model, REPORT)
-    _kill_at(tmp_path, tiny_model, REPORT, "report", 2, reference)
+@pytest.fixture(scope="module")
+def report_reference(tmp_path_factory, tiny_model):
+    return _reference(tmp_path_factory, tiny_model, REPORT)
+
+
+@pytest.mark.parametrize("seed", [2, 7])
+def test_kill_during_report_then_resume(seed, tmp_path, tiny_model, report_reference):
+    _kill_at(tmp_path, tiny_model, REPORT, "report", seed, report_reference)
     assert (tmp_path / "run" / "report" / "index.html").stat().st_size > 1000
 
 
 TRAIN = ["feedback.max_prompts=6", "feedback.max_new_tokens=6"]
 
 
-@pytest.mark.parametrize("stage", ["preference_model", "dpo"])
-def test_kill_during_pm_or_dpo_training_then_resume_from_checkpoint(stage, tmp_path, tiny_model):
+@pytest.mark.parametrize("stage,seed", [("preference_model", None), ("dpo", None),
+                                        ("preference_model", 8), ("dpo", 9)])
+def test_kill_during_pm_or_dpo_training_then_resume_from_checkpoint(stage, seed, tmp_path, tiny_model):
+    """seed None: killed just after the first checkpoint appears; else at a seeded delay
+    after the stage starts (before or after a checkpoint)."""
     extra = [f"stages=[prepare, feedback, {stage}]", f"feedback.policy={tiny_model}", *TRAIN,
              f"{stage}.{'model' if stage == 'preference_model' else 'policy'}={tiny_model}",
              f"{stage}.batch_size=1", f"{stage}.checkpoint_every=2"]
     cmd, env, proc = _start(tmp_path, tiny_model, *extra)
-    checkpoint = tmp_path / "run" / f"{stage}.partial" / "checkpoint"
-    assert _wait_for(checkpoint.is_dir, proc), "no checkpoint appeared before the run ended"
+    if seed is None:
+        checkpoint = tmp_path / "run" / f"{stage}.partial" / "checkpoint"
+        assert _wait_for(checkpoint.is_dir, proc), "no checkpoint appeared before the run ended"
+    else:
+        assert _wait_for((tmp_path / "run" / f"{stage}.partial").exists, proc), "the stage never started"
+        time.sleep(random.Random(seed).uniform(0.0, 3.0))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "run" / stage).exists()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "[feedback] already finished" in out.stdout
-    assert f"[{stage}] resuming from checkpoint at step" in out.stdout
+    if seed is None:
+        assert f"[{stage}] resuming from checkpoint at step" in out.stdout
     metrics = json.loads((tmp_path / "run" / stage / "metrics.json").read_text())
     steps = [h[0] for h in metrics["loss_history"]] if stage == "preference_model" else [h["step"] for h in metrics["history"]]
     assert steps == list(range(1, metrics["steps"] + 1))  # none lost, none repeated

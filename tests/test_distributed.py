@@ -173,3 +173,20 @@ def test_a_last_batch_of_one_item_does_not_hang_two_processes(tmp_path, tiny_mod
         h1, h2 = curve(m1), curve(m2)
         for (s1, l1), (s2, l2) in zip(h1, h2):  # the logged loss is the whole batch's, in both
             assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-5), stage
+
+
+@pytest.mark.slow
+def test_a_data_stage_longer_than_the_process_group_timeout(tmp_path, tiny_model):
+    """The data stages run on the main process while the other waits. With a process-group
+    timeout of 2 s, a wait inside a collective (as before) ends the run with a gloo timeout;
+    the other process must wait outside it (cai.distributed.MainGate) and the run finish."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = [f"run_dir={tmp_path / 'run'}", f"engine.model={tiny_model}", "engine.device=cpu", "engine.batch_size=4",
+            "stages=[prepare, critique_revision]", "critique_revision.rounds=2", "critique_revision.max_prompts=16",
+            "critique_revision.max_new_tokens=24", "critique_revision.critique_max_new_tokens=16",
+            "dist_timeout_s=2"]
+    out = _launch(2, args, env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    seconds = json.loads((tmp_path / "run" / "critique_revision" / "manifest.json").read_text())["seconds"]
+    assert seconds > 2, f"the stage took {seconds}s, not longer than the timeout: the test proves nothing"
+    assert not (tmp_path / "run" / ".cai-dist").exists()  # the waiting files are gone after the run

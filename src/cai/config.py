@@ -443,6 +443,12 @@ class RunConfig:
     )
     rl: RLConfig = _f(RLConfig(), "RL-CAI: RLOO or GRPO against the preference model with a KL penalty to the reference.")
     dpo: DPOConfig = _f(DPOConfig(), "RL-CAI without a PM: (label-smoothed) DPO on the preference pairs.")
+    dist_timeout_s: float = _f(
+        900.0, "Under accelerate launch: how long a collective (a training step's gradients, the main "
+        "process saving a mid-run checkpoint) may wait before the run stops with an error. Work only "
+        "the main process does (data stages, saving and hashing the final model) is waited for outside "
+        "it. Raise it when saving one checkpoint takes longer.", fingerprint=False,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -683,7 +689,7 @@ def results_dict(cfg) -> dict:
 #: section, checked first): (lowest, highest, whether the lowest itself is allowed).
 #: ``None`` is always allowed where a field's type admits it.
 BOUNDS: dict[str, tuple[float | None, float | None, bool]] = {
-    "max_new_tokens": (1, None, True), "critique_max_new_tokens": (1, None, True),
+    "dist_timeout_s": (1, None, True), "max_new_tokens": (1, None, True), "critique_max_new_tokens": (1, None, True),
     "cot_max_new_tokens": (1, None, True),
     "temperature": (0, None, True), "top_p": (0, 1, False),
     "batch_size": (1, None, True), "score_batch_size": (1, None, True), "micro_batch_size": (1, None, True),

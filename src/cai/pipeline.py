@@ -34,6 +34,7 @@ from typing import Callable
 import yaml
 
 from cai.config import RunConfig, check_config, check_run_dir, config_hash, results_dict, to_dict
+from cai.distributed import MainGate, broadcast_on_main, launch_token, process_state, world_size
 from cai.errors import CaiError
 from cai.artifacts import PARTIAL_STAMP, hash_outputs, read_manifest, verify_stage
 from cai.io import write_json, write_text
@@ -135,34 +136,15 @@ def distributed_state(cfg: RunConfig):
     """accelerate's process state when launched in several processes, else None.
 
     Set up here, before any stage, so that every stage's ``Accelerator`` joins the same
-    process group; on a machine without GPUs (or ``engine.device=cpu``) that is gloo on CPU.
+    process group (with ``dist_timeout_s`` as its timeout); on a machine without GPUs (or
+    ``engine.device=cpu``) that is gloo on CPU.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if world_size() <= 1:
         return None
     import torch
-    from accelerate import PartialState
 
     cpu = cfg.engine.device == "cpu" or (cfg.engine.device == "auto" and not torch.cuda.is_available())
-    return PartialState(cpu=cpu)
-
-
-def _on_main(state, fn: Callable[[], dict]) -> dict:
-    """Run ``fn`` on the main process only; the others wait, and fail too if it failed."""
-    from accelerate.utils import broadcast_object_list
-
-    result, error = {}, None
-    if state.is_main_process:
-        try:
-            result = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, after telling the others
-            error = exc
-    status = [None if error is None else f"{type(error).__name__}: {error}"]
-    broadcast_object_list(status)
-    if error is not None:
-        raise error
-    if status[0] is not None:
-        raise CaiError(f"the main process failed ({status[0]}); see its log")
-    return result
+    return process_state(cpu, cfg.dist_timeout_s)
 
 
 def _fresh_partial(partial: Path, fingerprint: str, log: Callable[[str], None]) -> None:
@@ -207,17 +189,23 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
         lock.acquire()
         return {}
 
+    gate = None
     if dist is None:
         preflight()
     else:  # every process of one launch is one run: the main process checks and holds the lock for all
-        _on_main(dist, preflight)
+        token = launch_token(dist)
+        broadcast_on_main(dist, preflight)
     try:
-        return _run_stages(cfg, specs, dist, is_main, run_dir, log, force)
+        if dist is not None:
+            gate = MainGate(dist, run_dir, token)
+        return _run_stages(cfg, specs, dist, gate, is_main, run_dir, log, force)
     finally:
+        if gate is not None:
+            gate.close()
         lock.release()
 
 
-def _run_stages(cfg, specs, dist, is_main, run_dir: Path, log, force: bool) -> Path:
+def _run_stages(cfg, specs, dist, gate, is_main, run_dir: Path, log, force: bool) -> Path:
     if is_main:
         write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     prints = fingerprints(cfg)
@@ -253,33 +241,38 @@ def _run_stages(cfg, specs, dist, is_main, run_dir: Path, log, force: bool) -> P
         started = time.time()
         if dist is None or spec.distributed:
             counts = spec.run(ctx) or {}
-        else:
-            counts = _on_main(dist, lambda: spec.run(ctx) or {})
+        else:  # the others wait outside the process group's timeout (cai.distributed)
+            counts = gate.run(lambda: spec.run(ctx) or {})
         seconds = time.time() - started
+
+        def finish() -> dict:
+            # The manifest is written last, after every output is on disk with its hash; the
+            # stamp stays until the folder is in place (see _promote / _recover).
+            write_json(
+                partial / "manifest.json",
+                {
+                    "stage": name,
+                    "status": "complete",
+                    "fingerprint": prints[name],
+                    "config": _slice(cfg, spec.config_keys),
+                    "needs": {n: prints.get(n) for n in spec.upstream(cfg)},
+                    "inputs": ctx.inputs,
+                    "counts": counts,
+                    "started": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(),
+                    "seconds": round(seconds, 3),
+                    "versions": versions(),
+                    "outputs": hash_outputs(partial),
+                },
+            )
+            _promote(partial, final)
+            return {}
+
+        if dist is None:
+            finish()
+        else:  # hashing a large checkpoint takes minutes: the others wait outside a collective
+            gate.run(finish)
         if not is_main:
-            dist.wait_for_everyone()  # the main process writes the manifest and renames
             continue
-        # The manifest is written last, after every output is on disk with its hash; the
-        # stamp stays until the folder is in place (see _promote / _recover).
-        write_json(
-            partial / "manifest.json",
-            {
-                "stage": name,
-                "status": "complete",
-                "fingerprint": prints[name],
-                "config": _slice(cfg, spec.config_keys),
-                "needs": {n: prints.get(n) for n in spec.upstream(cfg)},
-                "inputs": ctx.inputs,
-                "counts": counts,
-                "started": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(),
-                "seconds": round(seconds, 3),
-                "versions": versions(),
-                "outputs": hash_outputs(partial),
-            },
-        )
-        _promote(partial, final)
-        if dist is not None:
-            dist.wait_for_everyone()
         log(f"[{name}] done in {seconds:.1f}s: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
     engines.release()
     if engines.used:
