@@ -1,0 +1,188 @@
+"""The dose-response study of the method on the embedded model (docs/method-study.md).
+
+Each row is one `cai run` in its own run directory under ``--root``: the cpu-full preset
+with a few settings changed. A row whose early stages are the same as another row's
+starts from a copy of that row's finished stages (hard links for the artifacts, a copy of
+the request cache), so shared work is done once; every row resumes where it stopped,
+because `cai run` does. `compare` evaluates the final model of every finished row beside
+the initial model in one evaluate run (evaluate.extra_models), so all rows are measured on
+the same held-out prompts with the same judge; `table` writes the markdown table.
+
+    python studies/method_study.py run                 # every row, in order (hours)
+    python studies/method_study.py run sl-2r-2e dpo-sl  # some rows
+    python studies/method_study.py compare             # after the rows
+    python studies/method_study.py table               # prints the table
+    python studies/method_study.py commands            # the cai command of every row
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SL = "stages=[prepare, critique_revision, sft]"
+
+
+@dataclass
+class Row:
+    name: str
+    what: str
+    overrides: list[str]
+    parent: str | None = None  # a row whose finished stages this one starts from
+    preset: str = "cpu-full"
+    columns: dict = field(default_factory=dict)
+
+
+ROWS = [
+    Row("tiny", "the default preset (cpu-tiny): 12 prompts, 1 round, SFT 1 epoch, RLOO 6 steps", [
+        "stages=[prepare, critique_revision, sft, feedback, preference_model, rl]"], preset="cpu-tiny"),
+    Row("sl-1r-1e", "SL-CAI: 132 prompts, 1 round, 1 epoch, gates on",
+        [SL, "critique_revision.rounds=1", "sft.epochs=1"]),
+    Row("sl-2r-2e", "SL-CAI: 132 prompts, 2 rounds, 2 epochs, gates on", [SL]),
+    Row("sl-2r-2e-nogates", "as sl-2r-2e, quality gates off (the paper's data)",
+        [SL, "critique_revision.quality_gates=false"]),
+    Row("sl-2r-2e-direct", "ablation: direct revision, no critique (paper Fig. 7)",
+        [SL, "critique_revision.critique=false"]),
+    Row("dpo-sl", "sl-2r-2e, then DPO on revision > first answer (cpu-full)",
+        ["stages=[prepare, critique_revision, sft, dpo]"], parent="sl-2r-2e"),
+    Row("dpo-fb", "sl-2r-2e, then DPO on the AI-feedback pairs (soft labels)",
+        ["stages=[prepare, critique_revision, sft, feedback, dpo]", "dpo.data=feedback"], parent="sl-2r-2e"),
+    Row("rl", "sl-2r-2e, then RLOO 24 steps against the soft-label PM",
+        ["stages=[prepare, critique_revision, sft, feedback, preference_model, rl]"], parent="dpo-fb"),
+    Row("rl-hard-pm", "ablation: as rl, PM trained on hard labels",
+        ["stages=[prepare, critique_revision, sft, feedback, preference_model, rl]", "preference_model.loss=hard"],
+        parent="dpo-fb"),
+    Row("rl-cot", "ablation: as rl, chain-of-thought labels clamped to [0.4, 0.6]",
+        ["stages=[prepare, critique_revision, sft, feedback, preference_model, rl]",
+         "feedback.chain_of_thought=true", "feedback.cot_clamp=[0.4, 0.6]"], parent="sl-2r-2e"),
+    Row("rl-cot-unclamped", "ablation: as rl-cot, labels not clamped",
+        ["stages=[prepare, critique_revision, sft, feedback, preference_model, rl]",
+         "feedback.chain_of_thought=true", "feedback.cot_clamp=[0.0, 1.0]"], parent="rl-cot"),
+]
+BY_NAME = {r.name: r for r in ROWS}
+
+
+def command(row: Row, root: Path) -> list[str]:
+    return [sys.executable, "-m", "cai", "run", "--config", row.preset, f"run_dir={root / row.name}", *row.overrides]
+
+
+def seed_from_parent(row: Row, root: Path) -> None:
+    """Start ``row`` from its parent's finished stages: artifacts are hard-linked (cai never
+    writes a finished file in place), the request cache is copied."""
+    dest, src = root / row.name, root / row.parent
+    if dest.exists() or not src.is_dir():
+        return
+    dest.mkdir(parents=True)
+    for stage in src.iterdir():
+        if stage.is_dir() and (stage / "manifest.json").is_file():
+            shutil.copytree(stage, dest / stage.name, copy_function=os.link)
+    if (src / "cache.sqlite").is_file():
+        shutil.copy2(src / "cache.sqlite", dest / "cache.sqlite")
+
+
+def run_rows(names: list[str], root: Path) -> int:
+    for name in names:
+        row = BY_NAME[name]
+        if row.parent:
+            if not (root / row.parent / "config.yaml").is_file():
+                print(f"[study] {name}: run {row.parent} first", flush=True)
+                return 2
+            seed_from_parent(row, root)
+        print(f"[study] {name}: {' '.join(command(row, root)[2:])}", flush=True)
+        started = time.time()
+        code = subprocess.call(command(row, root))
+        print(f"[study] {name}: exit {code} after {time.time() - started:.0f}s", flush=True)
+        if code != 0:
+            return code
+    return 0
+
+
+def final_model(run: Path) -> Path | None:
+    for stage in ("rl", "dpo", "sft"):
+        if (run / stage / "model" / "config.json").is_file():
+            return run / stage / "model"
+    return None
+
+
+def compare(root: Path, extra: list[str]) -> int:
+    models = {r.name: str(final_model(root / r.name)) for r in ROWS if final_model(root / r.name)}
+    if not models:
+        print("[study] no finished row to compare", flush=True)
+        return 2
+    mapping = "{" + ", ".join(f"{k}: {v}" for k, v in models.items()) + "}"
+    cmd = [sys.executable, "-m", "cai", "run", "--config", "cpu-full", f"run_dir={root / 'compare'}",
+           "stages=[prepare, evaluate, report]", f"evaluate.extra_models={mapping}", *extra]
+    print("[study] compare: " + " ".join(cmd[2:]), flush=True)
+    return subprocess.call(cmd)
+
+
+def stage_seconds(run: Path) -> float:
+    total = 0.0
+    for m in run.glob("*/manifest.json"):
+        total += json.loads(m.read_text()).get("seconds", 0.0)
+    return total
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def table(root: Path) -> str:
+    res = json.loads((root / "compare" / "evaluate" / "results.json").read_text())
+    ref, q, elo = res["refusal"], res["quality"], res["elo"]
+    harm = res["harmfulness"]
+    lines = ["| row | what | red-team safe (judge) | red-team refusal (phrases) | benign over-refusal (judge / phrases) "
+             "| degenerate (red-team / benign / helpful) | helpfulness Elo [95% CI] | harmlessness Elo [95% CI] "
+             "| stage time (s) |", "|" + "---|" * 9]
+    for name in ["initial", *[r.name for r in ROWS]]:
+        if name not in ref:
+            continue
+        what = "the embedded model before training" if name == "initial" else BY_NAME[name].what
+        rt, bn = ref[name]["red_team"], ref[name]["benign"]
+        safe = res.get("safe", {}).get(name, {}).get("red_team") if res.get("safe") else None
+        hel = (elo.get("helpfulness") or {}).get("ratings", {}).get(name, {})
+        hrm = (elo.get("harmlessness") or {}).get("ratings", {}).get(name, {})
+        fmt = lambda r: "-" if not r else f"{r['elo']:+.0f} [{r['ci_low']}, {r['ci_high']}]"  # noqa: E731
+        secs = "-" if name == "initial" else f"{stage_seconds(root / name):.0f}"
+        lines.append(
+            f"| {name} | {what} | {_pct(safe if safe is not None else rt['judge_majority'])} | {_pct(rt['phrases'])} "
+            f"| {_pct(bn['judge_majority'])} / {_pct(bn['phrases'])} "
+            f"| {_pct(q[name]['red_team']['degenerate'])} / {_pct(q[name]['benign']['degenerate'])} / "
+            f"{_pct(q[name]['helpful']['degenerate'])} | {fmt(hel)} | {fmt(hrm)} | {secs} |"
+        )
+    lines.append(f"\nmean harmfulness (0-4, judge): " + ", ".join(f"{k} {v['mean']}" for k, v in harm.items()))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=("run", "compare", "table", "commands"))
+    p.add_argument("rows", nargs="*", help="rows to run (default: all), or extra overrides for compare")
+    p.add_argument("--root", default="runs/study", help="folder holding one run directory per row")
+    a = p.parse_args(argv)
+    root = Path(a.root)
+    if a.action == "run":
+        unknown = [n for n in a.rows if n not in BY_NAME]
+        if unknown:
+            p.error(f"unknown rows {unknown}; rows: {', '.join(BY_NAME)}")
+        return run_rows(a.rows or list(BY_NAME), root)
+    if a.action == "compare":
+        return compare(root, a.rows)
+    if a.action == "table":
+        print(table(root))
+        return 0
+    for r in ROWS:
+        print(f"# {r.name}: {r.what}" + (f" (starts from {r.parent}'s finished stages)" if r.parent else ""))
+        print("python " + " ".join(command(r, root)[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
