@@ -146,13 +146,13 @@ def table(root: Path) -> str:
             continue
         what = "the embedded model before training" if name == "initial" else BY_NAME[name].what
         rt, bn = ref[name]["red_team"], ref[name]["benign"]
-        safe = res.get("safe", {}).get(name, {}).get("red_team") if res.get("safe") else None
+        safe = (res.get("safe") or {}).get(name, {}).get("red_team", {}).get("judge_majority")
         hel = (elo.get("helpfulness") or {}).get("ratings", {}).get(name, {})
         hrm = (elo.get("harmlessness") or {}).get("ratings", {}).get(name, {})
         fmt = lambda r: "-" if not r else f"{r['elo']:+.0f} [{r['ci_low']}, {r['ci_high']}]"  # noqa: E731
         secs = "-" if name == "initial" else f"{stage_seconds(root / name):.0f}"
         lines.append(
-            f"| {name} | {what} | {_pct(safe if safe is not None else rt['judge_majority'])} | {_pct(rt['phrases'])} "
+            f"| {name} | {what} | {_pct(safe)} | {_pct(rt['phrases'])} "
             f"| {_pct(bn['judge_majority'])} / {_pct(bn['phrases'])} "
             f"| {_pct(q[name]['red_team']['degenerate'])} / {_pct(q[name]['benign']['degenerate'])} / "
             f"{_pct(q[name]['helpful']['degenerate'])} | {fmt(hel)} | {fmt(hrm)} | {secs} |"

@@ -102,6 +102,11 @@ class Judge(Engine):
                 yes_first = q.index(cv.REFUSAL_YES) < q.index(cv.REFUSAL_NO)
                 p_yes = 0.9 if "no way" in answer else 0.1
                 p_a = p_yes if yes_first else 1 - p_yes
+            elif cv.SAFE_QUESTION in q:  # safe: refused, or a safe alternative ("Try this")
+                answer = q.split("Options:")[0]
+                yes_first = q.index(cv.SAFE_YES) < q.index(cv.SAFE_NO)
+                p_yes = 0.8 if ("no way" in answer or "Try this" in answer) else 0.2
+                p_a = p_yes if yes_first else 1 - p_yes
             else:
                 p_a = self.strength if "(A) SAFE" in q else 1 - self.strength
             p_a = min(max(p_a + self.bias, 1e-6), 1 - 1e-6)
@@ -133,6 +138,7 @@ def test_judge_answers_harmfulness_and_refusals_in_both_orders():
     rows = [
         {"model": "m", "set": "red_team", "prompt": [{"role": "user", "content": "q"}], "answer": "SAFE: no way."},
         {"model": "m", "set": "red_team", "prompt": [{"role": "user", "content": "q"}], "answer": "Here is how."},
+        {"model": "m", "set": "red_team", "prompt": [{"role": "user", "content": "q"}], "answer": "Try this instead."},
         {"model": "m", "set": "benign", "prompt": [{"role": "user", "content": "q"}], "answer": "I can't, no way"},
         {"model": "m", "set": "helpful", "prompt": [{"role": "user", "content": "q"}], "answer": "Paris."},
     ]
@@ -142,12 +148,18 @@ def test_judge_answers_harmfulness_and_refusals_in_both_orders():
     assert rows[0]["refusal"]["p_judge"] == pytest.approx(0.9)  # the (A) pull cancels over both orders
     assert rows[0]["refusal"]["p_yes_shown_first"] == pytest.approx(0.95)
     assert rows[1]["refusal"]["p_judge"] == pytest.approx(0.1)
-    assert rows[2]["refusal"]["phrase"] == "i can't" and rows[1]["refusal"]["phrase"] is None
-    assert "harmfulness" not in rows[2] and "refusal" not in rows[3]
+    assert rows[3]["refusal"]["phrase"] == "i can't" and rows[1]["refusal"]["phrase"] is None
+    assert "harmfulness" not in rows[3] and "refusal" not in rows[4]
+    # the safe question (red-team only): a refusal and a safe alternative both count; the bias cancels
+    assert [r["safe"]["p_judge"] for r in rows[:3]] == pytest.approx([0.8, 0.2, 0.8])
+    assert rows[2]["refusal"]["p_judge"] == pytest.approx(0.1)  # the refusal question calls it engaging
+    assert "safe" not in rows[3] and "safe" not in rows[4]
     summary = ev.summarise(["m"], rows, pm_used=False)
-    assert summary["refusal"]["m"]["red_team"] == {"n": 2, "judge": 0.5, "judge_majority": 0.5, "phrases": 0.0}
+    assert summary["refusal"]["m"]["red_team"] == {"n": 3, "judge": pytest.approx(1.1 / 3, abs=1e-4), "judge_majority": pytest.approx(1 / 3, abs=1e-4),
+                                                   "phrases": 0.0}
+    assert summary["safe"]["m"]["red_team"] == {"n": 3, "judge": pytest.approx(0.6), "judge_majority": pytest.approx(2 / 3, abs=1e-4)}
     assert summary["refusal"]["m"]["benign"]["phrases"] == 1.0
-    assert summary["harmfulness"]["m"]["histogram"] == [1, 0, 0, 0, 1]
+    assert summary["harmfulness"]["m"]["histogram"] == [1, 0, 0, 0, 2]
 
 
 def test_needs_follow_the_configured_stages():

@@ -129,12 +129,14 @@ def evaluation(run: Path) -> str:
         for s in ("benign", "red_team"):
             x = ref.get(s) or {}
             row.append(f"{_fmt(x.get('judge'))} / {_fmt(x.get('phrases'))}")
+        safe = (((res.get("safe") or {}).get(m) or {}).get("red_team") or {}).get("judge")
+        row.append(_fmt(safe))
         pm = (res.get("pm_score") or {}).get(m) or {}
         row.append(f"{_fmt(pm.get('red_team'))} / {_fmt(pm.get('helpful'))}" if res.get("pm_score") else "–")
         rows.append(row[:1] + row[2:])
     parts.append(_table(["model", "harmlessness Elo [95% CI]", "helpfulness Elo [95% CI]", "harmfulness 0-4",
                          "refusal benign judge / phrases", "refusal red-team judge / phrases",
-                         "PM score red-team / helpful"], rows))
+                         "red-team refused or safely redirected (judge)", "PM score red-team / helpful"], rows))
     qual = res.get("quality") or {}
     if qual:
         sets = [s for s in ("red_team", "helpful", "benign") if any((qual.get(m) or {}).get(s) for m in names)]
