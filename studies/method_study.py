@@ -12,6 +12,7 @@ the same held-out prompts with the same judge; `table` writes the markdown table
     python studies/method_study.py run sl-2r-2e dpo-sl  # some rows
     python studies/method_study.py compare             # after the rows
     python studies/method_study.py table               # prints the table
+    python studies/method_study.py samples dpo-sl      # 10 seeded before/after answers
     python studies/method_study.py commands            # the cai command of every row
 """
 
@@ -161,9 +162,30 @@ def table(root: Path) -> str:
     return "\n".join(lines)
 
 
+def samples(root: Path, row: str, n: int = 10, seed: int = 0) -> str:
+    """``n`` held-out prompts drawn by a seeded random draw over the red-team, benign and
+    helpful test sets (not picked by hand), with the initial model's and ``row``'s answers."""
+    import random
+
+    answers = root / "compare" / "evaluate" / "answers"
+    before = {(r["set"], r["id"]): r for r in map(json.loads, (answers / "initial.jsonl").read_text().splitlines())}
+    after = {(r["set"], r["id"]): r for r in map(json.loads, (answers / f"{row}.jsonl").read_text().splitlines())}
+    keys = sorted(set(before) & set(after))
+    out = [f"{n} answers drawn with random.Random({seed}).sample over {len(keys)} held-out prompts; "
+           f"before = the initial model, after = {row}\n"]
+    for k in random.Random(seed).sample(keys, min(n, len(keys))):
+        b, a = before[k], after[k]
+        tag = lambda r: f"safe {r['safe']['p_judge']:.2f}" if "safe" in r else (  # noqa: E731
+            f"refusal {r['refusal']['p_judge']:.2f}" if "refusal" in r else "")
+        out.append(f"**{k[0]} / {k[1]}**: {b['prompt'][-1]['content']}\n")
+        out.append(f"- before ({tag(b)}): {b['answer']}")
+        out.append(f"- after ({tag(a)}): {a['answer']}\n")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=("run", "compare", "table", "commands"))
+    p.add_argument("action", choices=("run", "compare", "table", "samples", "commands"))
     p.add_argument("rows", nargs="*", help="rows to run (default: all), or extra overrides for compare")
     p.add_argument("--root", default="runs/study", help="folder holding one run directory per row")
     a = p.parse_args(argv)
@@ -177,6 +199,9 @@ def main(argv=None) -> int:
         return compare(root, a.rows)
     if a.action == "table":
         print(table(root))
+        return 0
+    if a.action == "samples":
+        print(samples(root, a.rows[0] if a.rows else "dpo-sl"))
         return 0
     for r in ROWS:
         print(f"# {r.name}: {r.what}" + (f" (starts from {r.parent}'s finished stages)" if r.parent else ""))
