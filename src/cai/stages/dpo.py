@@ -267,12 +267,24 @@ def _needs(cfg) -> tuple[str, ...]:
 
 
 def estimate(inputs: PlanInputs) -> Cost:
+    import math
+
+    from cai.memory import training
+
     fb, dc = inputs.cfg.feedback, inputs.cfg.dpo
-    n = inputs.feedback_pairs()
+    n, n_test = inputs.feedback_pairs(), inputs.feedback_pairs("test")
+    length = min(fb.max_new_tokens + 60, dc.max_length)
     seqs = 2 * n * dc.epochs if dc.max_steps is None else min(2 * n * dc.epochs, 2 * dc.max_steps * dc.batch_size)
-    # plus one reference forward per sequence before training (a third of a training token)
-    return Cost(train_tokens=int(seqs * 4 / 3 * min(fb.max_new_tokens + 60, dc.max_length)),
-                note=f"~{int(n)} pairs x {dc.epochs} epochs")
+    steps = math.ceil(seqs / 2 / dc.batch_size)
+    used = min(2 * n, seqs)  # the train sequences whose reference log-probs are computed once
+    shape, memory = inputs.shape(dc.policy), None
+    if shape is not None:
+        per_pass = math.ceil(2 * max(1, dc.batch_size // dc.grad_accum) / inputs.world)  # chosen and rejected
+        memory = training(shape, inputs.precision(dc, "dpo"), dc, per_pass, length, inputs.world, dc.sharding == "fsdp")
+    # no-grad passes: the reference log-probs of the train and test pairs, the held-out pairs after training
+    return Cost(train_tokens=int(seqs * length), note=f"~{int(n)} pairs x {dc.epochs} epochs",
+                loads=1, eval_tokens=int((used + 2 * 2 * n_test) * length), saves=1,
+                checkpoints=(steps - 1) // dc.checkpoint_every, memory=memory)
 
 
 STAGE = StageSpec(

@@ -159,13 +159,28 @@ def run(ctx: StageContext) -> dict:
 
 
 def estimate(inputs: PlanInputs) -> Cost:
+    import math
+
+    from cai.memory import training
+
     count, cr, sc = inputs.count, inputs.cfg.critique_revision, inputs.cfg.sft
     reds = inputs.capped("red_team", cr.max_prompts)
-    train = reds.get("train", [])
-    n = len(train) + min(len(inputs.sets["helpful"].get("train", [])), round(cr.helpful_ratio * len(train)))
+    helpful = inputs.sets["helpful"]
+    train, test = reds.get("train", []), reds.get("test", [])
+    n = len(train) + min(len(helpful.get("train", [])), round(cr.helpful_ratio * len(train)))
+    n_test = len(test) + min(len(helpful.get("test", [])), round(cr.helpful_ratio * len(test)))
     per = sum(count(p.messages) for p in train) / max(1, len(train)) + cr.max_new_tokens
+    length = int(min(per, sc.max_length))
     seen = n * sc.epochs if sc.max_steps is None else min(n * sc.epochs, sc.max_steps * sc.batch_size)
-    return Cost(train_tokens=int(seen * min(per, sc.max_length)), note=f"{n} examples x {sc.epochs} epochs")
+    steps = math.ceil(seen / sc.batch_size)
+    shape, memory = inputs.shape(sc.model or inputs.cfg.engine.model), None
+    if shape is not None:
+        seqs = math.ceil(max(1, sc.batch_size // sc.grad_accum) / inputs.world)
+        memory = training(shape, inputs.precision(sc, "sft"), sc, seqs, length, inputs.world, sc.sharding == "fsdp")
+    # held-out loss before and after training; a checkpoint every checkpoint_every steps but the last
+    return Cost(train_tokens=int(seen * length), note=f"{n} examples x {sc.epochs} epochs",
+                loads=1, eval_tokens=2 * n_test * length, saves=1, checkpoints=(steps - 1) // sc.checkpoint_every,
+                memory=memory)
 
 
 STAGE = StageSpec(
