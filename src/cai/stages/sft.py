@@ -32,6 +32,7 @@ from cai.training import (
     IGNORE,
     check_finite,
     encode_chat,
+    full_state_dict,
     load_trainable,
     optimizer_and_batches,
     optimizer_step,
@@ -136,9 +137,10 @@ def run(ctx: StageContext) -> dict:
             history.append([step + 1, float(step_loss)])
             update(1)
             done = step + 1
-            if accelerator.is_main_process and (done % sc.checkpoint_every == 0) and done < total_steps:
+            if done % sc.checkpoint_every == 0 and done < total_steps:  # every process: a sharded model gathers
                 save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, done,
-                                {"history": history, "total_steps": total_steps, "eval_before": eval_before}, scaler)
+                                {"history": history, "total_steps": total_steps, "eval_before": eval_before}, scaler,
+                                main=accelerator.is_main_process)
     seconds = time.time() - t0
     tokens_seen = int(accelerator.reduce(torch.tensor(tokens_seen, device=accelerator.device), "sum"))
     eval_after = evaluate_loss(model, test, pad_id, accelerator.device, micro, prec)
@@ -150,8 +152,9 @@ def run(ctx: StageContext) -> dict:
         "test_loss_before": round(eval_before, 4) if eval_before is not None else None,
         "test_loss_after": round(eval_after, 4) if eval_after is not None else None,
     }
+    gathered = full_state_dict(accelerator.unwrap_model(model))  # sharded: every process takes part; else None
     if accelerator.is_main_process:
-        save_trained_model(ctx.out, accelerator.unwrap_model(model), tok, "sft", base, sc, cfg.seed, prec)
+        save_trained_model(ctx.out, accelerator.unwrap_model(model), tok, "sft", base, sc, cfg.seed, prec, gathered)
         write_json(ctx.out / "metrics.json", {"loss": history, **counts})
         plot_curve(ctx.out / "loss.png", {"train loss": [tuple(h) for h in history]}, "SFT on critique/revision data")
         shutil.rmtree(ckpt, ignore_errors=True)
