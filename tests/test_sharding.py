@@ -123,7 +123,14 @@ def test_fsdp_run_killed_mid_training_resumes_from_its_checkpoint(tmp_path, tiny
     while time.time() < end and proc.poll() is None and not state.is_file():
         time.sleep(0.05)
     killed = proc.poll() is None
-    os.killpg(proc.pid, signal.SIGKILL)
+    # the launcher and every worker it started (torchrun may start them in sessions of their own)
+    import psutil
+
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
     proc.wait()
     assert killed and state.is_file(), "the sharded run finished (or failed) before its first checkpoint"
     step = json.loads(state.read_text())["step"]

@@ -171,12 +171,6 @@ class PlanInputs:
             _SHAPES[key] = shape_of(config) if config is not None else None
         return _SHAPES[key]
 
-    def precision(self, tc, stage: str):
-        """The :class:`cai.training.Precision` a training stage's ``dtype`` resolves to here."""
-        from cai.training import resolve_precision
-
-        return resolve_precision(tc.dtype, self.device, f"{stage}.dtype", log=lambda _m: None)
-
     def engine_bytes(self) -> int:
         """Bytes per weight of the inference engine (``engine.dtype`` on this device)."""
         from cai.memory import DTYPE_BYTES

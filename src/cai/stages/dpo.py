@@ -276,6 +276,7 @@ def estimate(inputs: PlanInputs) -> Cost:
     import math
 
     from cai.memory import training
+    from cai.training import resolve_precision
 
     fb, dc = inputs.cfg.feedback, inputs.cfg.dpo
     n, n_test = inputs.feedback_pairs(), inputs.feedback_pairs("test")
@@ -286,7 +287,8 @@ def estimate(inputs: PlanInputs) -> Cost:
     shape, memory = inputs.shape(dc.policy), None
     if shape is not None:
         per_pass = math.ceil(2 * max(1, dc.batch_size // dc.grad_accum) / inputs.world)  # chosen and rejected
-        memory = training(shape, inputs.precision(dc, "dpo"), dc, per_pass, length, inputs.world, dc.sharding == "fsdp")
+        prec = resolve_precision(dc.dtype, inputs.device, "dpo.dtype", lambda _m: None)
+        memory = training(shape, prec, dc, per_pass, length, inputs.world, dc.sharding == "fsdp")
     # no-grad passes: the reference log-probs of the train and test pairs, the held-out pairs after training
     return Cost(train_tokens=int(seqs * length), note=f"~{int(n)} pairs x {dc.epochs} epochs",
                 loads=1, eval_tokens=int((used + 2 * 2 * n_test) * length), saves=1,

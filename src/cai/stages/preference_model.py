@@ -185,6 +185,7 @@ def estimate(inputs: PlanInputs) -> Cost:
     import math
 
     from cai.memory import training
+    from cai.training import resolve_precision
 
     fb, pc = inputs.cfg.feedback, inputs.cfg.preference_model
     n, n_test = inputs.feedback_pairs(), inputs.feedback_pairs("test")
@@ -194,7 +195,8 @@ def estimate(inputs: PlanInputs) -> Cost:
     shape, memory = inputs.shape(pc.model), None
     if shape is not None:
         per_pass = math.ceil(2 * max(1, pc.batch_size // pc.grad_accum) / inputs.world)  # both answers of a pair
-        memory = training(shape, inputs.precision(pc, "preference_model"), pc, per_pass, length, inputs.world,
+        prec = resolve_precision(pc.dtype, inputs.device, "preference_model.dtype", lambda _m: None)
+        memory = training(shape, prec, pc, per_pass, length, inputs.world,
                           classifier=True)
     # held-out pairs scored before and after training (two sequences each)
     return Cost(train_tokens=int(seqs * length), note=f"~{int(n)} pairs x {pc.epochs} epochs",

@@ -472,6 +472,7 @@ def estimate(inputs: PlanInputs) -> Cost:
     import math
 
     from cai.memory import DTYPE_BYTES, Memory, frozen_model, training
+    from cai.training import resolve_precision
 
     cfg, rc, count = inputs.cfg, inputs.cfg.rl, inputs.count
     train = inputs.sets["red_team"].get("train", [])
@@ -481,7 +482,7 @@ def estimate(inputs: PlanInputs) -> Cost:
     length = int(avg + rc.max_new_tokens)
     shape, memory = inputs.shape(rc.policy), None
     if shape is not None:
-        prec = inputs.precision(rc, "rl")
+        prec = resolve_precision(rc.dtype, inputs.device, "rl.dtype", lambda _m: None)
         mine = math.ceil(rc.prompts_per_step / inputs.world) * rc.samples_per_prompt  # this process's rollouts
         memory = training(shape, prec, rc, min(mine, rc.micro_batch_size), length, inputs.world, reference_copy=True)
         memory += frozen_model(shape.pm_params, DTYPE_BYTES[prec.frozen])

@@ -165,6 +165,7 @@ def estimate(inputs: PlanInputs) -> Cost:
     import math
 
     from cai.memory import training
+    from cai.training import resolve_precision
 
     count, cr, sc = inputs.count, inputs.cfg.critique_revision, inputs.cfg.sft
     reds = inputs.capped("red_team", cr.max_prompts)
@@ -179,7 +180,8 @@ def estimate(inputs: PlanInputs) -> Cost:
     shape, memory = inputs.shape(sc.model or inputs.cfg.engine.model), None
     if shape is not None:
         seqs = math.ceil(max(1, sc.batch_size // sc.grad_accum) / inputs.world)
-        memory = training(shape, inputs.precision(sc, "sft"), sc, seqs, length, inputs.world, sc.sharding == "fsdp")
+        prec = resolve_precision(sc.dtype, inputs.device, "sft.dtype", lambda _m: None)
+        memory = training(shape, prec, sc, seqs, length, inputs.world, sc.sharding == "fsdp")
     # held-out loss before and after training; a checkpoint every checkpoint_every steps but the last
     return Cost(train_tokens=int(seen * length), note=f"{n} examples x {sc.epochs} epochs",
                 loads=1, eval_tokens=2 * n_test * length, saves=1, checkpoints=(steps - 1) // sc.checkpoint_every,
