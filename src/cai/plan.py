@@ -234,9 +234,10 @@ def plan(cfg: RunConfig, calibrate: bool = True, log=print, world: int | None = 
         g, r = rates["gen_tokens_per_s"], rates["read_tokens_per_s"]
         t = train or {"train_tokens_per_s": r / 3, "forward_tokens_per_s": r, "load_s": rates["load_s"],
                       "save_s": rates["load_s"], "checkpoint_s": 3 * rates["load_s"]}
+        # a load measured once the engine had paid the imports (the training calibration's) is what
+        # every later load costs; without one, the engine's first load (imports included) is used
+        load = t["load_s"]
         for row in rows:
-            trains = bool(row["train_tokens"] or row["saves"])
-            load = t["load_s"] if trains else rates["load_s"]
             row["seconds"] = round(row["new_tokens"] / g + row["prompt_tokens"] / r
                                    + row["train_tokens"] / t["train_tokens_per_s"]
                                    + row["eval_tokens"] / t["forward_tokens_per_s"] + row["loads"] * load
@@ -268,8 +269,8 @@ def render(result: dict) -> str:
         lines.append(f"total estimated time: {_dur(total)}")
         lines.append(
             f"generation rests on the engine's calibration (measured): {c['gen_tokens_per_s']:.1f} new tok/s "
-            f"(batch {c['batch']}), {c['read_tokens_per_s']:.0f} prompt tok/s read, {c['load_s']:.0f}s to load the "
-            "model; every answer is assumed to use its whole token budget; shared prefixes, the request cache and "
+            f"(batch {c['batch']}), {c['read_tokens_per_s']:.0f} prompt tok/s read, {c['load_s']:.0f}s to build the "
+            "engine (imports included); every answer is assumed to use its whole token budget; shared prefixes, the request cache and "
             "early stops make real runs faster."
         )
         t = result.get("training")
@@ -278,11 +279,11 @@ def render(result: dict) -> str:
                 f"training rests on a measured step of sft's settings ({'cached from ' if t.get('cached') else ''}"
                 f"{t['measured']}): {t['train_tokens_per_s']:.0f} train tok/s and {t['forward_tokens_per_s']:.0f} "
                 f"no-grad tok/s at {t['batch']} x {t['length']} tokens ({t['precision']}, {t['method']}); model load "
-                f"{t['load_s']:.0f}s and save {t['save_s']:.0f}s measured, checkpoint {t['checkpoint_s']:.0f}s "
+                f"{t['load_s']:.0f}s (every stage's loads) and save {t['save_s']:.0f}s measured, checkpoint {t['checkpoint_s']:.0f}s "
                 "assumed (three saves' worth of the trained weights)")
         elif any(r["train_tokens"] for r in rows):
             lines.append("training is ASSUMED, not measured (the training model is not on this machine): a step at "
-                         "a third of the read rate, a save as long as a load")
+                         "a third of the read rate, a save and every load as long as building the engine")
     else:
         lines.append("no calibration: counts only (every answer assumed to use its whole token budget)")
     world = result.get("world", 1)
