@@ -116,14 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", required=True, help="output JSONL, one chain per prompt")
 
     p = sub.add_parser(
-        "plan", help="estimate what a config will do: requests, tokens and time per stage",
-        description="Print, per stage, the engine requests, tokens (prompt + new) and an estimated time, "
-        "extrapolated from a short calibration on the configured engine (a small generate and a small "
-        "scoring batch are timed). An estimate, not a promise.",
+        "plan", help="estimate what a config will do: requests, tokens, peak memory and time per stage",
+        description="Print, per stage, the engine requests, tokens (prompt + new), the peak memory per process "
+        "(from the models' configs, no weights loaded) beside the device's memory, and an estimated time, "
+        "extrapolated from a short calibration on the configured engine (a small generate and a small scoring "
+        "batch are timed) and a measured training step (cached). An estimate, not a promise.",
         epilog=_fields_epilog(), formatter_class=fmt,
     )
     _add_config_args(p)
-    p.add_argument("--no-calibrate", action="store_true", help="skip the timing; print counts and tokens only")
+    p.add_argument("--no-calibrate", action="store_true", help="skip the timing; print counts, tokens and memory only")
+    p.add_argument("--processes", type=int, default=None,
+                   help="processes the run will be launched with (default: WORLD_SIZE, else 1): each takes its share "
+                   "of a training batch, and with sharding=fsdp its share of the weights")
     return parser
 
 
@@ -173,7 +177,18 @@ def cmd_validate(args) -> int:
     check_run_dir(cfg.run_dir)
     check_model_settings(cfg)
     const, sets = load_inputs(cfg)
+    from cai.memory import RUNTIME_BYTES, device_memory, fmt, process_count
+    from cai.models import pick_device
+    from cai.plan import check_memory
+
+    rows = check_memory(cfg, log=lambda m: print(f"note: {m}"))
     print(f"ok: config ({', '.join(cfg.stages)}) -> {cfg.run_dir}")
+    if rows is not None:
+        peak = max(((r["memory"]["stage_bytes"], r["stage"]) for r in rows if r["memory"]), default=None)
+        if peak:
+            print(f"ok: memory: the largest stage ({peak[1]}) needs ~{fmt(peak[0] + RUNTIME_BYTES)} per process "
+                  f"({process_count()} process{'es' if process_count() > 1 else ''}); "
+                  f"{device_memory(pick_device(cfg.engine.device))[0]}")
     print(f"ok: constitution '{const.name}': {len(const.principles)} principles, {len(const.comparison_principles)} comparison principles")
     for name, splits in sets.items():
         print(f"ok: {name}: " + ", ".join(f"{s}={len(p)}" for s, p in splits.items()))
@@ -296,7 +311,10 @@ def cmd_plan(args) -> int:
     from cai.plan import plan, render
 
     cfg = load_config(_default_config(args), args.overrides)
-    print(render(plan(cfg, calibrate=not args.no_calibrate, log=lambda m: print(m, file=sys.stderr))))
+    if args.processes is not None and args.processes < 1:
+        raise CaiError(f"--processes must be >= 1; got {args.processes}")
+    print(render(plan(cfg, calibrate=not args.no_calibrate, log=lambda m: print(m, file=sys.stderr),
+                      world=args.processes)))
     return 0
 
 

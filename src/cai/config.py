@@ -238,6 +238,14 @@ class TrainingConfig(OptimizerConfig):
 class SFTConfig(TrainingConfig):
     learning_rate: float = _default(TrainingConfig, "learning_rate", 2e-5)
     model: str | None = _f(None, "Model to fine-tune; None uses engine.model (the model that wrote the data).")
+    sharding: str = _f(
+        "none",
+        "'fsdp': shard the weights, gradients and AdamW state over the processes with PyTorch FSDP2 "
+        "(fully_shard per decoder layer, on CPU/gloo too) and gather the full model to save it. 'none': every "
+        "process holds a whole copy (DDP). Under accelerate launch with an FSDP config accelerate shards itself. "
+        "Full fine-tuning only (method=full), grad_accum=1.",
+        choices=("none", "fsdp"), fingerprint=False,
+    )
 
 
 @dataclass
@@ -419,6 +427,14 @@ class DPOConfig(TrainingConfig):
         True, "Label-smoothed (conservative) DPO with per-pair smoothing 1 - p_chosen; false: plain DPO.",
     )
     min_confidence: float = _f(0.5, "Drop pairs whose p_chosen is below this (0.5 keeps every pair).")
+    sharding: str = _f(
+        "none",
+        "'fsdp': shard the weights, gradients and AdamW state over the processes with PyTorch FSDP2 "
+        "(fully_shard per decoder layer, on CPU/gloo too) and gather the full model to save it. 'none': every "
+        "process holds a whole copy (DDP). Under accelerate launch with an FSDP config accelerate shards itself. "
+        "Full fine-tuning only (method=full), grad_accum=1.",
+        choices=("none", "fsdp"), fingerprint=False,
+    )
 
 
 @dataclass
@@ -427,6 +443,15 @@ class RunConfig:
     seed: int = _f(0, "Seed for every sampled choice (principles, splits, sampling).")
     stages: list[str] = _f(
         list(STAGES), "Stages to run, in order: " + ", ".join(STAGES) + ".",
+    )
+    memory_check: bool = _f(
+        True, "Refuse (in `cai validate` and `cai run`) a plan whose estimated peak memory per process, for some "
+        "stage, exceeds the device's: each GPU's free memory, or the machine's available RAM on a CPU (see "
+        "`cai plan`). false: run anyway (the estimate is an estimate).", fingerprint=False,
+    )
+    memory_margin: float = _f(
+        1.0, "The share of the device's memory a stage's estimate may take before memory_check refuses it "
+        "(0.8: keep a 20% reserve; above 1: trust the estimate less).", fingerprint=False,
     )
     engine: EngineConfig = _f(EngineConfig(), "The policy engine.")
     data: DataConfig = _f(DataConfig(), "Inputs: constitution and prompt sets.")
@@ -662,6 +687,14 @@ def check_config(cfg: RunConfig) -> None:
             raise CaiError(f"config field 'dpo.beta' must be > 0; got {cfg.dpo.beta}")
         if not 0.0 <= cfg.dpo.min_confidence <= 1.0:
             raise CaiError(f"config field 'dpo.min_confidence' must be in [0, 1]; got {cfg.dpo.min_confidence}")
+    for stage in ("sft", "dpo"):
+        tc = getattr(cfg, stage)
+        if tc.sharding == "fsdp" and tc.method == "lora":
+            raise CaiError(f"config field '{stage}.sharding=fsdp' needs {stage}.method=full (LoRA's trained state is "
+                           "small: train it unsharded, sharding=none)")
+        if tc.sharding == "fsdp" and tc.grad_accum != 1:
+            raise CaiError(f"config field '{stage}.sharding=fsdp' needs {stage}.grad_accum=1 (every process must run "
+                           f"the same number of passes per step); got {tc.grad_accum}")
     if cfg.engine.kind == "openai":
         from cai.engines.openai import check_openai_config
 
@@ -704,7 +737,7 @@ BOUNDS: dict[str, tuple[float | None, float | None, bool]] = {
     "kl_coef": (0, None, True), "beta": (0, None, False), "min_confidence": (0, 1, True),
     "test_fraction": (0, 1, True), "bootstrap": (0, None, True), "revision_max_chains": (1, None, True),
     "max_concurrency": (1, None, True), "timeout_s": (0, None, False), "max_retries": (0, None, True),
-    "top_logprobs": (1, None, True), "wait_for_endpoints_s": (0, None, True),
+    "top_logprobs": (1, None, True), "wait_for_endpoints_s": (0, None, True), "memory_margin": (0, None, False),
 }
 
 

@@ -78,10 +78,15 @@ def _file_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def embedded_target() -> Path:
+    """Where the embedded GGUF's converted checkpoint is cached (it may not be there yet)."""
+    return cache_root() / "models" / f"smollm2-135m-instruct-{_fingerprint(embedded_gguf())}"
+
+
 def embedded_model_dir(progress=print) -> Path:
     """Convert the embedded GGUF once into a cached float32 checkpoint; return it."""
     gguf = embedded_gguf()
-    target = cache_root() / "models" / f"smollm2-135m-instruct-{_fingerprint(gguf)}"
+    target = embedded_target()
     marker = target / "cai_model.json"
     if marker.is_file():
         _drop_gguf_quantization(target)

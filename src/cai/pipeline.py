@@ -181,6 +181,10 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
         from cai.models import check_model_settings
 
         check_model_settings(cfg)  # a missing model is found now, not hours later in its stage
+        from cai.plan import check_memory
+
+        # a plan that cannot fit is refused now, not when its stage runs out of memory
+        check_memory(cfg, world=dist.num_processes if dist is not None else 1, log=log)
         if "prepare" in cfg.stages:
             from cai.stage import load_inputs
 

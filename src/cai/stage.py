@@ -115,6 +115,17 @@ class Cost:
     new_tokens: int = 0
     train_tokens: int = 0
     note: str = ""
+    # fixed costs a training stage pays besides its steps
+    loads: int = 0  # models loaded from disk
+    eval_tokens: int = 0  # no-grad forward tokens of a training model (held-out evaluation, reference passes)
+    saves: int = 0  # save_pretrained models written
+    checkpoints: int = 0  # resumable checkpoints written (weights + AdamW state)
+    #: peak memory per process (a :class:`cai.memory.Memory`); None: nothing local to hold
+    memory: object = None
+
+
+#: Model shapes already built on the meta device, by (setting, revision).
+_SHAPES: dict = {}
 
 
 @dataclass
@@ -125,18 +136,48 @@ class PlanInputs:
     constitution: object
     sets: dict  # set name -> {split: [Prompt]}
     count: Callable[[list[dict]], int]  # tokens of a conversation
+    world: int = 1  # processes of the launch (each training stage's batch is split over them)
+    device: str = "cpu"  # where the models run ('auto' resolved)
 
     def capped(self, name: str, n: int | None) -> dict[str, list[Prompt]]:
         """A prompt set's splits, at most ``n`` prompts each (None: all)."""
         return {s: (ps if n is None else ps[:n]) for s, ps in self.sets[name].items()}
 
-    def feedback_pairs(self) -> float:
-        """About how many training comparisons the feedback stage will write."""
+    def feedback_pairs(self, split: str = "train") -> float:
+        """About how many comparisons of ``split`` the feedback stage will write."""
         import math
 
         fb = self.cfg.feedback
         reds = self.capped("red_team", fb.max_prompts)
-        return len(reds.get("train", [])) * math.comb(fb.samples_per_prompt, 2) * (1 + fb.helpful_ratio)
+        return len(reds.get(split, [])) * math.comb(fb.samples_per_prompt, 2) * (1 + fb.helpful_ratio)
+
+    # -- what memory estimates read (cai.memory) --
+
+    def shape(self, setting: str | None):
+        """The :class:`cai.memory.ModelShape` of a model setting (``sl-cai``: the model ``sft``
+        fine-tunes, same shape), from its config alone; None for a remote engine's model or
+        a model not on this machine."""
+        from cai.memory import model_config, shape_of
+
+        e = self.cfg.engine
+        name = setting or e.model
+        if name == SL_CAI:
+            name = self.cfg.sft.model or e.model
+        if e.kind != "local" and name == e.model:
+            return None
+        key = (name, e.revision)
+        if key not in _SHAPES:
+            config = model_config(name, e.revision, e.trust_remote_code)
+            _SHAPES[key] = shape_of(config) if config is not None else None
+        return _SHAPES[key]
+
+    def engine_bytes(self) -> int:
+        """Bytes per weight of the inference engine (``engine.dtype`` on this device)."""
+        from cai.memory import DTYPE_BYTES
+        from cai.models import pick_dtype
+
+        return DTYPE_BYTES[str(pick_dtype(self.cfg.engine.dtype, self.device)).replace("torch.", "")]
+
 
     def helpful_beside(self, red: dict[str, list[Prompt]], ratio: float) -> list[Prompt]:
         """The helpfulness prompts mixed in beside ``red``: per split, ``ratio`` per red-team prompt."""

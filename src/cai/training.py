@@ -112,13 +112,82 @@ def optimizer_and_batches(accelerator, model, tc, n: int, seed: int):
     import torch
 
     model.train()
+    sharded = wants_sharding(accelerator, tc)
+    if sharded:
+        model = shard(model, accelerator)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not sharded:  # sharded: FSDP2 already reduces the gradients (accelerate would add DDP on top)
+        model, optimizer = accelerator.prepare(model, optimizer)
     batches = batches_for_epochs(n, tc.batch_size, tc.epochs, seed)
     if tc.max_steps is not None:
         batches = batches[: tc.max_steps]
     return model, optimizer, params, batches
+
+
+# -- sharding (FSDP2) --------------------------------------------------------------------------
+
+
+def wants_sharding(accelerator, tc) -> bool:
+    """Whether to shard here: ``tc.sharding == 'fsdp'`` in several processes, unless accelerate
+    already does (``accelerate launch`` with an FSDP config on GPUs; on a CPU it does not)."""
+    from accelerate.utils import DistributedType
+
+    return (getattr(tc, "sharding", "none") == "fsdp" and accelerator.num_processes > 1
+            and accelerator.distributed_type != DistributedType.FSDP)
+
+
+def shard(model, accelerator):
+    """``model`` sharded over the processes with PyTorch FSDP2: ``fully_shard`` on each decoder
+    layer (the model's ``_no_split_modules``) and on the whole, over a 1-D device mesh (gloo
+    on a CPU). Each process then holds 1/N of the weights, gradients and AdamW state; a
+    layer's weights are gathered whole only while it runs."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise CaiError(f"sharding=fsdp: {type(model).__name__} names no decoder layer class (_no_split_modules) "
+                       "to shard by; use sharding=none")
+    device = accelerator.device
+    model.to(device)
+    mesh = init_device_mesh(device.type, (accelerator.num_processes,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    accelerator.print(f"sharded with FSDP2 over {accelerator.num_processes} processes: {len(layers)} "
+                      f"{'/'.join(sorted(names))} and the whole model")
+    return model
+
+
+def is_sharded(model) -> bool:
+    """Whether ``model``'s weights are sharded over the processes (DTensor parameters: FSDP2,
+    ours or accelerate's)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _trained_names(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def full_state_dict(model) -> dict | None:
+    """A sharded model's whole ``state_dict`` on the main process's CPU (every process must call
+    it: the shards are gathered; the others get an empty dict); None for an unsharded model."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # tied weights (the output head on the embeddings) are one parameter under two names: keep the first
+    first, seen = set(), set()
+    for name, value in model.state_dict(keep_vars=True).items():
+        if id(value) not in seen:
+            seen.add(id(value))
+            first.add(name)
+    return {k: v for k, v in full.items() if k in first}
 
 
 def process_share(batch: list, rank: int, world: int) -> tuple[list, float]:
@@ -348,7 +417,7 @@ def trainable_weights(model) -> dict:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(folder: Path, model, optimizer, step: int, extra: dict, scaler=None) -> None:
+def save_checkpoint(folder: Path, model, optimizer, step: int, extra: dict, scaler=None, main: bool = True) -> None:
     """Save the trained weights, the optimizer state and the loop's state, atomically (a temp
     folder renamed into place). Nothing is pickled, so loading a checkpoint runs no code:
 
@@ -356,16 +425,21 @@ def save_checkpoint(folder: Path, model, optimizer, step: int, extra: dict, scal
     * ``optimizer.safetensors``: AdamW's state tensors, keyed ``<param index>.<name>``;
     * ``trainer_state.json``: the step, the optimizer's param groups and non-tensor state,
       the fp16 gradient scaler's state and ``extra`` (plain JSON values).
+
+    Every process calls it; only the ``main`` one writes. A sharded model's weights and
+    AdamW state are gathered whole first (every process takes part), so the checkpoint is
+    the same whatever the sharding and resumes with any process count.
     """
     import torch
     from safetensors.torch import save_file
 
+    weights, opt = _full_training_state(model, optimizer)
+    if not main:
+        return
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({n: p.detach().cpu().contiguous() for n, p in trainable_weights(model).items()},
-              str(tmp / "weights.safetensors"))
-    opt = optimizer.state_dict()
+    save_file({n: p.detach().cpu().contiguous() for n, p in weights.items()}, str(tmp / "weights.safetensors"))
     tensors, scalars = {}, {}
     for index, values in opt["state"].items():
         for name, value in values.items():
@@ -383,6 +457,45 @@ def save_checkpoint(folder: Path, model, optimizer, step: int, extra: dict, scal
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _full_training_state(model, optimizer) -> tuple[dict, dict]:
+    """The trained weights by name and the optimizer's ``state_dict`` (keyed by parameter
+    index), gathered whole from the shards of a sharded model (a collective call)."""
+    if not is_sharded(model):
+        return trainable_weights(model), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    names = _trained_names(model)
+    full = get_model_state_dict(model, options=options)
+    opt = get_optimizer_state_dict(model, optimizer, options=options)
+    index = {n: i for i, n in enumerate(names)}
+    return ({n: full[n] for n in names if n in full},
+            {"state": {index[n]: v for n, v in opt.get("state", {}).items()},
+             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in opt.get("param_groups", [])]})
+
+
+def _load_full_training_state(model, optimizer, weights: dict, opt: dict) -> None:
+    """Load whole weights and an index-keyed optimizer state into a sharded model (each
+    process keeps its shards)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    names = _trained_names(model)
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, {
+        "state": {names[i]: v for i, v in opt["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt["param_groups"]],
+    }, options=options)
 
 
 def resume(folder: Path, model, optimizer, total_steps: int, log, stage: str, scaler=None) -> tuple[int, dict | None]:
@@ -417,18 +530,21 @@ def load_checkpoint(folder: Path, model, optimizer, total_steps: int | None = No
     if total_steps is not None and trainer.get("total_steps") != total_steps:
         return None
     saved, own = load_file(str(files[1])), trainable_weights(model)
-    if set(saved) != set(own) or any(saved[n].shape != p.shape for n, p in own.items()):
+    if set(saved) != set(own) or any(saved[n].shape != p.shape for n, p in own.items()):  # a DTensor's shape is whole
         return None
-    with torch.no_grad():
-        for n, p in own.items():
-            p.copy_(saved[n])
     state: dict[int, dict] = {}
     for key, value in [*load_file(str(files[2])).items(), *trainer.pop("optimizer_scalars").items()]:
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
               for g in trainer.pop("param_groups")]  # JSON made AdamW's betas a list
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    if is_sharded(model):
+        _load_full_training_state(model, optimizer, saved, {"state": state, "param_groups": groups})
+    else:
+        with torch.no_grad():
+            for n, p in own.items():
+                p.copy_(saved[n])
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
     if scaler is not None and trainer.get("scaler"):
         scaler.load_state_dict(trainer["scaler"])
     return trainer
@@ -461,12 +577,14 @@ def answer_logprobs(model, batch: dict, entropy: bool = False):
     return logp, float(ent.sum()), int(mask.sum())
 
 
-def save_trained_model(folder: Path, model, tok, stage: str, base: str, config, seed: int, prec: Precision) -> None:
+def save_trained_model(folder: Path, model, tok, stage: str, base: str, config, seed: int, prec: Precision,
+                       state_dict: dict | None = None) -> None:
     """The trained model as ``folder/model`` (``save_pretrained`` weights in ``prec.saved``:
     bfloat16 for a bf16 run, plus the tokenizer and ``cai_training.json``: the stage, its
     starting model, resolved config and precision, so the artifact says how it was made).
     A LoRA model also saves its adapter alone in ``folder/adapter`` and is merged first.
-    Call it last: the model is merged and cast in place."""
+    Call it last: the model is merged and cast in place. A sharded model passes its
+    gathered ``state_dict`` (:func:`full_state_dict`): that is what is saved."""
     import dataclasses
 
     import torch
@@ -474,12 +592,17 @@ def save_trained_model(folder: Path, model, tok, stage: str, base: str, config, 
     from cai.io import write_json
     from cai.stage import MODEL
 
-    if is_lora(model):
-        model.save_pretrained(folder / "adapter")
-        model = model.merge_and_unload()
-    model.to(getattr(torch, prec.saved))
     out = folder / MODEL
-    model.save_pretrained(out)
+    dtype = getattr(torch, prec.saved)
+    if state_dict is not None:
+        model.save_pretrained(out, state_dict={k: v.to(dtype) if v.is_floating_point() else v
+                                               for k, v in state_dict.items()})
+    else:
+        if is_lora(model):
+            model.save_pretrained(folder / "adapter")
+            model = model.merge_and_unload()
+        model.to(dtype)
+        model.save_pretrained(out)
     tok.save_pretrained(out)
     write_json(out / "cai_training.json", {
         "stage": stage, "base_model": base, "config": dataclasses.asdict(config), "seed": seed,

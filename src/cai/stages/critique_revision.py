@@ -305,8 +305,18 @@ def estimate(inputs: PlanInputs) -> Cost:
         note += f", {cr.best_of} revisions per request"
     if cr.quality_gates and cr.gate_retries:
         note += f"; plus up to {cr.gate_retries} retry per rejected text (not counted)"
+    # memory: the engine's model and the KV cache of a batch of the longest requests (a revision's)
+    shape, memory = inputs.shape(None), None
+    if shape is not None:
+        from cai.memory import generation
+
+        longest = int(per_round / max(1, len(ps)) + cr.max_new_tokens + cr.critique_max_new_tokens)
+        memory = generation(shape, inputs.engine_bytes(), min(inputs.cfg.engine.batch_size, max(1, len(ps + hs))),
+                            longest, inputs.cfg.engine.quantize == "int8")
+    loads = 1 + (cr.best_of > 1 and bool(cr.best_of_model) and cr.best_of_model != inputs.cfg.engine.model)
     return Cost(generate=len(ps + hs) + cr.rounds * len(ps) * calls, score=score,
-                prompt_tokens=first + cr.rounds * per_round * calls, new_tokens=new, note=note)
+                prompt_tokens=first + cr.rounds * per_round * calls, new_tokens=new, note=note,
+                loads=int(loads) if shape is not None else 0, memory=memory)
 
 
 STAGE = StageSpec(

@@ -54,6 +54,8 @@ from cai.training import (
     answer_logprobs,
     check_finite,
     encode_chat,
+    full_state_dict,
+    is_sharded,
     load_trainable,
     optimizer_and_batches,
     optimizer_step,
@@ -188,6 +190,9 @@ def run(ctx: StageContext) -> dict:
     total_steps = len(batches)
     rank, world = accelerator.process_index, accelerator.num_processes
     pad_id, device = tok.pad_token_id, accelerator.device
+    # Sharded, every forward pass is collective: each process scores every reference and held-out
+    # pair (the same passes in lockstep) instead of its share.
+    split = (0, 1) if is_sharded(plain) else (rank, world)
 
     ckpt = ctx.out / "checkpoint"
     start, state = resume(ckpt, plain, optimizer, total_steps, ctx.log, "dpo", scaler)
@@ -196,8 +201,8 @@ def run(ctx: StageContext) -> dict:
         ref = {split: {int(i): tuple(lp) for i, lp in rows.items()} for split, rows in state["ref"].items()}
     else:
         used = sorted({i for b in batches for i in b})
-        ref = {"train": shared_reference(plain, train, used, pad_id, device, micro, rank, world, prec),
-               "test": shared_reference(plain, test, list(range(len(test))), pad_id, device, micro, rank, world, prec)}
+        ref = {"train": shared_reference(plain, train, used, pad_id, device, micro, *split, prec),
+               "test": shared_reference(plain, test, list(range(len(test))), pad_id, device, micro, *split, prec)}
     # The policy starts at the reference: h = 0 for every held-out pair (see the docstring).
     before = pair_metrics([0.0] * len(test), [x["p"] for x in test], dc.beta, dc.soft_labels)
 
@@ -235,11 +240,11 @@ def run(ctx: StageContext) -> dict:
             history.append([step + 1, float(stats[0]) / n, float(stats[1]) / n, float(stats[2]) / n])
             update(1)
             done = step + 1
-            if accelerator.is_main_process and done % dc.checkpoint_every == 0 and done < total_steps:
+            if done % dc.checkpoint_every == 0 and done < total_steps:  # every process: a sharded model gathers
                 save_checkpoint(ckpt, plain, optimizer, done, {"history": history, "total_steps": total_steps, "ref": ref},
-                                scaler)
+                                scaler, main=accelerator.is_main_process)
     seconds = time.time() - t0
-    after = evaluate(plain, test, ref["test"], pad_id, device, micro, rank, world, dc.beta, dc.soft_labels, prec)
+    after = evaluate(plain, test, ref["test"], pad_id, device, micro, *split, dc.beta, dc.soft_labels, prec)
     accelerator.wait_for_everyone()
     counts = {
         "train_pairs": len(train), "test_pairs": len(test), "dropped_pairs": sum(dropped.values()),
@@ -248,8 +253,9 @@ def run(ctx: StageContext) -> dict:
         "test_loss_before": before.get("loss"), "test_loss": after.get("loss"),
         "test_reward_accuracy": after.get("reward_accuracy"), "test_margin": after.get("margin"),
     }
+    gathered = full_state_dict(plain)  # sharded: every process takes part; else None
     if accelerator.is_main_process:
-        save_trained_model(ctx.out, plain, tok, "dpo", base, dc, cfg.seed, prec)
+        save_trained_model(ctx.out, plain, tok, "dpo", base, dc, cfg.seed, prec, gathered)
         write_json(ctx.out / "metrics.json", {
             "history": [{"step": s, "loss": l, "reward_accuracy": a, "margin": mg} for s, l, a, mg in history],
             "dropped": dropped, "test_before": before, "test_after": after, **counts,
@@ -267,12 +273,26 @@ def _needs(cfg) -> tuple[str, ...]:
 
 
 def estimate(inputs: PlanInputs) -> Cost:
+    import math
+
+    from cai.memory import training
+    from cai.training import resolve_precision
+
     fb, dc = inputs.cfg.feedback, inputs.cfg.dpo
-    n = inputs.feedback_pairs()
+    n, n_test = inputs.feedback_pairs(), inputs.feedback_pairs("test")
+    length = min(fb.max_new_tokens + 60, dc.max_length)
     seqs = 2 * n * dc.epochs if dc.max_steps is None else min(2 * n * dc.epochs, 2 * dc.max_steps * dc.batch_size)
-    # plus one reference forward per sequence before training (a third of a training token)
-    return Cost(train_tokens=int(seqs * 4 / 3 * min(fb.max_new_tokens + 60, dc.max_length)),
-                note=f"~{int(n)} pairs x {dc.epochs} epochs")
+    steps = math.ceil(seqs / 2 / dc.batch_size)
+    used = min(2 * n, seqs)  # the train sequences whose reference log-probs are computed once
+    shape, memory = inputs.shape(dc.policy), None
+    if shape is not None:
+        per_pass = math.ceil(2 * max(1, dc.batch_size // dc.grad_accum) / inputs.world)  # chosen and rejected
+        prec = resolve_precision(dc.dtype, inputs.device, "dpo.dtype", lambda _m: None)
+        memory = training(shape, prec, dc, per_pass, length, inputs.world, dc.sharding == "fsdp")
+    # no-grad passes: the reference log-probs of the train and test pairs, the held-out pairs after training
+    return Cost(train_tokens=int(seqs * length), note=f"~{int(n)} pairs x {dc.epochs} epochs",
+                loads=1, eval_tokens=int((used + 2 * 2 * n_test) * length), saves=1,
+                checkpoints=(steps - 1) // dc.checkpoint_every, memory=memory)
 
 
 STAGE = StageSpec(

@@ -671,9 +671,24 @@ def estimate(inputs: PlanInputs) -> Cost:
         pm += chains * (cr.rounds + 1)
     prompt = int(models * len(ps) * avg + pair_q * (avg + demo + 2 * ev.max_new_tokens + 80)
                  + judge_q * (avg + ev.max_new_tokens + 120) + pm * (avg + ev.max_new_tokens))
+    # memory: one model at a time (each answers, then the judge, then the PM: see run), each with a batch
+    memory, loads = None, 0
+    shape = inputs.shape(ev.judge)
+    if shape is not None:
+        from cai.memory import frozen_model, generation, largest
+
+        e, ib, int8 = cfg.engine, inputs.engine_bytes(), cfg.engine.quantize == "int8"
+        phases = [generation(shape, ib, min(e.batch_size, max(1, len(ps))), int(avg) + ev.max_new_tokens, int8),
+                  generation(shape, ib, min(e.score_batch_size, max(1, pair_q + judge_q)),
+                             int(avg + demo + 2 * ev.max_new_tokens + 80), int8)]
+        if pm:
+            phases.append(frozen_model(shape.pm_params, ib))
+        memory = largest(*phases)
+        loads = models + 1 + (1 if pm else 0)
     return Cost(generate=models * len(ps), score=pair_q + judge_q, prompt_tokens=prompt,
                 new_tokens=models * len(ps) * ev.max_new_tokens,
-                note=f"{models} models x {len(ps)} test prompts; {pair_q} comparisons; {pm} PM scores")
+                note=f"{models} models x {len(ps)} test prompts; {pair_q} comparisons; {pm} PM scores",
+                loads=loads, memory=memory)
 
 
 STAGE = StageSpec(

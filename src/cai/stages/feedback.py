@@ -402,7 +402,27 @@ def estimate(inputs: PlanInputs) -> Cost:
     q_tokens = sum(count([{"role": "user", "content": question(p.messages, "Which is better?", "", "")}])
                    for p in prompts) / max(1, len(prompts)) + demo + 2 * fb.max_new_tokens
     cot = fb.chain_of_thought
+    # memory: the policy that samples and the feedback model that labels are both held; the larger
+    # of a sampling batch and a scoring batch of questions sits beside them
+    e, policy, judge = inputs.cfg.engine, inputs.shape(fb.policy), inputs.shape(fb.model)
+    memory, loads = None, 0
+    if judge is not None or policy is not None:
+        from cai.memory import Memory, generation, largest
+
+        ib, int8 = inputs.engine_bytes(), e.quantize == "int8"
+        answer = int(sum(count(p.messages) for p in prompts) / max(1, len(prompts))) + fb.max_new_tokens
+        phases = []
+        if policy is not None:
+            phases.append(generation(policy, ib, min(e.batch_size, max(1, len(prompts)) * fb.samples_per_prompt),
+                                     answer, int8))
+        if judge is not None:
+            phases.append(generation(judge, ib, min(e.score_batch_size, max(1, qs)), int(q_tokens), int8))
+        weights = sum(p.parts["weights"] for p in phases)
+        peak = largest(*phases)
+        memory = Memory({**peak.parts, "weights": weights}, peak.basis)
+        loads = len(phases) if fb.policy != (fb.model or e.model) else 1
     return Cost(
+        loads=loads, memory=memory,
         generate=len(prompts) * fb.samples_per_prompt + (qs if cot else 0), score=qs,
         prompt_tokens=sum(count(p.messages) for p in prompts) + int(qs * q_tokens) * (2 if cot else 1),
         new_tokens=len(prompts) * fb.samples_per_prompt * fb.max_new_tokens + (qs * fb.cot_max_new_tokens if cot else 0),

@@ -182,10 +182,26 @@ def _needs(cfg) -> tuple[str, ...]:
 
 
 def estimate(inputs: PlanInputs) -> Cost:
+    import math
+
+    from cai.memory import training
+    from cai.training import resolve_precision
+
     fb, pc = inputs.cfg.feedback, inputs.cfg.preference_model
-    n = inputs.feedback_pairs()
+    n, n_test = inputs.feedback_pairs(), inputs.feedback_pairs("test")
+    length = min(fb.max_new_tokens + 60, pc.max_length)
     seqs = 2 * n * pc.epochs if pc.max_steps is None else min(2 * n * pc.epochs, 2 * pc.max_steps * pc.batch_size)
-    return Cost(train_tokens=int(seqs * min(fb.max_new_tokens + 60, pc.max_length)), note=f"~{int(n)} pairs x {pc.epochs} epochs")
+    steps = math.ceil(seqs / 2 / pc.batch_size)
+    shape, memory = inputs.shape(pc.model), None
+    if shape is not None:
+        per_pass = math.ceil(2 * max(1, pc.batch_size // pc.grad_accum) / inputs.world)  # both answers of a pair
+        prec = resolve_precision(pc.dtype, inputs.device, "preference_model.dtype", lambda _m: None)
+        memory = training(shape, prec, pc, per_pass, length, inputs.world,
+                          classifier=True)
+    # held-out pairs scored before and after training (two sequences each)
+    return Cost(train_tokens=int(seqs * length), note=f"~{int(n)} pairs x {pc.epochs} epochs",
+                loads=1, eval_tokens=int(2 * 2 * n_test * length), saves=1,
+                checkpoints=(steps - 1) // pc.checkpoint_every, memory=memory)
 
 
 STAGE = StageSpec(

@@ -469,16 +469,38 @@ def _needs(cfg) -> tuple[str, ...]:
 
 
 def estimate(inputs: PlanInputs) -> Cost:
-    rc, count = inputs.cfg.rl, inputs.count
+    import math
+
+    from cai.memory import DTYPE_BYTES, Memory, frozen_model, training
+    from cai.training import resolve_precision
+
+    cfg, rc, count = inputs.cfg, inputs.cfg.rl, inputs.count
     train = inputs.sets["red_team"].get("train", [])
     avg = sum(count(p.messages) for p in train) / max(1, len(train))
     rollouts = rc.steps * rc.prompts_per_step * rc.samples_per_prompt
     asked = rc.steps * rc.prompts_per_step + 2 * rc.eval_prompts
-    # policy forward + backward, reference and PM forwards: about 1.5x a training token
+    length = int(avg + rc.max_new_tokens)
+    shape, memory = inputs.shape(rc.policy), None
+    if shape is not None:
+        prec = resolve_precision(rc.dtype, inputs.device, "rl.dtype", lambda _m: None)
+        mine = math.ceil(rc.prompts_per_step / inputs.world) * rc.samples_per_prompt  # this process's rollouts
+        memory = training(shape, prec, rc, min(mine, rc.micro_batch_size), length, inputs.world, reference_copy=True)
+        memory += frozen_model(shape.pm_params, DTYPE_BYTES[prec.frozen])
+        # the rollouts' KV cache (weights as stored: float32 masters, or LoRA's compute-dtype base) and the
+        # update's activations are phases of a step: the larger one counts
+        kv_bytes = DTYPE_BYTES[prec.frozen if rc.method == "lora" else prec.weights]
+        kv = shape.kv_bytes(min(mine, cfg.engine.batch_size) * length, kv_bytes)
+        if kv > memory.parts["activations"]:
+            memory = Memory({**{k: v for k, v in memory.parts.items() if k != "activations"}, "kv cache": kv},
+                            f"{min(mine, cfg.engine.batch_size)} rollouts x {length} tokens")
+    # the policy's update; no-grad passes: reference and PM over every rollout, and policy, reference
+    # and PM over the held-out answers before and after
     return Cost(generate=asked, prompt_tokens=int(asked * avg),
                 new_tokens=rollouts * rc.max_new_tokens + 2 * rc.eval_prompts * rc.max_new_tokens,
-                train_tokens=int(1.5 * rollouts * (avg + rc.max_new_tokens)),
-                note=f"{rc.steps} steps x {rc.prompts_per_step} prompts x {rc.samples_per_prompt} samples")
+                train_tokens=int(rollouts * length),
+                note=f"{rc.steps} steps x {rc.prompts_per_step} prompts x {rc.samples_per_prompt} samples",
+                loads=2, eval_tokens=int(2 * rollouts * length + 3 * 2 * rc.eval_prompts * length), saves=1,
+                checkpoints=(rc.steps - 1) // rc.checkpoint_every, memory=memory)
 
 
 STAGE = StageSpec(

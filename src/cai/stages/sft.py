@@ -32,6 +32,7 @@ from cai.training import (
     IGNORE,
     check_finite,
     encode_chat,
+    full_state_dict,
     load_trainable,
     optimizer_and_batches,
     optimizer_step,
@@ -136,9 +137,10 @@ def run(ctx: StageContext) -> dict:
             history.append([step + 1, float(step_loss)])
             update(1)
             done = step + 1
-            if accelerator.is_main_process and (done % sc.checkpoint_every == 0) and done < total_steps:
+            if done % sc.checkpoint_every == 0 and done < total_steps:  # every process: a sharded model gathers
                 save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, done,
-                                {"history": history, "total_steps": total_steps, "eval_before": eval_before}, scaler)
+                                {"history": history, "total_steps": total_steps, "eval_before": eval_before}, scaler,
+                                main=accelerator.is_main_process)
     seconds = time.time() - t0
     tokens_seen = int(accelerator.reduce(torch.tensor(tokens_seen, device=accelerator.device), "sum"))
     eval_after = evaluate_loss(model, test, pad_id, accelerator.device, micro, prec)
@@ -150,8 +152,9 @@ def run(ctx: StageContext) -> dict:
         "test_loss_before": round(eval_before, 4) if eval_before is not None else None,
         "test_loss_after": round(eval_after, 4) if eval_after is not None else None,
     }
+    gathered = full_state_dict(accelerator.unwrap_model(model))  # sharded: every process takes part; else None
     if accelerator.is_main_process:
-        save_trained_model(ctx.out, accelerator.unwrap_model(model), tok, "sft", base, sc, cfg.seed, prec)
+        save_trained_model(ctx.out, accelerator.unwrap_model(model), tok, "sft", base, sc, cfg.seed, prec, gathered)
         write_json(ctx.out / "metrics.json", {"loss": history, **counts})
         plot_curve(ctx.out / "loss.png", {"train loss": [tuple(h) for h in history]}, "SFT on critique/revision data")
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -159,13 +162,30 @@ def run(ctx: StageContext) -> dict:
 
 
 def estimate(inputs: PlanInputs) -> Cost:
+    import math
+
+    from cai.memory import training
+    from cai.training import resolve_precision
+
     count, cr, sc = inputs.count, inputs.cfg.critique_revision, inputs.cfg.sft
     reds = inputs.capped("red_team", cr.max_prompts)
-    train = reds.get("train", [])
-    n = len(train) + min(len(inputs.sets["helpful"].get("train", [])), round(cr.helpful_ratio * len(train)))
+    helpful = inputs.sets["helpful"]
+    train, test = reds.get("train", []), reds.get("test", [])
+    n = len(train) + min(len(helpful.get("train", [])), round(cr.helpful_ratio * len(train)))
+    n_test = len(test) + min(len(helpful.get("test", [])), round(cr.helpful_ratio * len(test)))
     per = sum(count(p.messages) for p in train) / max(1, len(train)) + cr.max_new_tokens
+    length = int(min(per, sc.max_length))
     seen = n * sc.epochs if sc.max_steps is None else min(n * sc.epochs, sc.max_steps * sc.batch_size)
-    return Cost(train_tokens=int(seen * min(per, sc.max_length)), note=f"{n} examples x {sc.epochs} epochs")
+    steps = math.ceil(seen / sc.batch_size)
+    shape, memory = inputs.shape(sc.model or inputs.cfg.engine.model), None
+    if shape is not None:
+        seqs = math.ceil(max(1, sc.batch_size // sc.grad_accum) / inputs.world)
+        prec = resolve_precision(sc.dtype, inputs.device, "sft.dtype", lambda _m: None)
+        memory = training(shape, prec, sc, seqs, length, inputs.world, sc.sharding == "fsdp")
+    # held-out loss before and after training; a checkpoint every checkpoint_every steps but the last
+    return Cost(train_tokens=int(seen * length), note=f"{n} examples x {sc.epochs} epochs",
+                loads=1, eval_tokens=2 * n_test * length, saves=1, checkpoints=(steps - 1) // sc.checkpoint_every,
+                memory=memory)
 
 
 STAGE = StageSpec(
