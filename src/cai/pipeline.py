@@ -176,29 +176,31 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
     check_run_dir(cfg.run_dir)
     run_dir = Path(cfg.run_dir)
     lock = RunLock(run_dir)
+    token = launch_token(dist) if dist is not None else None  # right after the process group's rendezvous
 
-    def preflight() -> dict:
-        from cai.models import check_model_settings
+    # Read-only checks, in every process (each fails the same way on its own, and none waits
+    # in a collective while the main process checks):
+    from cai.models import check_model_settings
+    from cai.plan import check_memory
 
-        check_model_settings(cfg)  # a missing model is found now, not hours later in its stage
-        from cai.plan import check_memory
+    check_model_settings(cfg)  # a missing model is found now, not hours later in its stage
+    # a plan that cannot fit is refused now, not when its stage runs out of memory
+    check_memory(cfg, world=dist.num_processes if dist is not None else 1, log=log)
+    if "prepare" in cfg.stages:
+        from cai.stage import load_inputs
 
-        # a plan that cannot fit is refused now, not when its stage runs out of memory
-        check_memory(cfg, world=dist.num_processes if dist is not None else 1, log=log)
-        if "prepare" in cfg.stages:
-            from cai.stage import load_inputs
+        load_inputs(cfg)  # bad input files stop the run before it writes anything
 
-            load_inputs(cfg)  # bad input files stop the run before it writes anything
+    def claim() -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
         return {}
 
     gate = None
     if dist is None:
-        preflight()
-    else:  # every process of one launch is one run: the main process checks and holds the lock for all
-        token = launch_token(dist)
-        broadcast_on_main(dist, preflight)
+        claim()
+    else:  # every process of one launch is one run: the main process holds the lock for all
+        broadcast_on_main(dist, claim)
     try:
         if dist is not None:
             gate = MainGate(dist, run_dir, token)
