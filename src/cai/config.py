@@ -335,6 +335,12 @@ class EvaluateConfig:
         100, "Score at most this many chains per split in revision_splits (each costs up to rounds + 1 PM "
         "forward passes; None: all).",
     )
+    sets: list[str] = _f(
+        [], "Standard safety evaluation sets, answered by every model and scored by each set's convention: "
+        "'eval:NAME' (hh-rlhf-harmless, xstest, harmbench, strongreject, do-not-answer) from $CAI_EVAL_DATA/NAME/ "
+        "or the hub, or 'eval:NAME:PATH' from a local copy in the set's original layout. A set without a test "
+        "split is hash-split with data.test_fraction; only its test part is evaluated (max_prompts applies).",
+    )
     extra_models: dict[str, str] = _f(
         {}, "More models to evaluate beside this run's, on the same prompts with the same judge, so the rows "
         "of a study compare: name -> a checkpoint directory, 'default', a hub id, or another run's directory "
@@ -631,6 +637,17 @@ def check_config(cfg: RunConfig) -> None:
                 f"config field 'evaluate.extra_models': bad name '{name}' (use letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit, and none of initial, sl-cai, rl, dpo, comparisons)"
             )
+    if cfg.evaluate.sets:
+        from cai.evalsets import parse_spec
+
+        for spec in cfg.evaluate.sets:
+            try:
+                parse_spec(spec)
+            except CaiError as exc:
+                raise CaiError(f"config field 'evaluate.sets': {exc}") from None
+        names = [parse_spec(spec)[0].name for spec in cfg.evaluate.sets]
+        if len(set(names)) < len(names):
+            raise CaiError(f"config field 'evaluate.sets': a set is named twice ({', '.join(names)})")
     for split in cfg.evaluate.revision_splits:
         if split not in ("train", "test") or cfg.evaluate.revision_splits.count(split) > 1:
             raise CaiError(f"config field 'evaluate.revision_splits': bad or repeated split {split!r} "

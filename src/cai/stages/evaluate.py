@@ -41,7 +41,7 @@ import json
 import math
 from pathlib import Path
 
-from cai import quality
+from cai import evalsets, quality
 from cai.constitution import ComparisonPrinciple, load_constitution
 from cai.conversations import (
     HARM_SCALE,
@@ -375,6 +375,49 @@ def pm_by_revision(ctx: StageContext, load_pm=None) -> dict:
     return {"revision_chains": len(chains), "revision_pm_change": last["change"]}
 
 
+# -- the standard evaluation sets (cai.evalsets) ------------------------------------------------
+
+
+def load_standard_sets(ctx: StageContext) -> list[tuple[evalsets.LoadedSet, list[Prompt]]]:
+    """``evaluate.sets``, loaded: each set with its test prompts (at most ``max_prompts``),
+    frozen in ``evaluate/sets/<name>.jsonl`` (with each prompt's set-specific fields in
+    ``meta``); the local files read are recorded as the stage's inputs."""
+    cfg, ev = ctx.cfg, ctx.cfg.evaluate
+    out = []
+    for spec in ev.sets:
+        loaded = evalsets.load_eval_set(spec, cfg.data.test_fraction, cfg.seed)
+        test = loaded.splits.get("test", [])[: ev.max_prompts]
+        if not test:
+            raise CaiError(f"config field 'evaluate.sets': '{spec}' has no test prompts ({loaded.total} in all, "
+                           f"data.test_fraction {cfg.data.test_fraction})")
+        for f in loaded.files:
+            ctx.record_input(f"{loaded.name}:{f.name}", f)
+        (ctx.out / "sets").mkdir(parents=True, exist_ok=True)
+        write_jsonl(ctx.out / "sets" / f"{loaded.name}.jsonl", ({**p.to_record(), "meta": p.meta} for p in test))
+        ctx.log(f"[evaluate] {loaded.name}: {len(test)} prompts from {loaded.source} "
+                f"({loaded.split_note(cfg.data.test_fraction, cfg.seed)})")
+        out.append((loaded, test))
+    return out
+
+
+def standard_set_results(ctx: StageContext, named, names: list[str], rows: list[dict]) -> dict:
+    """``results.json["standard_sets"]``: per set, its figures for every model and where they came from."""
+    cfg = ctx.cfg
+    return {ls.name: evalsets.results_entry(ls, len(ps), names, rows, cfg.data.test_fraction, cfg.seed)
+            for ls, ps in named}
+
+
+def standard_set_counts(sets: dict) -> dict:
+    """The headline figures of the standard sets, for the manifest."""
+    counts = {}
+    for name, entry in sets.items():
+        for model, summary in entry["models"].items():
+            for label, value in evalsets.headline(name, summary):
+                key = label.replace(": ", "_").replace(" ", "_").replace("-", "_")
+                counts[f"{name}_{key}_{model}"] = value
+    return counts
+
+
 # -- the stage --------------------------------------------------------------------------------
 
 
@@ -550,13 +593,14 @@ def run(ctx: StageContext) -> dict:
     for s in SETS:
         path = prompt_file(prep, s, "test")
         prompts[s] = load_prompt_file(path)[: ev.max_prompts] if path.is_file() else []
+    named = load_standard_sets(ctx)
     models = models_to_evaluate(ctx)
     names = list(models)
     ctx.log(f"[evaluate] models: {', '.join(f'{n} ({p})' for n, p in models.items())}")
 
     params = SamplingParams(temperature=ev.temperature, top_p=ev.top_p, max_new_tokens=ev.max_new_tokens,
                             seed=cfg.seed + 5000)
-    items = [(s, p) for s in SETS for p in prompts[s]]
+    items = [(s, p) for s in SETS for p in prompts[s]] + [(ls.name, p) for ls, ps in named for p in ps]
     rows: list[dict] = []
     answers: dict[str, dict[str, list[str]]] = {s: {} for s in SETS}
     for name, model in models.items():
@@ -565,9 +609,9 @@ def run(ctx: StageContext) -> dict:
             outs = engine.generate([p.messages for _, p in items], params, progress=update) if items else []
         for (s, p), out in zip(items, outs):
             text = out[0].strip()
-            answers[s].setdefault(name, []).append(text)
+            answers.setdefault(s, {}).setdefault(name, []).append(text)
             rows.append({"model": name, "set": s, "id": p.id, "category": p.category, "prompt": p.messages,
-                         "answer": text})
+                         "answer": text, **({"meta": p.meta} if s in evalsets.SETS else {})})
         del engine
         ctx.release_engine(model)  # one model in memory at a time: the next one (or the judge) loads after
 
@@ -589,6 +633,7 @@ def run(ctx: StageContext) -> dict:
         agree = [r["position_consistent"] for r in recs if "position_consistent" in r]
         elo[dimension]["position_consistency"] = _mean(float(a) for a in agree)
     judge_answers(judge, rows, ctx.progress)
+    evalsets.judge_rows(judge, rows, ctx.progress)
     measure_quality(rows)
     del judge
     ctx.release_engine(judge_model)  # the PM loads into the room the judge leaves
@@ -610,6 +655,8 @@ def run(ctx: StageContext) -> dict:
         "refusal_phrases": list(REFUSAL_PHRASES),
         "quality_definitions": QUALITY_DEFINITIONS,
     }
+    if named:
+        results["standard_sets"] = standard_set_results(ctx, named, names, rows)
     answers_dir = ctx.out / "answers"
     answers_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -630,6 +677,7 @@ def run(ctx: StageContext) -> dict:
         counts[f"harmfulness_{name}"] = h["mean"]
     for name in names:
         counts[f"degenerate_{name}"] = _mean(float(r["quality"]["degenerate"]) for r in rows if r["model"] == name)
+    counts.update(standard_set_counts(results.get("standard_sets") or {}))
     return counts
 
 
@@ -657,11 +705,18 @@ def estimate(inputs: PlanInputs) -> Cost:
         chains = sum(min(len(inputs.capped("red_team", cr.max_prompts).get(s, [])),
                          ev.revision_max_chains or 1 << 30) for s in ev.revision_splits)
         pm += chains * (cr.rounds + 1)
-    prompt = int(models * len(ps) * avg + pair_q * (avg + demo + 2 * ev.max_new_tokens + 80)
+    std_n, std_q = 0, 0
+    for spec in ev.sets:  # loading them here also checks them before a run
+        loaded = evalsets.load_eval_set(spec, cfg.data.test_fraction, cfg.seed)
+        n = len(loaded.splits.get("test", [])[: ev.max_prompts])
+        std_n, std_q = std_n + n, std_q + models * n * evalsets.questions_per_answer(loaded.name)
+    judge_q += std_q
+    prompt = int(models * (len(ps) + std_n) * avg + pair_q * (avg + demo + 2 * ev.max_new_tokens + 80)
                  + judge_q * (avg + ev.max_new_tokens + 120) + pm * (avg + ev.max_new_tokens))
-    return Cost(generate=models * len(ps), score=pair_q + judge_q, prompt_tokens=prompt,
-                new_tokens=models * len(ps) * ev.max_new_tokens,
-                note=f"{models} models x {len(ps)} test prompts; {pair_q} comparisons; {pm} PM scores")
+    return Cost(generate=models * (len(ps) + std_n), score=pair_q + judge_q, prompt_tokens=prompt,
+                new_tokens=models * (len(ps) + std_n) * ev.max_new_tokens,
+                note=f"{models} models x {len(ps)} test prompts" + (f" + {std_n} of standard sets" if std_n else "")
+                + f"; {pair_q} comparisons; {pm} PM scores")
 
 
 STAGE = StageSpec(
