@@ -59,8 +59,8 @@ def test_xstest_local_copy_maps_columns_and_hash_splits(tmp_path):
     assert [p.id for p in loaded.splits["test"]] == [p.id for p in expected["test"]]
     n = len(loaded.splits["test"])
     assert 0 < n < 8 and f"{n} of 8 prompts held out" in loaded.split_note(0.5, 3)
-    # the same file as a data.* source (load_prompt_set), pointing at the file itself
-    splits = load_prompt_set(f"eval:xstest:{path}", 0.5, 3)
+    # the same file as a data.* source (load_source), pointing at the file itself
+    splits = es.load_source(f"eval:xstest:{path}", 0.5, 3)
     assert [p.id for p in splits["test"]] == [p.id for p in loaded.splits["test"]]
 
 

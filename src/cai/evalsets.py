@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from cai import conversations as cv
+import cai.conversations as cv
 from cai.errors import CaiError
 from cai.prompts import Prompt, looks_like_transcript, parse_transcript, split_by_hash
 
@@ -387,9 +387,28 @@ def load_eval_set(spec: str, test_fraction: float = 0.25, seed: int = 0) -> Load
 
     if _hub_offline():
         where = f"${ENV_DIR}/{es.name}/ (${ENV_DIR}={env})" if env else f"${ENV_DIR} (unset)"
-        raise CaiError(f"'{spec}': no local copy ({where}) and the hub is offline; put {es.files[0]} there or "
+        raise CaiError(f"'{spec}': no local copy ({where}) and the hub is offline (HF_HUB_OFFLINE); put {es.files[0]} there or "
                        f"use eval:{es.name}:PATH")
     return _load_hub(es, test_fraction, seed)
+
+
+def load_source(spec: str, test_fraction: float = 0.25, seed: int = 0, column: str | None = None) -> dict:
+    """Any prompt source as fixed train/test splits: ``eval:NAME[:PATH]`` here, everything
+    else through :func:`cai.prompts.load_prompt_set` (the loader the config's ``data.*``
+    fields and ``cai validate --prompts`` use)."""
+    if spec.startswith(PREFIX):
+        return load_eval_set(spec, test_fraction, seed).splits
+    from cai.prompts import load_prompt_set
+
+    return load_prompt_set(spec, test_fraction, seed, column)
+
+
+def source_files(spec: str) -> list[Path]:
+    """The local file of an ``eval:`` source, where there is one (for the run's input record)."""
+    es, path = parse_spec(spec)
+    root = Path(path).expanduser() if path else (Path(os.environ[ENV_DIR]) / es.name if os.environ.get(ENV_DIR) else None)
+    found = _local_file(es, root) if root is not None and root.exists() else None
+    return [found] if found else []
 
 
 # -- scoring: each set's convention ------------------------------------------------------------

@@ -14,8 +14,7 @@ Files: ``.jsonl``, ``.json`` (a list of records), ``.csv``, ``.txt`` (one prompt
 line), ``.parquet``; a directory holding ``train.*`` and ``test.*`` files, or a
 dataset saved with ``save_to_disk``; ``hf:NAME``, ``hf:NAME:SPLIT`` or
 ``hf:NAME?name=SUBSET&data_dir=DIR&split=SPLIT&column=COL`` from the hub (online only,
-:func:`parse_hf_spec`); ``eval:NAME`` or ``eval:NAME:PATH``, a standard evaluation set
-(:mod:`cai.evalsets`). Built-in sets are ``builtin:red_team``, ``builtin:helpful`` and
+:func:`parse_hf_spec`). Built-in sets are ``builtin:red_team``, ``builtin:helpful`` and
 ``builtin:benign``, each with fixed train/test splits.
 """
 
@@ -294,7 +293,9 @@ def load_prompt_set(
     seed: int = 0,
     column: str | None = None,
 ) -> dict[str, list[Prompt]]:
-    """Load a prompt set as fixed ``{"train": [...], "test": [...]}`` splits.
+    """Load a prompt set as fixed ``{"train": [...], "test": [...]}`` splits. (The standard
+    evaluation sets, ``eval:NAME``, load through :func:`cai.evalsets.load_source`, which
+    takes every source.)
 
     Splits come from the source where it has them (separate files, a ``split``
     field, a DatasetDict); otherwise each prompt goes to test when a hash of its id
@@ -309,10 +310,6 @@ def load_prompt_set(
             names = ", ".join(sorted(p.name for p in BUILTIN_DIR.iterdir() if p.is_dir()))
             raise CaiError(f"no built-in prompt set '{name}' (available: {names})")
         return {s: load_prompt_file(p, column) for s, p in split_files(directory).items()}
-    if spec.startswith("eval:"):
-        from cai.evalsets import load_eval_set
-
-        return load_eval_set(spec, test_fraction, seed).splits
     if spec.startswith("hf:"):
         hub = parse_hf_spec(spec)
         if _hub_offline():
