@@ -438,3 +438,37 @@ def test_evaluate_scores_a_named_set_from_a_local_copy(tmp_path, tiny_model):
     assert any(k.startswith("xstest:") for k in manifest.get("inputs", {}))
     page = (run / "report" / "index.html").read_text()
     assert "Standard evaluation sets" in page and "Not comparable with published figures" in page
+
+
+def test_a_served_judge_beside_a_local_run_engine(tmp_path, monkeypatch):
+    """evaluate.judge_endpoints: the judge runs on an OpenAI-compatible engine on those
+    servers, while the run's engine stays local; bad settings are one-line errors."""
+    from cai.config import judge_engine_config
+    from cai.stage import StageContext
+    from cai.stages import evaluate as ev
+
+    cfg = load_config(None, ["evaluate.judge=big/judge", "evaluate.judge_endpoints=[http://127.0.0.1:9/v1]"])
+    check_config(cfg)
+    jc = judge_engine_config(cfg)
+    assert (jc.kind, jc.model, jc.endpoints, jc.tokenizer) == ("openai", "big/judge", ["http://127.0.0.1:9/v1"], None)
+    assert cfg.engine.kind == "local" and judge_engine_config(load_config(None, [])).kind == "local"
+    with pytest.raises(CaiError, match=r"'evaluate.judge_endpoints' needs evaluate.judge"):
+        check_config(load_config(None, ["evaluate.judge_endpoints=[http://127.0.0.1:9/v1]"]))
+    with pytest.raises(CaiError, match=r"evaluate.judge_endpoints"):
+        check_config(load_config(None, ["evaluate.judge=x", "evaluate.judge_endpoints=[ftp://nowhere]"]))
+    built = []
+
+    class Closing:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    import cai.engines
+
+    monkeypatch.setattr(cai.engines, "build_engine", lambda c, cache, progress=None: built.append((c, cache)) or Closing())
+    ctx = StageContext(cfg=cfg, run_dir=tmp_path, out=tmp_path / "evaluate", name="evaluate", log=lambda m: None)
+    judge, release = ev.open_judge(ctx)
+    assert built[0][0].kind == "openai" and built[0][1] == tmp_path / "cache.sqlite"
+    release()
+    assert judge.closed and not ctx.engines  # not one of the run's engines

@@ -375,6 +375,22 @@ def pm_by_revision(ctx: StageContext, load_pm=None) -> dict:
     return {"revision_chains": len(chains), "revision_pm_change": last["change"]}
 
 
+def open_judge(ctx: StageContext):
+    """The evaluation judge and how to release it: the run's engine on ``evaluate.judge``
+    (default ``engine.model``), or with ``evaluate.judge_endpoints`` an OpenAI-compatible
+    engine on those servers (a larger served model), through the run's request cache."""
+    ev = ctx.cfg.evaluate
+    if not ev.judge_endpoints:
+        model = ev.judge or ctx.cfg.engine.model
+        return ctx.engine(model), lambda: ctx.release_engine(model)
+    from cai.config import judge_engine_config
+    from cai.engines import build_engine
+
+    engine = build_engine(judge_engine_config(ctx.cfg), ctx.run_dir / "cache.sqlite", progress=ctx.log)
+    ctx.log(f"[evaluate] judge: {ev.judge} on {', '.join(ev.judge_endpoints)}")
+    return engine, engine.close
+
+
 # -- the standard evaluation sets (cai.evalsets) ------------------------------------------------
 
 
@@ -616,7 +632,7 @@ def run(ctx: StageContext) -> dict:
         ctx.release_engine(model)  # one model in memory at a time: the next one (or the judge) loads after
 
     judge_model = ev.judge or cfg.engine.model
-    judge = ctx.engine(judge_model)
+    judge, release_judge = open_judge(ctx)
     examples = const.comparison_examples if ev.few_shot < 0 else const.comparison_examples[: ev.few_shot]
     demos = comparison_demos(examples, principle_texts(const), cot=False)
     elo, comparisons = {}, []
@@ -636,7 +652,7 @@ def run(ctx: StageContext) -> dict:
     evalsets.judge_rows(judge, rows, ctx.progress)
     measure_quality(rows)
     del judge
-    ctx.release_engine(judge_model)  # the PM loads into the room the judge leaves
+    release_judge()  # the PM loads into the room the judge leaves
     pm = _pm_loader(ctx)  # loaded once, on first use, for the answers' and the revisions' scores
     pm_used = score_with_pm(ctx, rows, pm)
     revision_counts = pm_by_revision(ctx, pm)
