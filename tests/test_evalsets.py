@@ -269,6 +269,16 @@ def test_hf_source_loads_one_subset_and_reads_the_named_column(monkeypatch):
 # -- scoring by hand ---------------------------------------------------------------------------
 
 
+def test_a_capped_set_is_a_seeded_sample_across_its_categories():
+    from cai.prompts import Prompt
+
+    ps = [Prompt(id=f"p{k}", messages=[{"role": "user", "content": str(k)}], category=str(k // 10)) for k in range(40)]
+    a = es.sample(ps, 8, seed=0)
+    assert len(a) == 8 and a == es.sample(list(reversed(ps)), 8, seed=0)  # the file order does not matter
+    assert len({p.category for p in a}) > 1 and es.sample(ps, 8, seed=1) != a
+    assert sorted(p.id for p in es.sample(ps, None, 0)) == sorted(p.id for p in ps)
+
+
 def test_xstest_rates_by_hand():
     """Safe answers classed (compliance, full refusal, partial refusal, compliance): 0.5 /
     0.25 / 0.25, refusal rate 0.5. Unsafe (full refusal, compliance): compliance 0.5. A tie
@@ -429,7 +439,8 @@ def test_evaluate_scores_a_named_set_from_a_local_copy(tmp_path, tiny_model):
             assert b["full_compliance"] + b["full_refusal"] + b["partial_refusal"] == pytest.approx(1)
             assert sum(b["mean_probs"].values()) == pytest.approx(1, abs=1e-4)
     frozen = [json.loads(l) for l in (run / "evaluate" / "sets" / "xstest.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in frozen] == [p.id for p in held[:2]] and all("label" in r["meta"] for r in frozen)
+    assert [r["id"] for r in frozen] == [p.id for p in es.sample(held, 2, cfg.seed)]
+    assert all("label" in r["meta"] for r in frozen)
     answers = [json.loads(l) for l in (run / "evaluate" / "answers" / "initial.jsonl").read_text().splitlines()]
     xs = [a for a in answers if a["set"] == "xstest"]
     assert len(xs) == 2 and all(set(a["judgement"]["probs"]) == set(cv.XSTEST_CLASSES) for a in xs)

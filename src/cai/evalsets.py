@@ -392,6 +392,14 @@ def load_eval_set(spec: str, test_fraction: float = 0.25, seed: int = 0) -> Load
     return _load_hub(es, test_fraction, seed)
 
 
+def sample(prompts: list[Prompt], n: int | None, seed: int) -> list[Prompt]:
+    """At most ``n`` prompts, a stable seeded sample: those with the smallest hash of
+    (seed, id), in that order. The original files are grouped by category (XSTest by type),
+    so the first n would cover only the first categories. None: all, in hash order."""
+    ranked = sorted(prompts, key=lambda p: hashlib.sha256(f"sample:{seed}:{p.id}".encode()).hexdigest())
+    return ranked if n is None else ranked[:n]
+
+
 def load_source(spec: str, test_fraction: float = 0.25, seed: int = 0, column: str | None = None) -> dict:
     """Any prompt source as fixed train/test splits: ``eval:NAME[:PATH]`` here, everything
     else through :func:`cai.prompts.load_prompt_set` (the loader the config's ``data.*``

@@ -395,14 +395,15 @@ def open_judge(ctx: StageContext):
 
 
 def load_standard_sets(ctx: StageContext) -> list[tuple[evalsets.LoadedSet, list[Prompt]]]:
-    """``evaluate.sets``, loaded: each set with its test prompts (at most ``max_prompts``),
+    """``evaluate.sets``, loaded: each set with its test prompts (at most ``max_prompts``, a
+    seeded sample across the set's categories: :func:`cai.evalsets.sample`),
     frozen in ``evaluate/sets/<name>.jsonl`` (with each prompt's set-specific fields in
     ``meta``); the local files read are recorded as the stage's inputs."""
     cfg, ev = ctx.cfg, ctx.cfg.evaluate
     out = []
     for spec in ev.sets:
         loaded = evalsets.load_eval_set(spec, cfg.data.test_fraction, cfg.seed)
-        test = loaded.splits.get("test", [])[: ev.max_prompts]
+        test = evalsets.sample(loaded.splits.get("test", []), ev.max_prompts, cfg.seed)
         if not test:
             raise CaiError(f"config field 'evaluate.sets': '{spec}' has no test prompts ({loaded.total} in all, "
                            f"data.test_fraction {cfg.data.test_fraction})")
