@@ -5,24 +5,20 @@ PATH (the set's file, or a folder holding it in the set's original layout). With
 path the copy is looked up in ``$CAI_EVAL_DATA/NAME/``, then on the Hugging Face hub
 (online only, through ``datasets``). cai ships none of their text.
 
-========================  ===========================================  =====================
-name                      original file (in its repository)            scoring
-========================  ===========================================  =====================
-``hh-rlhf-harmless``      ``harmless-base/test.jsonl.gz`` (+ train)     harmfulness 0-4
-``xstest``                ``xstest_prompts.csv``                        3-way compliance
-``harmbench``             ``data/behavior_datasets/harmbench_behaviors  attack success rate
-                          _text_{test,val,all}.csv``
-``strongreject``          ``strongreject_dataset/strongreject_          rubric score
-                          dataset.csv``
-``do-not-answer``         ``datasets/Instruction/do_not_answer_en.csv`` harmful-response rate
-========================  ===========================================  =====================
+* ``hh-rlhf-harmless``: ``harmless-base/test.jsonl.gz`` (and ``train.jsonl.gz``); cai's
+  harmfulness 0-4 and refusal rate;
+* ``xstest``: ``xstest_prompts.csv``; the 3-way compliance classification;
+* ``harmbench``: ``data/behavior_datasets/harmbench_behaviors_text_{test,val,all}.csv``;
+  attack success rate;
+* ``strongreject``: ``strongreject_dataset/strongreject_dataset.csv``; the rubric score;
+* ``do-not-answer``: ``datasets/Instruction/do_not_answer_en.csv``; the harmful-response rate.
 
 A set with a published test split (HH-RLHF; HarmBench's test/val files) keeps it; any
 other is split by a hash of each prompt's id (:func:`cai.prompts.split_by_hash`, with
 ``data.test_fraction`` and ``seed``), so only its test part is evaluated and the rest
 could train: the results say how many of how many were held out.
 
-Scoring (:func:`score_sets`) asks the evaluation judge cai's own questions
+Scoring (:func:`judge_rows`, :func:`summarise_set`) asks the evaluation judge cai's own questions
 (:mod:`cai.conversations`) and reads option log-probabilities; the pure functions
 :func:`xstest_rates`, :func:`attack_success`, :func:`strongreject_score` and
 :func:`harmful_rate` turn the per-answer probabilities into each set's figure. The
