@@ -152,7 +152,7 @@ def cmd_run(args) -> int:
 def cmd_validate(args) -> int:
     from cai.config import check_config, check_run_dir, load_config
     from cai.constitution import load_constitution
-    from cai.prompts import load_prompt_set
+    from cai.evalsets import load_source
 
     if args.constitution or args.prompts:
         if args.constitution:
@@ -165,7 +165,7 @@ def cmd_validate(args) -> int:
             for n in c.notes:
                 print(f"note: {n}")
         if args.prompts:
-            splits = load_prompt_set(args.prompts)
+            splits = load_source(args.prompts)
             sizes = ", ".join(f"{s}={len(p)}" for s, p in splits.items())
             print(f"ok: {args.prompts}: {sizes}")
         return 0

@@ -318,6 +318,16 @@ class EvaluateConfig:
         None, "Model that judges the answers (comparisons, harmfulness, refusals); None uses engine.model "
         "(the original model, which is also the feedback model by default).",
     )
+    judge_endpoints: list[str] = _f(
+        [], "OpenAI-compatible server URLs (http://host:8000/v1) that serve evaluate.judge, so a larger served "
+        "model can judge while the run's own engine stays as it is (engine.kind=local included); the other "
+        "engine.* server settings (api_key_env, timeouts, retries, top_logprobs) apply. []: the judge runs on the "
+        "run's engine.", fingerprint=False,
+    )
+    judge_tokenizer: str | None = _f(
+        None, "With judge_endpoints: a local tokenizer whose chat template is applied here (requests go to "
+        "/completions, as llama.cpp servers need). None: /chat/completions, the server's template.",
+    )
     harmlessness_principle: str | None = _f(
         None, "Comparison principle id for the harmlessness Elo (red-team prompts); None: the constitution's first "
         "comparison principle.",
@@ -342,6 +352,12 @@ class EvaluateConfig:
     revision_max_chains: int | None = _f(
         100, "Score at most this many chains per split in revision_splits (each costs up to rounds + 1 PM "
         "forward passes; None: all).",
+    )
+    sets: list[str] = _f(
+        [], "Standard safety evaluation sets, answered by every model and scored by each set's convention: "
+        "'eval:NAME' (hh-rlhf-harmless, xstest, harmbench, strongreject, do-not-answer) from $CAI_EVAL_DATA/NAME/ "
+        "or the hub, or 'eval:NAME:PATH' from a local copy in the set's original layout. A set without a test "
+        "split is hash-split with data.test_fraction; only its test part is evaluated (max_prompts applies).",
     )
     extra_models: dict[str, str] = _f(
         {}, "More models to evaluate beside this run's, on the same prompts with the same judge, so the rows "
@@ -662,6 +678,27 @@ def check_config(cfg: RunConfig) -> None:
                 f"config field 'evaluate.extra_models': bad name '{name}' (use letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit, and none of initial, sl-cai, rl, dpo, comparisons)"
             )
+    if cfg.evaluate.judge_endpoints:
+        if not cfg.evaluate.judge:
+            raise CaiError("config field 'evaluate.judge_endpoints' needs evaluate.judge: the model name the "
+                           "servers serve (e.g. evaluate.judge=Qwen/Qwen2.5-72B-Instruct)")
+        from cai.engines.openai import check_openai_config
+
+        try:
+            check_openai_config(judge_engine_config(cfg))
+        except CaiError as exc:
+            raise CaiError(str(exc).replace("engine.endpoints", "evaluate.judge_endpoints")) from None
+    if cfg.evaluate.sets:
+        from cai.evalsets import parse_spec
+
+        for spec in cfg.evaluate.sets:
+            try:
+                parse_spec(spec)
+            except CaiError as exc:
+                raise CaiError(f"config field 'evaluate.sets': {exc}") from None
+        names = [parse_spec(spec)[0].name for spec in cfg.evaluate.sets]
+        if len(set(names)) < len(names):
+            raise CaiError(f"config field 'evaluate.sets': a set is named twice ({', '.join(names)})")
     for split in cfg.evaluate.revision_splits:
         if split not in ("train", "test") or cfg.evaluate.revision_splits.count(split) > 1:
             raise CaiError(f"config field 'evaluate.revision_splits': bad or repeated split {split!r} "
@@ -704,6 +741,17 @@ def check_config(cfg: RunConfig) -> None:
                 "config field 'sft.model' is empty; with engine.kind=openai the engine's model is remote, "
                 "so set sft.model to a local checkpoint ('default', a directory or a hub id) to fine-tune"
             )
+
+
+def judge_engine_config(cfg) -> EngineConfig:
+    """The engine settings of the evaluation judge: the run's, or with
+    ``evaluate.judge_endpoints`` an OpenAI-compatible engine on those servers."""
+    ev = cfg.evaluate
+    model = ev.judge or cfg.engine.model
+    if not ev.judge_endpoints:
+        return dataclasses.replace(cfg.engine, model=model)
+    return dataclasses.replace(cfg.engine, kind="openai", model=model, endpoints=list(ev.judge_endpoints),
+                               tokenizer=ev.judge_tokenizer, revision=None)
 
 
 def results_dict(cfg) -> dict:

@@ -12,8 +12,9 @@ ends with a user turn. Accepted record shapes (first match wins):
 
 Files: ``.jsonl``, ``.json`` (a list of records), ``.csv``, ``.txt`` (one prompt a
 line), ``.parquet``; a directory holding ``train.*`` and ``test.*`` files, or a
-dataset saved with ``save_to_disk``; ``hf:NAME`` or ``hf:NAME:SPLIT`` from the hub
-(online only). Built-in sets are ``builtin:red_team``, ``builtin:helpful`` and
+dataset saved with ``save_to_disk``; ``hf:NAME``, ``hf:NAME:SPLIT`` or
+``hf:NAME?name=SUBSET&data_dir=DIR&split=SPLIT&column=COL`` from the hub (online only,
+:func:`parse_hf_spec`). Built-in sets are ``builtin:red_team``, ``builtin:helpful`` and
 ``builtin:benign``, each with fixed train/test splits.
 """
 
@@ -248,13 +249,53 @@ def _hub_offline() -> bool:
     return offline() or os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+HF_KEYS = ("name", "data_dir", "split", "column")
+#: Hub datasets whose default load mixes subsets of different kinds: a data_dir is required.
+HF_NEEDS_DATA_DIR = {
+    "Anthropic/hh-rlhf": "data_dir=harmless-base (red-team prompts) or data_dir=helpful-base (helpful prompts); "
+                         "or use eval:hh-rlhf-harmless",
+}
+
+
+def parse_hf_spec(spec: str) -> dict:
+    """``hf:PATH``, ``hf:PATH:SPLIT`` or ``hf:PATH?name=SUBSET&data_dir=DIR&split=SPLIT&column=COL``
+    -> {"path", "name", "data_dir", "split", "column"} (None where not given). ``name`` is the
+    hub subset (``load_dataset``'s config name), ``column`` the prompt column."""
+    from urllib.parse import parse_qsl
+
+    body, _, query = spec[3:].partition("?")
+    path, _, split = body.partition(":")
+    out = {"path": path, "name": None, "data_dir": None, "split": split or None, "column": None}
+    if not path:
+        raise CaiError(f"prompt set '{spec}': no dataset after 'hf:' (e.g. hf:Anthropic/hh-rlhf?data_dir=harmless-base)")
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise CaiError(f"prompt set '{spec}': bad query '?{query}'; use ?key=value&key=value with keys "
+                       f"{', '.join(HF_KEYS)}") from None
+    for key, value in pairs:
+        if key not in HF_KEYS:
+            raise CaiError(f"prompt set '{spec}': unknown key '{key}' (use {', '.join(HF_KEYS)})")
+        if not value:
+            raise CaiError(f"prompt set '{spec}': '{key}' is empty")
+        if key == "split" and out["split"] and out["split"] != value:
+            raise CaiError(f"prompt set '{spec}': two splits ('{out['split']}' and '{value}'); give one")
+        out[key] = value
+    if path in HF_NEEDS_DATA_DIR and not out["data_dir"]:
+        raise CaiError(f"prompt set '{spec}' would mix {path}'s harmless and helpful subsets as one set; add "
+                       f"?{HF_NEEDS_DATA_DIR[path]}")
+    return out
+
+
 def load_prompt_set(
     spec: str,
     test_fraction: float = 0.25,
     seed: int = 0,
     column: str | None = None,
 ) -> dict[str, list[Prompt]]:
-    """Load a prompt set as fixed ``{"train": [...], "test": [...]}`` splits.
+    """Load a prompt set as fixed ``{"train": [...], "test": [...]}`` splits. (The standard
+    evaluation sets, ``eval:NAME``, load through :func:`cai.evalsets.load_source`, which
+    takes every source.)
 
     Splits come from the source where it has them (separate files, a ``split``
     field, a DatasetDict); otherwise each prompt goes to test when a hash of its id
@@ -270,8 +311,7 @@ def load_prompt_set(
             raise CaiError(f"no built-in prompt set '{name}' (available: {names})")
         return {s: load_prompt_file(p, column) for s, p in split_files(directory).items()}
     if spec.startswith("hf:"):
-        parts = spec[3:].split(":")
-        name, split = parts[0], (parts[1] if len(parts) > 1 else None)
+        hub = parse_hf_spec(spec)
         if _hub_offline():
             raise CaiError(
                 f"prompt set '{spec}' needs the Hugging Face hub, but HF_HUB_OFFLINE is set; "
@@ -279,11 +319,12 @@ def load_prompt_set(
             )
         import datasets
 
+        kwargs = {k: hub[k] for k in ("data_dir", "split") if hub[k]}
         try:
-            ds = datasets.load_dataset(name, split=split)
+            ds = datasets.load_dataset(hub["path"], hub["name"], **kwargs)
         except Exception as exc:
-            raise CaiError(f"cannot load dataset '{name}' from the hub: {exc}") from None
-        splits = _from_datasets(ds if split is None else {split: ds}, spec, column)
+            raise CaiError(f"cannot load dataset '{hub['path']}' from the hub: {exc}") from None
+        splits = _from_datasets(ds if hub["split"] is None else {hub["split"]: ds}, spec, hub["column"] or column)
         return _normalise_splits(splits, spec, test_fraction, seed)
     path = Path(spec)
     if path.is_dir():

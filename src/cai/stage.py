@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from cai.errors import CaiError
-from cai.prompts import SPLITS, Prompt, load_prompt_file, load_prompt_set
+from cai.prompts import SPLITS, Prompt, load_prompt_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from cai.config import RunConfig
@@ -78,11 +78,12 @@ def load_inputs(cfg: "RunConfig"):
     """The constitution and the three prompt sets of a config, validated: what ``prepare``
     freezes, ``cai validate`` checks and ``cai plan`` counts."""
     from cai.constitution import load_constitution
+    from cai.evalsets import load_source
 
     const = load_constitution(cfg.data.constitution)
     sets = {}
     for name in PROMPT_SETS:
-        splits = load_prompt_set(getattr(cfg.data, name), cfg.data.test_fraction, cfg.seed)
+        splits = load_source(getattr(cfg.data, name), cfg.data.test_fraction, cfg.seed)
         if cfg.data.max_per_split is not None:
             splits = {s: ps[: cfg.data.max_per_split] for s, ps in splits.items()}
         needed = ("train", "test") if name == "red_team" else ("test",)

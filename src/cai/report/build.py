@@ -158,8 +158,30 @@ def evaluation(run: Path) -> str:
             parts.append(f"<p>{escape(dim)}: {t['comparisons']} comparisons on {t['prompts']} prompts under "
                          f"<code>{escape(str(t.get('principle_id')))}</code>; position consistency "
                          f"{escape(_fmt(t.get('position_consistency')))}; {t['bootstrap']} bootstrap resamples.</p>")
+    parts.append(standard_sets(res))
     parts.append(_figures(run / "evaluate", skip=REVISION_PNGS))
     return "".join(parts)
+
+
+def standard_sets(res: dict) -> str:
+    """The standard evaluation sets (results.json["standard_sets"]): each set's headline
+    figures per model, its convention, source and split, and the comparability note."""
+    from cai.evalsets import SETS, headline
+
+    sets = res.get("standard_sets") or {}
+    parts = []
+    for name, entry in sets.items():
+        if name not in SETS or not isinstance(entry, dict):
+            continue
+        models = entry.get("models") or {}
+        labels = [label for label, _ in headline(name, next(iter(models.values()), {}))]
+        rows = [[m, *(v for _, v in headline(name, summary)), summary.get("n")] for m, summary in models.items()]
+        parts.append(f"<h4>{escape(str(entry.get('title', name)))} (<code>eval:{escape(name)}</code>)</h4>"
+                     + _table(["model", *labels, "n"], rows)
+                     + f"<p>{escape(str(entry.get('convention', '')))}. Source: <code>{escape(str(entry.get('source')))}"
+                     f"</code>; {escape(str(entry.get('split', '')))}.</p>"
+                     f"<p><b>{escape(str(entry.get('note', '')))}</b></p>")
+    return ("<h3>Standard evaluation sets</h3>" + "".join(parts)) if parts else ""
 
 
 def _ci(row: dict, key: str) -> str:

@@ -41,7 +41,7 @@ import json
 import math
 from pathlib import Path
 
-from cai import quality
+from cai import evalsets, quality
 from cai.constitution import ComparisonPrinciple, load_constitution
 from cai.conversations import (
     HARM_SCALE,
@@ -376,6 +376,66 @@ def pm_by_revision(ctx: StageContext, load_pm=None) -> dict:
     return {"revision_chains": len(chains), "revision_pm_change": last["change"]}
 
 
+def open_judge(ctx: StageContext):
+    """The evaluation judge and how to release it: the run's engine on ``evaluate.judge``
+    (default ``engine.model``), or with ``evaluate.judge_endpoints`` an OpenAI-compatible
+    engine on those servers (a larger served model), through the run's request cache."""
+    ev = ctx.cfg.evaluate
+    if not ev.judge_endpoints:
+        model = ev.judge or ctx.cfg.engine.model
+        return ctx.engine(model), lambda: ctx.release_engine(model)
+    from cai.config import judge_engine_config
+    from cai.engines import build_engine
+
+    engine = build_engine(judge_engine_config(ctx.cfg), ctx.run_dir / "cache.sqlite", progress=ctx.log)
+    ctx.log(f"[evaluate] judge: {ev.judge} on {', '.join(ev.judge_endpoints)}")
+    return engine, engine.close
+
+
+# -- the standard evaluation sets (cai.evalsets) ------------------------------------------------
+
+
+def load_standard_sets(ctx: StageContext) -> list[tuple[evalsets.LoadedSet, list[Prompt]]]:
+    """``evaluate.sets``, loaded: each set with its test prompts (at most ``max_prompts``, a
+    seeded sample across the set's categories: :func:`cai.evalsets.sample`),
+    frozen in ``evaluate/sets/<name>.jsonl`` (with each prompt's set-specific fields in
+    ``meta``); the local files read are recorded as the stage's inputs."""
+    cfg, ev = ctx.cfg, ctx.cfg.evaluate
+    out = []
+    for spec in ev.sets:
+        loaded = evalsets.load_eval_set(spec, cfg.data.test_fraction, cfg.seed)
+        test = evalsets.sample(loaded.splits.get("test", []), ev.max_prompts, cfg.seed)
+        if not test:
+            raise CaiError(f"config field 'evaluate.sets': '{spec}' has no test prompts ({loaded.total} in all, "
+                           f"data.test_fraction {cfg.data.test_fraction})")
+        for f in loaded.files:
+            ctx.record_input(f"{loaded.name}:{f.name}", f)
+        (ctx.out / "sets").mkdir(parents=True, exist_ok=True)
+        write_jsonl(ctx.out / "sets" / f"{loaded.name}.jsonl", ({**p.to_record(), "meta": p.meta} for p in test))
+        ctx.log(f"[evaluate] {loaded.name}: {len(test)} prompts from {loaded.source} "
+                f"({loaded.split_note(cfg.data.test_fraction, cfg.seed)})")
+        out.append((loaded, test))
+    return out
+
+
+def standard_set_results(ctx: StageContext, named, names: list[str], rows: list[dict]) -> dict:
+    """``results.json["standard_sets"]``: per set, its figures for every model and where they came from."""
+    cfg = ctx.cfg
+    return {ls.name: evalsets.results_entry(ls, len(ps), names, rows, cfg.data.test_fraction, cfg.seed)
+            for ls, ps in named}
+
+
+def standard_set_counts(sets: dict) -> dict:
+    """The headline figures of the standard sets, for the manifest."""
+    counts = {}
+    for name, entry in sets.items():
+        for model, summary in entry["models"].items():
+            for label, value in evalsets.headline(name, summary):
+                key = label.replace(": ", "_").replace(" ", "_").replace("-", "_")
+                counts[f"{name}_{key}_{model}"] = value
+    return counts
+
+
 # -- the stage --------------------------------------------------------------------------------
 
 
@@ -562,13 +622,14 @@ def run(ctx: StageContext) -> dict:
     for s in SETS:
         path = prompt_file(prep, s, "test")
         prompts[s] = load_prompt_file(path)[: ev.max_prompts] if path.is_file() else []
+    named = load_standard_sets(ctx)
     models = models_to_evaluate(ctx)
     names = list(models)
     ctx.log(f"[evaluate] models: {', '.join(f'{n} ({p})' for n, p in models.items())}")
 
     params = SamplingParams(temperature=ev.temperature, top_p=ev.top_p, max_new_tokens=ev.max_new_tokens,
                             seed=cfg.seed + 5000)
-    items = [(s, p) for s in SETS for p in prompts[s]]
+    items = [(s, p) for s in SETS for p in prompts[s]] + [(ls.name, p) for ls, ps in named for p in ps]
     rows: list[dict] = []
     answers: dict[str, dict[str, list[str]]] = {s: {} for s in SETS}
     for name, model in models.items():
@@ -577,14 +638,14 @@ def run(ctx: StageContext) -> dict:
             outs = engine.generate([p.messages for _, p in items], params, progress=update) if items else []
         for (s, p), out in zip(items, outs):
             text = out[0].strip()
-            answers[s].setdefault(name, []).append(text)
+            answers.setdefault(s, {}).setdefault(name, []).append(text)
             rows.append({"model": name, "set": s, "id": p.id, "category": p.category, "prompt": p.messages,
-                         "answer": text})
+                         "answer": text, **({"meta": p.meta} if s in evalsets.SETS else {})})
         del engine
         ctx.release_engine(model)  # one model in memory at a time: the next one (or the judge) loads after
 
     judge_model = ev.judge or cfg.engine.model
-    judge = ctx.engine(judge_model)
+    judge, release_judge = open_judge(ctx)
     examples = const.comparison_examples if ev.few_shot < 0 else const.comparison_examples[: ev.few_shot]
     demos = comparison_demos(examples, principle_texts(const), cot=False)
     elo, comparisons = {}, []
@@ -601,9 +662,10 @@ def run(ctx: StageContext) -> dict:
         agree = [r["position_consistent"] for r in recs if "position_consistent" in r]
         elo[dimension]["position_consistency"] = _mean(float(a) for a in agree)
     judge_answers(judge, rows, ctx.progress)
+    evalsets.judge_rows(judge, rows, ctx.progress)
     measure_quality(rows)
     del judge
-    ctx.release_engine(judge_model)  # the PM loads into the room the judge leaves
+    release_judge()  # the PM loads into the room the judge leaves
     pm = _pm_loader(ctx)  # loaded once, on first use, for the answers' and the revisions' scores
     pm_used = score_with_pm(ctx, rows, pm)
     revision_counts = pm_by_revision(ctx, pm)
@@ -622,6 +684,8 @@ def run(ctx: StageContext) -> dict:
         "refusal_phrases": list(REFUSAL_PHRASES),
         "quality_definitions": QUALITY_DEFINITIONS,
     }
+    if named:
+        results["standard_sets"] = standard_set_results(ctx, named, names, rows)
     answers_dir = ctx.out / "answers"
     answers_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -642,6 +706,7 @@ def run(ctx: StageContext) -> dict:
         counts[f"harmfulness_{name}"] = h["mean"]
     for name in names:
         counts[f"degenerate_{name}"] = _mean(float(r["quality"]["degenerate"]) for r in rows if r["model"] == name)
+    counts.update(standard_set_counts(results.get("standard_sets") or {}))
     return counts
 
 
@@ -669,7 +734,13 @@ def estimate(inputs: PlanInputs) -> Cost:
         chains = sum(min(len(inputs.capped("red_team", cr.max_prompts).get(s, [])),
                          ev.revision_max_chains or 1 << 30) for s in ev.revision_splits)
         pm += chains * (cr.rounds + 1)
-    prompt = int(models * len(ps) * avg + pair_q * (avg + demo + 2 * ev.max_new_tokens + 80)
+    std_n, std_q = 0, 0
+    for spec in ev.sets:  # loading them here also checks them before a run
+        loaded = evalsets.load_eval_set(spec, cfg.data.test_fraction, cfg.seed)
+        n = len(loaded.splits.get("test", [])[: ev.max_prompts])
+        std_n, std_q = std_n + n, std_q + models * n * evalsets.questions_per_answer(loaded.name)
+    judge_q += std_q
+    prompt = int(models * (len(ps) + std_n) * avg + pair_q * (avg + demo + 2 * ev.max_new_tokens + 80)
                  + judge_q * (avg + ev.max_new_tokens + 120) + pm * (avg + ev.max_new_tokens))
     # memory: one model at a time (each answers, then the judge, then the PM: see run), each with a batch
     memory, loads = None, 0
@@ -678,16 +749,17 @@ def estimate(inputs: PlanInputs) -> Cost:
         from cai.memory import frozen_model, generation, largest
 
         e, ib, int8 = cfg.engine, inputs.engine_bytes(), cfg.engine.quantize == "int8"
-        phases = [generation(shape, ib, min(e.batch_size, max(1, len(ps))), int(avg) + ev.max_new_tokens, int8),
+        phases = [generation(shape, ib, min(e.batch_size, max(1, len(ps) + std_n)), int(avg) + ev.max_new_tokens, int8),
                   generation(shape, ib, min(e.score_batch_size, max(1, pair_q + judge_q)),
                              int(avg + demo + 2 * ev.max_new_tokens + 80), int8)]
         if pm:
             phases.append(frozen_model(shape.pm_params, ib))
         memory = largest(*phases)
         loads = models + 1 + (1 if pm else 0)
-    return Cost(generate=models * len(ps), score=pair_q + judge_q, prompt_tokens=prompt,
-                new_tokens=models * len(ps) * ev.max_new_tokens,
-                note=f"{models} models x {len(ps)} test prompts; {pair_q} comparisons; {pm} PM scores",
+    return Cost(generate=models * (len(ps) + std_n), score=pair_q + judge_q, prompt_tokens=prompt,
+                new_tokens=models * (len(ps) + std_n) * ev.max_new_tokens,
+                note=f"{models} models x {len(ps)} test prompts" + (f" + {std_n} of standard sets" if std_n else "")
+                + f"; {pair_q} comparisons; {pm} PM scores",
                 loads=loads, memory=memory)
 
 

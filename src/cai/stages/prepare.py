@@ -17,6 +17,10 @@ from cai.stage import Cost, PlanInputs, StageContext, StageSpec, load_inputs, pr
 
 
 def _source_files(spec: str) -> list[Path]:
+    if spec.startswith("eval:"):
+        from cai.evalsets import source_files
+
+        return source_files(spec)
     if spec.startswith("builtin:"):
         return sorted((PROMPTS_DIR / spec.split(":", 1)[1]).glob("*.jsonl"))
     p = Path(spec)
