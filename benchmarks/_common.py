@@ -77,3 +77,39 @@ def write_report(out, model: dict, settings: dict, load_before, load_after, wall
     }
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+#: A child process that runs ``cai run`` (argv[1]: JSON ``[preset or null, overrides]``) and
+#: prints its resident memory after the imports and at its peak, as JSON on its last line.
+RSS_CHILD = r"""
+import json, sys
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+import torch, transformers, accelerate, peft  # noqa: F401,E401
+from cai.config import load_config
+from cai.pipeline import run_pipeline
+import cai.stages
+cai.stages.registry()
+preset, args = json.loads(sys.argv[1])
+base = status("VmRSS")
+run_pipeline(load_config(preset, args), log=lambda m: print(m, file=sys.stderr))
+print(json.dumps({"rss_after_imports": base, "peak_rss": status("VmHWM")}))
+"""
+
+
+def untrained_pm(model: str, folder) -> None:
+    """Save ``model`` with a fresh one-output score head (a preference model that was not
+    trained) and its tokenizer in ``folder``."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    tok = AutoTokenizer.from_pretrained(model)
+    head = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
+    head.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    head.save_pretrained(folder)
+    tok.save_pretrained(folder)

@@ -41,24 +41,6 @@ from cai.models import resolve_model
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "memory.json"
 
-CHILD = r"""
-import json, sys
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-
-import torch, transformers, accelerate, peft  # noqa: F401,E401
-from cai.config import load_config
-from cai.pipeline import run_pipeline
-import cai.stages  # noqa: F401
-cai.stages.registry()
-args = json.loads(sys.argv[1])
-base = status("VmRSS")
-run_pipeline(load_config(None, args), log=lambda m: None)
-print(json.dumps({"rss_after_imports": base, "peak_rss": status("VmHWM")}))
-"""
 
 
 def link_copy(src: Path, dst: Path) -> None:
@@ -70,9 +52,6 @@ def link_copy(src: Path, dst: Path) -> None:
 
 
 def prepare_run_dir(run_dir: Path, model: str) -> None:
-    import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from cai.config import load_config
     from cai.pipeline import run_pipeline
 
@@ -83,12 +62,7 @@ def prepare_run_dir(run_dir: Path, model: str) -> None:
     pm = run_dir / "preference_model"
     pm.mkdir(exist_ok=True)
     write_json(pm / "manifest.json", {"stage": "preference_model", "status": "complete", "note": "bench_memory"})
-    transformers.logging.set_verbosity_error()
-    tok = AutoTokenizer.from_pretrained(model)
-    head = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
-    head.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    head.save_pretrained(pm / "model")
-    tok.save_pretrained(pm / "model")
+    _common.untrained_pm(model, pm / "model")
 
 
 def measure(src: str, run_dir: Path, stage: str, args: list[str]) -> dict:
@@ -106,7 +80,7 @@ def measure(src: str, run_dir: Path, stage: str, args: list[str]) -> dict:
             shutil.rmtree(run_dir / s, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": src, "HF_HUB_OFFLINE": "1"}
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps([f"run_dir={run_dir}", *args])],
+    out = subprocess.run([sys.executable, "-c", _common.RSS_CHILD, json.dumps([None, [f"run_dir={run_dir}", *args]])],
                          env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{stage} {args} failed:\n{out.stderr[-3000:]}")

@@ -37,24 +37,6 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "plan.json"
 CAPS = ["critique_revision.max_prompts=6", "feedback.max_prompts=6", "rl.steps=3", "rl.eval_prompts=4",
         "evaluate.max_prompts=3", "evaluate.bootstrap=100"]
 
-CHILD = r"""
-import json, sys
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-
-import torch, transformers, accelerate, peft  # noqa: F401,E401
-from cai.config import load_config
-from cai.pipeline import run_pipeline
-import cai.stages
-cai.stages.registry()
-preset, args = json.loads(sys.argv[1])
-base = status("VmRSS")
-run_pipeline(load_config(preset, args), log=lambda m: print(m, file=sys.stderr))
-print(json.dumps({"rss_after_imports": base, "peak_rss": status("VmHWM")}))
-"""
 
 
 def measure_stages(preset: str, args: list[str], run_dir: Path, stages: list[str]) -> list[dict]:
@@ -65,7 +47,7 @@ def measure_stages(preset: str, args: list[str], run_dir: Path, stages: list[str
         todo = f"stages=[{', '.join(stages[: i + 1])}]"
         _common.log(f"running {stage} ...")
         t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", CHILD, json.dumps([preset, [*args, f"run_dir={run_dir}", todo]])],
+        out = subprocess.run([sys.executable, "-c", _common.RSS_CHILD, json.dumps([preset, [*args, f"run_dir={run_dir}", todo]])],
                              env=env, capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"{stage} failed:\n{out.stderr[-3000:]}")

@@ -80,9 +80,6 @@ def manifest(folder: Path, stage: str) -> None:
 
 def prepare_run_dir(run_dir: Path, model: str, n: int) -> None:
     """prepare (the real stage), plus synthetic sft data, preference pairs and a PM."""
-    import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     run_pipeline(load_config(None, [f"run_dir={run_dir}", "stages=[prepare]", "data.max_per_split=40"]),
                  log=lambda m: None)
     prompts = load_prompt_set("builtin:helpful")["train"]
@@ -103,12 +100,7 @@ def prepare_run_dir(run_dir: Path, model: str, n: int) -> None:
     write_jsonl(fb / "prefs" / "test.jsonl", pairs[:1])
     pm = run_dir / "preference_model"
     manifest(pm, "preference_model")
-    transformers.logging.set_verbosity_error()
-    tok = AutoTokenizer.from_pretrained(model)
-    head = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1)
-    head.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    head.save_pretrained(pm / "model")
-    tok.save_pretrained(pm / "model")
+    _common.untrained_pm(model, pm / "model")
 
 
 def stage_config(run_dir: Path, stage: str, mode: str, model: str, steps: int, args) -> object:
