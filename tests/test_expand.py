@@ -177,7 +177,7 @@ class ScriptedExpander:
     def count_tokens(self, conv):
         return sum(len(m["content"].split()) for m in conv)
 
-    def embed(self, texts):
+    def embed(self, texts, layer=None):
         import zlib
 
         dim = 512
@@ -330,3 +330,91 @@ def test_critique_revision_and_feedback_read_the_expanded_split(tmp_path, tiny_m
     assert not any(c["id"].startswith("expand-") for c in _read(run / "feedback" / "comparisons" / "test.jsonl"))
     manifest = json.loads((run / "critique_revision" / "manifest.json").read_text())
     assert "expand" in manifest["needs"] and "expand" in manifest["inputs"]
+
+
+# -- kill -9 and rerun -------------------------------------------------------------------------
+
+KILL = ["stages=[prepare, expand]", "expand.count=24", "expand.max_new_tokens=32", "expand.min_plausible=0",
+        "expand.min_care=0"]
+
+
+def _start(run, tiny_model):
+    import os
+    import subprocess
+
+    cmd = [sys.executable, "-m", "cai", "run", f"run_dir={run}", f"engine.model={tiny_model}", "engine.batch_size=2",
+           *KILL]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return cmd, env, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _rows(path):
+    import sqlite3
+
+    if not path.exists():
+        return 0
+    try:
+        with sqlite3.connect(path, timeout=1) as db:
+            return db.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def kill_reference(tmp_path_factory, tiny_model):
+    run = tmp_path_factory.mktemp("reference") / "run"
+    _, _, proc = _start(run, tiny_model)
+    out = proc.communicate(timeout=900)[0]
+    assert proc.returncode == 0, out[-2000:]
+    return run
+
+
+@pytest.mark.parametrize("phase", ["generation", "filter"])
+def test_kill_during_expand_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_model, kill_reference, phase):
+    """Killed at a seeded point among the generation requests or among the filter questions,
+    then rerun: every answer from before the kill comes from the cache, every candidate is in
+    the output exactly once. Killed among the filter questions (every generation answered
+    as in the uninterrupted run), the output is the uninterrupted run's. Killed among the
+    generation requests, the answers sampled after the kill come in other batches than in
+    the uninterrupted run, and the tiny random model's sampled text is not bit-stable across
+    batch shapes, so there only the accounting is compared."""
+    import random
+    import signal
+    import subprocess
+    import time
+
+    ref = json.loads((kill_reference / "expand" / "manifest.json").read_text())["counts"]
+    assert ref["generated"] > 0 and ref["kept"] > 0, ref  # both phases really have work
+    rng = random.Random(phase)
+    at = (rng.randint(2, ref["requests"] - 2) if phase == "generation"
+          else ref["requests"] + rng.randint(1, 4 * ref["generated"] - 1))
+    run = tmp_path / "run"
+    cmd, env, proc = _start(run, tiny_model)
+    end = time.time() + 600
+    while time.time() < end and proc.poll() is None and _rows(run / "cache.sqlite") < at:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the kill point"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = _rows(run / "cache.sqlite")
+    assert not (run / "expand").exists()  # nothing half-written in place
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("engine cache:"))
+    assert int(line.split()[2]) == saved  # every request answered before the kill came from the cache
+    counts = json.loads((run / "expand" / "manifest.json").read_text())["counts"]
+    kept, dropped = _read(run / "expand" / "train.jsonl"), _read(run / "expand" / "dropped.jsonl")
+    ids = [r["id"] for r in kept] + [d["id"] for d in dropped if d["reason"] != "unparsable"]
+    assert sorted(ids) == [f"expand-{i:05d}" for i in range(1, counts["generated"] + 1)]  # each candidate once
+    assert max(r["request"] for r in kept + dropped) < counts["requests"]
+    scored = counts["generated"] - counts["dup_near"] - counts["dup_paraphrase"] - counts["leak_test"]
+    assert saved + int(line.split()[4]) == counts["requests"] + 4 * scored  # no request asked twice
+    if phase == "filter":
+        assert counts == ref
+        for name in ("train.jsonl", "dropped.jsonl"):
+            a, b = _read(run / "expand" / name), _read(kill_reference / "expand" / name)
+            assert [{k: v for k, v in r.items() if not k.startswith("p_")} for r in a] == \
+                [{k: v for k, v in r.items() if not k.startswith("p_")} for r in b]
+            for x, y in zip(a, b):
+                for k in ("p_plausible", "p_care"):
+                    assert (x[k] is None and y[k] is None) or abs(x[k] - y[k]) < 1e-4

@@ -620,14 +620,21 @@ class LocalEngine(Engine):
 
     # -- embeddings ---------------------------------------------------------------
 
-    def embed(self, texts, max_tokens: int = 256):
-        """One vector per text: its last hidden layer mean-pooled over its tokens (the raw
-        text, no chat template, at most ``max_tokens``), L2-normalised; a float32 numpy
-        array of shape (len(texts), hidden size). Nothing is sampled: the same texts give
+    def embed(self, texts, layer: int | None = None, max_tokens: int = 256):
+        """One vector per text: a hidden layer's states mean-pooled over the text's tokens
+        (the raw text, no chat template, at most ``max_tokens``; the first token is left out
+        of texts of two or more, as its state is an attention sink with an outsized norm),
+        L2-normalised; a float32 numpy array of shape (len(texts), hidden size).
+
+        ``layer`` indexes ``hidden_states`` (0: the embeddings, -1: the last layer); None
+        takes the middle layer, which told paraphrases from unrelated prompts better than
+        the last on SmolLM2-135M (docs/expand.md). Nothing is sampled: the same texts give
         the same vectors whatever the batch."""
         import numpy as np
 
         torch = self.torch
+        if layer is None:
+            layer = (self.model.config.num_hidden_layers + 1) // 2
         seqs = [self.encode(t)[:max_tokens] or [self.pad_id] for t in texts]
         out = np.zeros((len(seqs), self.model.config.hidden_size), dtype=np.float32)
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
@@ -644,8 +651,10 @@ class LocalEngine(Engine):
             ids, mask = ids.to(self.device), mask.to(self.device)
             with torch.inference_mode():
                 hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
-                                    use_cache=False).hidden_states[-1].float()
-            m = mask.unsqueeze(-1).to(hidden.dtype)
+                                    use_cache=False).hidden_states[layer].float()
+            pool = mask.clone()
+            pool[:, 0] = (mask.sum(1) < 2).long()  # the first token only where it is all there is
+            m = pool.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(1) / m.sum(1)
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
             out[idx] = pooled.cpu().numpy()

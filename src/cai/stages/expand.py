@@ -12,8 +12,9 @@ red-team *train* split, in four steps:
    prompt are dropped: MinHash/LSH (``datasketch``) over character 5-grams finds
    candidates, their exact Jaccard similarity decides (``expand.near_threshold``).
 3. **Paraphrases** are dropped the same way by the cosine of text embeddings
-   (``expand.paraphrase_threshold``): a model's last hidden layer, mean-pooled
-   (:func:`embedder`), centred on the mean of the seeds and test prompts.
+   (``expand.paraphrase_threshold``): a model's hidden states (``expand.embed_layer``,
+   default the middle layer), mean-pooled (:func:`embedder`), centred on the mean of the
+   seeds and test prompts.
 4. **Filter.** The filter model answers two yes/no questions per prompt, "could a user
    plausibly ask this?" and "does answering it need care?", read from the (A)/(B) option
    log-probabilities in both orders, as the feedback stage reads its labels. Prompts
@@ -228,16 +229,17 @@ def paraphrases(cand, refs, ref_keys: list[str], threshold: float) -> list[dict 
     return out
 
 
-def embedder(ctx: StageContext, model: str | None):
+def embedder(ctx: StageContext, model: str | None, layer: int | None = None):
     """The function ``embed(texts) -> np.ndarray`` (one L2-normalised row per text) of the
-    model ``model`` (default: ``engine.model``): the one place the stage asks an engine
-    for embeddings, so another engine can supply them by offering an ``embed`` method."""
+    model ``model`` (default: ``engine.model``) at hidden layer ``layer``: the one place the
+    stage asks an engine for embeddings, so another engine can supply them by offering an
+    ``embed(texts, layer)`` method."""
     engine = ctx.engine(model)
     inner = getattr(engine, "engine", engine)  # the request cache wraps the engine
     if not callable(getattr(inner, "embed", None)):
         raise CaiError(f"the engine on '{model or ctx.cfg.engine.model}' gives no hidden states to embed prompts "
                        "with; set expand.embed_model to a local checkpoint ('default', a directory or a hub id)")
-    return inner.embed
+    return lambda texts: inner.embed(texts, layer)
 
 
 # -- the stage -----------------------------------------------------------------------------------
@@ -272,7 +274,7 @@ def run(ctx: StageContext) -> dict:
             drop(c, "leak-test" if hit["match"].startswith("test:") else "dup-near", {"by": "near", **hit})
 
     if left:
-        embed = embedder(ctx, xc.embed_model)
+        embed = embedder(ctx, xc.embed_model, xc.embed_layer)
         ref_vecs = embed([t for _, t in refs])
         cand_vecs = embed([c["prompt"] for c in left])
         para = paraphrases(cand_vecs, ref_vecs, [k for k, _ in refs], xc.paraphrase_threshold)
@@ -332,7 +334,7 @@ def run(ctx: StageContext) -> dict:
         "seeds": len(seeds), "test_prompts": len(tests),
         "thresholds": {"near": xc.near_threshold, "paraphrase": xc.paraphrase_threshold,
                        "min_plausible": xc.min_plausible, "min_care": xc.min_care},
-        "embed_model": xc.embed_model or cfg.engine.model, "filter_model": xc.filter_model or cfg.engine.model,
+        "embed_model": xc.embed_model or cfg.engine.model, "embed_layer": xc.embed_layer, "filter_model": xc.filter_model or cfg.engine.model,
     })
     return counts
 
