@@ -195,7 +195,8 @@ def _cfg(tmp_path, tiny_model, *extra):
 
 
 def _scripted_run(tmp_path, tiny_model, *extra):
-    cfg = _cfg(tmp_path, tiny_model, *extra)
+    # the scripted bag-of-words embedding puts the planted paraphrase at cosine 1
+    cfg = _cfg(tmp_path, tiny_model, "expand.paraphrase_threshold=0.9", *extra)
     run_pipeline(load_config(None, [f"run_dir={tmp_path / 'run'}", f"engine.model={tiny_model}", "stages=[prepare]"]),
                  log=lambda m: None)
     prep = tmp_path / "run" / "prepare"
@@ -418,3 +419,23 @@ def test_kill_during_expand_then_rerun_loses_and_duplicates_nothing(tmp_path, ti
             for x, y in zip(a, b):
                 for k in ("p_plausible", "p_care"):
                     assert (x[k] is None and y[k] is None) or abs(x[k] - y[k]) < 1e-4
+
+
+def test_the_report_section_counts_by_reason_and_escapes_the_prompts(tmp_path, tiny_model):
+    from cai.report.expansion import expansion
+
+    counts, out, _, _ = _scripted_run(tmp_path, tiny_model)
+    hostile = '<script>alert(1)</script><img src=x onerror=alert(2)>'
+    rows = _read(out / "train.jsonl")
+    rows[0]["prompt"] = hostile
+    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "manifest.json").write_text("{}")
+    run = tmp_path / "fake-run"
+    run.mkdir()
+    (run / "expand").symlink_to(out)
+    html = expansion(run)
+    assert "<script" not in html and "<img" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    for reason in ("leak-test", "dup-near", "dup-paraphrase", "implausible", "no-care-needed"):
+        assert f"<td>dropped: {reason}</td><td>1</td>" in html
+    assert f"<td>kept</td><td>{counts['kept']}</td>" in html
+    assert expansion(tmp_path / "no-run") == ""
