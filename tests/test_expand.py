@@ -255,6 +255,8 @@ def test_expand_is_off_by_default_and_listing_it_needs_a_count(tmp_path):
     assert "expand" not in cfg.stages and cfg.expand.count == 0
     with pytest.raises(CaiError, match=r"'expand.count' is 0 .* set expand.count"):
         check_config(load_config(None, ["stages=[prepare, expand]"]))
+    with pytest.raises(CaiError, match=r"expand must come before critique_revision"):
+        check_config(load_config(None, ["stages=[prepare, critique_revision, expand]", "expand.count=5"]))
     with pytest.raises(CaiError, match=r"'expand.near_threshold' must be in \(0, 1\]"):
         check_config(load_config(None, ["expand.near_threshold=0"]))
 

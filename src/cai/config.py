@@ -662,6 +662,10 @@ def check_config(cfg: RunConfig) -> None:
     if "expand" in cfg.stages and cfg.expand.count == 0:
         raise CaiError("config field 'expand.count' is 0 (off) but 'stages' lists expand; set expand.count to the "
                        "number of new prompts to generate, or take expand out of stages")
+    if "expand" in cfg.stages:
+        late = [s for s in ("critique_revision", "feedback", "rl") if s in cfg.stages[: cfg.stages.index("expand")]]
+        if late:
+            raise CaiError(f"config field 'stages': expand must come before {late[0]}, which reads its prompts")
     cr = cfg.critique_revision
     if cr.gate_retries < 0:
         raise CaiError(f"config field 'critique_revision.gate_retries' must be >= 0 (0: no retries); got {cr.gate_retries}")
