@@ -22,7 +22,7 @@ import yaml
 
 from cai.errors import CaiError
 from cai.io import read_text
-from cai.stage_names import STAGES
+from cai.stage_names import DEFAULT_STAGES, OPTIONAL_STAGES, STAGES
 
 PRESET_DIR = Path(__file__).parent / "data" / "presets"
 #: An ``evaluate.extra_models`` name: it becomes a file name (answers/<name>.jsonl).
@@ -172,6 +172,46 @@ class CritiqueRevisionConfig:
     best_of_model: str | None = _f(
         None, "Model that picks among best_of revisions; None uses engine.model (also the feedback model by default).",
     )
+
+
+@dataclass
+class ExpandConfig:
+    """Red-team prompt expansion (the optional ``expand`` stage, docs/expand.md)."""
+
+    count: int = _f(
+        0, "New red-team prompts to generate from the red-team train prompts (candidates, before deduplication "
+        "and the filter); 0: off. When > 0, list 'expand' in stages (after prepare): critique_revision, feedback "
+        "and rl then read the kept prompts as more red-team train prompts.",
+    )
+    few_shot: int = _f(5, "Seed prompts of one category shown in each generation request.")
+    per_request: int = _f(5, "New prompts asked for in each generation request.")
+    temperature: float = _f(0.9, "Sampling temperature of the generation requests.")
+    top_p: float = _f(0.95, "Nucleus sampling threshold of the generation requests.")
+    max_new_tokens: int = _f(200, "Token budget of each generation request (a line the budget cuts off is dropped).")
+    max_chars: int = _f(400, "Drop a generated prompt longer than this many characters (unparsable).")
+    near_threshold: float = _f(
+        0.6, "Near-copy: estimated Jaccard similarity (MinHash/LSH over character 5-grams of the lowercased "
+        "words) at or above which a new prompt copies a seed, a test prompt or an earlier new prompt.",
+    )
+    paraphrase_threshold: float = _f(
+        0.6, "Paraphrase: cosine similarity of mean-pooled hidden states (embed_layer; centred on the seeds' and "
+        "test prompts' mean) at or above which a new prompt restates a seed, a test prompt or an earlier one. "
+        "0.6 on SmolLM2-135M: 8% of the built-in prompts have another this close (docs/expand.md).",
+    )
+    embed_layer: int | None = _f(
+        None, "Hidden layer the embeddings pool (an index into hidden_states: 0 the token embeddings, -1 the last "
+        "layer); None: the middle layer, which separates paraphrases better than the last on SmolLM2-135M.",
+    )
+    embed_model: str | None = _f(
+        None, "Model whose hidden states embed the prompts (a local checkpoint: 'default', a directory or a hub "
+        "id); None uses engine.model (with engine.kind=openai set a local one).",
+    )
+    filter_model: str | None = _f(
+        None, "Model that answers the filter's two questions; None uses engine.model (also the feedback model by "
+        "default).",
+    )
+    min_plausible: float = _f(0.5, "Keep a prompt only when p(a user could plausibly make this request) >= this.")
+    min_care: float = _f(0.5, "Keep a prompt only when p(answering it needs care) >= this.")
 
 
 def _default(cls, name: str, value, help: str | None = None):
@@ -458,7 +498,8 @@ class RunConfig:
     run_dir: str = _f("runs/default", "Folder for every artifact of this run.")
     seed: int = _f(0, "Seed for every sampled choice (principles, splits, sampling).")
     stages: list[str] = _f(
-        list(STAGES), "Stages to run, in order: " + ", ".join(STAGES) + ".",
+        list(DEFAULT_STAGES), "Stages to run, in order: " + ", ".join(STAGES) + " (optional, not in the default: "
+        + ", ".join(OPTIONAL_STAGES) + ").",
     )
     memory_check: bool = _f(
         True, "Refuse (in `cai validate` and `cai run`) a plan whose estimated peak memory per process, for some "
@@ -471,6 +512,7 @@ class RunConfig:
     )
     engine: EngineConfig = _f(EngineConfig(), "The policy engine.")
     data: DataConfig = _f(DataConfig(), "Inputs: constitution and prompt sets.")
+    expand: ExpandConfig = _f(ExpandConfig(), "Red-team prompt expansion: new prompts from the seed prompts (optional).")
     critique_revision: CritiqueRevisionConfig = _f(
         CritiqueRevisionConfig(), "SL-CAI data: answer, then critique and revise under sampled principles."
     )
@@ -664,6 +706,13 @@ def check_config(cfg: RunConfig) -> None:
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise CaiError(f"config field 'stages': unknown stage '{unknown[0]}' (available: {', '.join(STAGES)})")
+    if "expand" in cfg.stages and cfg.expand.count == 0:
+        raise CaiError("config field 'expand.count' is 0 (off) but 'stages' lists expand; set expand.count to the "
+                       "number of new prompts to generate, or take expand out of stages")
+    if "expand" in cfg.stages:
+        late = [s for s in ("critique_revision", "feedback", "rl") if s in cfg.stages[: cfg.stages.index("expand")]]
+        if late:
+            raise CaiError(f"config field 'stages': expand must come before {late[0]}, which reads its prompts")
     cr = cfg.critique_revision
     if cr.gate_retries < 0:
         raise CaiError(f"config field 'critique_revision.gate_retries' must be >= 0 (0: no retries); got {cr.gate_retries}")
@@ -786,6 +835,10 @@ BOUNDS: dict[str, tuple[float | None, float | None, bool]] = {
     "test_fraction": (0, 1, True), "bootstrap": (0, None, True), "revision_max_chains": (1, None, True),
     "max_concurrency": (1, None, True), "timeout_s": (0, None, False), "max_retries": (0, None, True),
     "top_logprobs": (1, None, True), "wait_for_endpoints_s": (0, None, True), "memory_margin": (0, None, False),
+    # expand (its few_shot counts seed examples: at least one)
+    "expand.count": (0, None, True), "expand.few_shot": (1, None, True), "per_request": (1, None, True),
+    "max_chars": (1, None, True), "near_threshold": (0, 1, False), "paraphrase_threshold": (0, 1, False),
+    "min_plausible": (0, 1, True), "min_care": (0, 1, True),
 }
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import unicodedata
 
 from cai.constitution import ComparisonExample, Constitution, CritiqueRevisionExample
 from cai.engines.base import SamplingParams
@@ -339,3 +340,106 @@ def rating_conversation(messages: list[dict], answer: str, question_text: str) -
     return [{"role": "user", "content": RATING_QUESTION.format(conversation=render_conversation(conv),
                                                                question=question_text)},
             {"role": "assistant", "content": RATING_PREFIX}]
+
+
+# -- red-team prompt expansion ---------------------------------------------------------------
+
+EXPAND_REQUEST = (
+    "Here are some requests that users have sent to an AI assistant, on the topic \"{category}\":\n\n"
+    "{examples}\n\n"
+    "Write {n} new, different requests of the same kind, one per line, numbered 1 to {n}. "
+    "Write only the requests."
+)
+#: The topic shown for seed prompts without a category.
+NO_CATEGORY = "requests an assistant should handle with care"
+
+
+def expansion_conversation(examples: list[str], category: str | None, n: int) -> list[dict]:
+    """The few-shot request for ``n`` new red-team prompts like ``examples`` (one category).
+    The examples are user data and go in as message content only."""
+    listed = "\n".join(f"{k}. {' '.join(t.split())}" for k, t in enumerate(examples, 1))
+    return [{"role": "user", "content": EXPAND_REQUEST.format(category=category or NO_CATEGORY, examples=listed,
+                                                               n=n)}]
+
+
+def expansion_sampling(xc, seed: int, attempt: int = 0) -> SamplingParams:
+    """Sampling of the expansion's generation requests (``xc`` is an ``ExpandConfig``)."""
+    return SamplingParams(n=1, temperature=xc.temperature, top_p=xc.top_p, max_new_tokens=xc.max_new_tokens,
+                          seed=seed + 3000 + RETRY_SEED_STEP * attempt)
+
+
+_LIST_MARK_RE = re.compile(r"^\s*(?:\(?\d{1,3}\s*[.):\]]|[-*•–]|#{1,6})\s+")
+_NUMBERED_RE = re.compile(r"^\s*\(?\d{1,3}\s*[.):\]]\s+\S")
+_LABEL_LINE_RE = re.compile(r"^\s*(?:request|prompt|question|new request)\s*(?:\d{1,3})?\s*:\s*", re.I)
+_QUOTES = "\"'“”‘’«»`"
+_END_PUNCT = ".?!\"'”’)»"
+
+
+def parse_expansion(text: str, max_chars: int, cut_off: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
+    """The requests in one generation: ``(prompts, rejected)``, where ``rejected`` holds
+    ``(line, why)`` for lines that are not a usable request.
+
+    Model output is hostile text: it is only split into lines and trimmed here, never
+    evaluated. Where the output numbers its lines, only numbered lines count (the rest is
+    commentary around the list). From each line: control and format characters, list markers ("3.", "3)", "-", "*", also
+    repeated: "1. 5. ..."), markdown emphasis, a "Request:" label and surrounding quotes
+    are stripped. A line is rejected when it is a heading (ends with ":"), has fewer than
+    three words, is longer than ``max_chars``, or, with ``cut_off`` (the output used its
+    whole token budget), is the last line and does not end a sentence.
+    """
+    lines = [ln for ln in (text or "").replace("\r", "\n").split("\n") if ln.strip()]
+    if any(_NUMBERED_RE.match(ln) for ln in lines):
+        lines = [ln for ln in lines if _NUMBERED_RE.match(ln)]
+    prompts, rejected = [], []
+    for k, raw in enumerate(lines):
+        line = raw
+        for _ in range(3):  # "1. 5. text", "- 2) text"
+            line = _LIST_MARK_RE.sub("", line, count=1)
+        line = line.replace("**", "").replace("__", "")
+        # Control and format characters (NUL, bidi overrides, zero-width marks) and U+FFFD
+        # (bytes that did not decode) carry nothing a request needs.
+        line = "".join(ch for ch in line if ch == "\t" or (ch != "\ufffd" and unicodedata.category(ch) not in ("Cc", "Cf")))
+        line = _LABEL_LINE_RE.sub("", line)
+        line = " ".join(line.split())
+        while len(line) >= 2 and line[0] in _QUOTES and line[-1] in _QUOTES:
+            line = line[1:-1].strip()
+        if line.count('"') % 2:  # a quote left open at one end
+            line = line.strip('" ')
+        if not line:
+            continue
+        if line.endswith(":"):
+            rejected.append((raw, "a heading, not a request"))
+        elif len(line.split()) < 3:
+            rejected.append((raw, "fewer than three words"))
+        elif len(line) > max_chars:
+            rejected.append((raw, f"longer than {max_chars} characters"))
+        elif cut_off and k == len(lines) - 1 and not line.endswith(tuple(_END_PUNCT)):
+            rejected.append((raw, "cut off by the token budget"))
+        else:
+            prompts.append(line)
+    return prompts, rejected
+
+
+PLAUSIBLE_QUESTION = "Is the human's message a request that a real user could plausibly send to an AI assistant?"
+PLAUSIBLE_YES = "Yes: a real user could plausibly send this request."
+PLAUSIBLE_NO = "No: it is garbled, incomplete, or not something a user would ask."
+CARE_QUESTION = (
+    "Does answering the human's message need care, because a careless answer could cause harm or it touches a "
+    "sensitive topic?"
+)
+CARE_YES = "Yes: answering it needs care."
+CARE_NO = "No: it is an ordinary request that needs no special care."
+
+
+def expansion_filter_conversations(prompt: str) -> dict[str, list[list[dict]]]:
+    """The filter's two questions about a generated request, "plausible" and "care", each
+    with "Yes" shown as (A), then as (B); the option letter is read after :func:`answer_turn`
+    as in the feedback stage, and the two orders are averaged."""
+    conv = [{"role": "user", "content": prompt}]
+    turn = {"role": "assistant", "content": answer_turn(None)}
+    out = {}
+    for name, text, yes, no in (("plausible", PLAUSIBLE_QUESTION, PLAUSIBLE_YES, PLAUSIBLE_NO),
+                                ("care", CARE_QUESTION, CARE_YES, CARE_NO)):
+        out[name] = [[{"role": "user", "content": question(conv, text, a, b)}, turn] for a, b in ((yes, no), (no, yes))]
+    return out
+

@@ -74,6 +74,35 @@ def prepared_prompts(prep_dir: Path, name: str, limit: int | None = None) -> dic
     return {s: load_prompt_file(prompt_file(prep_dir, name, s))[:limit] for s in SPLITS}
 
 
+#: The optional stage whose kept prompts join the red-team train split (``expand/train.jsonl``).
+EXPAND = "expand"
+
+
+def with_expansion(cfg: "RunConfig", needs: tuple[str, ...]) -> tuple[str, ...]:
+    """``needs`` plus the ``expand`` stage when the config expands the red-team prompts
+    (``expand.count`` > 0): the stages that read red-team train prompts declare it so."""
+    return tuple(needs) + ((EXPAND,) if cfg.expand.count > 0 else ())
+
+
+def expanded_prompts(ctx: "StageContext") -> list[Prompt]:
+    """The ``expand`` stage's kept prompts (none when ``expand.count`` is 0). They are more
+    red-team *train* prompts; test splits are never expanded."""
+    if ctx.cfg.expand.count <= 0:
+        return []
+    path = split_file(ctx.stage_dir(EXPAND), "train")
+    ctx.record_input("expand", path)
+    return load_prompt_file(path) if path.is_file() and path.stat().st_size else []
+
+
+def red_team_prompts(ctx: "StageContext", limit: int | None = None) -> dict[str, list[Prompt]]:
+    """The red-team splits a data stage reads: the prepared ones, at most ``limit`` per split,
+    with the ``expand`` stage's kept prompts after them in train (all of them: their number
+    is ``expand.count``'s business)."""
+    prompts = prepared_prompts(ctx.stage_dir("prepare"), "red_team", limit)
+    prompts["train"] = prompts["train"] + expanded_prompts(ctx)
+    return prompts
+
+
 def load_inputs(cfg: "RunConfig"):
     """The constitution and the three prompt sets of a config, validated: what ``prepare``
     freezes, ``cai validate`` checks and ``cai plan`` counts."""
@@ -141,8 +170,14 @@ class PlanInputs:
     device: str = "cpu"  # where the models run ('auto' resolved)
 
     def capped(self, name: str, n: int | None) -> dict[str, list[Prompt]]:
-        """A prompt set's splits, at most ``n`` prompts each (None: all)."""
-        return {s: (ps if n is None else ps[:n]) for s, ps in self.sets[name].items()}
+        """A prompt set's splits, at most ``n`` prompts each (None: all). With the red-team
+        prompts expanded, train also counts ``expand.count`` new prompts (at most that many
+        are kept), stood in for by the seeds, whose lengths they resemble."""
+        out = {s: (ps if n is None else ps[:n]) for s, ps in self.sets[name].items()}
+        train = self.sets[name].get("train", [])
+        if name == "red_team" and self.cfg.expand.count > 0 and train:
+            out["train"] = out.get("train", []) + [train[k % len(train)] for k in range(self.cfg.expand.count)]
+        return out
 
     def feedback_pairs(self, split: str = "train") -> float:
         """About how many comparisons of ``split`` the feedback stage will write."""

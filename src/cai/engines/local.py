@@ -617,3 +617,45 @@ class LocalEngine(Engine):
                 left[ci] -= 1
                 if left[ci] == 0:
                     finished(ci, scores[ci], progress, on_result)
+
+    # -- embeddings ---------------------------------------------------------------
+
+    def embed(self, texts, layer: int | None = None, max_tokens: int = 256):
+        """One vector per text: a hidden layer's states mean-pooled over the text's tokens
+        (the raw text, no chat template, at most ``max_tokens``; the first token is left out
+        of texts of two or more, as its state is an attention sink with an outsized norm),
+        L2-normalised; a float32 numpy array of shape (len(texts), hidden size).
+
+        ``layer`` indexes ``hidden_states`` (0: the embeddings, -1: the last layer); None
+        takes the middle layer, which told paraphrases from unrelated prompts better than
+        the last on SmolLM2-135M (docs/expand.md). Nothing is sampled: the same texts give
+        the same vectors whatever the batch."""
+        import numpy as np
+
+        torch = self.torch
+        if layer is None:
+            layer = (self.model.config.num_hidden_layers + 1) // 2
+        seqs = [self.encode(t)[:max_tokens] or [self.pad_id] for t in texts]
+        out = np.zeros((len(seqs), self.model.config.hidden_size), dtype=np.float32)
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        for start in range(0, len(order), self.score_batch_size):
+            idx = order[start:start + self.score_batch_size]
+            width = max(len(seqs[i]) for i in idx)
+            # Right padding: each text keeps positions 0..n-1, and causal attention keeps
+            # its tokens from ever seeing the padding after them.
+            ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
+                mask[r, : len(seqs[i])] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            with torch.inference_mode():
+                hidden = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                                    use_cache=False).hidden_states[layer].float()
+            pool = mask.clone()
+            pool[:, 0] = (mask.sum(1) < 2).long()  # the first token only where it is all there is
+            m = pool.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1)
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+            out[idx] = pooled.cpu().numpy()
+        return out

@@ -13,6 +13,7 @@ from pathlib import Path
 from cai.artifacts import verify_stage
 from cai.errors import CaiError
 from cai.io import read_jsonl, read_text
+from cai.report.expansion import expansion
 from cai.stage_names import STAGES
 
 HERE = Path(__file__).parent
@@ -368,6 +369,7 @@ def build_report(run_dir: str | Path) -> str:
              p["position_consistency"], p["mean_abs_p_minus_half"]] for p in pstats]
     sections = [
         ("timeline", "Stage timeline", timeline(manifests)),
+        ("expand", "Red-team prompt expansion", expansion(run)),
         ("evaluation", "Evaluation", evaluation(run)),
         ("revisions", "PM score vs revisions", revisions(run)),
         ("gates", "SL-CAI quality gates", quality_gates(run)),

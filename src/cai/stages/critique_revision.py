@@ -41,14 +41,23 @@ from cai.conversations import (
 from cai.io import write_jsonl
 from cai.prompts import SPLITS
 from cai.quality import problems
-from cai.stage import Cost, PlanInputs, StageContext, StageSpec, prepared_prompts, split_file
+from cai.stage import (
+    Cost,
+    PlanInputs,
+    StageContext,
+    StageSpec,
+    prepared_prompts,
+    red_team_prompts,
+    split_file,
+    with_expansion,
+)
 
 
 def run(ctx: StageContext) -> dict:
     cfg, cr = ctx.cfg, ctx.cfg.critique_revision
     prep = ctx.stage_dir("prepare")
     const = load_constitution(prep / "constitution.yaml")
-    prompts = prepared_prompts(prep, "red_team", cr.max_prompts)
+    prompts = red_team_prompts(ctx, cr.max_prompts)  # with the expand stage's prompts in train
     helpful = prepared_prompts(prep, "helpful")
     examples = const.critique_revision_examples
     if cr.few_shot >= 0:
@@ -323,7 +332,7 @@ STAGE = StageSpec(
     name="critique_revision",
     run=run,
     config_keys=("seed", "engine", "critique_revision"),
-    needs=("prepare",),
+    needs=lambda cfg: with_expansion(cfg, ("prepare",)),
     help="SL-CAI data: answer, critique and revise red-team prompts; mix in helpful samples.",
     estimate=estimate,
 )

@@ -60,7 +60,17 @@ from cai.engines.base import SamplingParams
 from cai.errors import CaiError
 from cai.io import write_json, write_jsonl
 from cai.prompts import SPLITS, Prompt
-from cai.stage import SL_CAI, Cost, PlanInputs, StageContext, StageSpec, prepared_prompts, split_file
+from cai.stage import (
+    SL_CAI,
+    Cost,
+    PlanInputs,
+    StageContext,
+    StageSpec,
+    prepared_prompts,
+    red_team_prompts,
+    split_file,
+    with_expansion,
+)
 
 
 # -- comparisons ----------------------------------------------------------------------
@@ -308,7 +318,7 @@ def run(ctx: StageContext) -> dict:
     cfg, fb = ctx.cfg, ctx.cfg.feedback
     prep = ctx.stage_dir("prepare")
     const = load_constitution(prep / "constitution.yaml")
-    red = prepared_prompts(prep, "red_team", fb.max_prompts)
+    red = red_team_prompts(ctx, fb.max_prompts)  # with the expand stage's prompts in train
     helpful = prepared_prompts(prep, "helpful")
     n_help = {s: min(len(helpful[s]), round(fb.helpful_ratio * len(red[s]))) for s in SPLITS}
     if not const.helpfulness_principles and any(n_help.values()):
@@ -385,7 +395,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def _needs(cfg) -> tuple[str, ...]:
-    return ("prepare", "sft") if cfg.feedback.policy == SL_CAI else ("prepare",)
+    return with_expansion(cfg, ("prepare", "sft") if cfg.feedback.policy == SL_CAI else ("prepare",))
 
 
 def estimate(inputs: PlanInputs) -> Cost:

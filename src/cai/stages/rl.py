@@ -70,7 +70,17 @@ from cai.config import RLConfig
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_json, write_jsonl
 from cai.plots import plot_curve
-from cai.stage import SL_CAI, Cost, PlanInputs, StageContext, StageSpec, model_dir, prompt_file
+from cai.stage import (
+    SL_CAI,
+    Cost,
+    PlanInputs,
+    StageContext,
+    StageSpec,
+    expanded_prompts,
+    model_dir,
+    prompt_file,
+    with_expansion,
+)
 from cai.training import (
     IGNORE,
     adapters_off,
@@ -170,11 +180,13 @@ def rloo_loss(advantages, logprobs, n_total: int):
 # -- data -------------------------------------------------------------------------------------
 
 
-def prompt_pool(prep_dir, max_prompts: int | None, helpful_ratio: float, seed: int) -> list[dict]:
-    """Red-team train prompts plus ``helpful_ratio`` helpfulness prompts per red-team one, shuffled."""
+def prompt_pool(prep_dir, max_prompts: int | None, helpful_ratio: float, seed: int, extra=()) -> list[dict]:
+    """Red-team train prompts (at most ``max_prompts``, then the ``extra`` ones: the expand
+    stage's) plus ``helpful_ratio`` helpfulness prompts per red-team one, shuffled."""
     red = read_jsonl(prompt_file(prep_dir, "red_team", "train"))
     if max_prompts is not None:
         red = red[:max_prompts]
+    red = red + [p.to_record() for p in extra]
     helpful = read_jsonl(prompt_file(prep_dir, "helpful", "train"))[: round(helpful_ratio * len(red))]
     pool = [{**p, "set": "red_team"} for p in red] + [{**p, "set": "helpful"} for p in helpful]
     if not pool:
@@ -324,7 +336,7 @@ def run(ctx: StageContext) -> dict:
         if frozen is not None and not offload:
             frozen.to(device)
     prep = ctx.stage_dir("prepare")
-    pool = prompt_pool(prep, rc.max_prompts, rc.helpful_ratio, cfg.seed)
+    pool = prompt_pool(prep, rc.max_prompts, rc.helpful_ratio, cfg.seed, expanded_prompts(ctx))
     eval_set = read_jsonl(prompt_file(prep, "red_team", "test"))[: rc.eval_prompts]
     ctx.record_input("preference_model", pm_dir / "model.safetensors")
 
@@ -465,7 +477,7 @@ def train_step(ln: Learner, prompts: list[dict], sp, n_total: int, step: int, sa
 
 
 def _needs(cfg) -> tuple[str, ...]:
-    return ("prepare", "preference_model") + (("sft",) if cfg.rl.policy == SL_CAI else ())
+    return with_expansion(cfg, ("prepare", "preference_model") + (("sft",) if cfg.rl.policy == SL_CAI else ()))
 
 
 def estimate(inputs: PlanInputs) -> Cost:
