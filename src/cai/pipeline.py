@@ -38,7 +38,7 @@ from cai.errors import CaiError
 from cai.artifacts import PARTIAL_STAMP, hash_outputs, read_manifest, verify_stage
 from cai.io import write_json, write_text
 from cai.runlock import RunLock
-from cai.stage import Engines, StageContext, StageSpec
+from cai.stage import SERVERS, Engines, StageContext, StageSpec
 from cai.stage_names import STAGES
 
 
@@ -205,6 +205,11 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
             load_inputs(cfg)  # bad input files stop the run before it writes anything
         run_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
+        from cai.engines.serve import reap_orphans
+
+        # Servers a run on this folder started and could not stop (it was killed with -9):
+        # under the lock no other cai uses them; only processes matching their record go.
+        reap_orphans(run_dir / SERVERS, log)
         return {}
 
     if dist is None:
@@ -251,10 +256,13 @@ def _run_stages(cfg, specs, dist, is_main, run_dir: Path, log, force: bool) -> P
         ctx = StageContext(cfg=cfg, run_dir=run_dir, out=partial, name=name, log=log, engines=engines, is_main=is_main)
         log(f"[{name}] running" + (f" in {dist.num_processes} processes" if dist and spec.distributed else ""))
         started = time.time()
-        if dist is None or spec.distributed:
-            counts = spec.run(ctx) or {}
-        else:
-            counts = _on_main(dist, lambda: spec.run(ctx) or {})
+        try:
+            if dist is None or spec.distributed:
+                counts = spec.run(ctx) or {}
+            else:
+                counts = _on_main(dist, lambda: spec.run(ctx) or {})
+        finally:
+            engines.release_served()
         seconds = time.time() - started
         if not is_main:
             dist.wait_for_everyone()  # the main process writes the manifest and renames
