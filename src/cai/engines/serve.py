@@ -454,6 +454,9 @@ def build_served_engine(cfg, model: str, server_dir: Path, progress: Callable[[s
             group, group.urls, name, tokenizer=tok, tokenizer_name=path, max_concurrency=cfg.max_concurrency,
             timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, top_logprobs=cfg.top_logprobs,
             wait_for_endpoints_s=cfg.wait_for_endpoints_s,
+            # llama.cpp's samplers: no repetition penalty (llama-cpp-python's server defaults to 1.1),
+            # as in the local engine; other servers get only standard fields.
+            extra_body={"repeat_penalty": 1.0} if gguf else None,
         )
     except BaseException:
         group.stop()
