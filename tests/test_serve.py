@@ -310,3 +310,56 @@ def test_kill_9_leaves_an_orphan_that_the_next_run_stops_and_nothing_else(tmp_pa
         foreign.wait()
         if alive(pid if "pid" in dir() else -1):
             os.kill(pid, signal.SIGKILL)
+
+
+# -- GGUF export (the converter's plumbing; the real converter runs in test_served_models) --
+
+
+def test_export_without_the_converter_says_how_to_get_it(tiny_model, monkeypatch):
+    from cai.engines.gguf import export_gguf
+
+    monkeypatch.delenv("CAI_LLAMA_CPP_DIR", raising=False)
+    with pytest.raises(CaiError) as err:
+        export_gguf(tiny_model, "f16", progress=lambda m: None)
+    assert "cai serve-setup" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(CaiError, match="serve_quant"):
+        export_gguf(tiny_model, "q5_k", progress=lambda m: None)
+
+
+def _fake_converter(folder: Path, body: str) -> None:
+    folder.mkdir()
+    (folder / "convert_hf_to_gguf.py").write_text(body)
+
+
+def test_export_runs_once_per_checkpoint_content(tmp_path, tiny_model, monkeypatch):
+    """A stand-in converter counts its runs: same content (even in another folder) is one
+    export; changed content is another."""
+    import shutil
+
+    from cai.engines.gguf import export_gguf
+
+    calls = tmp_path / "calls"
+    _fake_converter(tmp_path / "llama.cpp", (
+        "import sys, pathlib\n"
+        f"open({str(calls)!r}, 'a').write(sys.argv[1] + '\\n')\n"
+        "out = pathlib.Path(sys.argv[sys.argv.index('--outfile') + 1])\n"
+        "out.write_bytes(b'GGUF' + pathlib.Path(sys.argv[1], 'config.json').read_bytes())\n"))
+    monkeypatch.setenv("CAI_LLAMA_CPP_DIR", str(tmp_path / "llama.cpp"))
+    first = export_gguf(tiny_model, "f16", progress=lambda m: None)
+    copy = Path(shutil.copytree(tiny_model, tmp_path / "copy"))
+    assert export_gguf(copy, "f16", progress=lambda m: None) == first
+    assert len(calls.read_text().splitlines()) == 1
+    (copy / "generation_config.json").write_text('{"changed": true}')
+    assert export_gguf(copy, "f16", progress=lambda m: None) != first
+    assert len(calls.read_text().splitlines()) == 2
+    assert first.read_bytes().startswith(b"GGUF") and not list(first.parent.glob("*.tmp"))
+
+
+def test_a_converter_missing_a_package_names_it(tmp_path, tiny_model, monkeypatch):
+    from cai.engines.gguf import export_gguf
+
+    _fake_converter(tmp_path / "llama.cpp", "import sentencepiece_not_installed_here\n")
+    monkeypatch.setenv("CAI_LLAMA_CPP_DIR", str(tmp_path / "llama.cpp"))
+    with pytest.raises(CaiError) as err:
+        export_gguf(tiny_model, "q8_0", progress=lambda m: None)
+    assert "pip install sentencepiece_not_installed_here" in str(err.value) and "\n" not in str(err.value)
