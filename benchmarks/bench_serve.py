@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cai.config import EngineConfig, load_config
+from cai.config import load_config
 from cai.engines import build_engine
 from cai.engines.base import SamplingParams
 from cai.engines.gguf import export_gguf

@@ -224,7 +224,6 @@ def test_a_stage_serves_a_checkpoint_and_stops_its_servers(tmp_path, tiny_model,
     assert len(started) == 2 and wait_gone(started)
     assert not list((run / "servers").glob("*.pid.json")) and len(list((run / "servers").glob("*.log"))) == 2
     # The cache knows the answers by what was served, not where: a rerun on new ports reuses them all.
-    from cai.engines.cache import RequestCache  # noqa: F401
     import sqlite3
 
     with sqlite3.connect(run / "cache.sqlite") as db:
