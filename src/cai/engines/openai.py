@@ -388,7 +388,9 @@ class OpenAIEngine(Engine):
         lp = choice.get("logprobs")
         out: dict[str, float] = {}
         try:
-            if path == "/completions":
+            # The legacy completions layout (OpenAI, vLLM, llama-cpp-python), or the chat
+            # layout, which llama.cpp's C++ server also uses on /completions.
+            if isinstance(lp, dict) and "content" not in lp:
                 pairs = list(lp["top_logprobs"][0].items())
                 pairs.append((lp["tokens"][0], lp["token_logprobs"][0]))
             else:
