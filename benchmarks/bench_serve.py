@@ -128,6 +128,7 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--no-stages", action="store_true", help="raw generation only")
     ap.add_argument("--llama-server", help="a llama-server binary (default: PATH or cai serve-setup's)")
+    ap.add_argument("--only", nargs="*", default=None, help="setups whose name starts with one of these (local always)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
 
@@ -144,7 +145,9 @@ def main() -> int:
     load_before, start = os.getloadavg(), time.time()
     rows = []
     with tempfile.TemporaryDirectory(prefix="cai-bench-serve-") as tmp:
-        for i, s in enumerate(setups(binary)):
+        chosen = [s for s in setups(binary) if s["name"] == "local" or args.only is None
+                  or any(s["name"].startswith(o) for o in args.only)]
+        for i, s in enumerate(chosen):
             log(f"== {s['name']}")
             row = {"setup": s["name"], **{k: v for k, v in s.items() if k != "name"}}
             row["generation"] = generation(s, prompts, args.max_new_tokens, Path(tmp) / f"servers-{i}")
