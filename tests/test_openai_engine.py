@@ -437,3 +437,18 @@ def test_the_cache_identity_includes_what_the_server_serves(stubs):
     with pytest.raises(CaiError, match="report different models under the name 'm'"):
         served_model([a.url, b.url], "m", None)
     assert OpenAIEngine([a.url], "m", served=first).identity.endswith(f":served={first}")
+
+
+def test_completions_scoring_reads_the_chat_layout_too(stubs):
+    """llama.cpp's C++ server answers /completions logprobs in the chat layout
+    (``{"content": [{token, logprob, top_logprobs: [...]}]}``)."""
+    def reply(stub, path, body):
+        tail = body["prompt"].rsplit("(", 1)[1]
+        dist = LM.get(tail, {"Hello": -0.1, "Hi": -2.0})
+        top = [{"token": t, "logprob": v} for t, v in dist.items()]
+        return 200, {"choices": [{"text": top[0]["token"], "logprobs": {"content": [
+            {"token": top[0]["token"], "logprob": top[0]["logprob"], "top_logprobs": top}]}}]}
+
+    s = stubs(reply)
+    got = engine(s.url, tokenizer=FakeTok(), tokenizer_name="fake").choice_logprobs([CONT], [["A)", "B)"]])
+    assert got == [[pytest.approx(-0.6), pytest.approx(-1.7)]]

@@ -76,6 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default="default", help="model name (default: the embedded SmolLM2-135M-Instruct)")
 
     p = sub.add_parser(
+        "gguf", help="export a checkpoint to GGUF (f16, q8_0, q4_0) with llama.cpp's converter",
+        description="Export 'default', a checkpoint folder or a hub id to GGUF with llama.cpp's "
+        "convert_hf_to_gguf.py (f16) and libllama's llama_model_quantize (q8_0, q4_0); cached by the "
+        "checkpoint's content. Prints the file's path. Needs `cai serve-setup` once.",
+    )
+    p.add_argument("name", nargs="?", default="default", help="model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--type", default="q8_0", choices=("f16", "q8_0", "q4_0"), help="GGUF type (default q8_0)")
+
+    p = sub.add_parser(
+        "serve-setup", help="fetch llama.cpp's GGUF converter (and optionally build its server) for engine.serve",
+        description="Copy llama.cpp's convert_hf_to_gguf.py out of the source package of the installed "
+        "llama-cpp-python (pip downloads it) into cai's cache; with --build-server, also build "
+        "llama.cpp's C++ llama-server there (cmake and a C++ compiler; several minutes on 2 cores).",
+    )
+    p.add_argument("--build-server", action="store_true", help="also build llama-server (for engine.serve=llama-server)")
+    p.add_argument("--jobs", type=int, default=None, help="parallel compile jobs (default: all cores)")
+
+    p = sub.add_parser(
         "score", help="score answers with a saved preference model",
         description="Print the preference model's reward for one answer (--prompt/--response) or for "
         "every row of a JSONL file with 'prompt' (text or messages) and 'response' fields (--file; "
@@ -215,6 +233,22 @@ def cmd_model(args) -> int:
     return 0
 
 
+def cmd_gguf(args) -> int:
+    from cai.engines.gguf import export_gguf
+    from cai.models import resolve_model
+
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    print(export_gguf(resolve_model(args.name, progress=say), args.type, progress=say))
+    return 0
+
+
+def cmd_serve_setup(args) -> int:
+    from cai.engines.gguf import setup_tools
+
+    setup_tools(build_server=args.build_server, log=lambda m: print(m, file=sys.stderr), jobs=args.jobs)
+    return 0
+
+
 def cmd_score(args) -> int:
     import json
     from pathlib import Path
@@ -319,6 +353,7 @@ def cmd_plan(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "config": cmd_config, "model": cmd_model, "score": cmd_score,
+            "gguf": cmd_gguf, "serve-setup": cmd_serve_setup,
             "report": cmd_report, "chat": cmd_chat, "revise": cmd_revise, "plan": cmd_plan}
 
 

@@ -102,6 +102,31 @@ class EngineConfig:
         "seconds in all for one to come back before failing (0: fail at once). Answers received so far are cached.",
         fingerprint=False,
     )
+    serve: str = _f(
+        "none",
+        "Managed servers: cai starts a serving engine for every model it has as a folder (the default model, "
+        "local checkpoints and the ones this run trains), on free loopback ports, and sends requests there "
+        "through the OpenAI engine. 'none': no servers (local engine; kind=openai uses engine.endpoints). "
+        "Built-in templates: 'llama-server' (llama.cpp's C++ server, parallel slots), 'llama-cpp-python' "
+        "(its Python server), 'vllm' (GPUs). Or a command template with {port} and {model} (the checkpoint "
+        "folder) or {gguf} (its GGUF export); also {host} {name} {threads} {parallel} {ctx} {ctx_total} "
+        "{python}. RL rollouts always stay in-process. docs/inference.md#managed-servers.",
+        fingerprint=False,
+    )
+    serve_replicas: int = _f(1, "Managed servers per model; requests go to the least busy one.", fingerprint=False)
+    serve_quant: str = _f(
+        "q8_0", "GGUF type a {gguf} template serves: f16 (llama.cpp's converter), q8_0 or q4_0 "
+        "(llama_model_quantize from the f16). Exported once per checkpoint content.",
+        choices=("f16", "q8_0", "q4_0"), fingerprint=False,
+    )
+    serve_threads: int = _f(0, "{threads} of each managed server (0: the machine's cores / serve_replicas).",
+                            fingerprint=False)
+    serve_parallel: int = _f(8, "{parallel}: sequences each managed server decodes together (llama-server slots).",
+                             fingerprint=False)
+    serve_ctx: int = _f(4096, "{ctx}: context length per sequence ({ctx_total} = serve_ctx * serve_parallel).",
+                        fingerprint=False)
+    serve_start_timeout_s: float = _f(
+        300.0, "Seconds to wait for a managed server's /v1/models before failing with its log.", fingerprint=False)
 
 
 @dataclass
@@ -703,6 +728,10 @@ def load_config(config: str | None = None, overrides: list[str] = (), cls=RunCon
 def check_config(cfg: RunConfig) -> None:
     """Checks of values and of fields together, run before anything starts (one-line errors)."""
     _check_bounds(cfg)
+    if cfg.engine.serve != "none":
+        from cai.engines.serve import check_template
+
+        check_template(cfg.engine.serve)
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise CaiError(f"config field 'stages': unknown stage '{unknown[0]}' (available: {', '.join(STAGES)})")
@@ -835,6 +864,8 @@ BOUNDS: dict[str, tuple[float | None, float | None, bool]] = {
     "test_fraction": (0, 1, True), "bootstrap": (0, None, True), "revision_max_chains": (1, None, True),
     "max_concurrency": (1, None, True), "timeout_s": (0, None, False), "max_retries": (0, None, True),
     "top_logprobs": (1, None, True), "wait_for_endpoints_s": (0, None, True), "memory_margin": (0, None, False),
+    "serve_replicas": (1, None, True), "serve_threads": (0, None, True), "serve_parallel": (1, None, True),
+    "serve_ctx": (16, None, True), "serve_start_timeout_s": (0, None, False),
     # expand (its few_shot counts seed examples: at least one)
     "expand.count": (0, None, True), "expand.few_shot": (1, None, True), "per_request": (1, None, True),
     "max_chars": (1, None, True), "near_threshold": (0, 1, False), "paraphrase_threshold": (0, 1, False),

@@ -39,7 +39,7 @@ from cai.errors import CaiError
 from cai.artifacts import PARTIAL_STAMP, hash_outputs, read_manifest, verify_stage
 from cai.io import write_json, write_text
 from cai.runlock import RunLock
-from cai.stage import Engines, StageContext, StageSpec
+from cai.stage import SERVERS, Engines, StageContext, StageSpec
 from cai.stage_names import STAGES
 
 
@@ -194,6 +194,11 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
     def claim() -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock.acquire()
+        from cai.engines.serve import reap_orphans
+
+        # Servers a run on this folder started and could not stop (it was killed with -9):
+        # under the lock no other cai uses them; only processes matching their record go.
+        reap_orphans(run_dir / SERVERS, log)
         return {}
 
     gate = None
@@ -245,10 +250,13 @@ def _run_stages(cfg, specs, dist, gate, is_main, run_dir: Path, log, force: bool
         ctx = StageContext(cfg=cfg, run_dir=run_dir, out=partial, name=name, log=log, engines=engines, is_main=is_main)
         log(f"[{name}] running" + (f" in {dist.num_processes} processes" if dist and spec.distributed else ""))
         started = time.time()
-        if dist is None or spec.distributed:
-            counts = spec.run(ctx) or {}
-        else:  # the others wait outside the process group's timeout (cai.distributed)
-            counts = gate.run(lambda: spec.run(ctx) or {})
+        try:
+            if dist is None or spec.distributed:
+                counts = spec.run(ctx) or {}
+            else:  # the others wait outside the process group's timeout (cai.distributed)
+                counts = gate.run(lambda: spec.run(ctx) or {})
+        finally:
+            engines.release_served()
         seconds = time.time() - started
 
         def finish() -> dict:

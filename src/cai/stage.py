@@ -32,6 +32,8 @@ SL_CAI = "sl-cai"
 PROMPT_SETS = ("red_team", "helpful", "benign")
 #: Where a training stage saves its model inside its folder.
 MODEL = "model"
+#: The run's managed servers: their logs and pid files (``RUN_DIR/servers``).
+SERVERS = "servers"
 
 
 # -- artifact paths -------------------------------------------------------------------------
@@ -266,6 +268,11 @@ class Engines(dict):
             del engine
         gc.collect()
 
+    def release_served(self) -> None:
+        """Close the engines that run on managed servers, stopping the servers (at the end
+        of every stage, finished or not: a server never outlives the stage that needed it)."""
+        self.release([p for p, e in self.items() if getattr(getattr(e, "engine", e), "served", False)])
+
 
 @dataclass
 class StageContext:
@@ -302,11 +309,13 @@ class StageContext:
             from cai.engines import build_engine
 
             cfg = dataclasses.replace(self.cfg.engine, model=path)
-            if cfg.kind != "local" and Path(path).is_dir():
+            if cfg.kind != "local" and Path(path).is_dir() and cfg.serve == "none":
                 # A checkpoint this run trained (or any local folder) is not on the
-                # user's servers: it runs on the local engine with the same settings.
+                # user's servers: without managed servers (engine.serve) it runs on the
+                # local engine with the same settings.
                 cfg = dataclasses.replace(cfg, kind="local")
-            self.engines[path] = build_engine(cfg, self.run_dir / "cache.sqlite", progress=self.log)
+            self.engines[path] = build_engine(cfg, self.run_dir / "cache.sqlite", progress=self.log,
+                                              server_dir=self.run_dir / SERVERS)
         return self.engines[path]
 
     def release_engine(self, model: str | None = None) -> None:

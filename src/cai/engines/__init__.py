@@ -7,8 +7,26 @@ from cai.engines.cache import CachedEngine, RequestCache
 __all__ = ["Engine", "SamplingParams", "CachedEngine", "RequestCache", "build_engine"]
 
 
-def build_engine(cfg, cache_path=None, progress=print) -> Engine:
-    """An engine from an ``EngineConfig``, wrapped in the request cache if asked."""
+def build_engine(cfg, cache_path=None, progress=print, server_dir=None) -> Engine:
+    """An engine from an ``EngineConfig``, wrapped in the request cache if asked.
+
+    With ``engine.serve`` set, a model cai has as a folder gets managed servers (their logs
+    and pid files in ``server_dir``, default ``<cache>/servers``); closing the engine stops them.
+    """
+    from cai.engines.serve import wants_server
+
+    if wants_server(cfg, cfg.model):
+        from cai.engines.serve import build_served_engine, reap_orphans
+
+        if server_dir is None:
+            from cai.models import cache_root
+
+            server_dir = cache_root() / "servers"
+        reap_orphans(server_dir, progress)
+        engine = build_served_engine(cfg, cfg.model, server_dir, progress)
+        if cfg.cache and cache_path is not None:
+            engine = CachedEngine(engine, RequestCache(cache_path), chunk_size=max(4 * engine.max_concurrency, 64))
+        return engine
     if cfg.kind == "openai":
         from cai.engines.openai import build_openai_engine
 

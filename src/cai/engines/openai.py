@@ -189,8 +189,12 @@ class OpenAIEngine(Engine):
         cooldown_s: float = 60.0,
         wait_for_endpoints_s: float = 0.0,
         served: str = "",
+        extra_body: dict | None = None,
     ):
         self.pool = EndpointPool(endpoints, cooldown_s)
+        # Server-specific request fields (a managed llama.cpp server gets repeat_penalty=1:
+        # llama-cpp-python's default of 1.1 would change greedy answers).
+        self.extra_body = dict(extra_body or {})
         self.wait_for_endpoints_s = wait_for_endpoints_s
         self.model = model
         self._api_key = api_key or None  # never logged, never part of identity or repr
@@ -298,16 +302,29 @@ class OpenAIEngine(Engine):
         """Template mode: the prompt text, continuing a final assistant turn."""
         text = render_chat(self.tok, conv, special_strings(self.tok))
         bos = getattr(self.tok, "bos_token", None)
-        if bos and text.startswith(bos):  # the server adds its own BOS where the model wants one
-            text = text[len(bos):]
+        if bos and text.startswith(bos) and self._adds_bos():
+            text = text[len(bos):]  # the server adds its own BOS where the model wants one
         return text
+
+    def _adds_bos(self) -> bool:
+        """Does the tokenizer put BOS in front by itself? Then so does the server (llama.cpp's
+        GGUF and vLLM take add_bos from the same tokenizer), and a template's BOS would be a
+        second one. SmolLM2's BOS is ``<|im_start|>``, which its template begins with and its
+        tokenizer does not add: stripping it there changed every answer."""
+        if not hasattr(self, "_bos_added"):
+            try:
+                ids = self.tok("x", add_special_tokens=True)["input_ids"]
+                self._bos_added = bool(ids) and ids[0] == self.tok.bos_token_id
+            except (TypeError, AttributeError, KeyError):
+                self._bos_added = True  # a tokenizer we cannot ask: assume the usual
+        return self._bos_added
 
     def _request(self, conv: Conversation, suffix: str = "") -> tuple[str, dict]:
         """(path, body) asking for what follows ``conv`` plus ``suffix`` of assistant text."""
         if not conv:
             raise ValueError("empty conversation")
         if self.tok is not None:
-            body = {"model": self.model, "prompt": self.render(conv) + suffix}
+            body = {**self.extra_body, "model": self.model, "prompt": self.render(conv) + suffix}
             eos = getattr(self.tok, "eos_token", None)
             if eos:
                 body["stop"] = [eos]
@@ -318,7 +335,7 @@ class OpenAIEngine(Engine):
                 msgs[-1]["content"] += suffix
             else:
                 msgs.append({"role": "assistant", "content": suffix})
-        body = {"model": self.model, "messages": msgs}
+        body = {**self.extra_body, "model": self.model, "messages": msgs}
         if msgs[-1]["role"] == "assistant":
             body.update(continue_final_message=True, add_generation_prompt=False)
         return "/chat/completions", body
@@ -371,7 +388,9 @@ class OpenAIEngine(Engine):
         lp = choice.get("logprobs")
         out: dict[str, float] = {}
         try:
-            if path == "/completions":
+            # The legacy completions layout (OpenAI, vLLM, llama-cpp-python), or the chat
+            # layout, which llama.cpp's C++ server also uses on /completions.
+            if isinstance(lp, dict) and "content" not in lp:
                 pairs = list(lp["top_logprobs"][0].items())
                 pairs.append((lp["tokens"][0], lp["token_logprobs"][0]))
             else:
