@@ -153,12 +153,13 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
-def near_copies(texts: list[str], references: list[tuple[str, str]], threshold: float) -> list[dict | None]:
+def near_copies(texts: list[str], references: list[tuple[str, str]], threshold: float,
+                among_new: bool = True) -> list[dict | None]:
     """For each text in order: None, or ``{"match", "similarity"}`` for the reference (a
     ``(key, text)``; keys starting with ``test:`` are preferred) or earlier kept text it
     nearly copies. MinHash/LSH finds the candidates; their exact Jaccard similarity over
-    :func:`shingles` decides (>= ``threshold``). A text that is not a copy joins the
-    references for the texts after it."""
+    :func:`shingles` decides (>= ``threshold``). With ``among_new``, a text that is not a
+    copy joins the references for the texts after it."""
     ds = require_datasketch()
     lsh = ds.MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
     sets: dict[str, set] = {}
@@ -183,17 +184,18 @@ def near_copies(texts: list[str], references: list[tuple[str, str]], threshold: 
             out.append({"match": key, "similarity": round(sim, 4)})
             continue
         out.append(None)
-        key = f"new:{i}"
-        sets[key] = s
-        lsh.insert(key, m)
+        if among_new:
+            key = f"new:{i}"
+            sets[key] = s
+            lsh.insert(key, m)
     return out
 
 
-def paraphrases(cand, refs, ref_keys: list[str], threshold: float) -> list[dict | None]:
+def paraphrases(cand, refs, ref_keys: list[str], threshold: float, among_new: bool = True) -> list[dict | None]:
     """For each candidate embedding (rows of ``cand``) in order: None, or ``{"match",
     "similarity"}`` for the reference (a row of ``refs``; test keys preferred) or earlier
-    kept candidate whose cosine similarity is >= ``threshold``. Vectors are centred on the
-    references' mean first: a language model's hidden states share a large common
+    kept candidate (with ``among_new``) whose cosine similarity is >= ``threshold``. Vectors
+    are centred on the references' mean first: a language model's hidden states share a large common
     direction, and without centring every pair of texts looks alike."""
     import numpy as np
 
@@ -216,7 +218,7 @@ def paraphrases(cand, refs, ref_keys: list[str], threshold: float) -> list[dict 
                 if sims[i, j] >= threshold:
                     best = (ref_keys[j], float(sims[i, j]))
                     break
-        if best is None and kept:
+        if best is None and kept and among_new:
             s = c[kept] @ c[i]
             j = int(np.argmax(s))
             if s[j] >= threshold:
@@ -245,6 +247,36 @@ def embedder(ctx: StageContext, model: str | None, layer: int | None = None):
 # -- the stage -----------------------------------------------------------------------------------
 
 
+def dedup(ctx: StageContext, cands: list[dict], refs: list[tuple[str, str]], drop, among_new: bool) -> list[dict]:
+    """The candidates that are neither a near-copy nor a paraphrase of a reference (a test
+    prompt is preferred as the match) nor, with ``among_new``, of an earlier candidate that
+    is kept; the others are passed to ``drop`` with their reason."""
+    xc = ctx.cfg.expand
+    if not cands:
+        return []
+    left = []
+    for c, hit in zip(cands, near_copies([c["prompt"] for c in cands], refs, xc.near_threshold, among_new)):
+        if hit is None:
+            left.append(c)
+        else:
+            hit["match"] = _new_id(hit["match"], cands)
+            drop(c, "leak-test" if hit["match"].startswith("test:") else "dup-near", {"by": "near", **hit})
+    if not left:
+        return []
+    embed = embedder(ctx, xc.embed_model, xc.embed_layer)
+    ref_vecs = embed([t for _, t in refs])
+    cand_vecs = embed([c["prompt"] for c in left])
+    out = []
+    for c, hit in zip(left, paraphrases(cand_vecs, ref_vecs, [k for k, _ in refs], xc.paraphrase_threshold,
+                                        among_new)):
+        if hit is None:
+            out.append(c)
+        else:
+            hit["match"] = _new_id(hit["match"], left)
+            drop(c, "leak-test" if hit["match"].startswith("test:") else "dup-paraphrase", {"by": "paraphrase", **hit})
+    return out
+
+
 def run(ctx: StageContext) -> dict:
     cfg, xc = ctx.cfg, ctx.cfg.expand
     if xc.count <= 0:
@@ -264,29 +296,10 @@ def run(ctx: StageContext) -> dict:
     def drop(c: dict, reason: str, detail: dict) -> None:
         dropped.append({**c, "reason": reason, "detail": detail})
 
-    near = near_copies([c["prompt"] for c in candidates], refs, xc.near_threshold)
-    left = []
-    for c, hit in zip(candidates, near):
-        if hit is None:
-            left.append(c)
-        else:
-            hit["match"] = _new_id(hit["match"], candidates)
-            drop(c, "leak-test" if hit["match"].startswith("test:") else "dup-near", {"by": "near", **hit})
-
-    if left:
-        embed = embedder(ctx, xc.embed_model, xc.embed_layer)
-        ref_vecs = embed([t for _, t in refs])
-        cand_vecs = embed([c["prompt"] for c in left])
-        para = paraphrases(cand_vecs, ref_vecs, [k for k, _ in refs], xc.paraphrase_threshold)
-        survivors = []
-        for c, hit in zip(left, para):
-            if hit is None:
-                survivors.append(c)
-            else:
-                hit["match"] = _new_id(hit["match"], left)
-                drop(c, "leak-test" if hit["match"].startswith("test:") else "dup-paraphrase",
-                     {"by": "paraphrase", **hit})
-        left = survivors
+    # Copies of seed and test prompts go first; then the filter; then copies among the new
+    # prompts the filter kept, so that no prompt is dropped as the copy of one the filter
+    # drops anyway.
+    left = dedup(ctx, candidates, refs, drop, among_new=False)
 
     kept = []
     if left:
@@ -307,6 +320,8 @@ def run(ctx: StageContext) -> dict:
                 drop(c, "no-care-needed", {"threshold": xc.min_care})
             else:
                 kept.append(c)
+    # (the references again: none of these matches one, and they centre the embeddings the same way)
+    kept = dedup(ctx, kept, refs, drop, among_new=True)
 
     rows = [{"id": c["id"], "category": c["category"], "prompt": c["prompt"],
              "messages": [{"role": "user", "content": c["prompt"]}], "source": "expand",
