@@ -435,7 +435,8 @@ def frontier_answers(ctx: StageContext, points: list[dict], items: list, params,
         if not has_weights(p["folder"]):
             p["status"] = "weights deleted"
             ctx.log(f"[evaluate] frontier point {p['name']}: its weights were deleted after an earlier evaluation; "
-                    f"not scored (rerun stage '{p['stage']}' with --force, or set evaluate.frontier_keep_weights=true)")
+                    f"not scored (delete {ctx.run_dir / p['stage']} and run again to keep new points; "
+                    "evaluate.frontier_keep_weights=true keeps them after scoring)")
             continue
         model = (merge_adapter(p, scratch / p["name"].replace("@", "-step-"), ctx.cfg.engine.trust_remote_code)
                  if p.get("adapter") else str(p["folder"]))
