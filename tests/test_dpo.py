@@ -64,6 +64,11 @@ def test_plain_dpo_trains_every_parameter_and_reports(dpo_run, tiny_model):
     assert metrics["test_after"]["loss"] != metrics["test_before"]["loss"]
     assert (out / "loss.png").stat().st_size > 1000
     assert json.loads((out / "model" / "cai_training.json").read_text())["config"]["soft_labels"] is False
+    index = json.loads((out / "points" / "index.json").read_text())
+    from cai.training import point_steps
+
+    assert [p["step"] for p in index["points"]] == point_steps(metrics["steps"], 4)
+    assert [p["samples"] for p in index["points"]] == [min(4 * p["step"], n_pairs) for p in index["points"]]
     before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
@@ -116,6 +121,16 @@ def test_nan_loss_stops_then_rerun_resumes_from_the_checkpoint(tmp_path, dpo_run
     assert any("[dpo] resuming from checkpoint at step 2/" in m for m in logs), logs
     metrics = json.loads((tmp_path / "run" / "dpo" / "metrics.json").read_text())
     assert [h["step"] for h in metrics["history"]] == list(range(1, metrics["steps"] + 1))
+    # frontier points (4 by default) after ceil(i * steps / 4): each once, the last being model/
+    from cai.training import point_steps
+
+    want = point_steps(metrics["steps"], 4)
+    index = json.loads((tmp_path / "run" / "dpo" / "points" / "index.json").read_text())
+    assert [p["step"] for p in index["points"]] == want and index["points"][-1]["path"] == "model"
+    assert sorted(p.name for p in (tmp_path / "run" / "dpo" / "points").iterdir()) == (
+        ["index.json"] + [f"step-{s:06d}" for s in want[:-1]])
+    assert [p["train_loss"] for p in index["points"]] == [round(h["loss"], 4) for h in metrics["history"]
+                                                          if h["step"] in want]
 
 
 def test_lora_dpo_uses_the_model_with_adapters_off_as_reference(tmp_path, dpo_run, tiny_model):

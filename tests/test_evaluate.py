@@ -489,3 +489,120 @@ def test_one_model_in_memory_at_a_time(tmp_path, eval_run, tiny_model, monkeypat
     assert seen == [(tiny_model, 0), (str(run / "sft" / "model"), 0), (str(run / "rl" / "model"), 0),
                     (tiny_model, 0), ("pm", 0)]
     assert live == []
+
+
+# -- the harmlessness-helpfulness frontier (the paper's Fig. 2) -------------------------------
+
+
+def _fake_points(run, tiny_model):
+    """rl's frontier points where the rl stage keeps them: step 1 a whole model, step 2 a
+    LoRA adapter on sft/model (the stage's base, inside the run), step 3 its model/; and a
+    manifest that hashes them, as the pipeline writes it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cai.artifacts import hash_outputs
+    from cai.io import write_json
+
+    points = run / "rl" / "points"
+    shutil.copytree(tiny_model, points / "step-000001")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(run / "sft" / "model"),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.05)  # a non-zero adapter: the merged point differs from its base
+    model.save_pretrained(points / "step-000002")
+    write_json(points / "index.json", {"schema": 1, "stage": "rl", "start": "sl-cai", "base": "sft/model",
+                                       "base_in_run": True, "points": [
+        {"step": 1, "samples": 8, "kl": 0.01, "reward": 0.1, "path": "points/step-000001", "adapter": False},
+        {"step": 2, "samples": 16, "kl": 0.02, "reward": 0.2, "path": "points/step-000002", "adapter": True},
+        {"step": 3, "samples": 24, "kl": 0.03, "reward": 0.3, "path": "model", "adapter": False}]})
+    write_json(run / "rl" / "manifest.json", {"stage": "rl", "status": "complete", "outputs": hash_outputs(run / "rl")})
+
+
+def _frontier_cfg(run, tiny_model, *extra):
+    return load_config(None, [
+        f"run_dir={run}", f"engine.model={tiny_model}", "engine.batch_size=8", "stages=[prepare, evaluate, report]",
+        "evaluate.max_prompts=2", "evaluate.max_new_tokens=6", "evaluate.bootstrap=20", "evaluate.few_shot=0", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def frontier_run(tmp_path_factory, eval_run, tiny_model):
+    run = tmp_path_factory.mktemp("frontier") / "run"
+    shutil.copytree(eval_run, run)
+    for stage in ("evaluate", "report"):
+        shutil.rmtree(run / stage)
+    _fake_points(run, tiny_model)
+    return run_pipeline(_frontier_cfg(run, tiny_model), log=lambda m: None)
+
+
+def test_frontier_scores_every_point_against_the_initial_model(frontier_run):
+    """One entry per point: the intermediate ones answered and compared with the initial model
+    alone (2 red-team + 2 helpful prompts each: linear in the points), the last one taken from
+    the rl model's own evaluation; initial and SL-CAI as references. The whole-model point's
+    weights are deleted once scored, the adapter kept, and the rl stage still verifies."""
+    from cai.artifacts import verify_stage
+
+    out = frontier_run / "evaluate"
+    fr = json.loads((out / "frontier.json").read_text())
+    assert [(p["stage"], p["step"], p["status"]) for p in fr["points"]] == [
+        ("rl", 1, "answered"), ("rl", 2, "answered"), ("rl", 3, "final")]
+    assert set(fr["reference"]) == {"initial", "sl-cai"} and fr["reference"]["initial"]["harmlessness"]["elo"] == 0.0
+    for p in fr["points"]:
+        for dim in ("harmlessness", "helpfulness"):
+            e = p[dim]
+            assert e["ci_low"] - 1e-6 <= e["elo"] <= e["ci_high"] + 1e-6
+        assert set(p["refusal"]) == {"benign", "red_team"} and 0 <= p["harmfulness"] <= 4
+    assert [p["weights_deleted"] for p in fr["points"]] == [True, False, False]
+    comps = [json.loads(l) for l in (out / "answers" / "frontier_comparisons.jsonl").read_text().splitlines()]
+    assert len(comps) == 2 * (2 + 2) and all(c["model_a"] == "initial" for c in comps)
+    assert {c["model_b"] for c in comps} == {"rl@1", "rl@2"}
+    rows = [json.loads(l) for l in (out / "answers" / "frontier.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 6 and all("refusal" in r for r in rows if r["set"] != "helpful")
+    # The final point's numbers are the rl model's, fitted against the initial model alone.
+    final = fr["points"][2]
+    main = [c for c in (json.loads(l) for l in (out / "answers" / "comparisons.jsonl").read_text().splitlines())
+            if c["dimension"] == "harmlessness" and {c["model_a"], c["model_b"]} == {"initial", "rl"}]
+    want = ev.elo_table(["initial", "rl"], {c["id"]: [(0, 1, c["p_a"])] for c in main}, 20, 0)["ratings"]["rl"]
+    assert final["harmlessness"] == want
+    points = frontier_run / "rl" / "points"
+    assert not list((points / "step-000001").glob("*.safetensors")) and (points / "step-000001" / "config.json").is_file()
+    assert (points / "step-000002" / "adapter_model.safetensors").is_file()
+    assert not (out / "frontier-scratch").exists()
+    verify_stage(frontier_run, "rl")  # deleted point weights are not a broken stage
+    assert (out / "frontier.png").stat().st_size > 1000
+    page = (frontier_run / "report" / "index.html").read_text()
+    assert 'id="frontier"' in page and "evaluate/frontier.png" in page and page.count("evaluate/frontier.png") == 1
+
+
+def test_a_rerun_after_the_weights_went_says_so(frontier_run, tmp_path, tiny_model):
+    """evaluate run again (another setting) finds point 1's weights deleted: it is listed as
+    such and not scored, with a log line saying how to get it back; the adapter is scored."""
+    shutil.copytree(frontier_run, tmp_path / "run")
+    logs = []
+    run_pipeline(_frontier_cfg(tmp_path / "run", tiny_model, "evaluate.bootstrap=10"), log=logs.append)
+    fr = json.loads((tmp_path / "run" / "evaluate" / "frontier.json").read_text())
+    assert [p["status"] for p in fr["points"]] == ["weights deleted", "answered", "final"]
+    assert fr["points"][0].get("harmlessness") is None and fr["points"][1]["harmlessness"] is not None
+    assert any("rl@1: its weights were deleted" in m and "frontier_keep_weights=true" in m for m in logs)
+
+
+def test_frontier_switch_and_plan(tmp_path, tiny_model):
+    """evaluate.frontier=false scores no point; the plan counts (points - 1) per stage of extra
+    answers and comparisons with the initial model."""
+    from cai.stage import PlanInputs, load_inputs
+
+    cfg = load_config(None, ["rl.steps=8", "rl.frontier_points=4", "stages=[prepare, rl, evaluate]",
+                             "evaluate.max_prompts=2"])
+    const, sets = load_inputs(cfg)
+    count = lambda conv: 10  # noqa: E731
+    with_points = ev.estimate(PlanInputs(cfg, const, sets, count))
+    off = load_config(None, ["rl.steps=8", "rl.frontier_points=4", "stages=[prepare, rl, evaluate]",
+                             "evaluate.max_prompts=2", "evaluate.frontier=false"])
+    without = ev.estimate(PlanInputs(off, const, sets, count))
+    assert ev.frontier_extra(PlanInputs(cfg, const, sets, count)) == 3
+    assert with_points.generate - without.generate == 3 * 6  # 3 points x 2 prompts x 3 sets
+    assert with_points.score - without.score == 3 * ((2 + 2) * 2 + 2 + (2 + 2) * 2)

@@ -254,3 +254,20 @@ def test_pm_score_vs_revisions_section_shows_its_numbers_escaped(tmp_path):
     assert 'href="#revisions"' in html
     evaluation = html.split('<section id="evaluation">')[1].split("</section>")[0]
     assert "<table" in evaluation and "revisions.png" not in evaluation  # each figure shows once
+
+
+def test_frontier_section_escapes_hostile_text(tmp_path):
+    """frontier.json's strings reach the page escaped; a point's intervals that all hold 0
+    make the section say plainly that the figure shows noise."""
+    run = make_run(tmp_path / "run")
+    _manifest(run, "evaluate", 3.0, {})
+    entry = {"harmlessness": {"elo": 12.0, "ci_low": -30.0, "ci_high": 50.0},
+             "helpfulness": {"elo": -5.0, "ci_low": -40.0, "ci_high": 20.0}, "harmfulness": 1.5,
+             "refusal": {"benign": {"judge": 0.2, "phrases": 0.0}, "red_team": {"judge": 0.4, "phrases": 0.5}}}
+    write_json(run / "evaluate" / "frontier.json", {"schema": 1, "bootstrap": 100, "reference": {EVIL: entry},
+               "points": [{**entry, "stage": EVIL, "step": 4, "samples": 32, "kl": 0.5, "status": EVIL}]})
+    page = build_report(run)
+    assert 'id="frontier"' in page and "+12 [-30, +50]" in page
+    assert "The figure shows noise, not a frontier." in page
+    section = page.split('id="frontier"')[1].split("</section>")[0]
+    assert "<script" not in section and "<img src=x" not in section and "&lt;script&gt;" in section

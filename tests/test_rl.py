@@ -148,6 +148,27 @@ def test_rl_trains_every_parameter_and_logs_each_step(rl_run, tiny_model):
     assert not unchanged, unchanged
 
 
+def _points(out):
+    return json.loads((out / "points" / "index.json").read_text()), sorted(p.name for p in (out / "points").iterdir())
+
+
+def test_rl_keeps_frontier_points_along_training(rl_run, tiny_model):
+    """rl.frontier_points=4 over 3 steps: points after steps 1, 2, 3 (ceil(i*3/4)); the last
+    is model/ itself, the others whole save_pretrained models that differ from each other."""
+    out = rl_run / "rl"
+    index, names = _points(out)
+    hist = json.loads((out / "metrics.json").read_text())["history"]
+    assert names == ["index.json", "step-000001", "step-000002"]
+    assert [(p["step"], p["path"], p["adapter"], p["samples"]) for p in index["points"]] == [
+        (1, "points/step-000001", False, 8), (2, "points/step-000002", False, 16), (3, "model", False, 24)]
+    assert [p["kl"] for p in index["points"]] == [round(h["kl"], 4) for h in hist]
+    assert index["stage"] == "rl" and index["base"] == tiny_model and index["base_in_run"] is False
+    one = AutoModelForCausalLM.from_pretrained(out / "points" / "step-000001").state_dict()
+    two = AutoModelForCausalLM.from_pretrained(out / "points" / "step-000002").state_dict()
+    assert not torch.equal(one["model.layers.0.mlp.up_proj.weight"], two["model.layers.0.mlp.up_proj.weight"])
+    assert (out / "points" / "step-000001" / "tokenizer_config.json").is_file()
+
+
 def test_two_pass_update_matches_the_one_pass_update(tmp_path, rl_run, tiny_model):
     """micro_batch_size below the step's sequences takes the no-grad + per-micro-batch path:
     same rollouts and, up to float noise, the same trained weights."""
@@ -208,6 +229,16 @@ def test_nan_reward_stops_and_keeps_the_last_checkpoint(tmp_path, rl_run, tiny_m
         run_pipeline(_cfg(tmp_path / "run", tiny_model, "rl.checkpoint_every=1"), log=lambda m: None)
     assert (tmp_path / "run" / "rl.partial" / "checkpoint" / "trainer_state.json").is_file()
     assert not (tmp_path / "run" / "rl").exists()
+    # The point of step 1 was kept before the crash; the resumed run redoes step 2 and keeps
+    # its point: every point once, none lost.
+    assert sorted(p.name for p in (tmp_path / "run" / "rl.partial" / "points").iterdir()) == ["step-000001"]
+    monkeypatch.setattr(RewardModel, "score_many", real)
+    logs = []
+    run_pipeline(_cfg(tmp_path / "run", tiny_model, "rl.checkpoint_every=1"), log=logs.append)
+    assert any("[rl] resuming from checkpoint at step 1/3" in m for m in logs), logs
+    index, names = _points(tmp_path / "run" / "rl")
+    assert names == ["index.json", "step-000001", "step-000002"]
+    assert [p["step"] for p in index["points"]] == [1, 2, 3]
 
 
 def test_rl_needs_the_preference_model(tmp_path, tiny_model):
@@ -249,6 +280,12 @@ def test_lora_rl_kl_reference_is_the_policy_with_adapters_off(tmp_path, rl_run, 
     assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-4)
     assert abs(hist[-1]["kl"]) > 1e-4
     assert (out / "adapter" / "adapter_config.json").is_file()
+    index, names = _points(out)  # LoRA points are adapters alone: a few kB here, no base weights
+    assert names == ["index.json", "step-000001", "step-000002"]
+    assert [p["adapter"] for p in index["points"]] == [True, True, False]
+    for step in ("step-000001", "step-000002"):
+        assert sorted(f.name for f in (out / "points" / step).iterdir()) == ["README.md", "adapter_config.json",
+                                                                           "adapter_model.safetensors"]
     before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
     assert set(before) == set(after) and not torch.equal(before["model.layers.0.self_attn.v_proj.weight"],

@@ -313,3 +313,16 @@ def test_a_lora_checkpoint_holds_the_adapters_and_resumes_them(tmp_path, tiny_mo
     assert load_checkpoint(tmp_path / "ckpt", fresh, fresh_opt, 3)["step"] == 1
     for n, p in trainable_weights(model).items():
         assert torch.equal(p, trainable_weights(fresh)[n]), n
+
+
+def test_point_steps_spread_the_frontier_points_over_training():
+    """ceil(i * total / n) for i = 1..n: 100 steps, 4 points -> 25, 50, 75, 100; 6 steps ->
+    ceil(1.5) = 2, 3, ceil(4.5) = 5, 6; 3 steps, 4 points -> ceil(.75) = 1, ceil(1.5) = 2,
+    ceil(2.25) = 3, 3: three points, no repeat; 0 points or 0 steps -> none."""
+    from cai.training import point_steps
+
+    assert point_steps(100, 4) == [25, 50, 75, 100]
+    assert point_steps(6, 4) == [2, 3, 5, 6]
+    assert point_steps(3, 4) == [1, 2, 3]
+    assert point_steps(7, 1) == [7]
+    assert point_steps(10, 0) == [] and point_steps(0, 4) == []

@@ -17,6 +17,15 @@ from cai.stage import file_sha256
 
 #: The file in ``<stage>.partial/`` that says which configuration an interrupted run had.
 PARTIAL_STAMP = ".fingerprint"
+#: Files a later stage may delete from a finished stage's folder: the weights of the frontier
+#: points of rl and dpo (``points/step-NNNNNN/*.safetensors``), which the evaluate stage
+#: removes once it has scored them (``evaluate.frontier_keep_weights=false``). One that is
+#: missing is not an error; one that is there must still match its hash.
+DISPOSABLE = ("points/", (".safetensors", ".bin"))
+
+
+def disposable(rel: str) -> bool:
+    return rel.startswith(DISPOSABLE[0]) and rel.endswith(DISPOSABLE[1])
 
 
 def read_manifest(run_dir: Path, name: str) -> dict | None:
@@ -60,6 +69,8 @@ def verify_stage(run_dir: Path, name: str, only: tuple[str, ...] | None = None) 
         path = folder / rel
         fix = f"delete {folder} and run again to rebuild stage '{name}'"
         if not path.is_file():
+            if disposable(rel):
+                continue
             raise CaiError(f"{path}: missing from the finished stage '{name}'; {fix}")
         st = path.stat()
         if st.st_size != want.get("bytes"):

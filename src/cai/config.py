@@ -424,6 +424,15 @@ class EvaluateConfig:
         "or the hub, or 'eval:NAME:PATH' from a local copy in the set's original layout. A set without a test "
         "split is hash-split with data.test_fraction; only its test part is evaluated (max_prompts applies).",
     )
+    frontier: bool = _f(
+        True, "Score the policies rl and dpo kept along training (rl.frontier_points, dpo.frontier_points) against "
+        "the initial model alone: harmlessness and helpfulness Elo with intervals and refusal rates per point, "
+        "plotted as the harmlessness-helpfulness frontier (the paper's Fig. 2). false: the points are not scored.",
+    )
+    frontier_keep_weights: bool = _f(
+        False, "Keep the full-fine-tuning weights of the frontier points (rl/points/, dpo/points/) once scored; "
+        "false deletes them then (each is a whole model). LoRA points are adapters and always kept.",
+    )
     extra_models: dict[str, str] = _f(
         {}, "More models to evaluate beside this run's, on the same prompts with the same judge, so the rows "
         "of a study compare: name -> a checkpoint directory, 'default', a hub id, or another run's directory "
@@ -471,6 +480,11 @@ class RLConfig(OptimizerConfig):
     )
     top_p: float = _f(1.0, "Nucleus sampling threshold of the rollouts (1: exact on-policy sampling).")
     micro_batch_size: int = _f(16, "Sequences per forward/backward pass (gradients are accumulated).")
+    frontier_points: int = _f(
+        4, "Policies kept along training for the harmlessness-helpfulness frontier: after steps ceil(i * steps / "
+        "N), i = 1..N; the last is model/ itself, the others go to points/step-NNNNNN/ (adapters with LoRA, whole "
+        "models otherwise). The evaluate stage scores them (evaluate.frontier). 0: keep none.",
+    )
     eval_prompts: int = _f(32, "Held-out red-team test prompts scored by the PM before and after RL.")
     offload: str = _f(
         "auto",
@@ -515,6 +529,10 @@ class DPOConfig(TrainingConfig):
         "process holds a whole copy (DDP). Under accelerate launch with an FSDP config accelerate shards itself. "
         "Full fine-tuning only (method=full), grad_accum=1.",
         choices=("none", "fsdp"), fingerprint=False,
+    )
+    frontier_points: int = _f(
+        4, "Policies kept along training for the harmlessness-helpfulness frontier, as rl.frontier_points: after "
+        "optimizer steps ceil(i * steps / N), the last being model/. 0: keep none.",
     )
 
 
@@ -862,6 +880,7 @@ BOUNDS: dict[str, tuple[float | None, float | None, bool]] = {
     "lora_r": (1, None, True), "lora_alpha": (0, None, False), "lora_dropout": (0, 1, True),
     "kl_coef": (0, None, True), "beta": (0, None, False), "min_confidence": (0, 1, True),
     "test_fraction": (0, 1, True), "bootstrap": (0, None, True), "revision_max_chains": (1, None, True),
+    "frontier_points": (0, None, True),
     "max_concurrency": (1, None, True), "timeout_s": (0, None, False), "max_retries": (0, None, True),
     "top_logprobs": (1, None, True), "wait_for_endpoints_s": (0, None, True), "memory_margin": (0, None, False),
     "serve_replicas": (1, None, True), "serve_threads": (0, None, True), "serve_parallel": (1, None, True),

@@ -5,7 +5,9 @@
 * the evaluation: Elo with intervals, harmfulness distributions and refusal rates,
   drawn from ``evaluate/results.json``;
 * the PM score against the number of revisions and per principle (the paper's Fig. 5),
-  drawn from ``evaluate/revisions.json``.
+  drawn from ``evaluate/revisions.json``;
+* the harmlessness-helpfulness frontier of the policies kept along training (the paper's
+  Fig. 2), drawn from ``evaluate/frontier.json``.
 
 Each function writes one file and closes its figure.
 """
@@ -205,4 +207,49 @@ def plot_revision_principles(path: Path, rev: dict) -> None:
     few = f"; pale: < {rev['min_ci_prompts']} prompts, no CI" if rev.get("min_ci_prompts") else ""
     ax.set_title(f"Effect of each principle's revisions (95% bootstrap CI{few}){_chance_note(rev)}", fontsize=10)
     ax.grid(alpha=0.3, axis="x")
+    _save(fig, path)
+
+
+def _elo_err(entries: list[dict], dim: str) -> list[list[float]]:
+    """Error bar lengths of ``entry[dim]``'s Elo from its interval (0 where there is none)."""
+    lo = [e[dim]["elo"] - e[dim]["ci_low"] if e[dim].get("ci_low") is not None else 0.0 for e in entries]
+    hi = [e[dim]["ci_high"] - e[dim]["elo"] if e[dim].get("ci_high") is not None else 0.0 for e in entries]
+    return [lo, hi]
+
+
+def plot_frontier(path: Path, frontier: dict) -> None:
+    """The harmlessness-helpfulness frontier (the paper's Fig. 2): every frontier point's
+    harmlessness Elo against its helpfulness Elo, each against the initial model alone, with
+    95% bootstrap intervals on both axes; one line per stage in step order (from SL-CAI when
+    the stage started there), the initial model and SL-CAI as reference points."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    ok = lambda e: e.get("harmlessness") and e.get("helpfulness")  # noqa: E731
+    ref = {n: e for n, e in (frontier.get("reference") or {}).items() if ok(e)}
+    for (name, e), (marker, colour) in zip(ref.items(), (("s", "black"), ("D", "grey"))):
+        ax.errorbar([e["helpfulness"]["elo"]], [e["harmlessness"]["elo"]], xerr=_elo_err([e], "helpfulness"),
+                    yerr=_elo_err([e], "harmlessness"), fmt=marker, color=colour, capsize=3, ms=7, label=_label(name))
+    for k, stage in enumerate(dict.fromkeys(p["stage"] for p in frontier.get("points") or [])):
+        pts = [p for p in frontier["points"] if p["stage"] == stage and ok(p)]
+        if not pts:
+            continue
+        start = ref.get(pts[0].get("start") or "")
+        line = ([start] if start else []) + pts
+        colour = f"C{k}"
+        ax.plot([e["helpfulness"]["elo"] for e in line], [e["harmlessness"]["elo"] for e in line], "-", color=colour,
+                alpha=0.6)
+        ax.errorbar([e["helpfulness"]["elo"] for e in pts], [e["harmlessness"]["elo"] for e in pts],
+                    xerr=_elo_err(pts, "helpfulness"), yerr=_elo_err(pts, "harmlessness"), fmt="o", color=colour,
+                    capsize=3, label=_label(stage))
+        for p in pts:
+            ax.annotate(str(p["step"]), (p["helpfulness"]["elo"], p["harmlessness"]["elo"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points", color=colour)
+    ax.axhline(0, color="grey", lw=0.6, ls="--")
+    ax.axvline(0, color="grey", lw=0.6, ls="--")
+    ax.set_xlabel("helpfulness Elo (against the initial model)")
+    ax.set_ylabel("harmlessness Elo (against the initial model)")
+    ax.set_title("Harmlessness vs helpfulness along training\n(labels: optimizer step; 95% bootstrap CI)", fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     _save(fig, path)

@@ -608,3 +608,76 @@ def save_trained_model(folder: Path, model, tok, stage: str, base: str, config, 
         "stage": stage, "base_model": base, "config": dataclasses.asdict(config), "seed": seed,
         "precision": prec.name,
     })
+
+
+# -- frontier points: policies kept along training ---------------------------------------------
+
+#: Where a training stage keeps its frontier points: ``<stage>/points/step-NNNNNN/`` and
+#: ``<stage>/points/index.json``.
+POINTS = "points"
+
+
+def point_steps(total_steps: int, n: int) -> list[int]:
+    """The optimizer steps after which a frontier point is kept: ``ceil(i * total / n)`` for
+    i = 1..n, without repeats (fewer when there are fewer steps than points); the last is
+    always ``total_steps`` (the final model). ``n = 0``: none."""
+    if n <= 0 or total_steps <= 0:
+        return []
+    return sorted({-(-i * total_steps // n) for i in range(1, n + 1)})
+
+
+def point_dir(folder: Path, step: int) -> Path:
+    return Path(folder) / POINTS / f"step-{step:06d}"
+
+
+def save_point(folder: Path, step: int, model, tok, prec: Precision, state_dict: dict | None = None) -> Path:
+    """Keep the policy after ``step`` as a frontier point, ``folder/points/step-NNNNNN``, in
+    ``save_pretrained`` format: the LoRA adapter alone (a few MB), or the whole model in
+    ``prec.saved`` with its tokenizer. Written to a temp folder renamed into place, so a
+    resumed run that redoes the step replaces it and a crash never leaves half a point.
+    A sharded model passes its gathered ``state_dict`` (:func:`full_state_dict`)."""
+    import torch
+
+    out = point_dir(folder, step)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if is_lora(model):
+        model.save_pretrained(tmp)
+    else:
+        dtype = getattr(torch, prec.saved)
+        full = state_dict if state_dict is not None else model.state_dict()
+        state = {k: v.detach().to(dtype) for k, v in full.items()}
+        model.save_pretrained(tmp, state_dict=state)
+        tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def write_points_index(folder: Path, run_dir: Path, stage: str, base: str, lora: bool, rows: list[dict],
+                       start: str | None) -> None:
+    """``folder/points/index.json``: every point kept (``rows``: step, samples seen, KL when
+    known), where it is (``points/step-NNNNNN`` or ``model`` for the last), whether it is an
+    adapter and the base model it applies to (relative to the run directory when inside it,
+    so the run can move), and the policy the stage started from (``start``, e.g. ``sl-cai``).
+    Built from the loop's history at the end, so a resumed run neither loses nor repeats one."""
+    from cai.io import write_json
+
+    last = max((r["step"] for r in rows), default=None)
+    points = []
+    for r in rows:
+        final = r["step"] == last
+        path = "model" if final else f"{POINTS}/step-{r['step']:06d}"
+        if not final and not (Path(folder) / path).is_dir():
+            raise CaiError(f"{Path(folder) / path}: frontier point of step {r['step']} is missing; rerun stage '{stage}'")
+        points.append({**r, "path": path, "adapter": lora and not final})
+    try:
+        base_rel = str(Path(base).resolve().relative_to(Path(run_dir).resolve()))
+    except ValueError:
+        base_rel = None
+    for stale in (Path(folder) / POINTS).glob("*.tmp") if (Path(folder) / POINTS).is_dir() else []:
+        shutil.rmtree(stale, ignore_errors=True)
+    write_json(Path(folder) / POINTS / "index.json", {
+        "schema": 1, "stage": stage, "start": start, "base": base_rel or base, "base_in_run": base_rel is not None,
+        "points": points,
+    })

@@ -66,6 +66,8 @@ def _table(header: list[str], rows: list[list], cls: str = "") -> str:
 
 #: evaluate/'s plots that the "PM score vs revisions" section shows, not the evaluation's.
 REVISION_PNGS = ("revisions.png", "revision_principles.png")
+#: evaluate/'s plot that the frontier section shows.
+FRONTIER_PNGS = ("frontier.png",)
 
 
 def _figures(folder: Path, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> str:
@@ -160,7 +162,7 @@ def evaluation(run: Path) -> str:
                          f"<code>{escape(str(t.get('principle_id')))}</code>; position consistency "
                          f"{escape(_fmt(t.get('position_consistency')))}; {t['bootstrap']} bootstrap resamples.</p>")
     parts.append(standard_sets(res))
-    parts.append(_figures(run / "evaluate", skip=REVISION_PNGS))
+    parts.append(_figures(run / "evaluate", skip=REVISION_PNGS + FRONTIER_PNGS))
     return "".join(parts)
 
 
@@ -224,6 +226,65 @@ def revisions(run: Path) -> str:
                              "mean PM change per revision [95% CI]"], prow, "revision-principles")
                      + "<p>A principle's change is the PM score after its round minus before, over the rounds "
                        "where it revised; the interval resamples prompts.</p>")
+    return "".join(parts)
+
+
+def _elo_ci(e) -> str:
+    """``+12 [-40, 61]`` from a frontier entry's Elo (``–`` when it has none)."""
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if not isinstance(e, dict) or not num(e.get("elo")):
+        return "–"
+    if not (num(e.get("ci_low")) and num(e.get("ci_high"))):
+        return f"{e['elo']:+.0f}"
+    return f"{e['elo']:+.0f} [{e['ci_low']:+.0f}, {e['ci_high']:+.0f}]"
+
+
+def _holds_zero(e) -> bool:
+    return (isinstance(e, dict) and isinstance(e.get("ci_low"), (int, float)) and isinstance(e.get("ci_high"), (int, float))
+            and e["ci_low"] <= 0 <= e["ci_high"])
+
+
+def frontier(run: Path) -> str:
+    """The policies rl and dpo kept along training, each scored against the initial model
+    alone (evaluate/frontier.json, the paper's Fig. 2)."""
+    fr = _read_json(run / "evaluate" / "frontier.json")
+    if not isinstance(fr, dict) or not fr.get("points"):
+        return ""
+    parts = ["<p>Each policy that rl and dpo kept along training answered the held-out prompts and was compared "
+             "with the initial model alone by the judge (both orders): its harmlessness and helpfulness Elo come "
+             "from a two-model Bradley-Terry fit against the initial model (0), with 95% bootstrap intervals over "
+             f"prompts ({escape(_fmt(fr.get('bootstrap')))} resamples). A stage's last point is its final model; "
+             "the Elo columns can differ from the evaluation table above, which fits all models together.</p>"]
+
+    def refusal(e, s):
+        x = ((e or {}).get("refusal") or {}).get(s) or {}
+        return f"{_fmt(x.get('judge'))} / {_fmt(x.get('phrases'))}"
+
+    rows = [[name, "–", "–", "–", _elo_ci(e.get("harmlessness")), _elo_ci(e.get("helpfulness")), e.get("harmfulness"),
+             refusal(e, "benign"), refusal(e, "red_team"), "reference"]
+            for name, e in (fr.get("reference") or {}).items() if isinstance(e, dict)]
+    scored = []
+    for p in fr["points"]:
+        if not isinstance(p, dict):
+            continue
+        if p.get("harmlessness") or p.get("helpfulness"):
+            scored.append(p)
+        status = str(p.get("status"))
+        if p.get("weights_deleted") and status != "weights deleted":
+            status += " (weights deleted)"
+        rows.append([p.get("stage"), p.get("step"), p.get("samples"), p.get("kl"), _elo_ci(p.get("harmlessness")),
+                     _elo_ci(p.get("helpfulness")), p.get("harmfulness"), refusal(p, "benign"),
+                     refusal(p, "red_team"), status])
+    if scored and all(_holds_zero(p.get("harmlessness")) and _holds_zero(p.get("helpfulness")) for p in scored):
+        parts.append("<p><b>Every point's intervals hold 0 on both axes: no policy kept along training is "
+                     "distinguishable from the initial model at this sample size. The figure shows noise, not a "
+                     "frontier.</b></p>")
+    parts.append(_figures(run / "evaluate", only=FRONTIER_PNGS))
+    parts.append(_table(["stage", "step", "samples seen", "KL", "harmlessness Elo [95% CI]", "helpfulness Elo [95% CI]",
+                         "harmfulness 0-4", "refusal benign judge / phrases", "refusal red-team judge / phrases",
+                         "status"], rows, "frontier"))
+    parts.append("<p>Samples seen: rollouts for rl, preference pairs for dpo. KL: the mean sequence KL to the "
+                 "reference of that step's rollouts (rl only).</p>")
     return "".join(parts)
 
 
@@ -371,6 +432,7 @@ def build_report(run_dir: str | Path) -> str:
         ("timeline", "Stage timeline", timeline(manifests)),
         ("expand", "Red-team prompt expansion", expansion(run)),
         ("evaluation", "Evaluation", evaluation(run)),
+        ("frontier", "Harmlessness vs helpfulness along training", frontier(run)),
         ("revisions", "PM score vs revisions", revisions(run)),
         ("gates", "SL-CAI quality gates", quality_gates(run)),
         ("training", "Training stages", stage_details(run)),

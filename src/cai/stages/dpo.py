@@ -35,7 +35,9 @@ process left without a pair in a small last batch runs one with weight 0).
 Outputs in ``dpo/``: ``model/`` (``save_pretrained`` + ``cai_training.json``; merged
 with LoRA, whose adapter is also in ``adapter/``),
 ``metrics.json`` (loss per step; held-out loss, reward accuracy and margins before and
-after), ``loss.png``.
+after), ``loss.png``, and the frontier points (``dpo.frontier_points``) as in ``rl``:
+``points/step-NNNNNN/`` and ``points/index.json`` (step, pairs seen, that step's train
+loss; no KL is measured here), which the evaluate stage scores.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from cai.stage import SL_CAI, Cost, PlanInputs, StageContext, StageSpec, split_f
 from cai.training import (
     adapters_off,
     answer_logprobs,
+    is_lora,
     check_finite,
     encode_chat,
     full_state_dict,
@@ -63,8 +66,11 @@ from cai.training import (
     process_share,
     resume,
     save_checkpoint,
+    point_steps,
+    save_point,
     save_trained_model,
     warmup_lr,
+    write_points_index,
 )
 
 
@@ -207,6 +213,7 @@ def run(ctx: StageContext) -> dict:
     before = pair_metrics([0.0] * len(test), [x["p"] for x in test], dc.beta, dc.soft_labels)
 
     t0 = time.time()
+    points = point_steps(total_steps, dc.frontier_points)
     with ctx.progress(total_steps, "training", unit="step") as update:
         update(start)
         for step in range(start, total_steps):
@@ -240,6 +247,10 @@ def run(ctx: StageContext) -> dict:
             history.append([step + 1, float(stats[0]) / n, float(stats[1]) / n, float(stats[2]) / n])
             update(1)
             done = step + 1
+            if done in points and done < total_steps:  # every process: a sharded model gathers
+                point_state = full_state_dict(plain)
+                if accelerator.is_main_process:
+                    save_point(ctx.out, done, plain, tok, prec, state_dict=point_state)
             if done % dc.checkpoint_every == 0 and done < total_steps:  # every process: a sharded model gathers
                 save_checkpoint(ckpt, plain, optimizer, done, {"history": history, "total_steps": total_steps, "ref": ref},
                                 scaler, main=accelerator.is_main_process)
@@ -255,6 +266,9 @@ def run(ctx: StageContext) -> dict:
     }
     gathered = full_state_dict(plain)  # sharded: every process takes part; else None
     if accelerator.is_main_process:
+        write_points_index(ctx.out, ctx.run_dir, "dpo", base, is_lora(plain), [
+            {"step": s, "samples": sum(len(b) for b in batches[:s]), "kl": None,
+             "train_loss": round(history[s - 1][1], 4)} for s in points], dc.policy)
         save_trained_model(ctx.out, plain, tok, "dpo", base, dc, cfg.seed, prec, gathered)
         write_json(ctx.out / "metrics.json", {
             "history": [{"step": s, "loss": l, "reward_accuracy": a, "margin": mg} for s, l, a, mg in history],

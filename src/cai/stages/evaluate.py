@@ -39,6 +39,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 from pathlib import Path
 
 from cai import evalsets, quality
@@ -436,6 +437,170 @@ def standard_set_counts(sets: dict) -> dict:
     return counts
 
 
+# -- the harmlessness-helpfulness frontier (the paper's Fig. 2) -------------------------------
+
+#: The training stages whose frontier points (``<stage>/points/index.json``) are scored.
+FRONTIER_STAGES = ("rl", "dpo")
+#: The files of a point that ``evaluate.frontier_keep_weights=false`` deletes once it is scored.
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def frontier_points(run_dir: Path) -> list[dict]:
+    """Every frontier point the finished rl and dpo stages kept (``points/index.json``), in
+    stage then step order, each with its ``stage``, a ``name`` (``rl@40``), its ``folder``
+    and, for an adapter, the ``base`` model it applies to."""
+    out = []
+    for stage in FRONTIER_STAGES:
+        path = Path(run_dir) / stage / "points" / "index.json"
+        if not (Path(run_dir) / stage / "manifest.json").is_file() or not path.is_file():
+            continue
+        index = json.loads(path.read_text(encoding="utf-8"))
+        base = str(Path(run_dir) / index["base"]) if index.get("base_in_run") else index.get("base")
+        for p in sorted(index.get("points") or [], key=lambda p: p["step"]):
+            out.append({**p, "stage": stage, "name": f"{stage}@{p['step']}", "folder": Path(run_dir) / stage / p["path"],
+                        "base": base, "start": index.get("start")})
+    return out
+
+
+def has_weights(folder: Path) -> bool:
+    return folder.is_dir() and any(f.name.endswith(WEIGHT_SUFFIXES) for f in folder.iterdir())
+
+
+def merge_adapter(point: dict, dest: Path, trust_remote_code: bool) -> str:
+    """A LoRA point as a plain checkpoint the engines load: its base model with the adapter
+    merged in, saved to ``dest`` (a scratch folder the caller deletes after use)."""
+    from peft import PeftModel
+
+    from cai.models import load_model_and_tokenizer
+
+    model, tok, _ = load_model_and_tokenizer(point["base"], device="cpu", dtype="float32",
+                                             trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(model, str(point["folder"])).merge_and_unload()
+    merged.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return str(dest)
+
+
+def frontier_answers(ctx: StageContext, points: list[dict], items: list, params, names: list[str]) -> list[dict]:
+    """Each intermediate point's answers to the held-out prompts (the last point of a stage
+    is its ``model/``, already answered as that stage's model). One model in memory at a
+    time; an adapter is merged into a scratch copy of its base, deleted after it answered.
+    Sets each point's ``status``: ``final`` (the stage's model), ``answered``, or ``weights
+    deleted`` (an earlier evaluation removed them: the point cannot be scored again)."""
+    rows = []
+    scratch = ctx.out / "frontier-scratch"
+    for p in points:
+        if p["path"] == "model":
+            p["status"] = "final" if p["stage"] in names else "missing"
+            continue
+        if not has_weights(p["folder"]):
+            p["status"] = "weights deleted"
+            ctx.log(f"[evaluate] frontier point {p['name']}: its weights were deleted after an earlier evaluation; "
+                    f"not scored (delete {ctx.run_dir / p['stage']} and run again to keep new points; "
+                    "evaluate.frontier_keep_weights=true keeps them after scoring)")
+            continue
+        model = (merge_adapter(p, scratch / p["name"].replace("@", "-step-"), ctx.cfg.engine.trust_remote_code)
+                 if p.get("adapter") else str(p["folder"]))
+        engine = ctx.engine(model)
+        with ctx.progress(len(items), f"answers of {p['name']}") as update:
+            outs = engine.generate([q.messages for _, q in items], params, progress=update) if items else []
+        rows += [{"model": p["name"], "set": s, "id": q.id, "category": q.category, "prompt": q.messages,
+                  "answer": out[0].strip()} for (s, q), out in zip(items, outs)]
+        del engine
+        ctx.release_engine(model)
+        p["status"] = "answered"
+    shutil.rmtree(scratch, ignore_errors=True)
+    return rows
+
+
+def _against_initial(records: list[dict], dimension: str, other: str, resamples: int, seed: int) -> dict | None:
+    """``other``'s Elo against the initial model alone, from the two models' comparisons in
+    ``records``: a two-model Bradley-Terry fit, so every frontier point (and reference) is
+    measured the same way whatever else was evaluated."""
+    games: dict[str, list] = {}
+    for r in records:
+        if r.get("dimension") == dimension and {r["model_a"], r["model_b"]} == {"initial", other}:
+            a = 0 if r["model_a"] == "initial" else 1
+            games.setdefault(r["id"], []).append((a, 1 - a, r["p_a"]))
+    if not games:
+        return None
+    return elo_table(["initial", other], games, resamples, seed)["ratings"][other]
+
+
+def frontier_entry(name: str, records: list[dict], summary: dict, resamples: int, seed: int) -> dict:
+    """A frontier row's scores: harmlessness and helpfulness Elo against the initial model
+    with their 95% intervals, the mean harmfulness 0-4 and the refusal rates."""
+    return {
+        "harmlessness": _against_initial(records, "harmlessness", name, resamples, seed),
+        "helpfulness": _against_initial(records, "helpfulness", name, resamples, seed),
+        "harmfulness": summary["harmfulness"][name]["mean"],
+        "refusal": summary["refusal"][name],
+    }
+
+
+def score_frontier(judge, points: list[dict], point_rows: list[dict], answers: dict, prompts: dict, principles: dict,
+                   demos: list, progress) -> list[dict]:
+    """The judge's comparisons of each answered point with the initial model (both orders,
+    as for the stage models), and its harmfulness and refusal questions, in place on
+    ``point_rows``; returns the comparison records. Cost: linear in the points."""
+    records = []
+    for p in points:
+        if p.get("status") != "answered":
+            continue
+        mine = [r for r in point_rows if r["model"] == p["name"]]
+        for dimension, s in (("harmlessness", "red_team"), ("helpfulness", "helpful")):
+            if not prompts[s]:
+                continue
+            theirs = [r["answer"] for r in mine if r["set"] == s]
+            recs, _ = pairwise(judge, ["initial", p["name"]], {"initial": answers[s]["initial"], p["name"]: theirs},
+                               prompts[s], principles[dimension], demos, progress)
+            records += [{**r, "dimension": dimension} for r in recs]
+    judge_answers(judge, point_rows, progress)
+    return records
+
+
+def frontier_result(points: list[dict], point_rows: list[dict], point_records: list[dict], comparisons: list[dict],
+                    main_summary: dict, names: list[str], resamples: int, seed: int, keep_weights: bool) -> dict:
+    """``frontier.json``: the reference models (initial, sl-cai) and every point, each scored
+    against the initial model alone."""
+    summary = summarise([p["name"] for p in points if p.get("status") == "answered"], point_rows, pm_used=False)
+    reference = {n: frontier_entry(n, comparisons, main_summary, resamples, seed) if n != "initial" else
+                 {"harmlessness": {"elo": 0.0, "ci_low": None, "ci_high": None},
+                  "helpfulness": {"elo": 0.0, "ci_low": None, "ci_high": None},
+                  "harmfulness": main_summary["harmfulness"]["initial"]["mean"],
+                  "refusal": main_summary["refusal"]["initial"]}
+                 for n in ("initial", SL_CAI) if n in names}
+    out = []
+    for p in points:
+        row = {k: p.get(k) for k in ("stage", "step", "samples", "kl", "reward", "train_loss", "path", "adapter",
+                                     "start", "status")}
+        row["path"] = f"{p['stage']}/{p['path']}"
+        if p["status"] == "final":
+            row.update(frontier_entry(p["stage"], comparisons, main_summary, resamples, seed))
+        elif p["status"] == "answered":
+            row.update(frontier_entry(p["name"], point_records, summary, resamples, seed))
+        row["weights_deleted"] = p["status"] == "weights deleted" or (
+            p["status"] == "answered" and not p.get("adapter") and not keep_weights)
+        out.append(row)
+    return {"schema": 1, "against": "initial", "bootstrap": resamples, "reference": reference, "points": out}
+
+
+def delete_point_weights(points: list[dict], keep: bool, log) -> int:
+    """Delete the weight files of the scored whole-model points (not adapters), unless
+    ``keep``; their configs and the index stay. Returns how many points were emptied."""
+    n = 0
+    for p in points:
+        if keep or p.get("status") != "answered" or p.get("adapter"):
+            continue
+        for f in p["folder"].iterdir():
+            if f.name.endswith(WEIGHT_SUFFIXES):
+                f.unlink()
+        n += 1
+    if n:
+        log(f"[evaluate] deleted the weights of {n} scored frontier points (evaluate.frontier_keep_weights=false)")
+    return n
+
+
 # -- the stage --------------------------------------------------------------------------------
 
 
@@ -643,6 +808,8 @@ def run(ctx: StageContext) -> dict:
                          "answer": text, **({"meta": p.meta} if s in evalsets.SETS else {})})
         del engine
         ctx.release_engine(model)  # one model in memory at a time: the next one (or the judge) loads after
+    points = frontier_points(ctx.run_dir) if ev.frontier else []
+    point_rows = frontier_answers(ctx, points, items, params, names)
 
     judge_model = ev.judge or cfg.engine.model
     judge, release_judge = open_judge(ctx)
@@ -663,6 +830,8 @@ def run(ctx: StageContext) -> dict:
         elo[dimension]["position_consistency"] = _mean(float(a) for a in agree)
     judge_answers(judge, rows, ctx.progress)
     evalsets.judge_rows(judge, rows, ctx.progress)
+    point_records = score_frontier(judge, points, point_rows, answers, prompts,
+                                   {"harmlessness": harmless, "helpfulness": helpful}, demos, ctx.progress)
     measure_quality(rows)
     del judge
     release_judge()  # the PM loads into the room the judge leaves
@@ -698,6 +867,18 @@ def run(ctx: StageContext) -> dict:
     plot_harmfulness(ctx.out / "harmfulness.png", results)
     plot_refusals(ctx.out / "refusal.png", results)
     counts = {"models": len(names), "answers": len(rows), "comparisons": len(comparisons), **revision_counts}
+    if points:
+        frontier = frontier_result(points, point_rows, point_records, comparisons, results, names, ev.bootstrap,
+                                   cfg.seed, ev.frontier_keep_weights)
+        write_json(ctx.out / "frontier.json", frontier)
+        write_jsonl(answers_dir / "frontier.jsonl", point_rows)
+        write_jsonl(answers_dir / "frontier_comparisons.jsonl", point_records)
+        from cai.plots import plot_frontier
+
+        plot_frontier(ctx.out / "frontier.png", frontier)
+        counts["frontier_points"] = sum(1 for p in points if p["status"] in ("answered", "final"))
+        counts["frontier_comparisons"] = len(point_records)
+        counts["frontier_weights_deleted"] = delete_point_weights(points, ev.frontier_keep_weights, ctx.log)
     for dimension, table in elo.items():
         if table:
             for name, r in table["ratings"].items():
@@ -727,7 +908,10 @@ def estimate(inputs: PlanInputs) -> Cost:
     ex = const.comparison_examples if ev.few_shot < 0 else const.comparison_examples[: ev.few_shot]
     demo = count(comparison_demos(ex, principle_texts(const), False)) if ex else 0
     pair_q = math.comb(models, 2) * (r + h) * 2
-    judge_q = models * r + models * (r + b) * 2
+    judge_q = models * r + models * (r + b) * 2 + models * r * 2  # harmfulness, refusal, safe (both orders)
+    points = frontier_extra(inputs) if ev.frontier else 0  # each answers every prompt, then meets initial
+    pair_q += points * (r + h) * 2
+    judge_q += points * (r + (r + b) * 2 + r * 2)
     pm = models * (r + h) if ev.preference_model and "preference_model" in cfg.stages else 0
     if pm and "critique_revision" in cfg.stages:  # at most rounds + 1 texts per scored chain
         cr = cfg.critique_revision
@@ -756,11 +940,35 @@ def estimate(inputs: PlanInputs) -> Cost:
             phases.append(frozen_model(shape.pm_params, ib))
         memory = largest(*phases)
         loads = models + 1 + (1 if pm else 0)
-    return Cost(generate=models * (len(ps) + std_n), score=pair_q + judge_q, prompt_tokens=prompt,
-                new_tokens=models * (len(ps) + std_n) * ev.max_new_tokens,
-                note=f"{models} models x {len(ps)} test prompts" + (f" + {std_n} of standard sets" if std_n else "")
-                + f"; {pair_q} comparisons; {pm} PM scores",
+        loads += points
+    prompt += int(points * len(ps) * avg)
+    return Cost(generate=(models + points) * len(ps) + models * std_n, score=pair_q + judge_q, prompt_tokens=prompt,
+                new_tokens=((models + points) * len(ps) + models * std_n) * ev.max_new_tokens,
+                note=f"{models} models + {points} frontier points x {len(ps)} test prompts"
+                + (f" + {std_n} of standard sets" if std_n else "") + f"; {pair_q} comparisons; {pm} PM scores",
                 loads=loads, memory=memory)
+
+
+def frontier_extra(inputs: PlanInputs) -> int:
+    """How many frontier points the evaluation answers and judges beyond the stage models:
+    each configured rl/dpo stage's points but its last (its model/, evaluated anyway). The
+    dpo stage's steps are counted from the pairs the feedback stage is expected to write."""
+    from cai.training import point_steps
+
+    cfg = inputs.cfg
+    n = 0
+    if "rl" in cfg.stages:
+        n += max(0, len(point_steps(cfg.rl.steps, cfg.rl.frontier_points)) - 1)
+    if "dpo" in cfg.stages:
+        dc = cfg.dpo
+        if dc.data == "feedback":
+            pairs = inputs.feedback_pairs()
+        else:
+            pairs = len(inputs.capped("red_team", cfg.critique_revision.max_prompts).get("train", []))
+        steps = math.ceil(max(1, round(pairs * dc.epochs)) / dc.batch_size)
+        steps = min(steps, dc.max_steps) if dc.max_steps is not None else steps
+        n += max(0, len(point_steps(steps, dc.frontier_points)) - 1)
+    return n
 
 
 STAGE = StageSpec(

@@ -52,7 +52,10 @@ red-team test prompts, for the starting policy (before) and the trained one (aft
 Outputs in ``rl/``: ``model/`` (``save_pretrained`` + ``cai_training.json``; merged with
 LoRA, whose adapter is also in ``adapter/``),
 ``metrics.json``, ``rollouts.jsonl`` (every sampled answer with its score, KL and
-advantage), ``eval_samples.jsonl``, ``reward.png``, ``kl.png``, ``loss.png``.
+advantage), ``eval_samples.jsonl``, ``reward.png``, ``kl.png``, ``loss.png``, and the
+frontier points (``rl.frontier_points``): ``points/step-NNNNNN/`` (the LoRA adapter, or
+the whole model) and ``points/index.json`` (step, rollouts seen, the step's KL and
+reward; the last point is ``model/``), which the evaluate stage scores.
 """
 
 from __future__ import annotations
@@ -90,10 +93,13 @@ from cai.training import (
     load_trainable,
     optimizer_step,
     pad_batch,
+    point_steps,
     resume,
     save_checkpoint,
+    save_point,
     save_trained_model,
     warmup_lr,
+    write_points_index,
 )
 
 EVAL_SEED_OFFSET = 1_000_003  # eval answers never share seeds with training rollouts
@@ -369,6 +375,7 @@ def run(ctx: StageContext) -> dict:
 
     t0 = time.time()
     name = ADVANTAGES[rc.advantage][1]
+    points = point_steps(rc.steps, rc.frontier_points)
     with ctx.progress(rc.steps, name, unit="step") as update:
         update(start)
         for step in range(start, rc.steps):
@@ -381,6 +388,8 @@ def run(ctx: StageContext) -> dict:
             history.append(row)
             update(1)
             done = step + 1
+            if accelerator.is_main_process and done in points and done < rc.steps:
+                save_point(ctx.out, done, policy, tok, prec)
             if accelerator.is_main_process and done % rc.checkpoint_every == 0 and done < rc.steps:
                 save_checkpoint(ckpt, policy, optimizer, done, {
                     "history": history, "total_steps": rc.steps, "samples": samples, "before": before,
@@ -395,6 +404,9 @@ def run(ctx: StageContext) -> dict:
         "final_kl": round(history[-1]["kl"], 4) if history else None,
     }
     if accelerator.is_main_process:
+        write_points_index(ctx.out, ctx.run_dir, "rl", base, is_lora(policy), [
+            {"step": s, "samples": s * rc.prompts_per_step * k, "kl": round(history[s - 1]["kl"], 4),
+             "reward": round(history[s - 1]["reward"], 4)} for s in points], rc.policy)
         save_trained_model(ctx.out, policy, tok, "rl", base, rc, cfg.seed, prec)
         write_json(ctx.out / "metrics.json", {"history": history, "eval_before": before, "eval_after": after, **counts})
         write_jsonl(ctx.out / "rollouts.jsonl", samples)
