@@ -605,4 +605,6 @@ def test_frontier_switch_and_plan(tmp_path, tiny_model):
     without = ev.estimate(PlanInputs(off, const, sets, count))
     assert ev.frontier_extra(PlanInputs(cfg, const, sets, count)) == 3
     assert with_points.generate - without.generate == 3 * 6  # 3 points x 2 prompts x 3 sets
-    assert with_points.score - without.score == 3 * ((2 + 2) * 2 + 2 + (2 + 2) * 2)
+    # per point: comparisons (red + helpful, both orders), harmfulness, refusal (red + benign,
+    # both orders), safe (red, both orders)
+    assert with_points.score - without.score == 3 * ((2 + 2) * 2 + 2 + (2 + 2) * 2 + 2 * 2)

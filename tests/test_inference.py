@@ -73,9 +73,16 @@ def test_plan_counts_and_times_every_stage(tiny_model, capsys):
     assert cr["generate"] == 4 * n + 2 * (2 * n)
     assert cr["new_tokens"] == 4 * n * c.max_new_tokens + 2 * n * (c.max_new_tokens + c.critique_max_new_tokens)
     models, m = 4, ev.max_prompts  # initial, SL-CAI, RL, DPO; m test prompts of each of 3 sets
-    assert rows["evaluate"]["generate"] == models * 3 * m
-    # pairwise (both orders, red-team + helpful), harmfulness (red-team), refusal (both orders, benign + red-team)
-    assert rows["evaluate"]["score"] == 6 * 2 * m * 2 + models * m + models * 2 * m * 2
+    from cai.stage import PlanInputs, load_inputs
+    from cai.stages.evaluate import frontier_extra
+
+    points = frontier_extra(PlanInputs(cfg, *load_inputs(cfg), lambda conv: 1))  # rl/dpo points before the last
+    assert points > 0
+    assert rows["evaluate"]["generate"] == (models + points) * 3 * m
+    # pairwise (both orders, red-team + helpful), harmfulness (red-team), refusal (both orders, benign + red-team),
+    # safe (both orders, red-team); each frontier point: the same against the initial model only
+    assert rows["evaluate"]["score"] == 6 * 2 * m * 2 + models * m + models * 2 * m * 2 + models * m * 2 \
+        + points * (2 * m * 2 + m + 2 * m * 2 + m * 2)
     assert rows["rl"]["new_tokens"] > 0 and rows["dpo"]["train_tokens"] > 0
     assert rows["sft"]["train_tokens"] > 0 and rows["preference_model"]["train_tokens"] > 0
     assert all(r["seconds"] >= 0 for r in rows.values())

@@ -677,6 +677,7 @@ def write_points_index(folder: Path, run_dir: Path, stage: str, base: str, lora:
         base_rel = None
     for stale in (Path(folder) / POINTS).glob("*.tmp") if (Path(folder) / POINTS).is_dir() else []:
         shutil.rmtree(stale, ignore_errors=True)
+    (Path(folder) / POINTS).mkdir(parents=True, exist_ok=True)  # no intermediate point: only the index
     write_json(Path(folder) / POINTS / "index.json", {
         "schema": 1, "stage": stage, "start": start, "base": base_rel or base, "base_in_run": base_rel is not None,
         "points": points,
