@@ -93,6 +93,20 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CAI_CACHE_DIR", str(tmp_path / "cai-cache"))
 
 
+def cached_rows(path) -> int:
+    """Rows in a run's request cache (``cache.sqlite``): 0 when it does not exist yet or is
+    being written by a process that was just killed."""
+    import sqlite3
+
+    if not os.path.exists(path):
+        return 0
+    try:
+        with sqlite3.connect(path, timeout=1) as db:
+            return db.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="also run the slow end-to-end tests on the embedded model")
 

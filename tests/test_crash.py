@@ -3,10 +3,11 @@
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
+
+from conftest import cached_rows
 
 
 def _start(tmp_path, tiny_model, *extra):
@@ -27,16 +28,6 @@ def _wait_for(predicate, proc, timeout=240):
     return False
 
 
-def _cached_rows(path):
-    if not path.exists():
-        return 0
-    try:
-        with sqlite3.connect(path, timeout=1) as db:
-            return db.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
 CR = ["stages=[prepare, critique_revision]", "critique_revision.rounds=2", "critique_revision.max_prompts=40",
       "critique_revision.max_new_tokens=24", "critique_revision.critique_max_new_tokens=16"]
 
@@ -44,11 +35,11 @@ CR = ["stages=[prepare, critique_revision]", "critique_revision.rounds=2", "crit
 def test_kill_during_critique_revision_then_resume(tmp_path, tiny_model):
     cache = tmp_path / "run" / "cache.sqlite"
     cmd, env, proc = _start(tmp_path, tiny_model, *CR)
-    reached = _wait_for(lambda: _cached_rows(cache) >= 64, proc)
+    reached = _wait_for(lambda: cached_rows(cache) >= 64, proc)
     assert reached, "the run finished or stalled before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    saved = _cached_rows(cache)
+    saved = cached_rows(cache)
     assert not (tmp_path / "run" / "critique_revision").exists()  # no half-written artifact
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -86,11 +77,11 @@ def test_kill_during_feedback_then_resume(tmp_path, tiny_model):
     cmd, env, proc = _start(tmp_path, tiny_model, *extra)
     # 120 answer requests first (80 red-team + 40 helpful prompts), then 2 label requests
     # per comparison: kill among the labels
-    reached = _wait_for(lambda: _cached_rows(cache) >= 184, proc)
+    reached = _wait_for(lambda: cached_rows(cache) >= 184, proc)
     assert reached, "the run finished or stalled before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    saved = _cached_rows(cache)
+    saved = cached_rows(cache)
     assert not (tmp_path / "run" / "feedback").exists()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -153,7 +144,7 @@ def _kill_at(tmp_path, tiny_model, extra, stage, seed, reference):
     time.sleep(random.Random(seed).uniform(0.0, 1.5))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    saved = _cached_rows(tmp_path / "run" / "cache.sqlite")
+    saved = cached_rows(tmp_path / "run" / "cache.sqlite")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     run = tmp_path / "run"

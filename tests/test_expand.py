@@ -11,8 +11,10 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import cached_rows
+
 from cai.config import check_config, load_config
-from cai.conversations import EXPAND_REQUEST, parse_expansion
+from cai.conversations import parse_expansion
 from cai.errors import CaiError
 from cai.pipeline import fingerprints, run_pipeline
 from cai.prompts import load_prompt_file
@@ -351,18 +353,6 @@ def _start(run, tiny_model):
     return cmd, env, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _rows(path):
-    import sqlite3
-
-    if not path.exists():
-        return 0
-    try:
-        with sqlite3.connect(path, timeout=1) as db:
-            return db.execute("SELECT COUNT(*) FROM requests").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
 @pytest.fixture(scope="module")
 def kill_reference(tmp_path_factory, tiny_model):
     run = tmp_path_factory.mktemp("reference") / "run"
@@ -394,12 +384,12 @@ def test_kill_during_expand_then_rerun_loses_and_duplicates_nothing(tmp_path, ti
     run = tmp_path / "run"
     cmd, env, proc = _start(run, tiny_model)
     end = time.time() + 600
-    while time.time() < end and proc.poll() is None and _rows(run / "cache.sqlite") < at:
+    while time.time() < end and proc.poll() is None and cached_rows(run / "cache.sqlite") < at:
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before the kill point"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    saved = _rows(run / "cache.sqlite")
+    saved = cached_rows(run / "cache.sqlite")
     assert not (run / "expand").exists()  # nothing half-written in place
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
