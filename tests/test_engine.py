@@ -7,6 +7,7 @@ import torch
 
 from cai.engines.base import SamplingParams
 from cai.engines.cache import CachedEngine, RequestCache
+from cai.engines.int8 import SCHEME
 
 CONVS = [
     [{"role": "user", "content": "How do I kill a Python process?"}],
@@ -306,4 +307,38 @@ def test_int8_quantized_engine_generates_and_caches_separately(tiny_model, tiny_
     assert len(out) == 1
     (scores,) = q.choice_logprobs(CONVS[:1], [["A", "B"]])
     assert all(s < 0 for s in scores)
-    assert type(q.model.model.layers[0].mlp.up_proj).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    assert type(q.model.model.layers[0].mlp.up_proj).__name__ == "Int8Linear"
+    assert SCHEME in q.identity
+
+
+def test_int8_answers_do_not_depend_on_their_batch(tiny_model):
+    """A resumed run regenerates only the requests not yet cached, in other batches than an
+    uninterrupted run: with int8 layers each row must still get the same answer and scores."""
+    from cai.engines.local import LocalEngine
+
+    convs = [[{"role": "user", "content": f"Question {i}: " + "why " * (3 * i % 17)}] for i in range(10)]
+    params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=8, seed=11)
+    whole = LocalEngine(tiny_model, batch_size=4, score_batch_size=4, quantize="int8")
+    parts = LocalEngine(tiny_model, batch_size=4, score_batch_size=4, quantize="int8")
+    answers = whole.generate(convs, params)
+    assert parts.generate(convs[3:], params) == answers[3:]
+    assert [parts.generate([c], params)[0] for c in convs[:3]] == answers[:3]
+    opts = [["(A)", "(B)"]] * len(convs)
+    assert parts.choice_logprobs(convs[5:], opts[5:]) == whole.choice_logprobs(convs, opts)[5:]
+
+
+def test_int8_layer_is_close_to_float_and_row_independent():
+    import torch
+
+    from cai.engines.int8 import Int8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 20)
+    q = Int8Linear(lin)
+    x = torch.randn(2, 7, 48)
+    x[0, 0] = 0.0  # a padded position: all zeros must stay finite
+    with torch.no_grad():
+        ref, out = lin(x), q(x)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+    assert torch.equal(q(x[1:, 2:5]), out[1:, 2:5])  # a row's result is the same alone
