@@ -88,9 +88,21 @@ def test_generation_weights_kv_and_int8(shape):
 
     m = generation(shape, 4, seqs=2, tokens=10)
     assert m.parts["weights"] == 87168 and m.parts["kv cache"] == 2 * 2 * 16 * 20 * 4
-    q = generation(shape, 4, 2, 10, int8=True)
+    q = generation(shape, 4, 2, 100, int8=True)
     # linear layers in one byte, the rest (embeddings, norms) in float32, plus the tied head's int8 copy
     assert q.parts["weights"] == 18432 + (21792 - 18432) * 4 + 3200
+    # a small batch: the float model held while its layers are replaced is the peak
+    small = generation(shape, 4, 1, 4, int8=True)
+    assert small.parts == {"float weights while quantizing": 87168}
+
+
+def test_frontier_points_add_whole_model_saves_but_not_for_lora():
+    from cai.training import point_saves
+
+    assert point_saves(3, 4, "full") == 2  # points after steps 1, 2 and 3; the last is model/
+    assert point_saves(24, 4, "full") == 3
+    assert point_saves(24, 0, "full") == 0
+    assert point_saves(24, 4, "lora") == 0
 
 
 def test_check_fit_refuses_in_one_line():

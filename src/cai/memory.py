@@ -221,17 +221,23 @@ def training(shape: ModelShape, prec, tc, seqs: int, tokens: int, world: int = 1
 
 def generation(shape: ModelShape, dtype_bytes: int, seqs: int, tokens: int, int8: bool = False) -> Memory:
     """An inference engine's peak: its weights (``engine.quantize=int8``: linear layers in
-    one byte, the rest as loaded) and the KV cache of ``seqs`` sequences of ``tokens``."""
+    one byte, the rest as loaded) and the KV cache of ``seqs`` sequences of ``tokens``.
+    int8 layers are made from the loaded float model, so while loading the process holds
+    the float weights; that phase counts where it is the larger."""
+    work = seqs * tokens * (4 * shape.hidden + 2 * shape.intermediate) * dtype_bytes
+    run = {"kv cache": shape.kv_bytes(seqs * tokens, dtype_bytes), "workspace": work}
     if int8:
         linear = shape.linear_params + (shape.vocab * shape.hidden if shape.tied else 0)  # the tied head gets its own int8 copy
         weights = shape.linear_params * 1 + (shape.params - shape.linear_params) * dtype_bytes + \
             (linear - shape.linear_params)
+        loading = shape.params * dtype_bytes  # the float model before its layers are replaced
+        if loading > weights + sum(run.values()):
+            return Memory({"float weights while quantizing": loading},
+                          f"loading; then {seqs} sequences x {tokens} tokens")
     else:
         weights = shape.params * dtype_bytes
     # one layer's no-grad workspace at prefill (its inputs and the MLP's), beside the cache
-    work = seqs * tokens * (4 * shape.hidden + 2 * shape.intermediate) * dtype_bytes
-    return Memory({"weights": weights, "kv cache": shape.kv_bytes(seqs * tokens, dtype_bytes), "workspace": work},
-                  f"{seqs} sequences x {tokens} tokens")
+    return Memory({"weights": weights, **run}, f"{seqs} sequences x {tokens} tokens")
 
 
 def frozen_model(params: int, dtype_bytes: int, name: str = "PM") -> Memory:

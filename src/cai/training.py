@@ -626,6 +626,12 @@ def point_steps(total_steps: int, n: int) -> list[int]:
     return sorted({-(-i * total_steps // n) for i in range(1, n + 1)})
 
 
+def point_saves(total_steps: int, n: int, method: str) -> int:
+    """Whole-model saves the frontier points add to a stage, for ``cai plan``: every point
+    but the last (the stage's model/); none for LoRA, whose points are adapters of a few MB."""
+    return 0 if method == "lora" else max(0, len(point_steps(total_steps, n)) - 1)
+
+
 def point_dir(folder: Path, step: int) -> Path:
     return Path(folder) / POINTS / f"step-{step:06d}"
 

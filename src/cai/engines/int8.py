@@ -55,9 +55,16 @@ class Int8Linear(torch.nn.Module):
 
 def quantize_linear_layers(model: torch.nn.Module) -> torch.nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (the output head included) by an
-    :class:`Int8Linear`, in place; returns the model."""
-    for module in list(model.modules()):
+    :class:`Int8Linear`, in place; returns the model. The walk holds one module's children
+    at a time, so each float weight is freed as soon as its layer is replaced (the peak is
+    the float model, not the float model plus every int8 copy)."""
+
+    def walk(module: torch.nn.Module) -> None:
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear):
                 setattr(module, name, Int8Linear(child))
+            else:
+                walk(child)
+
+    walk(model)
     return model

@@ -290,7 +290,7 @@ def estimate(inputs: PlanInputs) -> Cost:
     import math
 
     from cai.memory import training
-    from cai.training import resolve_precision
+    from cai.training import point_saves, resolve_precision
 
     fb, dc = inputs.cfg.feedback, inputs.cfg.dpo
     n, n_test = inputs.feedback_pairs(), inputs.feedback_pairs("test")
@@ -305,7 +305,8 @@ def estimate(inputs: PlanInputs) -> Cost:
         memory = training(shape, prec, dc, per_pass, length, inputs.world, dc.sharding == "fsdp")
     # no-grad passes: the reference log-probs of the train and test pairs, the held-out pairs after training
     return Cost(train_tokens=int(seqs * length), note=f"~{int(n)} pairs x {dc.epochs} epochs",
-                loads=1, eval_tokens=int((used + 2 * 2 * n_test) * length), saves=1,
+                loads=1, eval_tokens=int((used + 2 * 2 * n_test) * length),
+                saves=1 + point_saves(steps, dc.frontier_points, dc.method),
                 checkpoints=(steps - 1) // dc.checkpoint_every, memory=memory)
 
 

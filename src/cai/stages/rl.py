@@ -496,7 +496,7 @@ def estimate(inputs: PlanInputs) -> Cost:
     import math
 
     from cai.memory import DTYPE_BYTES, Memory, frozen_model, training
-    from cai.training import resolve_precision
+    from cai.training import point_saves, resolve_precision
 
     cfg, rc, count = inputs.cfg, inputs.cfg.rl, inputs.count
     train = inputs.sets["red_team"].get("train", [])
@@ -523,7 +523,8 @@ def estimate(inputs: PlanInputs) -> Cost:
                 new_tokens=rollouts * rc.max_new_tokens + 2 * rc.eval_prompts * rc.max_new_tokens,
                 train_tokens=int(rollouts * length),
                 note=f"{rc.steps} steps x {rc.prompts_per_step} prompts x {rc.samples_per_prompt} samples",
-                loads=2, eval_tokens=int(2 * rollouts * length + 3 * 2 * rc.eval_prompts * length), saves=1,
+                loads=2, eval_tokens=int(2 * rollouts * length + 3 * 2 * rc.eval_prompts * length),
+                saves=1 + point_saves(rc.steps, rc.frontier_points, rc.method),
                 checkpoints=(rc.steps - 1) // rc.checkpoint_every, memory=memory)
 
 
