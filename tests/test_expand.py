@@ -369,8 +369,9 @@ def test_kill_during_expand_then_rerun_loses_and_duplicates_nothing(tmp_path, ti
     the output exactly once. Killed among the filter questions (every generation answered
     as in the uninterrupted run), the output is the uninterrupted run's. Killed among the
     generation requests, the answers sampled after the kill come in other batches than in
-    the uninterrupted run, and the tiny random model's sampled text is not bit-stable across
-    batch shapes, so there only the accounting is compared."""
+    the uninterrupted run; float32 sums in attention are not guaranteed bit-stable across
+    batch shapes, and the tiny random model's near-flat distributions turn any difference
+    into other text, so there only the accounting is compared."""
     import random
     import signal
     import subprocess
@@ -400,7 +401,9 @@ def test_kill_during_expand_then_rerun_loses_and_duplicates_nothing(tmp_path, ti
     ids = [r["id"] for r in kept] + [d["id"] for d in dropped if d["reason"] != "unparsable"]
     assert sorted(ids) == [f"expand-{i:05d}" for i in range(1, counts["generated"] + 1)]  # each candidate once
     assert max(r["request"] for r in kept + dropped) < counts["requests"]
-    scored = counts["generated"] - counts["dup_near"] - counts["dup_paraphrase"] - counts["leak_test"]
+    # the candidates the filter scored: copies of seeds and tests are dropped before it, copies
+    # among the new prompts after it (those were scored)
+    scored = sum(r.get("p_plausible") is not None for r in kept + dropped)
     assert saved + int(line.split()[4]) == counts["requests"] + 4 * scored  # no request asked twice
     if phase == "filter":
         assert counts == ref

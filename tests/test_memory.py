@@ -93,7 +93,7 @@ def test_generation_weights_kv_and_int8(shape):
     assert q.parts["weights"] == 18432 + (21792 - 18432) * 4 + 3200
     # a small batch: the float model held while its layers are replaced is the peak
     small = generation(shape, 4, 1, 4, int8=True)
-    assert small.parts == {"float weights while quantizing": 87168}
+    assert small.total == 87168 and small.parts["float weights while quantizing"] > 0
 
 
 def test_frontier_points_add_whole_model_saves_but_not_for_lora():

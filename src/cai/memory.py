@@ -231,9 +231,9 @@ def generation(shape: ModelShape, dtype_bytes: int, seqs: int, tokens: int, int8
         weights = shape.linear_params * 1 + (shape.params - shape.linear_params) * dtype_bytes + \
             (linear - shape.linear_params)
         loading = shape.params * dtype_bytes  # the float model before its layers are replaced
-        if loading > weights + sum(run.values()):
-            return Memory({"float weights while quantizing": loading},
-                          f"loading; then {seqs} sequences x {tokens} tokens")
+        extra = loading - (weights + sum(run.values()))
+        if extra > 0:  # the peak is while loading: the total is the float model
+            run["float weights while quantizing"] = extra
     else:
         weights = shape.params * dtype_bytes
     # one layer's no-grad workspace at prefill (its inputs and the MLP's), beside the cache
