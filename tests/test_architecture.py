@@ -4,6 +4,7 @@ holds the engine's transformers internals."""
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,43 @@ def test_use_attention_restores_the_model_setting_on_error(tiny_engine):
             assert config._attn_implementation == "cai_shared_prefix"
             raise RuntimeError("boom")
     assert config._attn_implementation == before
+
+
+def test_return_free_memory_gives_a_released_heap_back():
+    """Memory freed into the C heap goes back to the OS (glibc's malloc_trim), so the next
+    model does not load on top of the last one's. In a child process: the malloc settings
+    it changes (blocks from the heap, no automatic trim, as glibc ends up after large
+    frees) must not leak into the test process."""
+    import subprocess
+    import sys
+
+    child = """
+import ctypes, ctypes.util, json
+from cai.hardware import return_free_memory
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+if not hasattr(libc, "malloc_trim"):
+    print(json.dumps(None)); raise SystemExit
+def rss():
+    return next(int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
+libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+blocks = [libc.malloc(1 << 20) for _ in range(200)]
+for b in blocks:
+    ctypes.memset(b, 1, 1 << 20)
+held = rss()
+for b in reversed(blocks):
+    libc.free(b)
+freed = rss()
+return_free_memory()
+print(json.dumps([held, freed, rss()]))
+"""
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout)
+    if got is None:
+        pytest.skip("not glibc: nothing to trim")
+    held, freed, trimmed = got
+    assert freed > held - 20  # freed but still resident: what a released model leaves behind
+    assert trimmed < held - 150  # ~200 MiB handed back

@@ -38,6 +38,7 @@ from cai.distributed import MainGate, broadcast_on_main, launch_token, process_s
 from cai.errors import CaiError
 from cai.artifacts import PARTIAL_STAMP, hash_outputs, read_manifest, verify_stage
 from cai.io import write_json, write_text
+from cai.hardware import return_free_memory
 from cai.runlock import RunLock
 from cai.stage import SERVERS, Engines, StageContext, StageSpec
 from cai.stage_names import STAGES
@@ -257,6 +258,7 @@ def _run_stages(cfg, specs, dist, gate, is_main, run_dir: Path, log, force: bool
                 counts = gate.run(lambda: spec.run(ctx) or {})
         finally:
             engines.release_served()
+            return_free_memory()  # a finished training stage's model: its heap back to the OS
         seconds = time.time() - started
 
         def finish() -> dict:

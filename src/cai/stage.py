@@ -257,7 +257,7 @@ class Engines(dict):
     def release(self, paths=None) -> None:
         """Close the engines on ``paths`` (default: all), drop them and free their memory;
         a later ``StageContext.engine`` call loads the model again."""
-        import gc
+        from cai.hardware import return_free_memory
 
         for path in list(self) if paths is None else [p for p in paths if p in self]:
             engine = self.pop(path)
@@ -266,7 +266,7 @@ class Engines(dict):
             self.used = True
             engine.close()
             del engine
-        gc.collect()
+        return_free_memory()
 
     def release_served(self) -> None:
         """Close the engines that run on managed servers, stopping the servers (at the end
