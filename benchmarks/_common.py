@@ -80,14 +80,19 @@ def write_report(out, model: dict, settings: dict, load_before, load_after, wall
 
 
 #: A child process that runs ``cai run`` (argv[1]: JSON ``[preset or null, overrides]``) and
-#: prints its resident memory after the imports and at its peak, as JSON on its last line.
+#: prints, as JSON on its last line, its resident memory after the imports and at its peak
+#: (``VmHWM``), and its anonymous resident memory (``RssAnon``) after the imports and at its
+#: highest, sampled every 20 ms by a thread. ``VmHWM`` also counts the file pages of mapped
+#: checkpoints (a safetensors file being loaded), which the OS can drop under pressure;
+#: ``RssAnon`` is the memory that must fit.
 RSS_CHILD = r"""
-import json, sys
+import json, sys, threading, time
 
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
+    return 0
 
 import torch, transformers, accelerate, peft  # noqa: F401,E401
 from cai.config import load_config
@@ -95,9 +100,19 @@ from cai.pipeline import run_pipeline
 import cai.stages
 cai.stages.registry()
 preset, args = json.loads(sys.argv[1])
-base = status("VmRSS")
+base, base_anon = status("VmRSS"), status("RssAnon")
+peak_anon = [base_anon]
+
+def sample():
+    while True:
+        peak_anon[0] = max(peak_anon[0], status("RssAnon"))
+        time.sleep(0.02)
+
+threading.Thread(target=sample, daemon=True).start()
 run_pipeline(load_config(preset, args), log=lambda m: print(m, file=sys.stderr))
-print(json.dumps({"rss_after_imports": base, "peak_rss": status("VmHWM")}))
+peak_anon[0] = max(peak_anon[0], status("RssAnon"))
+print(json.dumps({"rss_after_imports": base, "peak_rss": status("VmHWM"), "anon_after_imports": base_anon,
+                  "peak_anon": peak_anon[0]}))
 """
 
 

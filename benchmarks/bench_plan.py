@@ -4,9 +4,11 @@ Runs every stage of a small cpu-tiny run (the preset with caps, below) and measu
 stage, the seconds its manifest records and the peak resident memory it added. Each stage
 runs in a fresh Python process (``cai.pipeline.run_pipeline`` with the stages up to it;
 the finished ones are skipped), which reads its resident memory after the imports
-(``VmRSS``) and its peak at the end (``VmHWM``): the difference is what the stage added at
-its highest point, the figure the plan's memory column estimates (it leaves out the
-runtime's own ~0.5 GiB). Then it runs the plan (with its calibration) on the same config
+(``VmRSS``) and its peak at the end (``VmHWM``), and the same for its anonymous memory
+(``RssAnon``, sampled every 20 ms): the differences are what the stage added at its
+highest point. The plan's memory column estimates the anonymous figure (it leaves out the
+runtime's own ~0.5 GiB); the resident one also counts the pages of checkpoint files being
+read, which the OS can drop. Then it runs the plan (with its calibration) on the same config
 and prints both side by side.
 
 * ``--actual FILE`` reuses the measured rows of an earlier report instead of running
@@ -54,8 +56,10 @@ def measure_stages(preset: str, args: list[str], run_dir: Path, stages: list[str
         mem = json.loads(out.stdout.strip().splitlines()[-1])
         manifest = json.loads((run_dir / stage / "manifest.json").read_text())
         rows.append({"stage": stage, "seconds": manifest["seconds"], "process_seconds": time.perf_counter() - t0,
-                     "added_bytes": mem["peak_rss"] - mem["rss_after_imports"], **mem})
-        _common.log(f"  {stage}: {manifest['seconds']:.1f} s, +{rows[-1]['added_bytes'] / 2**20:.0f} MiB")
+                     "added_bytes": mem["peak_rss"] - mem["rss_after_imports"],
+                     "added_anon_bytes": mem["peak_anon"] - mem["anon_after_imports"], **mem})
+        _common.log(f"  {stage}: {manifest['seconds']:.1f} s, +{rows[-1]['added_bytes'] / 2**20:.0f} MiB resident, "
+                    f"+{rows[-1]['added_anon_bytes'] / 2**20:.0f} MiB anonymous")
     return rows
 
 
@@ -89,16 +93,19 @@ def main() -> None:
         p = by_stage[a["stage"]]
         mem = p.get("memory") or {}
         table.append({"stage": a["stage"], "plan_s": p.get("seconds"), "actual_s": a["seconds"],
-                      "plan_mib": mem.get("stage_bytes", 0) / 2**20, "actual_mib": a["added_bytes"] / 2**20})
+                      "plan_mib": mem.get("stage_bytes", 0) / 2**20, "actual_mib": a["added_bytes"] / 2**20,
+                      "anon_mib": a.get("added_anon_bytes", 0) / 2**20})
     total_plan = sum(r["plan_s"] or 0 for r in table)
     total_actual = sum(r["actual_s"] for r in table)
-    print("\n| stage | plan s | actual s | plan / actual | plan MiB | measured MiB | plan / measured |")
+    print("\n| stage | plan s | actual s | plan / actual | plan MiB | measured MiB (all / anonymous) "
+          "| plan / anonymous |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in table:
         ratio = r["plan_s"] / r["actual_s"] if r["actual_s"] > 0.5 and r["plan_s"] is not None else None
-        mratio = r["plan_mib"] / r["actual_mib"] if r["actual_mib"] > 1 else None
+        mratio = r["plan_mib"] / r["anon_mib"] if r["anon_mib"] > 1 else None
         print(f"| {r['stage']} | {r['plan_s']:.1f} | {r['actual_s']:.1f} | {'-' if ratio is None else f'{ratio:.2f}'} | "
-              f"{r['plan_mib']:.0f} | {r['actual_mib']:.0f} | {'-' if mratio is None else f'{mratio:.2f}'} |")
+              f"{r['plan_mib']:.0f} | {r['actual_mib']:.0f} / {r['anon_mib']:.0f} | "
+              f"{'-' if mratio is None else f'{mratio:.2f}'} |")
     print(f"| **total** | {total_plan:.1f} | {total_actual:.1f} | {total_plan / total_actual:.2f} | | | |")
     report = {"what": "cai plan vs a measured run, per stage", "preset": opts.preset, "overrides": args,
               "machine": _common.machine_info(), "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
