@@ -105,7 +105,19 @@ def run_rows(names: list[str], root: Path) -> int:
     return 0
 
 
-def final_model(run: Path) -> Path | None:
+def stages_of(row: Row) -> list[str]:
+    for o in row.overrides:
+        if o.startswith("stages="):
+            return [s.strip() for s in o[len("stages="):].strip("[]").split(",")]
+    return []
+
+
+def final_model(run: Path, row: Row | None = None) -> Path | None:
+    """The row's final model (rl, else dpo, else sft), once every stage the row runs has
+    finished: a row started from its parent's stages holds the parent's sft model before
+    its own stages are done, and is not yet a row of its own."""
+    if row is not None and not all((run / s / "manifest.json").is_file() for s in stages_of(row)):
+        return None
     for stage in ("rl", "dpo", "sft"):
         if (run / stage / "model" / "config.json").is_file():
             return run / stage / "model"
@@ -113,7 +125,7 @@ def final_model(run: Path) -> Path | None:
 
 
 def compare(root: Path, extra: list[str]) -> int:
-    models = {r.name: str(final_model(root / r.name)) for r in ROWS if final_model(root / r.name)}
+    models = {r.name: str(final_model(root / r.name, r)) for r in ROWS if final_model(root / r.name, r)}
     if not models:
         print("[study] no finished row to compare", flush=True)
         return 2
