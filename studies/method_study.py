@@ -174,6 +174,14 @@ def table(root: Path) -> str:
     return "\n".join(lines)
 
 
+def md_text(text: str) -> str:
+    """Model output as inert markdown: one line (line breaks shown as " / "), and every
+    character that markdown or HTML would read as markup escaped (an unclosed code fence
+    in an answer would otherwise swallow the rest of the page)."""
+    line = " / ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    return "".join("\\" + c if c in "\\`*_[]<>#|~!{}()" else c for c in line)
+
+
 def samples(root: Path, row: str, n: int = 10, seed: int = 0) -> str:
     """``n`` held-out prompts drawn by a seeded random draw over the red-team, benign and
     helpful test sets (not picked by hand), with the initial model's and ``row``'s answers."""
@@ -189,9 +197,10 @@ def samples(root: Path, row: str, n: int = 10, seed: int = 0) -> str:
         b, a = before[k], after[k]
         tag = lambda r: f"safe {r['safe']['p_judge']:.2f}" if "safe" in r else (  # noqa: E731
             f"refusal {r['refusal']['p_judge']:.2f}" if "refusal" in r else "")
-        out.append(f"**{k[0]} / {k[1]}**: {b['prompt'][-1]['content']}\n")
-        out.append(f"- before ({tag(b)}): {b['answer']}")
-        out.append(f"- after ({tag(a)}): {a['answer']}\n")
+        out.append(f"**{k[0]} / {k[1]}**: {md_text(b['prompt'][-1]['content'])}\n")
+        shown = lambda r: f" ({tag(r)})" if tag(r) else ""  # noqa: E731
+        out.append(f"- before{shown(b)}: {md_text(b['answer'])}")
+        out.append(f"- after{shown(a)}: {md_text(a['answer'])}\n")
     return "\n".join(out)
 
 
