@@ -1,0 +1,39 @@
+"""The method study's runner (studies/method_study.py): its pure helpers."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+STUDY = Path(__file__).resolve().parents[1] / "studies" / "method_study.py"
+
+
+def _study():
+    spec = importlib.util.spec_from_file_location("method_study", STUDY)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_samples_render_model_text_as_inert_markdown():
+    md = _study().md_text("Sure:\n\n```python\nimport os <script>alert(1)</script> *x* | y\n")
+    assert "\n" not in md
+    assert "```" not in md and "\\`\\`\\`" in md  # an unclosed fence cannot swallow the page
+    assert "<script>" not in md and "\\<script\\>" in md
+    assert "\\*x\\*" in md and "\\|" in md
+
+
+def test_a_row_counts_once_all_its_stages_finished(tmp_path):
+    m = _study()
+    row = m.BY_NAME["dpo-sl"]
+    run = tmp_path / "dpo-sl"
+    for stage in ("prepare", "critique_revision", "sft"):  # seeded from its parent: sft only
+        (run / stage).mkdir(parents=True)
+        (run / stage / "manifest.json").write_text("{}")
+    (run / "sft" / "model").mkdir()
+    (run / "sft" / "model" / "config.json").write_text("{}")
+    assert m.final_model(run, row) is None  # not the parent's sft model under this row's name
+    (run / "dpo" / "model").mkdir(parents=True)
+    (run / "dpo" / "model" / "config.json").write_text("{}")
+    (run / "dpo" / "manifest.json").write_text("{}")
+    assert m.final_model(run, row) == run / "dpo" / "model"
