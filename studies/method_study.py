@@ -136,9 +136,14 @@ def compare(root: Path, extra: list[str]) -> int:
     return subprocess.call(cmd)
 
 
-def stage_seconds(run: Path) -> float:
+def stage_seconds(run: Path, parent: Path | None = None) -> float:
+    """Wall seconds of the row's own stages: a stage hard-linked from the parent row's
+    folder counts in the parent."""
     total = 0.0
     for m in run.glob("*/manifest.json"):
+        theirs = parent / m.parent.name / "manifest.json" if parent is not None else None
+        if theirs is not None and theirs.is_file() and os.path.samefile(m, theirs):
+            continue
         total += json.loads(m.read_text()).get("seconds", 0.0)
     return total
 
@@ -163,7 +168,9 @@ def table(root: Path) -> str:
         hel = (elo.get("helpfulness") or {}).get("ratings", {}).get(name, {})
         hrm = (elo.get("harmlessness") or {}).get("ratings", {}).get(name, {})
         fmt = lambda r: "-" if not r else f"{r['elo']:+.0f} [{r['ci_low']}, {r['ci_high']}]"  # noqa: E731
-        secs = "-" if name == "initial" else f"{stage_seconds(root / name):.0f}"
+        row = BY_NAME.get(name)
+        parent = root / row.parent if row is not None and row.parent else None
+        secs = "-" if name == "initial" else f"{stage_seconds(root / name, parent):.0f}"
         lines.append(
             f"| {name} | {what} | {_pct(safe)} | {_pct(rt['phrases'])} "
             f"| {_pct(bn['judge_majority'])} / {_pct(bn['phrases'])} "
