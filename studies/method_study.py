@@ -106,9 +106,12 @@ def run_rows(names: list[str], root: Path) -> int:
 
 
 def stages_of(row: Row) -> list[str]:
+    """The stages a row's ``stages=[...]`` override lists (read as YAML, as cai reads it)."""
+    import yaml
+
     for o in row.overrides:
         if o.startswith("stages="):
-            return [s.strip() for s in o[len("stages="):].strip("[]").split(",")]
+            return yaml.safe_load(o[len("stages="):])
     return []
 
 
@@ -125,7 +128,7 @@ def final_model(run: Path, row: Row | None = None) -> Path | None:
 
 
 def compare(root: Path, extra: list[str]) -> int:
-    models = {r.name: str(final_model(root / r.name, r)) for r in ROWS if final_model(root / r.name, r)}
+    models = {r.name: str(m) for r in ROWS if (m := final_model(root / r.name, r))}
     if not models:
         print("[study] no finished row to compare", flush=True)
         return 2

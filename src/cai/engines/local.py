@@ -52,9 +52,6 @@ def _common_prefix_len(seqs: list[list[int]]) -> int:
     return n
 
 
-_INT8_SCHEME = "int8-per-token"  # the cache identity of cai.engines.int8's layers (its SCHEME)
-
-
 def _quantize_int8(model, device: str):
     """int8 linear layers with a scale per token (:mod:`cai.engines.int8`): faster sampling
     on the CPU, and a row's answer does not depend on its batch (docs/engine.md)."""
@@ -136,9 +133,11 @@ class LocalEngine(Engine):
         self.specials = special_strings(self.tok)
         hf_compat.check()
         self._cache_kw = hf_compat.cache_keyword(self.model)
-        self.identity = f"local:{model_path}:{_checkpoint_stamp(model_path)}:{dtype}" + (
-            f":{_INT8_SCHEME}" if quantize == "int8" else ""
-        )
+        self.identity = f"local:{model_path}:{_checkpoint_stamp(model_path)}:{dtype}"
+        if quantize == "int8":
+            from cai.engines.int8 import SCHEME
+
+            self.identity += f":{SCHEME}"
 
     @classmethod
     def for_model(cls, model, tokenizer, batch_size: int = 32, name: str = "in-memory") -> "LocalEngine":
