@@ -13,6 +13,7 @@ and prints both side by side.
 
 * ``--actual FILE`` reuses the measured rows of an earlier report instead of running
   the stages again (to rerun the plan alone);
+* ``--keep DIR`` runs the stages in DIR and keeps it (each stage's ``metrics.json``);
 * extra ``KEY=VALUE`` arguments override the config (after the caps).
 
 Writes ``benchmarks/results/plan.json``. The goal of issue 17: within 25% per stage and
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--preset", default="cpu-tiny")
     ap.add_argument("--actual", type=Path, help="reuse the measured rows of this earlier report")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--keep", type=Path, help="run the stages in this (new) folder and keep it, to read their metrics")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     opts = ap.parse_args()
     from cai.config import load_config
@@ -79,6 +81,8 @@ def main() -> None:
     t0 = time.perf_counter()
     if opts.actual:
         actual = json.loads(opts.actual.read_text())["actual"]
+    elif opts.keep:
+        actual = measure_stages(opts.preset, args, opts.keep, list(cfg.stages))
     else:
         with tempfile.TemporaryDirectory(prefix="cai-bench-plan-") as tmp:
             actual = measure_stages(opts.preset, args, Path(tmp) / "run", list(cfg.stages))

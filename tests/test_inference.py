@@ -69,9 +69,13 @@ def test_plan_counts_and_times_every_stage(tiny_model, capsys):
     assert list(rows) == cfg.stages
     cr, c, ev = rows["critique_revision"], cfg.critique_revision, cfg.evaluate
     n = c.max_prompts  # red-team prompts per split, as many helpful ones; 1 round of critique + revision
-    assert c.rounds == 1 and c.helpful_ratio == 1.0
-    assert cr["generate"] == 4 * n + 2 * (2 * n)
-    assert cr["new_tokens"] == 4 * n * c.max_new_tokens + 2 * n * (c.max_new_tokens + c.critique_max_new_tokens)
+    assert c.rounds == 1 and c.helpful_ratio == 1.0 and c.quality_gates and c.gate_retries == 1
+    tries = 2  # every revision counted with its one retry
+    assert cr["generate"] == 4 * n + tries * 2 * (2 * n)
+    assert cr["new_tokens"] == 4 * n * c.max_new_tokens + tries * 2 * n * (c.max_new_tokens + c.critique_max_new_tokens)
+    bs = cfg.engine.batch_size  # decoding: first answers, then each try's critiques and revisions, a batch at a time
+    assert cr["decode_steps"] == -(-4 * n // bs) * c.max_new_tokens + tries * -(-2 * n // bs) * (
+        c.max_new_tokens + c.critique_max_new_tokens)
     models, m = 4, ev.max_prompts  # initial, SL-CAI, RL, DPO; m test prompts of each of 3 sets
     from cai.stage import PlanInputs, load_inputs
     from cai.stages.evaluate import frontier_extra
@@ -83,10 +87,22 @@ def test_plan_counts_and_times_every_stage(tiny_model, capsys):
     # safe (both orders, red-team); each frontier point: the same against the initial model only
     assert rows["evaluate"]["score"] == 6 * 2 * m * 2 + models * m + models * 2 * m * 2 + models * m * 2 \
         + points * (2 * m * 2 + m + 2 * m * 2 + m * 2)
-    assert rows["rl"]["new_tokens"] > 0 and rows["dpo"]["train_tokens"] > 0
+    rc = cfg.rl  # rl samples with the training policy, not the engine
+    assert rows["rl"]["new_tokens"] == 0
+    assert rows["rl"]["policy_tokens"] == (rc.steps * rc.prompts_per_step * rc.samples_per_prompt
+                                           + 2 * rc.eval_prompts) * rc.max_new_tokens
+    assert rows["rl"]["steps"] == rc.steps and rows["rl"]["figures"] == 3
+    assert rows["dpo"]["train_tokens"] > 0
     assert rows["sft"]["train_tokens"] > 0 and rows["preference_model"]["train_tokens"] > 0
+    for stage in ("sft", "preference_model", "dpo"):
+        assert rows[stage]["steps"] > 0 and rows[stage]["train_passes"] >= rows[stage]["steps"]
+        assert rows[stage]["eval_passes"] > 0 and rows[stage]["figures"] >= 1
     assert all(r["seconds"] >= 0 for r in rows.values())
-    assert result["calibration"]["gen_tokens_per_s"] > 0
+    cal, train = result["calibration"], result["training"]
+    assert cal["gen_tokens_per_s"] > 0 and cal["engine_load_s"] > 0
+    for key in ("train_tokens_per_s", "forward_tokens_per_s", "policy_gen_tokens_per_s", "optimizer_s", "save_s",
+                "figure_s"):
+        assert train[key] > 0, key
     text = render(result)
     assert "total estimated time" in text and "estimate" in text
     assert main(["plan", "--no-calibrate", f"engine.model={tiny_model}"]) == 0

@@ -87,10 +87,19 @@ def test_generation_weights_kv_and_int8(shape):
     from cai.memory import generation
 
     m = generation(shape, 4, seqs=2, tokens=10)
-    assert m.parts["weights"] == 87168 and m.parts["kv cache"] == 2 * 2 * 16 * 20 * 4
+    # K and V, 2 layers, kv width 16, 20 tokens, float32; held twice while a grouped prefill lays it out
+    assert m.parts["weights"] == 87168 and m.parts["kv cache"] == 2 * (2 * 2 * 16 * 20 * 4)
+    # one layer's workspace: 20 tokens x (4h + 2i) floats, and 3 copies of 2 x 4 heads x 10 x 10 attention scores
+    assert m.parts["workspace"] == 20 * (4 * 32 + 2 * 64) * 4 + 3 * 2 * 4 * 10 * 10 * 4
+    # a few-shot prefix of 6 of the 10 tokens is kept once for the batch: 2 x 4 own tokens, twice, + 6 once
+    s = generation(shape, 4, seqs=2, tokens=10, shared=6)
+    assert s.parts["kv cache"] == 2 * (2 * 2 * 16 * 8 * 4) + 2 * 2 * 16 * 6 * 4
+    assert s.parts["workspace"] == 8 * (4 * 32 + 2 * 64) * 4 + 3 * 2 * 4 * 4 * 4 * 4 and "6 shared" in s.basis
     q = generation(shape, 4, 2, 100, int8=True)
     # linear layers in one byte, the rest (embeddings, norms) in float32, plus the tied head's int8 copy
     assert q.parts["weights"] == 18432 + (21792 - 18432) * 4 + 3200
+    # quantizing a layer's input per token holds float copies of it: 4h + 6i floats a token
+    assert q.parts["workspace"] == 200 * (4 * 32 + 6 * 64) * 4 + 3 * 2 * 4 * 100 * 100 * 4
     # a small batch: the float model held while its layers are replaced is the peak
     small = generation(shape, 4, 1, 4, int8=True)
     assert small.total == 87168 and small.parts["float weights while quantizing"] > 0
@@ -147,3 +156,40 @@ def test_plan_prints_memory_per_process_and_the_device(tiny_model, capsys):
     assert "  sft: weights" in out and "gathered layers" in out  # sharded over the 2 processes
     sft = next(line for line in out.splitlines() if line.startswith("sft "))
     assert "MiB" in sft or "GiB" in sft
+
+
+def test_a_stage_s_time_from_its_counts_and_the_calibration():
+    """`cai plan`'s formula (cai.plan.stage_seconds), worked by hand for each kind of count."""
+    from cai.plan import ASSUMED_TRAINING, stage_seconds
+    from cai.stage import Cost
+
+    row = {f: 0 for f in Cost.__dataclass_fields__ if f not in ("note", "memory")}
+    rates = {"gen_tokens_per_s": 100.0, "read_tokens_per_s": 1000.0, "gen_marginal_tokens_per_s": 200.0,
+             "decode_step_s": 0.05, "load_s": 9.0, "engine_load_s": 1.5}
+    t = {**ASSUMED_TRAINING, "train_tokens_per_s": 400.0, "train_pass_s": 0.5, "optimizer_s": 0.25, "warmup_s": 2.0,
+         "forward_tokens_per_s": 2000.0, "forward_call_s": 0.1, "policy_gen_tokens_per_s": 50.0, "load_s": 1.0,
+         "save_s": 3.0, "checkpoint_s": 6.0, "figure_s": 0.2}
+    # generation: 1000 new tokens at 100/s; with decoding steps counted, 300 steps x 0.05 s + 1000 / 200
+    gen = {**row, "new_tokens": 1000, "prompt_tokens": 5000, "loads": 2}
+    assert stage_seconds(gen, rates, t) == pytest.approx(10 + 5 + 2 * 1.5)
+    assert stage_seconds({**gen, "decode_steps": 300}, rates, t) == pytest.approx(15 + 5 + 5 + 2 * 1.5)
+    # training: tokens, passes, AdamW steps and one warm-up; no-grad tokens and calls; the policy's own
+    # sampling; the training model's loads, saves, checkpoints and figures
+    train = {**row, "train_tokens": 4000, "train_passes": 8, "steps": 4, "eval_tokens": 2000, "eval_passes": 5,
+             "policy_tokens": 100, "loads": 2, "saves": 1, "checkpoints": 1, "figures": 3}
+    assert stage_seconds(train, rates, t) == pytest.approx(
+        10 + 8 * 0.5 + 4 * 0.25 + 2.0 + 1 + 5 * 0.1 + 2 + 2 * 1.0 + 3 + 6 + 3 * 0.2)
+
+
+def test_two_point_calibration_and_the_counting_helpers():
+    from cai.plan import two_point
+    from cai.stage import decode_steps, passes
+
+    # calls of 1000 and 100 tokens taking 2.5 s and 0.7 s: 500 tokens/s plus 0.5 s a call
+    rate, fixed = two_point(1000, 2.5, 100, 0.7)
+    assert rate == pytest.approx(500) and fixed == pytest.approx(0.5)
+    # noise that would give a negative fixed part (or a bigger call no slower): the big call's rate alone
+    assert two_point(1000, 2.0, 100, 0.1) == (500.0, 0.0)
+    assert two_point(1000, 1.0, 100, 1.2) == (1000.0, 0.0)
+    assert decode_steps(33, 16, 10) == 30 and decode_steps(0, 16, 10) == 0
+    assert passes(9, 4) == 3 and passes(9, 4, world=2) == 2 and passes(0, 4) == 0

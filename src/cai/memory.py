@@ -69,6 +69,7 @@ class ModelShape:
     vocab: int
     tied: bool
     linears: tuple[tuple[str, int, int], ...]  # (name, in, out) of each linear layer but the output head
+    heads: int = 1  # attention (query) heads
 
     @property
     def linear_params(self) -> int:
@@ -113,7 +114,7 @@ def shape_of(config) -> ModelShape:
     return ModelShape(
         params=sum(p.numel() for p in model.parameters()), layers=text.num_hidden_layers, hidden=text.hidden_size,
         intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), kv_dim=kv * head_dim,
-        vocab=emb.shape[0], tied=head is not None and head.weight is emb, linears=linears,
+        vocab=emb.shape[0], tied=head is not None and head.weight is emb, linears=linears, heads=heads,
     )
 
 
@@ -219,13 +220,25 @@ def training(shape: ModelShape, prec, tc, seqs: int, tokens: int, world: int = 1
     return Memory(parts, f"{seqs} sequences x {tokens} tokens per pass")
 
 
-def generation(shape: ModelShape, dtype_bytes: int, seqs: int, tokens: int, int8: bool = False) -> Memory:
+def generation(shape: ModelShape, dtype_bytes: int, seqs: int, tokens: int, int8: bool = False,
+               shared: int = 0) -> Memory:
     """An inference engine's peak: its weights (``engine.quantize=int8``: linear layers in
     one byte, the rest as loaded) and the KV cache of ``seqs`` sequences of ``tokens``.
     int8 layers are made from the loaded float model, so while loading the process holds
-    the float weights; that phase counts where it is the larger."""
-    work = seqs * tokens * (4 * shape.hidden + 2 * shape.intermediate) * dtype_bytes
-    run = {"kv cache": shape.kv_bytes(seqs * tokens, dtype_bytes), "workspace": work}
+    the float weights; that phase counts where it is the larger. ``shared`` of the tokens
+    are a prefix every sequence shares (few-shot demonstrations), which the local engine
+    keeps once for the batch."""
+    own = max(1, tokens - shared)
+    # one layer's no-grad workspace at prefill: its inputs and the MLP's (int8 layers also hold
+    # float temporaries of a layer's input while quantizing it per token, about four copies), and
+    # attention's scores of every query against every key of its own, in float32 (about three
+    # copies: the scores, the mask, the softmax; a shared prefix is attended by a fused kernel)
+    work = seqs * own * (4 * shape.hidden + (6 if int8 else 2) * shape.intermediate) * dtype_bytes
+    work += 3 * seqs * shape.heads * own * own * 4
+    # a batch is prefilled in groups of similar length whose KV caches are then laid into the
+    # batch's cache: while that happens the cache is held twice
+    run = {"kv cache": 2 * shape.kv_bytes(seqs * own, dtype_bytes) + shape.kv_bytes(shared, dtype_bytes),
+           "workspace": work}
     if int8:
         linear = shape.linear_params + (shape.vocab * shape.hidden if shape.tied else 0)  # the tied head gets its own int8 copy
         weights = shape.linear_params * 1 + (shape.params - shape.linear_params) * dtype_bytes + \
@@ -236,8 +249,8 @@ def generation(shape: ModelShape, dtype_bytes: int, seqs: int, tokens: int, int8
             run["float weights while quantizing"] = extra
     else:
         weights = shape.params * dtype_bytes
-    # one layer's no-grad workspace at prefill (its inputs and the MLP's), beside the cache
-    return Memory({"weights": weights, **run}, f"{seqs} sequences x {tokens} tokens")
+    return Memory({"weights": weights, **run}, f"{seqs} sequences x {tokens} tokens"
+                  + (f" ({shared} shared)" if shared else ""))
 
 
 def frozen_model(params: int, dtype_bytes: int, name: str = "PM") -> Memory:

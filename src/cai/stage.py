@@ -145,15 +145,38 @@ class Cost:
     score: int = 0
     prompt_tokens: int = 0
     new_tokens: int = 0
+    decode_steps: int = 0  # the engine's sequential decoding steps (see decode_steps); 0: not counted
     train_tokens: int = 0
     note: str = ""
-    # fixed costs a training stage pays besides its steps
+    # a training stage: its passes (each call costs a fixed part plus its tokens) and its fixed costs
+    train_passes: int = 0  # forward+backward micro-batch passes (of train_tokens in all)
+    steps: int = 0  # optimizer steps
     loads: int = 0  # models loaded from disk
     eval_tokens: int = 0  # no-grad forward tokens of a training model (held-out evaluation, reference passes)
-    saves: int = 0  # save_pretrained models written
+    eval_passes: int = 0  # no-grad forward calls (of eval_tokens in all)
+    policy_tokens: int = 0  # new tokens sampled by the training model itself (rl's rollouts), not the engine
+    saves: int = 0  # save_pretrained models written (and hashed into the manifest)
     checkpoints: int = 0  # resumable checkpoints written (weights + AdamW state)
+    figures: int = 0  # PNG figures drawn
     #: peak memory per process (a :class:`cai.memory.Memory`); None: nothing local to hold
     memory: object = None
+
+
+def decode_steps(rows: float, batch_size: int, max_new_tokens: int) -> int:
+    """The sequential decoding steps of one generate call of ``rows`` samples: the engine
+    decodes ``batch_size`` rows at a time, each batch for up to ``max_new_tokens`` steps. A
+    step costs a fixed part whatever the batch (the plan's calibration), so a call of few
+    rows gets fewer new tokens a second than a full batch."""
+    import math
+
+    return math.ceil(rows / max(1, batch_size)) * max_new_tokens if rows > 0 else 0
+
+
+def passes(items: float, micro: int, world: int = 1) -> int:
+    """The micro-batch calls one process makes for ``items`` split over ``world`` processes."""
+    import math
+
+    return math.ceil(math.ceil(items / world) / max(1, micro)) if items > 0 else 0
 
 
 #: Model shapes already built on the meta device, by (setting, revision).

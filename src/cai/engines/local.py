@@ -59,7 +59,11 @@ def _quantize_int8(model, device: str):
 
     if not str(device).startswith("cpu"):
         raise CaiError(f"engine.quantize=int8 runs on the CPU only; device is '{device}' (use quantize=none)")
-    return quantize_linear_layers(model)
+    from cai.hardware import return_free_memory
+
+    model = quantize_linear_layers(model)
+    return_free_memory()  # the float layers just freed: otherwise glibc keeps them and the next load stacks on top
+    return model
 
 
 def _checkpoint_stamp(path: str) -> str:

@@ -46,6 +46,7 @@ from cai.stage import (
     PlanInputs,
     StageContext,
     StageSpec,
+    decode_steps,
     prepared_prompts,
     red_team_prompts,
     split_file,
@@ -306,14 +307,18 @@ def estimate(inputs: PlanInputs) -> Cost:
     first = sum(count(p.messages) for p in ps + hs)
     per_round = sum(count(p.messages) + demo + cr.max_new_tokens + 40 for p in ps)
     calls = 2 if cr.critique else 1
-    new = len(ps + hs) * cr.max_new_tokens + cr.rounds * len(ps) * (
+    # a rejected revision is retried (a new critique and revision) up to gate_retries times; counted
+    # as if every revision were retried once per allowed retry: the embedded model's gates rejected
+    # 17 of 24 first revisions (docs/sl-cai.md), a stronger model's far fewer
+    tries = 1 + (cr.gate_retries if cr.quality_gates else 0)
+    new = len(ps + hs) * cr.max_new_tokens + tries * cr.rounds * len(ps) * (
         cr.best_of * cr.max_new_tokens + (cr.critique_max_new_tokens if cr.critique else 0))
-    score = cr.rounds * len(ps) * cr.best_of * 2 if cr.best_of > 1 else 0
+    score = tries * cr.rounds * len(ps) * cr.best_of * 2 if cr.best_of > 1 else 0
     note = f"{len(ps)} red-team + {len(hs)} helpful prompts, rounds: {cr.rounds}"
     if cr.best_of > 1:
         note += f", {cr.best_of} revisions per request"
-    if cr.quality_gates and cr.gate_retries:
-        note += f"; plus up to {cr.gate_retries} retry per rejected text (not counted)"
+    if tries > 1:
+        note += f"; every revision counted with {cr.gate_retries} retr{'y' if cr.gate_retries == 1 else 'ies'}"
     # memory: the engine's model and the KV cache of a batch of the longest requests (a revision's)
     shape, memory = inputs.shape(None), None
     if shape is not None:
@@ -321,10 +326,14 @@ def estimate(inputs: PlanInputs) -> Cost:
 
         longest = int(per_round / max(1, len(ps)) + cr.max_new_tokens + cr.critique_max_new_tokens)
         memory = generation(shape, inputs.engine_bytes(), min(inputs.cfg.engine.batch_size, max(1, len(ps + hs))),
-                            longest, inputs.cfg.engine.quantize == "int8")
+                            longest, inputs.cfg.engine.quantize == "int8", shared=demo)
     loads = 1 + (cr.best_of > 1 and bool(cr.best_of_model) and cr.best_of_model != inputs.cfg.engine.model)
-    return Cost(generate=len(ps + hs) + cr.rounds * len(ps) * calls, score=score,
-                prompt_tokens=first + cr.rounds * per_round * calls, new_tokens=new, note=note,
+    bs = inputs.cfg.engine.batch_size
+    steps = decode_steps(len(ps + hs), bs, cr.max_new_tokens) + tries * cr.rounds * (
+        decode_steps(len(ps) * cr.best_of, bs, cr.max_new_tokens)
+        + (decode_steps(len(ps), bs, cr.critique_max_new_tokens) if cr.critique else 0))
+    return Cost(generate=len(ps + hs) + tries * cr.rounds * len(ps) * calls, score=score, decode_steps=steps,
+                prompt_tokens=first + tries * cr.rounds * per_round * calls, new_tokens=new, note=note,
                 loads=int(loads) if shape is not None else 0, memory=memory)
 
 

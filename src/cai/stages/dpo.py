@@ -50,7 +50,7 @@ import time
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_json
 from cai.plots import plot_curve
-from cai.stage import SL_CAI, Cost, PlanInputs, StageContext, StageSpec, split_file
+from cai.stage import SL_CAI, Cost, PlanInputs, StageContext, StageSpec, passes, split_file
 from cai.training import (
     adapters_off,
     answer_logprobs,
@@ -303,9 +303,12 @@ def estimate(inputs: PlanInputs) -> Cost:
         per_pass = math.ceil(2 * max(1, dc.batch_size // dc.grad_accum) / inputs.world)  # chosen and rejected
         prec = resolve_precision(dc.dtype, inputs.device, "dpo.dtype", lambda _m: None)
         memory = training(shape, prec, dc, per_pass, length, inputs.world, dc.sharding == "fsdp")
+    micro = max(1, dc.batch_size // dc.grad_accum)  # pairs per pass (chosen and rejected)
     # no-grad passes: the reference log-probs of the train and test pairs, the held-out pairs after training
     return Cost(train_tokens=int(seqs * length), note=f"~{int(n)} pairs x {dc.epochs} epochs",
-                loads=1, eval_tokens=int((used + 2 * 2 * n_test) * length),
+                train_passes=steps * passes(dc.batch_size, micro, inputs.world), steps=steps,
+                loads=1, eval_tokens=int((used + 2 * 2 * n_test) * length), figures=1,
+                eval_passes=passes(used / 2, micro, inputs.world) + 2 * passes(n_test, micro, inputs.world),
                 saves=1 + point_saves(steps, dc.frontier_points, dc.method),
                 checkpoints=(steps - 1) // dc.checkpoint_every, memory=memory)
 

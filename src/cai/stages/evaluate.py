@@ -68,6 +68,7 @@ from cai.stage import (
     PlanInputs,
     StageContext,
     StageSpec,
+    decode_steps,
     model_dir,
     prompt_file,
     split_file,
@@ -935,14 +936,18 @@ def estimate(inputs: PlanInputs) -> Cost:
         e, ib, int8 = cfg.engine, inputs.engine_bytes(), cfg.engine.quantize == "int8"
         phases = [generation(shape, ib, min(e.batch_size, max(1, len(ps) + std_n)), int(avg) + ev.max_new_tokens, int8),
                   generation(shape, ib, min(e.score_batch_size, max(1, pair_q + judge_q)),
-                             int(avg + demo + 2 * ev.max_new_tokens + 80), int8)]
+                             int(avg + demo + 2 * ev.max_new_tokens + 80), int8, shared=demo)]
         if pm:
             phases.append(frozen_model(shape.pm_params, ib))
         memory = largest(*phases)
         loads = models + 1 + (1 if pm else 0)
         loads += points
     prompt += int(points * len(ps) * avg)
+    bs = cfg.engine.batch_size  # one generate call a model, one a frontier point
+    steps = models * decode_steps(len(ps) + std_n, bs, ev.max_new_tokens) + points * decode_steps(len(ps), bs, ev.max_new_tokens)
+    figures = 3 + (1 if points else 0) + (2 if pm and "critique_revision" in cfg.stages else 0)
     return Cost(generate=(models + points) * len(ps) + models * std_n, score=pair_q + judge_q, prompt_tokens=prompt,
+                figures=figures, decode_steps=steps,
                 new_tokens=((models + points) * len(ps) + models * std_n) * ev.max_new_tokens,
                 note=f"{models} models + {points} frontier points x {len(ps)} test prompts"
                 + (f" + {std_n} of standard sets" if std_n else "") + f"; {pair_q} comparisons; {pm} PM scores",

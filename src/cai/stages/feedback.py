@@ -66,6 +66,7 @@ from cai.stage import (
     PlanInputs,
     StageContext,
     StageSpec,
+    decode_steps,
     prepared_prompts,
     red_team_prompts,
     split_file,
@@ -340,6 +341,9 @@ def run(ctx: StageContext) -> dict:
     build_queries(comparisons, fb.both_orders)
 
     feedback_model = fb.model or cfg.engine.model
+    del policy
+    if ctx.model_path(fb.policy) != ctx.model_path(feedback_model):
+        ctx.release_engine(fb.policy)  # one model at a time: the feedback model loads into the room it leaves
     engine = ctx.engine(feedback_model)
     examples = const.comparison_examples if fb.few_shot < 0 else const.comparison_examples[: fb.few_shot]
     if fb.chain_of_thought:
@@ -412,12 +416,11 @@ def estimate(inputs: PlanInputs) -> Cost:
     q_tokens = sum(count([{"role": "user", "content": question(p.messages, "Which is better?", "", "")}])
                    for p in prompts) / max(1, len(prompts)) + demo + 2 * fb.max_new_tokens
     cot = fb.chain_of_thought
-    # memory: the policy that samples and the feedback model that labels are both held; the larger
-    # of a sampling batch and a scoring batch of questions sits beside them
+    # memory: the policy that samples, then the feedback model that labels; the larger phase counts
     e, policy, judge = inputs.cfg.engine, inputs.shape(fb.policy), inputs.shape(fb.model)
     memory, loads = None, 0
     if judge is not None or policy is not None:
-        from cai.memory import Memory, generation, largest
+        from cai.memory import generation, largest
 
         ib, int8 = inputs.engine_bytes(), e.quantize == "int8"
         answer = int(sum(count(p.messages) for p in prompts) / max(1, len(prompts))) + fb.max_new_tokens
@@ -426,16 +429,17 @@ def estimate(inputs: PlanInputs) -> Cost:
             phases.append(generation(policy, ib, min(e.batch_size, max(1, len(prompts)) * fb.samples_per_prompt),
                                      answer, int8))
         if judge is not None:
-            phases.append(generation(judge, ib, min(e.score_batch_size, max(1, qs)), int(q_tokens), int8))
-        weights = sum(p.parts["weights"] for p in phases)
-        peak = largest(*phases)
-        memory = Memory({**peak.parts, "weights": weights}, peak.basis)
+            phases.append(generation(judge, ib, min(e.score_batch_size, max(1, qs)), int(q_tokens), int8, shared=demo))
+        # the policy is released before the feedback model loads (one model at a time)
+        memory = largest(*phases)
         loads = len(phases) if fb.policy != (fb.model or e.model) else 1
     return Cost(
         loads=loads, memory=memory,
         generate=len(prompts) * fb.samples_per_prompt + (qs if cot else 0), score=qs,
         prompt_tokens=sum(count(p.messages) for p in prompts) + int(qs * q_tokens) * (2 if cot else 1),
         new_tokens=len(prompts) * fb.samples_per_prompt * fb.max_new_tokens + (qs * fb.cot_max_new_tokens if cot else 0),
+        decode_steps=decode_steps(len(prompts) * fb.samples_per_prompt, inputs.cfg.engine.batch_size, fb.max_new_tokens)
+        + (decode_steps(qs, inputs.cfg.engine.batch_size, fb.cot_max_new_tokens) if cot else 0),
         note=f"{len(prompts) * pairs} pairs, {qs} questions",
     )
 

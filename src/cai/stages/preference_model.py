@@ -30,7 +30,7 @@ from cai.errors import CaiError
 from cai.io import read_jsonl, write_json, write_jsonl
 from cai.plots import plot_calibration, plot_curve, plot_scores
 from cai.reward import encode_answer, pair_metrics, preference_loss, prepare_for_scoring, rewards, sigmoid
-from cai.stage import SL_CAI, Cost, PlanInputs, StageContext, StageSpec, split_file
+from cai.stage import SL_CAI, Cost, PlanInputs, StageContext, StageSpec, passes, split_file
 from cai.training import (
     check_finite,
     load_trainable,
@@ -198,10 +198,12 @@ def estimate(inputs: PlanInputs) -> Cost:
         prec = resolve_precision(pc.dtype, inputs.device, "preference_model.dtype", lambda _m: None)
         memory = training(shape, prec, pc, per_pass, length, inputs.world,
                           classifier=True)
+    micro = max(1, pc.batch_size // pc.grad_accum)  # pairs per pass (two sequences each)
     # held-out pairs scored before and after training (two sequences each)
     return Cost(train_tokens=int(seqs * length), note=f"~{int(n)} pairs x {pc.epochs} epochs",
-                loads=1, eval_tokens=int(2 * 2 * n_test * length), saves=1,
-                checkpoints=(steps - 1) // pc.checkpoint_every, memory=memory)
+                train_passes=steps * passes(pc.batch_size, micro, inputs.world), steps=steps,
+                loads=1, eval_tokens=int(2 * 2 * n_test * length), eval_passes=2 * passes(n_test, micro),
+                saves=1, checkpoints=(steps - 1) // pc.checkpoint_every, figures=3, memory=memory)
 
 
 STAGE = StageSpec(

@@ -77,6 +77,7 @@ from cai.stage import (
     SL_CAI,
     Cost,
     PlanInputs,
+    passes,
     StageContext,
     StageSpec,
     expanded_prompts,
@@ -517,13 +518,19 @@ def estimate(inputs: PlanInputs) -> Cost:
         if kv > memory.parts["activations"]:
             memory = Memory({**{k: v for k, v in memory.parts.items() if k != "activations"}, "kv cache": kv},
                             f"{min(mine, cfg.engine.batch_size)} rollouts x {length} tokens")
-    # the policy's update; no-grad passes: reference and PM over every rollout, and policy, reference
-    # and PM over the held-out answers before and after
-    return Cost(generate=asked, prompt_tokens=int(asked * avg),
-                new_tokens=rollouts * rc.max_new_tokens + 2 * rc.eval_prompts * rc.max_new_tokens,
-                train_tokens=int(rollouts * length),
+    # the rollouts are sampled by the training policy itself (not the engine); the update; no-grad
+    # passes: reference and PM over every rollout (and the policy too when a step's rollouts take
+    # more than one micro-batch), and policy, reference and PM over the held-out answers before and after
+    micro, rows = max(1, rc.micro_batch_size), math.ceil(rc.prompts_per_step / inputs.world) * rc.samples_per_prompt
+    per_step = passes(rows, micro)
+    no_grad_step = (2 + (rows > micro)) * per_step
+    held_out = 2 * 3 * passes(rc.eval_prompts, micro, inputs.world)
+    return Cost(generate=asked, policy_tokens=rollouts * rc.max_new_tokens + 2 * rc.eval_prompts * rc.max_new_tokens,
+                train_tokens=int(rollouts * length), train_passes=rc.steps * per_step, steps=rc.steps,
                 note=f"{rc.steps} steps x {rc.prompts_per_step} prompts x {rc.samples_per_prompt} samples",
-                loads=2, eval_tokens=int(2 * rollouts * length + 3 * 2 * rc.eval_prompts * length),
+                loads=2, eval_tokens=int(asked * avg + (2 + (rows > micro)) * rollouts * length
+                                         + 3 * 2 * rc.eval_prompts * length),
+                eval_passes=rc.steps * no_grad_step + held_out, figures=3,
                 saves=1 + point_saves(rc.steps, rc.frontier_points, rc.method),
                 checkpoints=(rc.steps - 1) // rc.checkpoint_every, memory=memory)
 

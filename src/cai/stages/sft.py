@@ -27,7 +27,7 @@ import time
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_json
 from cai.plots import plot_curve
-from cai.stage import Cost, PlanInputs, StageContext, StageSpec, split_file
+from cai.stage import Cost, PlanInputs, StageContext, StageSpec, passes, split_file
 from cai.training import (
     IGNORE,
     check_finite,
@@ -182,10 +182,12 @@ def estimate(inputs: PlanInputs) -> Cost:
         seqs = math.ceil(max(1, sc.batch_size // sc.grad_accum) / inputs.world)
         prec = resolve_precision(sc.dtype, inputs.device, "sft.dtype", lambda _m: None)
         memory = training(shape, prec, sc, seqs, length, inputs.world, sc.sharding == "fsdp")
+    micro = max(1, sc.batch_size // sc.grad_accum)
     # held-out loss before and after training; a checkpoint every checkpoint_every steps but the last
     return Cost(train_tokens=int(seen * length), note=f"{n} examples x {sc.epochs} epochs",
-                loads=1, eval_tokens=2 * n_test * length, saves=1, checkpoints=(steps - 1) // sc.checkpoint_every,
-                memory=memory)
+                train_passes=steps * passes(sc.batch_size, micro, inputs.world), steps=steps,
+                loads=1, eval_tokens=2 * n_test * length, eval_passes=2 * passes(n_test, micro, inputs.world),
+                saves=1, checkpoints=(steps - 1) // sc.checkpoint_every, figures=1, memory=memory)
 
 
 STAGE = StageSpec(
