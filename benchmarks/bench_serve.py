@@ -2,8 +2,8 @@
 
 Setups, all on the embedded SmolLM2-135M-Instruct:
 
-* ``local``: cai's LocalEngine in this process (float32, batched, shared-prefix and
-  continued KV caches);
+* ``local`` and ``local int8``: cai's LocalEngine in this process (float32, or
+  ``engine.quantize=int8``; batched, shared-prefix and continued KV caches);
 * ``llama-cpp-python {q8_0,q4_0} x{1,2}``: managed ``python -m llama_cpp.server``
   servers on the GGUF export (1 server with all cores, or 2 servers with 1 thread each);
 * ``llama-server q8_0 x1``: llama.cpp's C++ server with ``--parallel 8`` slots, when a
@@ -58,7 +58,7 @@ STAGE_ARGS = [
 
 def setups(llama_server: str | None) -> list[dict]:
     cores = os.cpu_count() or 1
-    out = [{"name": "local", "serve": "none"}]
+    out = [{"name": "local", "serve": "none"}, {"name": "local int8", "serve": "none", "quantize": "int8"}]
     for quant in ("q8_0", "q4_0"):
         out.append({"name": f"llama-cpp-python {quant} x1", "serve": "llama-cpp-python", "quant": quant,
                     "replicas": 1, "threads": cores, "parallel": 1})
@@ -72,7 +72,7 @@ def setups(llama_server: str | None) -> list[dict]:
 
 def overrides(s: dict, concurrency: int) -> list[str]:
     if s["serve"] == "none":
-        return []
+        return [f"engine.quantize={s.get('quantize', 'none')}"]
     return [f"engine.serve={s['serve']}", f"engine.serve_quant={s['quant']}", f"engine.serve_replicas={s['replicas']}",
             f"engine.serve_threads={s['threads']}", f"engine.serve_parallel={s['parallel']}",
             f"engine.max_concurrency={concurrency}"]
@@ -128,7 +128,7 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--no-stages", action="store_true", help="raw generation only")
     ap.add_argument("--llama-server", help="a llama-server binary (default: PATH or cai serve-setup's)")
-    ap.add_argument("--only", nargs="*", default=None, help="setups whose name starts with one of these (local always)")
+    ap.add_argument("--only", nargs="*", default=None, help="setups whose name starts with one of these (the local ones always)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
 
@@ -145,7 +145,7 @@ def main() -> int:
     load_before, start = os.getloadavg(), time.time()
     rows = []
     with tempfile.TemporaryDirectory(prefix="cai-bench-serve-") as tmp:
-        chosen = [s for s in setups(binary) if s["name"] == "local" or args.only is None
+        chosen = [s for s in setups(binary) if s["name"].startswith("local") or args.only is None
                   or any(s["name"].startswith(o) for o in args.only)]
         for i, s in enumerate(chosen):
             log(f"== {s['name']}")
