@@ -436,10 +436,7 @@ def estimate(inputs: PlanInputs) -> Cost:
     return Cost(
         loads=loads, memory=memory,
         generate=len(prompts) * fb.samples_per_prompt + (qs if cot else 0), score=qs,
-        # the demonstrations are a prefix every question shares: read once a batch
-        prompt_tokens=sum(count(p.messages) for p in prompts) + int(qs * (q_tokens - demo))
-        + math.ceil(qs / max(1, inputs.cfg.engine.score_batch_size)) * demo
-        + (int(qs * (q_tokens - demo)) + math.ceil(qs / max(1, inputs.cfg.engine.batch_size)) * demo if cot else 0),
+        prompt_tokens=sum(count(p.messages) for p in prompts) + int(qs * q_tokens) * (2 if cot else 1),
         new_tokens=len(prompts) * fb.samples_per_prompt * fb.max_new_tokens + (qs * fb.cot_max_new_tokens if cot else 0),
         decode_steps=decode_steps(len(prompts) * fb.samples_per_prompt, inputs.cfg.engine.batch_size, fb.max_new_tokens)
         + (decode_steps(qs, inputs.cfg.engine.batch_size, fb.cot_max_new_tokens) if cot else 0),
