@@ -356,7 +356,8 @@ def render(result: dict) -> str:
     lines = [f"plan for engine {result['kind']}:{result['engine']} (an estimate; see `cai plan --help`)", head]
     for r in rows:
         mem = r.get("memory")
-        line = (f"{r['stage']:<18}{r['generate']:>10}{r['score']:>8}{r['prompt_tokens']:>12}{r['new_tokens']:>10}"
+        new = r["new_tokens"] + r.get("policy_tokens", 0)  # rl's are sampled by its training policy
+        line = (f"{r['stage']:<18}{r['generate']:>10}{r['score']:>8}{r['prompt_tokens']:>12}{new:>10}"
                 f"{r['train_tokens']:>11}{fmt(mem['stage_bytes'] + RUNTIME_BYTES) if mem else '-':>11}")
         if timed:
             line += f"{_dur(r['seconds']):>11}"
