@@ -221,7 +221,7 @@ def measure_training(cfg: RunConfig, log=print) -> dict | None:
            "forward_tokens_per_s": fwd_rate, "forward_call_s": fwd_call, "policy_gen_tokens_per_s": gen_rate,
            "load_s": load_s, "save_s": save_s, "checkpoint_s": 3 * save_s * trained, "figure_s": figure_s,
            "measured": time.strftime("%Y-%m-%d %H:%M")}
-    del model, opt
+    model = opt = None  # the calibration model is not kept
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(out, indent=2) + "\n")
     return {**out, "cached": False}

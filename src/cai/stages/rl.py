@@ -77,11 +77,11 @@ from cai.stage import (
     SL_CAI,
     Cost,
     PlanInputs,
-    passes,
     StageContext,
     StageSpec,
     expanded_prompts,
     model_dir,
+    passes,
     prompt_file,
     with_expansion,
 )
