@@ -270,12 +270,14 @@ def _server_pid(run_dir: Path, proc, timeout=120) -> int:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_or_sigterm_stops_the_servers(tmp_path, tiny_model, sig):
-    proc = _cai_run(tmp_path, tiny_model, TEMPLATE + " --delay 1")
+    # each completion takes 5 s, so the run (three waves of requests) cannot finish before the
+    # signal even when a loaded machine delays this process
+    proc = _cai_run(tmp_path, tiny_model, TEMPLATE + " --delay 5")
     pid = _server_pid(tmp_path / "run", proc)
     time.sleep(0.5)
     proc.send_signal(sig)
-    proc.wait(timeout=60)
-    assert proc.returncode != 0
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode != 0, out[-3000:]
     assert wait_gone([pid])
     assert not list((tmp_path / "run" / "servers").glob("*.pid.json"))
 
