@@ -266,7 +266,8 @@ def estimate(cfg: RunConfig, count, world: int = 1) -> list[dict]:
     return rows
 
 
-#: What a plan assumes of the parts a calibration older than version 2, or none, did not measure.
+#: The parts of the training time a plan leaves at 0 where training is not calibrated (the model is
+#: not on this machine): only the per-token rates are assumed then.
 ASSUMED_TRAINING = {"train_pass_s": 0.0, "optimizer_s": 0.0, "warmup_s": 0.0, "forward_call_s": 0.0, "figure_s": 0.0}
 
 

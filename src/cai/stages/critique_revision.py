@@ -329,10 +329,10 @@ def estimate(inputs: PlanInputs) -> Cost:
                             longest, inputs.cfg.engine.quantize == "int8", shared=demo)
     loads = 1 + (cr.best_of > 1 and bool(cr.best_of_model) and cr.best_of_model != inputs.cfg.engine.model)
     bs = inputs.cfg.engine.batch_size
-    steps = decode_steps(len(ps + hs), bs, cr.max_new_tokens) + tries * cr.rounds * (
+    decoding = decode_steps(len(ps + hs), bs, cr.max_new_tokens) + tries * cr.rounds * (
         decode_steps(len(ps) * cr.best_of, bs, cr.max_new_tokens)
         + (decode_steps(len(ps), bs, cr.critique_max_new_tokens) if cr.critique else 0))
-    return Cost(generate=len(ps + hs) + tries * cr.rounds * len(ps) * calls, score=score, decode_steps=steps,
+    return Cost(generate=len(ps + hs) + tries * cr.rounds * len(ps) * calls, score=score, decode_steps=decoding,
                 prompt_tokens=first + tries * cr.rounds * per_round * calls, new_tokens=new, note=note,
                 loads=int(loads) if shape is not None else 0, memory=memory)
 

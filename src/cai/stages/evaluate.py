@@ -944,10 +944,10 @@ def estimate(inputs: PlanInputs) -> Cost:
         loads += points
     prompt += int(points * len(ps) * avg)
     bs = cfg.engine.batch_size  # one generate call a model, one a frontier point
-    steps = models * decode_steps(len(ps) + std_n, bs, ev.max_new_tokens) + points * decode_steps(len(ps), bs, ev.max_new_tokens)
+    decoding = models * decode_steps(len(ps) + std_n, bs, ev.max_new_tokens) + points * decode_steps(len(ps), bs, ev.max_new_tokens)
     figures = 3 + (1 if points else 0) + (2 if pm and "critique_revision" in cfg.stages else 0)
     return Cost(generate=(models + points) * len(ps) + models * std_n, score=pair_q + judge_q, prompt_tokens=prompt,
-                figures=figures, decode_steps=steps,
+                figures=figures, decode_steps=decoding,
                 new_tokens=((models + points) * len(ps) + models * std_n) * ev.max_new_tokens,
                 note=f"{models} models + {points} frontier points x {len(ps)} test prompts"
                 + (f" + {std_n} of standard sets" if std_n else "") + f"; {pair_q} comparisons; {pm} PM scores",
