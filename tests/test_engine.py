@@ -327,6 +327,25 @@ def test_int8_answers_do_not_depend_on_their_batch(tiny_model):
     assert parts.choice_logprobs(convs[5:], opts[5:]) == whole.choice_logprobs(convs, opts)[5:]
 
 
+def test_int8_engines_keep_the_shared_prefix_once(tiny_model, monkeypatch):
+    """The shared-prefix check compares two ways of computing attention. On a real int8
+    model the comparison fails by itself: per-token rounding blows the two paths' last-bit
+    float differences up to log-prob differences of ~1-3 (SmolLM2-135M), and every int8
+    engine copied its prefix per row. The check runs on the float model before quantizing.
+    Here int8 layers are made to depend on their input's length, as that rounding does."""
+    from cai.engines import int8
+    from cai.engines.local import LocalEngine
+
+    exact = int8.Int8Linear.forward
+    monkeypatch.setattr(int8.Int8Linear, "forward", lambda self, x: exact(self, x) + 0.5 * x.shape[-2])
+    q = LocalEngine(tiny_model, batch_size=4, quantize="int8", min_shared_prefix=1)
+    seqs = [q.encode(q.render(FEW_SHOT + c)) for c in CONVS]
+    with torch.inference_mode():
+        prefix = q._prefill(seqs)[5]
+    assert prefix is not None  # kept once, not copied for every row
+    assert type(q.model.model.layers[0].mlp.up_proj).__name__ == "Int8Linear"
+
+
 def test_int8_layer_is_close_to_float_and_row_independent():
     import torch
 

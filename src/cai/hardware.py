@@ -8,6 +8,7 @@ float32, so ``dtype=auto`` must look before it picks bfloat16.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 #: x86 CPU flags (``/proc/cpuinfo``) that mean native bfloat16 matrix products.
@@ -50,9 +51,9 @@ def describe_cpu() -> str:
     return f"CPU flags {', '.join(have)}" if have else f"no {' or '.join(CPU_BF16_FLAGS)} in the CPU flags"
 
 
-def return_free_memory() -> None:
-    """Collect garbage and hand the C heap's free pages back to the OS (glibc's
-    ``malloc_trim``; elsewhere only the collection).
+def return_free_memory(collect: bool = True) -> None:
+    """Collect garbage (unless ``collect`` is false) and hand the C heap's free pages back
+    to the OS (glibc's ``malloc_trim``; elsewhere only the collection).
 
     A released model's tensors are freed, but glibc keeps much of that memory in its heap
     for reuse (its mmap threshold grows with the largest block freed), so the process's
@@ -60,18 +61,27 @@ def return_free_memory() -> None:
     embedded model (4 engines loaded and released in turn): resident memory after a
     release 875 MiB without the trim, 418 MiB with it; peak 1,608 against 1,303 MiB.
     """
-    import ctypes
-    import ctypes.util
     import gc
 
-    gc.collect()
+    if collect:
+        gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    import ctypes
+    import ctypes.util
+
     name = ctypes.util.find_library("c")
     if not name:
-        return
+        return None
     try:
-        libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        return
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
     trim.argtypes = [ctypes.c_size_t]
-    trim(0)
+    return trim

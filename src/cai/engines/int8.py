@@ -53,18 +53,23 @@ class Int8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def quantize_linear_layers(model: torch.nn.Module) -> torch.nn.Module:
+def quantize_linear_layers(model: torch.nn.Module, after_module=None) -> torch.nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (the output head included) by an
     :class:`Int8Linear`, in place; returns the model. The walk holds one module's children
     at a time, so each float weight is freed as soon as its layer is replaced (the peak is
-    the float model, not the float model plus every int8 copy)."""
+    the float model, not the float model plus every int8 copy). ``after_module`` is called
+    after each module whose linear layers were replaced (to hand the freed memory back)."""
 
     def walk(module: torch.nn.Module) -> None:
+        replaced = False
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear):
                 setattr(module, name, Int8Linear(child))
+                replaced = True
             else:
                 walk(child)
+        if replaced and after_module is not None:
+            after_module()
 
     walk(model)
     return model
