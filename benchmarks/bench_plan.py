@@ -82,6 +82,10 @@ def main() -> None:
     if opts.actual:
         actual = json.loads(opts.actual.read_text())["actual"]
     elif opts.keep:
+        done = sorted(p.parent.name for p in opts.keep.glob("*/manifest.json"))
+        if done:  # its finished stages would be skipped, and their old seconds reported
+            raise SystemExit(f"--keep {opts.keep}: already holds finished stages ({', '.join(done)}); "
+                             "give a new or empty folder")
         actual = measure_stages(opts.preset, args, opts.keep, list(cfg.stages))
     else:
         with tempfile.TemporaryDirectory(prefix="cai-bench-plan-") as tmp:

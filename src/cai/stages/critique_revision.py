@@ -306,6 +306,8 @@ def estimate(inputs: PlanInputs) -> Cost:
     demo = count(revision_demos(ex, cr.critique)) if ex else 0
     first = sum(count(p.messages) for p in ps + hs)
     per_round = sum(count(p.messages) + demo + cr.max_new_tokens + 40 for p in ps)
+    # what a round's call reads: the demonstrations once a batch (the local engine keeps them once)
+    read_round = per_round - demo * (len(ps) - -(-len(ps) // inputs.cfg.engine.batch_size))
     calls = 2 if cr.critique else 1
     # a rejected revision is retried (a new critique and revision) up to gate_retries times; counted
     # as if every revision were retried once per allowed retry: the embedded model's gates rejected
@@ -333,7 +335,7 @@ def estimate(inputs: PlanInputs) -> Cost:
         decode_steps(len(ps) * cr.best_of, bs, cr.max_new_tokens)
         + (decode_steps(len(ps), bs, cr.critique_max_new_tokens) if cr.critique else 0))
     return Cost(generate=len(ps + hs) + tries * cr.rounds * len(ps) * calls, score=score, decode_steps=decoding,
-                prompt_tokens=first + tries * cr.rounds * per_round * calls, new_tokens=new, note=note,
+                prompt_tokens=first + tries * cr.rounds * read_round * calls, new_tokens=new, note=note,
                 loads=int(loads) if shape is not None else 0, memory=memory)
 
 

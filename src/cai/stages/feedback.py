@@ -436,10 +436,9 @@ def estimate(inputs: PlanInputs) -> Cost:
     return Cost(
         loads=loads, memory=memory,
         generate=len(prompts) * fb.samples_per_prompt + (qs if cot else 0), score=qs,
-        # the shared demonstrations are counted in every question, though the local engine reads them
-        # once a batch: that over-count stands in for what mixed-length questions cost in grouped
-        # prefill (measured: 550-610 prompt tokens/s read against 880 for even lengths; docs/benchmarks.md)
-        prompt_tokens=sum(count(p.messages) for p in prompts) + int(qs * q_tokens) * (2 if cot else 1),
+        # the shared demonstrations are read once a batch (the local engine keeps them once)
+        prompt_tokens=sum(count(p.messages) for p in prompts) + (2 if cot else 1) * (
+            int(qs * (q_tokens - demo)) + demo * -(-qs // inputs.cfg.engine.score_batch_size)),
         new_tokens=len(prompts) * fb.samples_per_prompt * fb.max_new_tokens + (qs * fb.cot_max_new_tokens if cot else 0),
         decode_steps=decode_steps(len(prompts) * fb.samples_per_prompt, inputs.cfg.engine.batch_size, fb.max_new_tokens)
         + (decode_steps(qs, inputs.cfg.engine.batch_size, fb.cot_max_new_tokens) if cot else 0),
