@@ -361,3 +361,30 @@ def test_int8_layer_is_close_to_float_and_row_independent():
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert (out - ref).abs().max() < 0.02 * ref.abs().max()
     assert torch.equal(q(x[1:, 2:5]), out[1:, 2:5])  # a row's result is the same alone
+
+
+def test_int8_keeps_the_calibrated_outlier_channels_in_float():
+    """Real models' layers see a few input channels far above the rest; with one int8 scale
+    per token those set the scale. The channels that peak on the calibration input stay in
+    float: the error falls, and rows stay independent of their batch."""
+    import torch
+
+    from cai.engines.int8 import Int8Linear, quantize_linear_layers
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32, bias=False)
+    x = torch.randn(3, 9, 64)
+    x[..., 5] *= 400.0  # a massive channel, as in SmolLM2's MLP inputs
+    with torch.no_grad():
+        ref = lin(x)
+        plain = Int8Linear(lin)(x)
+        model = torch.nn.Sequential(torch.nn.Identity(), lin)
+        model.forward = lambda input_ids, use_cache=False: torch.nn.Sequential.forward(model, input_ids)
+        quantize_linear_layers(model, calibration_ids=x[:1], outliers=4)
+        kept = model[1]
+        out = kept(x)
+    assert 5 in kept.outliers.tolist()
+    small = ref.abs().median()
+    assert (plain - ref).abs().mean() > 5 * (out - ref).abs().mean()  # measured ~90x here
+    assert (out - ref).abs().mean() < 0.05 * small
+    assert torch.equal(kept(x[1:2, 3:6]), out[1:2, 3:6])
