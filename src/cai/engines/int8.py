@@ -73,11 +73,13 @@ class Int8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, shape[-1]).float()
+        size = rows.abs()
         extra = None
         if self.outliers is not None:
             extra = rows.index_select(1, self.outliers) @ self.outlier_weight
-            rows = rows.index_fill(1, self.outliers, 0.0)
-        scale = rows.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12) / 127.0
+            # left out of the scale; their int8 weights are zero, so where they clamp is moot
+            size.index_fill_(1, self.outliers, 0.0)
+        scale = size.amax(dim=-1, keepdim=True).clamp_(min=1e-12) / 127.0
         q = torch.round(rows / scale).clamp_(-127, 127).to(torch.int8)
         out = torch._int_mm(q, self.weight_t).float()
         out.mul_(scale).mul_(self.weight_scale)
