@@ -106,7 +106,7 @@ def stages(s: dict, run_dir: Path) -> dict:
             for n in ("critique_revision", "feedback", "evaluate")}
     results = json.loads((run_dir / "evaluate" / "results.json").read_text())
     answers = [json.loads(x) for x in (run_dir / "evaluate" / "answers" / "initial.jsonl").read_text().splitlines()]
-    return {"stage_seconds": secs, "evaluate": _quality(results), "answers": [a.get("response", "")[:160]
+    return {"stage_seconds": secs, "evaluate": _quality(results), "answers": [a.get("answer", "")[:160]
                                                                              for a in answers[:3]]}
 
 
