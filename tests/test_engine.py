@@ -346,6 +346,25 @@ def test_int8_engines_keep_the_shared_prefix_once(tiny_model, monkeypatch):
     assert type(q.model.model.layers[0].mlp.up_proj).__name__ == "Int8Linear"
 
 
+def test_int8_calibrates_on_models_whose_template_refuses_a_system_turn(tmp_path):
+    """The calibration conversation opens with a system turn; a chat template that raises on
+    one (as Gemma's does) still gets an int8 engine, calibrated on the plain text."""
+    from transformers import AutoTokenizer
+
+    from cai.engines.local import LocalEngine
+    from conftest import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "nosys")
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + tok.chat_template)
+    tok.save_pretrained(path)
+    q = LocalEngine(path, batch_size=4, quantize="int8")
+    assert q.model.model.layers[0].mlp.down_proj.outliers is not None  # calibrated (its input is 64 wide)
+    (out,) = q.generate(CONVS[:1], SamplingParams(max_new_tokens=4))
+    assert len(out) == 1
+
+
 def test_int8_layer_is_close_to_float_and_row_independent():
     import torch
 

@@ -145,11 +145,17 @@ class LocalEngine(Engine):
             # The shared-prefix check compares two ways of computing attention, which int8
             # does not change; on the int8 model the comparison itself fails: per-token
             # rounding turns the two paths' last-bit float differences into log-prob
-            # differences of ~1-3 (docs/engine.md), so it runs on the float model first.
+            # differences of ~1-3 (docs/engine.md), so it runs on the float model first. The
+            # float model then reads the calibration conversation, which picks each layer's
+            # outlier input channels (kept in float).
             from cai.engines.int8 import CALIBRATION
 
             self._shared_prefix_ok()
-            calibration = torch.tensor([self.encode(self.render(CALIBRATION))], device=device)
+            try:
+                text = self.render(CALIBRATION)
+            except Exception:  # a template that refuses a system turn (or any of ours): the plain text
+                text = "\n\n".join(m["content"] for m in CALIBRATION)
+            calibration = torch.tensor([self.encode(text)], device=device)
             self.model = _quantize_int8(model, device, calibration).eval()
         self.identity = f"local:{model_path}:{_checkpoint_stamp(model_path)}:{dtype}"
         if quantize == "int8":
