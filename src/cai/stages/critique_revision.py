@@ -47,6 +47,7 @@ from cai.stage import (
     StageContext,
     StageSpec,
     decode_steps,
+    passes,
     prepared_prompts,
     red_team_prompts,
     split_file,
@@ -307,7 +308,7 @@ def estimate(inputs: PlanInputs) -> Cost:
     first = sum(count(p.messages) for p in ps + hs)
     per_round = sum(count(p.messages) + demo + cr.max_new_tokens + 40 for p in ps)
     # what a round's call reads: the demonstrations once a batch (the local engine keeps them once)
-    read_round = per_round - demo * (len(ps) - -(-len(ps) // inputs.cfg.engine.batch_size))
+    read_round = per_round - demo * (len(ps) - passes(len(ps), inputs.cfg.engine.batch_size))
     calls = 2 if cr.critique else 1
     # a rejected revision is retried (a new critique and revision) up to gate_retries times; counted
     # as if every revision were retried once per allowed retry: the embedded model's gates rejected

@@ -67,6 +67,7 @@ from cai.stage import (
     StageContext,
     StageSpec,
     decode_steps,
+    passes,
     prepared_prompts,
     red_team_prompts,
     split_file,
@@ -436,9 +437,11 @@ def estimate(inputs: PlanInputs) -> Cost:
     return Cost(
         loads=loads, memory=memory,
         generate=len(prompts) * fb.samples_per_prompt + (qs if cot else 0), score=qs,
-        # the shared demonstrations are read once a batch (the local engine keeps them once)
-        prompt_tokens=sum(count(p.messages) for p in prompts) + (2 if cot else 1) * (
-            int(qs * (q_tokens - demo)) + demo * -(-qs // inputs.cfg.engine.score_batch_size)),
+        # the shared demonstrations are read once a batch (the local engine keeps them once): a
+        # scoring batch, and with CoT also a generation batch
+        prompt_tokens=sum(count(p.messages) for p in prompts)
+        + int(qs * (q_tokens - demo)) + passes(qs, inputs.cfg.engine.score_batch_size) * demo
+        + (int(qs * (q_tokens - demo)) + passes(qs, inputs.cfg.engine.batch_size) * demo if cot else 0),
         new_tokens=len(prompts) * fb.samples_per_prompt * fb.max_new_tokens + (qs * fb.cot_max_new_tokens if cot else 0),
         decode_steps=decode_steps(len(prompts) * fb.samples_per_prompt, inputs.cfg.engine.batch_size, fb.max_new_tokens)
         + (decode_steps(qs, inputs.cfg.engine.batch_size, fb.cot_max_new_tokens) if cot else 0),
