@@ -141,6 +141,7 @@ class LocalEngine(Engine):
         self.specials = special_strings(self.tok)
         hf_compat.check()
         self._cache_kw = hf_compat.cache_keyword(self.model)
+        self.identity = f"local:{model_path}:{_checkpoint_stamp(model_path)}:{dtype}"
         if quantize == "int8":
             # The shared-prefix check compares two ways of computing attention, which int8
             # does not change; on the int8 model the comparison itself fails: per-token
@@ -148,7 +149,7 @@ class LocalEngine(Engine):
             # differences of ~1-3 (docs/engine.md), so it runs on the float model first. The
             # float model then reads the calibration conversation, which picks each layer's
             # outlier input channels (kept in float).
-            from cai.engines.int8 import CALIBRATION
+            from cai.engines.int8 import CALIBRATION, SCHEME
 
             self._shared_prefix_ok()
             try:
@@ -157,10 +158,6 @@ class LocalEngine(Engine):
                 text = "\n\n".join(m["content"] for m in CALIBRATION)
             calibration = torch.tensor([self.encode(text)], device=device)
             self.model = _quantize_int8(model, device, calibration).eval()
-        self.identity = f"local:{model_path}:{_checkpoint_stamp(model_path)}:{dtype}"
-        if quantize == "int8":
-            from cai.engines.int8 import SCHEME
-
             self.identity += f":{SCHEME}"
 
     @classmethod
