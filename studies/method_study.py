@@ -37,6 +37,7 @@ class Row:
     what: str
     overrides: list[str]
     parent: str | None = None  # a row whose finished stages this one starts from
+    cache_from: str | None = None  # a row whose request cache this one starts from (no stages)
     preset: str = "cpu-full"
     columns: dict = field(default_factory=dict)
 
@@ -45,12 +46,12 @@ ROWS = [
     Row("tiny", "the default preset (cpu-tiny): 12 prompts, 1 round, SFT 1 epoch, RLOO 6 steps", [
         "stages=[prepare, critique_revision, sft, feedback, preference_model, rl]"], preset="cpu-tiny"),
     Row("sl-1r-1e", "SL-CAI: 132 prompts, 1 round, 1 epoch, gates on",
-        [SL, "critique_revision.rounds=1", "sft.epochs=1"]),
+        [SL, "critique_revision.rounds=1", "sft.epochs=1"], cache_from="sl-2r-2e"),
     Row("sl-2r-2e", "SL-CAI: 132 prompts, 2 rounds, 2 epochs, gates on", [SL]),
     Row("sl-2r-2e-nogates", "as sl-2r-2e, quality gates off (the paper's data)",
-        [SL, "critique_revision.quality_gates=false"]),
+        [SL, "critique_revision.quality_gates=false"], cache_from="sl-2r-2e"),
     Row("sl-2r-2e-direct", "ablation: direct revision, no critique (paper Fig. 7)",
-        [SL, "critique_revision.critique=false"]),
+        [SL, "critique_revision.critique=false"], cache_from="sl-2r-2e"),
     Row("dpo-sl", "sl-2r-2e, then DPO on revision > first answer (cpu-full)",
         ["stages=[prepare, critique_revision, sft, dpo]"], parent="sl-2r-2e"),
     Row("dpo-fb", "sl-2r-2e, then DPO on the AI-feedback pairs (soft labels)",
@@ -76,14 +77,19 @@ def command(row: Row, root: Path) -> list[str]:
 
 def seed_from_parent(row: Row, root: Path) -> None:
     """Start ``row`` from its parent's finished stages: artifacts are hard-linked (cai never
-    writes a finished file in place), the request cache is copied."""
-    dest, src = root / row.name, root / row.parent
+    writes a finished file in place), the request cache is copied. A row with ``cache_from``
+    starts from that row's request cache only: its stages run anew, and every request they
+    share with the other row (the same first answers, the same round-1 critiques...) is
+    read from the cache instead of generated."""
+    donor = row.parent or row.cache_from
+    dest, src = root / row.name, root / donor
     if dest.exists() or not src.is_dir():
         return
     dest.mkdir(parents=True)
-    for stage in src.iterdir():
-        if stage.is_dir() and (stage / "manifest.json").is_file():
-            shutil.copytree(stage, dest / stage.name, copy_function=os.link)
+    if row.parent:
+        for stage in src.iterdir():
+            if stage.is_dir() and (stage / "manifest.json").is_file():
+                shutil.copytree(stage, dest / stage.name, copy_function=os.link)
     if (src / "cache.sqlite").is_file():
         shutil.copy2(src / "cache.sqlite", dest / "cache.sqlite")
 
@@ -91,9 +97,10 @@ def seed_from_parent(row: Row, root: Path) -> None:
 def run_rows(names: list[str], root: Path) -> int:
     for name in names:
         row = BY_NAME[name]
-        if row.parent:
-            if not (root / row.parent / "config.yaml").is_file():
-                print(f"[study] {name}: run {row.parent} first", flush=True)
+        donor = row.parent or row.cache_from
+        if donor:
+            if not (root / donor / "config.yaml").is_file():
+                print(f"[study] {name}: run {donor} first", flush=True)
                 return 2
             seed_from_parent(row, root)
         print(f"[study] {name}: {' '.join(command(row, root)[2:])}", flush=True)
@@ -184,6 +191,48 @@ def table(root: Path) -> str:
     return "\n".join(lines)
 
 
+def _counts(run: Path, stage: str) -> dict:
+    m = run / stage / "manifest.json"
+    return json.loads(m.read_text()).get("counts", {}) if m.is_file() else {}
+
+
+def levers(root: Path) -> str:
+    """What each row's training had to learn from: the share of its SFT revisions that
+    contain a refusal phrase (the same list evaluate uses), how many revisions the quality
+    gates rejected, the AI-feedback labels' position consistency and distance from 0.5, the
+    PM's held-out accuracy, DPO's held-out reward accuracy. It shows where a lever stops: a
+    model cannot learn to refuse from data that rarely does."""
+    from cai.stages.evaluate import refusal_phrase
+
+    lines = ["| row | first answers with a refusal phrase | SFT revisions with a refusal phrase | revisions the gates rejected (retried, replaced) "
+             "| feedback position consistency | feedback mean \\|p - 0.5\\| | PM held-out accuracy (before → after) "
+             "| DPO held-out reward accuracy (data) |", "|" + "---|" * 8]
+    for row in ROWS:
+        run = root / row.name
+        if final_model(run, row) is None:
+            continue
+        sft = run / "critique_revision" / "sft" / "train.jsonl"
+        revs = [json.loads(line) for line in sft.read_text().splitlines() if line.strip()] if sft.is_file() else []
+        revs = [r for r in revs if r.get("source") == "revision"]
+        refused = sum(1 for r in revs if refusal_phrase(r["messages"][-1]["content"]))
+        chains_file = run / "critique_revision" / "chains" / "train.jsonl"
+        chains = [json.loads(line) for line in chains_file.read_text().splitlines() if line.strip()] \
+            if chains_file.is_file() else []
+        first = sum(1 for c in chains if refusal_phrase(c.get("initial_response") or ""))
+        cr, pm, dpo = _counts(run, "critique_revision"), _counts(run, "preference_model"), _counts(run, "dpo")
+        fb_file = run / "feedback" / "stats.json"
+        fb = json.loads(fb_file.read_text()) if fb_file.is_file() else {}
+        gates = (f"{cr['gate_rejected']} ({cr.get('gate_retries', 0)}, {cr.get('gate_replaced', 0)})"
+                 if "gate_rejected" in cr else "-")
+        lines.append(
+            f"| {row.name} | {first} / {len(chains)} ({_pct(first / len(chains) if chains else None)}) "
+            f"| {refused} / {len(revs)} ({_pct(refused / len(revs) if revs else None)}) | {gates} "
+            f"| {_pct(fb.get('position_consistency'))} | {fb.get('mean_abs_p_minus_half', '-')} "
+            + (f"| {_pct(pm['test_accuracy_before'])} → {_pct(pm['test_accuracy'])} " if pm else "| - ")
+            + (f"| {_pct(dpo['test_reward_accuracy'])} ({dpo['data']}) |" if dpo else "| - |"))
+    return "\n".join(lines)
+
+
 def md_text(text: str) -> str:
     """Model output as inert markdown: one line (line breaks shown as " / "), and every
     character that markdown or HTML would read as markup escaped (an unclosed code fence
@@ -230,12 +279,15 @@ def main(argv=None) -> int:
         return compare(root, a.rows)
     if a.action == "table":
         print(table(root))
+        print("\n" + levers(root))
         return 0
     if a.action == "samples":
         print(samples(root, a.rows[0] if a.rows else "dpo-sl"))
         return 0
     for r in ROWS:
-        print(f"# {r.name}: {r.what}" + (f" (starts from {r.parent}'s finished stages)" if r.parent else ""))
+        start = (f" (starts from {r.parent}'s finished stages)" if r.parent
+                 else f" (starts from {r.cache_from}'s request cache)" if r.cache_from else "")
+        print(f"# {r.name}: {r.what}{start}")
         print("python " + " ".join(command(r, root)[1:]))
     return 0
 

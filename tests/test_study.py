@@ -37,3 +37,24 @@ def test_a_row_counts_once_all_its_stages_finished(tmp_path):
     (run / "dpo" / "model" / "config.json").write_text("{}")
     (run / "dpo" / "manifest.json").write_text("{}")
     assert m.final_model(run, row) == run / "dpo" / "model"
+
+
+def test_rows_start_from_a_parents_stages_or_only_from_its_cache(tmp_path):
+    m = _study()
+    donor = tmp_path / "sl-2r-2e"
+    (donor / "sft").mkdir(parents=True)
+    (donor / "sft" / "manifest.json").write_text("{}")
+    (donor / "sft" / "train.jsonl").write_text("x\n")
+    (donor / "critique_revision.partial").mkdir()  # unfinished: never copied
+    (donor / "cache.sqlite").write_bytes(b"cache")
+
+    m.seed_from_parent(m.BY_NAME["dpo-sl"], tmp_path)  # parent: its finished stages and cache
+    child = tmp_path / "dpo-sl"
+    assert (child / "sft" / "train.jsonl").samefile(donor / "sft" / "train.jsonl")
+    assert not (child / "critique_revision.partial").exists()
+    assert (child / "cache.sqlite").read_bytes() == b"cache"
+    assert not (child / "cache.sqlite").samefile(donor / "cache.sqlite")  # a copy: both rows write it
+
+    m.seed_from_parent(m.BY_NAME["sl-2r-2e-nogates"], tmp_path)  # cache_from: the cache only
+    other = tmp_path / "sl-2r-2e-nogates"
+    assert sorted(p.name for p in other.iterdir()) == ["cache.sqlite"]
