@@ -206,7 +206,7 @@ def levers(root: Path) -> str:
 
     lines = ["| row | first answers with a refusal phrase | SFT revisions with a refusal phrase | revisions the gates rejected (retried, replaced) "
              "| feedback position consistency | feedback mean \\|p - 0.5\\| | PM held-out accuracy (before → after) "
-             "| DPO held-out reward accuracy (data) |", "|" + "---|" * 8]
+             "| DPO held-out reward accuracy (data) | RL held-out PM reward (before → after, KL) |", "|" + "---|" * 9]
     for row in ROWS:
         run = root / row.name
         if final_model(run, row) is None:
@@ -219,9 +219,11 @@ def levers(root: Path) -> str:
         chains = [json.loads(line) for line in chains_file.read_text().splitlines() if line.strip()] \
             if chains_file.is_file() else []
         first = sum(1 for c in chains if refusal_phrase(c.get("initial_response") or ""))
-        cr, pm, dpo = _counts(run, "critique_revision"), _counts(run, "preference_model"), _counts(run, "dpo")
+        own = set(stages_of(row))  # a stage hard-linked from the parent but not in this row's list is not its lever
+        cr, pm, dpo, rl = (_counts(run, s) if s in own else {} for s in ("critique_revision", "preference_model",
+                                                                          "dpo", "rl"))
         fb_file = run / "feedback" / "stats.json"
-        fb = json.loads(fb_file.read_text()) if fb_file.is_file() else {}
+        fb = json.loads(fb_file.read_text()) if fb_file.is_file() and "feedback" in own else {}
         gates = (f"{cr['gate_rejected']} ({cr.get('gate_retries', 0)}, {cr.get('gate_replaced', 0)})"
                  if "gate_rejected" in cr else "-")
         lines.append(
@@ -229,7 +231,9 @@ def levers(root: Path) -> str:
             f"| {refused} / {len(revs)} ({_pct(refused / len(revs) if revs else None)}) | {gates} "
             f"| {_pct(fb.get('position_consistency'))} | {fb.get('mean_abs_p_minus_half', '-')} "
             + (f"| {_pct(pm['test_accuracy_before'])} → {_pct(pm['test_accuracy'])} " if pm else "| - ")
-            + (f"| {_pct(dpo['test_reward_accuracy'])} ({dpo['data']}) |" if dpo else "| - |"))
+            + (f"| {_pct(dpo['test_reward_accuracy'])} ({dpo['data']}) " if dpo else "| - ")
+            + (f"| {rl['eval_reward_before']:.3f} → {rl['eval_reward_after']:.3f}, {rl['eval_kl_after']:.3f} |"
+               if "eval_reward_after" in rl else "| - |"))
     return "\n".join(lines)
 
 

@@ -58,3 +58,28 @@ def test_rows_start_from_a_parents_stages_or_only_from_its_cache(tmp_path):
     m.seed_from_parent(m.BY_NAME["sl-2r-2e-nogates"], tmp_path)  # cache_from: the cache only
     other = tmp_path / "sl-2r-2e-nogates"
     assert sorted(p.name for p in other.iterdir()) == ["cache.sqlite"]
+
+
+def test_levers_count_refusals_in_the_rows_own_training_data(tmp_path):
+    import json
+
+    m = _study()
+    run = tmp_path / "sl-2r-2e"
+    for stage in ("prepare", "critique_revision", "sft"):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "manifest.json").write_text(json.dumps({"counts": {"gate_rejected": 3, "gate_retries": 2,
+                                                                          "gate_replaced": 1}}))
+    (run / "sft" / "model").mkdir()
+    (run / "sft" / "model" / "config.json").write_text("{}")
+    (run / "critique_revision" / "sft").mkdir()
+    rows = [{"source": "revision", "messages": [{"role": "assistant", "content": "I can't help with that."}]},
+            {"source": "revision", "messages": [{"role": "assistant", "content": "Here is a safer idea."}]},
+            {"source": "helpful", "messages": [{"role": "assistant", "content": "I can't help with that."}]}]
+    (run / "critique_revision" / "sft" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "critique_revision" / "chains").mkdir()
+    (run / "critique_revision" / "chains" / "train.jsonl").write_text(
+        json.dumps({"initial_response": "Sure, here is how."}) + "\n")
+    (run / "feedback").mkdir()  # not one of this row's stages: not shown as its lever
+    (run / "feedback" / "stats.json").write_text(json.dumps({"position_consistency": 0.5}))
+    line = m.levers(tmp_path).splitlines()[2]
+    assert line.startswith("| sl-2r-2e | 0 / 1 (0%) | 1 / 2 (50%) | 3 (2, 1) | - |"), line
