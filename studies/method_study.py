@@ -162,25 +162,29 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
-def table(root: Path) -> str:
-    res = json.loads((root / "compare" / "evaluate" / "results.json").read_text())
+def table(root: Path, evaluate: Path | None = None) -> str:
+    """The results table of ``compare``'s evaluate run, or of any run's ``evaluate`` folder
+    (a run's own models: initial, sl-cai, final...)."""
+    res = json.loads(((evaluate or root / "compare" / "evaluate") / "results.json").read_text())
     ref, q, elo = res["refusal"], res["quality"], res["elo"]
     harm = res["harmfulness"]
     lines = ["| row | what | red-team safe (judge) | red-team refusal (phrases) | benign over-refusal (judge / phrases) "
              "| degenerate (red-team / benign / helpful) | helpfulness Elo [95% CI] | harmlessness Elo [95% CI] "
              "| stage time (s) |", "|" + "---|" * 9]
-    for name in ["initial", *[r.name for r in ROWS]]:
+    names = ["initial", *[r.name for r in ROWS]] if evaluate is None else list(ref)
+    for name in names:
         if name not in ref:
             continue
-        what = "the embedded model before training" if name == "initial" else BY_NAME[name].what
+        what = "the embedded model before training" if name == "initial" else (
+            BY_NAME[name].what if name in BY_NAME and evaluate is None else f"this run's {name} model")
         rt, bn = ref[name]["red_team"], ref[name]["benign"]
         safe = (res.get("safe") or {}).get(name, {}).get("red_team", {}).get("judge_majority")
         hel = (elo.get("helpfulness") or {}).get("ratings", {}).get(name, {})
         hrm = (elo.get("harmlessness") or {}).get("ratings", {}).get(name, {})
         fmt = lambda r: "-" if not r else f"{r['elo']:+.0f} [{r['ci_low']}, {r['ci_high']}]"  # noqa: E731
-        row = BY_NAME.get(name)
+        row = BY_NAME.get(name) if evaluate is None else None
         parent = root / row.parent if row is not None and row.parent else None
-        secs = "-" if name == "initial" else f"{stage_seconds(root / name, parent):.0f}"
+        secs = "-" if row is None else f"{stage_seconds(root / name, parent):.0f}"
         lines.append(
             f"| {name} | {what} | {_pct(safe)} | {_pct(rt['phrases'])} "
             f"| {_pct(bn['judge_majority'])} / {_pct(bn['phrases'])} "
@@ -245,12 +249,12 @@ def md_text(text: str) -> str:
     return "".join("\\" + c if c in "\\`*_[]<>#|~!{}()" else c for c in line)
 
 
-def samples(root: Path, row: str, n: int = 10, seed: int = 0) -> str:
+def samples(root: Path, row: str, n: int = 10, seed: int = 0, evaluate: Path | None = None) -> str:
     """``n`` held-out prompts drawn by a seeded random draw over the red-team, benign and
     helpful test sets (not picked by hand), with the initial model's and ``row``'s answers."""
     import random
 
-    answers = root / "compare" / "evaluate" / "answers"
+    answers = (evaluate or root / "compare" / "evaluate") / "answers"
     before = {(r["set"], r["id"]): r for r in map(json.loads, (answers / "initial.jsonl").read_text().splitlines())}
     after = {(r["set"], r["id"]): r for r in map(json.loads, (answers / f"{row}.jsonl").read_text().splitlines())}
     keys = sorted(set(before) & set(after))
@@ -272,6 +276,8 @@ def main(argv=None) -> int:
     p.add_argument("action", choices=("run", "compare", "table", "samples", "commands"))
     p.add_argument("rows", nargs="*", help="rows to run (default: all), or extra overrides for compare")
     p.add_argument("--root", default="runs/study", help="folder holding one run directory per row")
+    p.add_argument("--evaluate", type=Path, help="table/samples: read this evaluate folder (e.g. runs/cpu-full/evaluate) "
+                   "instead of the study's compare run")
     a = p.parse_args(argv)
     root = Path(a.root)
     if a.action == "run":
@@ -282,11 +288,12 @@ def main(argv=None) -> int:
     if a.action == "compare":
         return compare(root, a.rows)
     if a.action == "table":
-        print(table(root))
-        print("\n" + levers(root))
+        print(table(root, a.evaluate))
+        if a.evaluate is None:
+            print("\n" + levers(root))
         return 0
     if a.action == "samples":
-        print(samples(root, a.rows[0] if a.rows else "dpo-sl"))
+        print(samples(root, a.rows[0] if a.rows else "dpo-sl", evaluate=a.evaluate))
         return 0
     for r in ROWS:
         start = (f" (starts from {r.parent}'s finished stages)" if r.parent

@@ -186,6 +186,11 @@ class CritiqueRevisionConfig:
         "still rejected keeps the previous answer, and a chain with no accepted revision is left out of "
         "the SFT data. false: the paper's behaviour.",
     )
+    gate_repeat_share: float = _f(
+        0.3, "Beyond the paper, with quality_gates: a text whose share of repeated word 4-grams reaches this is "
+        "not trained on (counted as 'loops'). 0.3 is the evaluation's degeneration line; lower is stricter, "
+        "since SFT amplifies the repetition of its data (docs/method-study.md).",
+    )
     gate_retries: int = _f(
         1, "Retries for a text the quality gates reject: a newly sampled principle, critique and revision "
         "(a new sample for a helpful answer). Each retry costs engine calls for the rejected prompts only.",
@@ -764,6 +769,9 @@ def check_config(cfg: RunConfig) -> None:
     cr = cfg.critique_revision
     if cr.gate_retries < 0:
         raise CaiError(f"config field 'critique_revision.gate_retries' must be >= 0 (0: no retries); got {cr.gate_retries}")
+    if not 0 < cr.gate_repeat_share <= 1:
+        raise CaiError("config field 'critique_revision.gate_repeat_share' must be in (0, 1] (0.3: the evaluation's "
+                       f"loop line); got {cr.gate_repeat_share}")
     if cr.best_of < 1:
         raise CaiError(f"config field 'critique_revision.best_of' must be >= 1 (1: off); got {cr.best_of}")
     if cr.best_of > 1 and cr.temperature <= 0:

@@ -70,7 +70,10 @@ META_RE = re.compile(
     r"\bthe assistant\b"
     r"|\b(?:the|my|your|this|that|its|[^\W_]+'s)\s+(?:last|previous|original|initial|first|above|earlier|revised)\s+"
     r"(?:response|answer|reply|statement)\b"
-    r"|\b(?:the|this|my) (?:critique|revision request|critique request)\b",
+    r"|\b(?:the|this|my) (?:critique|revision request|critique request)\b"
+    # a text that opens by describing "the response" or "the request" reviews it rather than
+    # answering the human ("The response is harmful, ...", "The request is a harmless ...")
+    r"|\A\W*(?:the|this|my|your) (?:response|request|reply|revision|revised response)\b",
     re.I,
 )
 
@@ -198,26 +201,37 @@ def meta_commentary(text: str) -> bool:
 
 #: A revision copies a text when at least this share of its word 3-grams occur in it.
 COPY_SHARE = 0.6
+#: A revision copies the few-shot demonstrations when at least this share of its word
+#: 3-grams occur in them (a small model pastes a demonstration's answer, about killing a
+#: Python process, under an unrelated request).
+DEMO_COPY_SHARE = 0.3
 
 #: Why a text is not trained on, in the order they are checked.
-REASONS = ("empty", "loops", "copies_critique", "copies_request", "meta_commentary", "restates_prompt")
+REASONS = ("empty", "loops", "copies_critique", "copies_request", "copies_demo", "meta_commentary",
+           "restates_prompt")
 
 
-def problems(text: str, prompt, critique: str | None = None, requests: tuple[str, ...] | None = None) -> list[str]:
+def problems(text: str, prompt, critique: str | None = None, requests: tuple[str, ...] | None = None,
+             repeat_share: float = REPEAT_SHARE, demos: str | None = None) -> list[str]:
     """Every reason (of :data:`REASONS`) not to train on ``text`` as the answer to
     ``prompt``; [] when there is none. ``critique`` and ``requests`` (the principle's
     critique and revision requests) are given for a revision: then copying them and
-    meta-commentary count too."""
+    meta-commentary count too; ``demos`` (the demonstrations' texts) likewise.
+    ``repeat_share`` may be stricter than the evaluation's :data:`REPEAT_SHARE`: a text
+    below the loop line but more repetitive than the model's own answers still teaches
+    looping (docs/method-study.md)."""
     if not words(text):
         return ["empty"]
     found = []
-    if degenerate(text):
+    if degenerate(text) or repeated_ngram_share(text) >= repeat_share:
         found.append("loops")
     if critique and copied_share(text, critique) >= COPY_SHARE:
         found.append("copies_critique")
     if requests is not None:
         if copied_share(text, "\n".join(requests)) >= COPY_SHARE:
             found.append("copies_request")
+        if demos and copied_share(text, demos) >= DEMO_COPY_SHARE:
+            found.append("copies_demo")
         if meta_commentary(text):
             found.append("meta_commentary")
     if unhelpful(text, prompt):

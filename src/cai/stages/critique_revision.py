@@ -65,6 +65,7 @@ def run(ctx: StageContext) -> dict:
     if cr.few_shot >= 0:
         examples = examples[: cr.few_shot]
     demos = revision_demos(examples, cr.critique)
+    demo_text = "\n".join(t for e in examples for t in (e.critique, e.revision) if t)
     engine = ctx.engine()
     attempts = 1 + (cr.gate_retries if cr.quality_gates else 0)
 
@@ -123,7 +124,7 @@ def run(ctx: StageContext) -> dict:
                             f"{tag} revisions")
             candidates = {}
             for i, cands in zip(todo, outs):
-                checks = [revision_problems(c, items[i][1].messages, critiques[i], principles[i], cr.quality_gates)
+                checks = [revision_problems(c, items[i][1].messages, critiques[i], principles[i], cr, demo_text)
                           for c in cands]
                 candidates[i] = [{"revision": c, "reasons": why} for c, why in zip(cands, checks)]
                 if cr.quality_gates:
@@ -166,19 +167,21 @@ def run(ctx: StageContext) -> dict:
     return counts
 
 
-def revision_problems(text: str, messages: list[dict], critique: str | None, principle, gates: bool) -> list[str]:
+def revision_problems(text: str, messages: list[dict], critique: str | None, principle, cr,
+                      demos: str | None = None) -> list[str]:
     """Why a revision is not trained on: the quality gates' reasons, or with the gates off
     only an empty text (the stage has always kept the previous answer then)."""
-    if not gates:
+    if not cr.quality_gates:
         return [] if text else ["empty"]
-    return problems(text, messages, critique, (principle.critique, principle.revision))
+    return problems(text, messages, critique, (principle.critique, principle.revision), cr.gate_repeat_share, demos)
 
 
 def gate_helpful(helpful_items, helpful_answers, attempts, generate, cr, seed, stats) -> list[str]:
     """Resample helpful answers the gates reject (empty, looping, restating the prompt);
     one still rejected after the retries is left out of the SFT data (returned as "")."""
     answers = list(helpful_answers)
-    bad = [k for k, a in enumerate(answers) if problems(a, helpful_items[k][1].messages)]
+    bad = [k for k, a in enumerate(answers)
+           if problems(a, helpful_items[k][1].messages, repeat_share=cr.gate_repeat_share)]
     stats["gate_helpful_rejected"] = len(bad)
     for attempt in range(1, attempts):
         if not bad:
@@ -187,7 +190,7 @@ def gate_helpful(helpful_items, helpful_answers, attempts, generate, cr, seed, s
                         revision_sampling(cr, seed, "answer", attempt=attempt), f"helpful answers retry {attempt}")
         for k, o in zip(bad, outs):
             answers[k] = o[0]
-        bad = [k for k in bad if problems(answers[k], helpful_items[k][1].messages)]
+        bad = [k for k in bad if problems(answers[k], helpful_items[k][1].messages, repeat_share=cr.gate_repeat_share)]
     for k in bad:
         answers[k] = ""
     stats["gate_helpful_dropped"] = len(bad)
@@ -230,7 +233,8 @@ def sft_target(cr, init: str, final: str, rs: list[dict], prompt_messages: list[
     the gates itself."""
     if any(x["status"] == "revised" for x in rs) or not cr.quality_gates:
         return final or None
-    if any(x["status"] in ("rejected", "empty_revision") for x in rs) or problems(init, prompt_messages):
+    if any(x["status"] in ("rejected", "empty_revision") for x in rs) or problems(
+            init, prompt_messages, repeat_share=cr.gate_repeat_share):
         return None
     return init or None
 
