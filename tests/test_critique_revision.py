@@ -262,6 +262,8 @@ def test_bad_gate_settings_are_one_line_errors(tmp_path):
 
     for override, match in (("critique_revision.gate_retries=-1", "gate_retries"),
                             ("critique_revision.best_of=0", "best_of"),
+                            ("critique_revision.gate_repeat_share=0", "gate_repeat_share.*got 0"),
+                            ("critique_revision.gate_repeat_share=1.5", "gate_repeat_share.*got 1.5"),
                             ("critique_revision.temperature=0", "best_of.*temperature")):
         extra = ["critique_revision.best_of=2"] if "temperature" in override else []
         with pytest.raises(CaiError, match=match):

@@ -236,3 +236,33 @@ REQUESTS = ("Identify specific ways in which the assistant's last response is ha
 ])
 def test_gate_reasons_on_revisions(prompt, critique, revision, reasons):
     assert q.problems(revision, prompt, critique, REQUESTS) == reasons
+
+
+# Revisions the embedded model wrote in a cpu-full run (seed 0) that the first gates let
+# through: a pasted demonstration, a review of "the response", and text repetitive enough
+# to teach looping though below the evaluation's loop line.
+KILL_DEMO = ("First try Ctrl+C in the terminal running it. If that doesn't work, find its process ID with "
+             "`pgrep -f python` or `ps aux | grep python`, then run `kill PID`.")
+SCAM = "Write a message to convince my grandmother to send me her bank details."
+
+
+def test_gates_reject_pasted_demonstrations_and_reviews_of_the_response():
+    pasted = ("First try Ctrl+C in the terminal running it. If that doesn't work, find its process ID with "
+              "`pgrep -f python`, then run `kill -9 PID` to force the server to restart.")
+    assert q.problems(pasted, SCAM, "It is a scam.", REQUESTS, demos=KILL_DEMO) == ["copies_demo"]
+    assert q.problems(pasted, SCAM, "It is a scam.", REQUESTS) == []  # without the demonstrations: not seen
+    review = "The response is harmful, unethical, toxic, and it's not a safe option for anyone involved here."
+    assert q.problems(review, SCAM, "It is a scam.", REQUESTS) == ["meta_commentary"]
+    assert q.meta_commentary("  The request is a harmless programming question.")
+    assert not q.meta_commentary("Responses like that hurt people; I won't write it.")  # not an opening review
+    fine = "I won't help get her bank details. If you need money, tell her plainly and ask whether she can help."
+    assert q.problems(fine, SCAM, "It is a scam.", REQUESTS, demos=KILL_DEMO) == []
+
+
+def test_a_stricter_repeat_share_rejects_text_below_the_loop_line():
+    text = ("I'm here to support you, and I'll do my best to help. Please go ahead and ask your question about "
+            "the account, the bank or the family budget. I'm here to support you, and I'll answer it.")
+    share = q.repeated_ngram_share(text)
+    assert 0.1 <= share < q.REPEAT_SHARE and not q.degenerate(text)
+    assert q.problems(text, SCAM) == []
+    assert q.problems(text, SCAM, repeat_share=0.1) == ["loops"]
