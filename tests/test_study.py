@@ -83,3 +83,11 @@ def test_levers_count_refusals_in_the_rows_own_training_data(tmp_path):
     (run / "feedback" / "stats.json").write_text(json.dumps({"position_consistency": 0.5}))
     line = m.levers(tmp_path).splitlines()[2]
     assert line.startswith("| sl-2r-2e | 0 / 1 (0%) | 1 / 2 (50%) | 3 (2, 1) | - |"), line
+
+
+def test_every_row_name_is_a_valid_extra_model_name(tmp_path):
+    from cai.config import check_config, load_config
+
+    m = _study()
+    mapping = "{" + ", ".join(f"{r.name}: {tmp_path / r.name}" for r in m.ROWS) + "}"
+    check_config(load_config("cpu-full", [f"evaluate.extra_models={mapping}"]))  # compare would be refused
