@@ -206,22 +206,22 @@ def levers(root: Path) -> str:
     gates rejected, the AI-feedback labels' position consistency and distance from 0.5, the
     PM's held-out accuracy, DPO's held-out reward accuracy. It shows where a lever stops: a
     model cannot learn to refuse from data that rarely does."""
+    from cai.io import read_jsonl
     from cai.stages.evaluate import refusal_phrase
 
-    lines = ["| row | first answers with a refusal phrase | SFT revisions with a refusal phrase | revisions the gates rejected (retried, replaced) "
-             "| feedback position consistency | feedback mean \\|p - 0.5\\| | PM held-out accuracy (before → after) "
+    lines = ["| row | first answers with a refusal phrase | SFT revisions with a refusal phrase "
+             "| revisions the gates rejected (retried, replaced) | feedback position consistency "
+             "| feedback mean \\|p - 0.5\\| | PM held-out accuracy (before → after) "
              "| DPO held-out reward accuracy (data) | RL held-out PM reward (before → after, KL) |", "|" + "---|" * 9]
     for row in ROWS:
         run = root / row.name
         if final_model(run, row) is None:
             continue
         sft = run / "critique_revision" / "sft" / "train.jsonl"
-        revs = [json.loads(line) for line in sft.read_text().splitlines() if line.strip()] if sft.is_file() else []
-        revs = [r for r in revs if r.get("source") == "revision"]
+        revs = [r for r in (read_jsonl(sft) if sft.is_file() else []) if r.get("source") == "revision"]
         refused = sum(1 for r in revs if refusal_phrase(r["messages"][-1]["content"]))
         chains_file = run / "critique_revision" / "chains" / "train.jsonl"
-        chains = [json.loads(line) for line in chains_file.read_text().splitlines() if line.strip()] \
-            if chains_file.is_file() else []
+        chains = read_jsonl(chains_file) if chains_file.is_file() else []
         first = sum(1 for c in chains if refusal_phrase(c.get("initial_response") or ""))
         own = set(stages_of(row))  # a stage hard-linked from the parent but not in this row's list is not its lever
         cr, pm, dpo, rl = (_counts(run, s) if s in own else {} for s in ("critique_revision", "preference_model",
@@ -255,8 +255,10 @@ def samples(root: Path, row: str, n: int = 10, seed: int = 0, evaluate: Path | N
     import random
 
     answers = (evaluate or root / "compare" / "evaluate") / "answers"
-    before = {(r["set"], r["id"]): r for r in map(json.loads, (answers / "initial.jsonl").read_text().splitlines())}
-    after = {(r["set"], r["id"]): r for r in map(json.loads, (answers / f"{row}.jsonl").read_text().splitlines())}
+    from cai.io import read_jsonl  # not splitlines(): an answer may hold U+2028
+
+    before = {(r["set"], r["id"]): r for r in read_jsonl(answers / "initial.jsonl")}
+    after = {(r["set"], r["id"]): r for r in read_jsonl(answers / f"{row}.jsonl")}
     keys = sorted(set(before) & set(after))
     out = [f"{n} answers drawn with random.Random({seed}).sample over {len(keys)} held-out prompts; "
            f"before = the initial model, after = {row}\n"]
@@ -276,8 +278,8 @@ def main(argv=None) -> int:
     p.add_argument("action", choices=("run", "compare", "table", "samples", "commands"))
     p.add_argument("rows", nargs="*", help="rows to run (default: all), or extra overrides for compare")
     p.add_argument("--root", default="runs/study", help="folder holding one run directory per row")
-    p.add_argument("--evaluate", type=Path, help="table/samples: read this evaluate folder (e.g. runs/cpu-full/evaluate) "
-                   "instead of the study's compare run")
+    p.add_argument("--evaluate", type=Path, help="table/samples: read this evaluate folder "
+                   "(e.g. runs/cpu-full/evaluate) instead of the study's compare run")
     a = p.parse_args(argv)
     root = Path(a.root)
     if a.action == "run":

@@ -176,12 +176,17 @@ def revision_problems(text: str, messages: list[dict], critique: str | None, pri
     return problems(text, messages, critique, (principle.critique, principle.revision), cr.gate_repeat_share, demos)
 
 
+def answer_problems(text: str, messages: list[dict], cr) -> list[str]:
+    """The gates' reasons against an answer that is not a revision (a helpful answer, a first
+    answer): no critique or demonstrations to copy, the run's loop line."""
+    return problems(text, messages, repeat_share=cr.gate_repeat_share)
+
+
 def gate_helpful(helpful_items, helpful_answers, attempts, generate, cr, seed, stats) -> list[str]:
     """Resample helpful answers the gates reject (empty, looping, restating the prompt);
     one still rejected after the retries is left out of the SFT data (returned as "")."""
     answers = list(helpful_answers)
-    bad = [k for k, a in enumerate(answers)
-           if problems(a, helpful_items[k][1].messages, repeat_share=cr.gate_repeat_share)]
+    bad = [k for k, a in enumerate(answers) if answer_problems(a, helpful_items[k][1].messages, cr)]
     stats["gate_helpful_rejected"] = len(bad)
     for attempt in range(1, attempts):
         if not bad:
@@ -190,7 +195,7 @@ def gate_helpful(helpful_items, helpful_answers, attempts, generate, cr, seed, s
                         revision_sampling(cr, seed, "answer", attempt=attempt), f"helpful answers retry {attempt}")
         for k, o in zip(bad, outs):
             answers[k] = o[0]
-        bad = [k for k in bad if problems(answers[k], helpful_items[k][1].messages, repeat_share=cr.gate_repeat_share)]
+        bad = [k for k in bad if answer_problems(answers[k], helpful_items[k][1].messages, cr)]
     for k in bad:
         answers[k] = ""
     stats["gate_helpful_dropped"] = len(bad)
@@ -233,8 +238,7 @@ def sft_target(cr, init: str, final: str, rs: list[dict], prompt_messages: list[
     the gates itself."""
     if any(x["status"] == "revised" for x in rs) or not cr.quality_gates:
         return final or None
-    if any(x["status"] in ("rejected", "empty_revision") for x in rs) or problems(
-            init, prompt_messages, repeat_share=cr.gate_repeat_share):
+    if any(x["status"] in ("rejected", "empty_revision") for x in rs) or answer_problems(init, prompt_messages, cr):
         return None
     return init or None
 
