@@ -67,6 +67,14 @@ ROWS = [
     Row("rl-cot-unclamped", "ablation: as rl-cot, labels not clamped",
         ["stages=[prepare, critique_revision, sft, feedback, preference_model, rl]",
          "feedback.chain_of_thought=true", "feedback.cot_clamp=[0.0, 1.0]"], parent="rl-cot"),
+    Row("direct-dpo", "sl-2r-2e-direct, then DPO on revision > first answer",
+        ["stages=[prepare, critique_revision, sft, dpo]", "critique_revision.critique=false"],
+        parent="sl-2r-2e-direct"),
+    Row("direct-1e", "as sl-2r-2e-direct, 1 SFT epoch",
+        [SL, "critique_revision.critique=false", "sft.epochs=1"], parent="sl-2r-2e-direct"),
+    Row("direct-1e-dpo", "direct-1e, then DPO on revision > first answer",
+        ["stages=[prepare, critique_revision, sft, dpo]", "critique_revision.critique=false", "sft.epochs=1"],
+        parent="direct-1e"),
 ]
 BY_NAME = {r.name: r for r in ROWS}
 
