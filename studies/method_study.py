@@ -50,6 +50,8 @@ ROWS = [
     Row("sl-2r-2e", "SL-CAI: 132 prompts, 2 rounds, 2 epochs, gates on", [SL]),
     Row("sl-2r-2e-nogates", "as sl-2r-2e, quality gates off (the paper's data)",
         [SL, "critique_revision.quality_gates=false"], cache_from="sl-2r-2e"),
+    Row("sl-2r-2e-nohelp", "as sl-2r-2e, no helpful answers mixed into SFT",
+        [SL, "critique_revision.helpful_ratio=0"], cache_from="sl-2r-2e"),
     Row("sl-2r-2e-direct", "ablation: direct revision, no critique (paper Fig. 7)",
         [SL, "critique_revision.critique=false"], cache_from="sl-2r-2e"),
     Row("dpo-sl", "sl-2r-2e, then DPO on revision > first answer (cpu-full)",
