@@ -191,3 +191,115 @@ print(json.dumps([held, freed, rss()]))
     held, freed, trimmed = got
     assert freed > held - 20  # freed but still resident: what a released model leaves behind
     assert trimmed < held - 150  # ~200 MiB handed back
+
+
+GROUND_FLOOR = {"cai.errors", "cai.io", "cai.stage_names", "cai.layout", "cai.seeds"}
+
+
+def test_config_is_a_leaf_over_the_ground_floor():
+    """The config imports nothing of cai's but the ground floor; what needs engines,
+    evaluation sets or models is checked in cai.checks, above them."""
+    graph = _imports()
+    assert graph["cai.config"] <= {"cai.errors", "cai.io", "cai.stage_names"}, graph["cai.config"]
+    for name in GROUND_FLOOR:
+        assert graph[name] <= GROUND_FLOOR, (name, graph[name] - GROUND_FLOOR)
+
+
+def _path_words() -> set[str]:
+    """What a path to a stage's artifact starts with: a stage's name, or the first part of a
+    declared output's path (``results.json``, ``chains``, ``model``...)."""
+    from cai.layout import OUTPUTS
+    from cai.stage_names import STAGES
+
+    words = set(STAGES)
+    for outputs in OUTPUTS.values():
+        for pattern in outputs.values():
+            first = pattern.split("/")[0]
+            if first and "{" not in first:
+                words.add(first)
+    return words
+
+
+def test_only_the_accessors_join_a_stage_or_an_artifact_name_to_a_path():
+    """``run_dir / "feedback" / "prefs"`` is spelled in cai.layout alone (and the pipeline,
+    which makes the stage folders; cai.artifacts, which reads manifests): every other
+    module asks for an artifact by name (``ctx.artifact``, ``ctx.output``, ``RunFolder``)."""
+    words = _path_words()
+    allowed = {"cai.layout", "cai.pipeline", "cai.artifacts"}
+    bad = []
+    for name, path in _module_names().items():
+        if name in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and not any(
+                    isinstance(n, ast.Name) and n.id == "__file__" for n in ast.walk(node)):  # package data
+                for side in (node.left, node.right):
+                    if isinstance(side, ast.Constant) and isinstance(side.value, str) \
+                            and side.value.split("/")[0] in words:
+                        bad.append(f"{name}:{node.lineno}: / {side.value!r}")
+            if isinstance(node, ast.Attribute) and node.attr in ("_stage_dir", "stage_dir") and name != "cai.stage":
+                bad.append(f"{name}:{node.lineno}: .{node.attr}")
+    assert bad == []
+
+
+def test_the_check_catches_a_spelled_path(tmp_path):
+    """The rule above is not vacuous: it finds the old spelling."""
+    words = _path_words()
+    tree = ast.parse('res = run / "evaluate" / "results.json"\nx = folder / "prefs"')
+    found = [n.right.value for n in ast.walk(tree) if isinstance(n, ast.BinOp) and isinstance(n.right, ast.Constant)
+             and n.right.value.split("/")[0] in words]
+    assert sorted(found) == ["evaluate", "prefs", "results.json"]
+
+
+def test_every_stage_declares_its_outputs_and_writes_them(tmp_path, tiny_model):
+    """Each StageSpec names its outputs (its row of cai.layout.OUTPUTS), and a finished run
+    holds every declared output that its configuration produces."""
+    from cai.config import load_config
+    from cai.layout import OUTPUTS, RunFolder
+    from cai.pipeline import run_pipeline
+    from cai.stages import registry
+
+    specs = registry()
+    assert set(OUTPUTS) == set(specs)
+    for name, spec in specs.items():
+        assert spec.outputs == OUTPUTS[name]
+    run = run_pipeline(load_config(None, [
+        f"run_dir={tmp_path / 'run'}", f"engine.model={tiny_model}", "stages=[prepare, critique_revision, sft, feedback]",
+        "critique_revision.rounds=1", "critique_revision.max_prompts=2", "critique_revision.max_new_tokens=8",
+        "critique_revision.critique_max_new_tokens=8", "sft.max_steps=1", "feedback.max_prompts=2",
+        "feedback.max_new_tokens=4", "feedback.helpful_ratio=0", "data.max_per_split=4",
+    ]), log=lambda m: None)
+    folder = RunFolder(run)
+    for stage in ("prepare", "critique_revision", "sft", "feedback"):
+        for name, pattern in OUTPUTS[stage].items():
+            fields = {"split": "train", "set": "red_team", "name": "x"}
+            assert folder.path(stage, name, **{k: v for k, v in fields.items() if "{" + k + "}" in pattern}).exists(), \
+                (stage, name)
+
+
+def test_adding_a_config_field_and_an_artifact_touches_one_place_each(tmp_path, monkeypatch):
+    """A new field is declared once, with its range, and is checked; a new artifact is one
+    line in cai.layout.OUTPUTS, written with ctx.output and read with ctx.artifact."""
+    import dataclasses
+
+    from cai import config as config_mod
+    from cai import layout
+    from cai.config import _f, load_config
+    from cai.stage import StageContext
+
+    @dataclasses.dataclass
+    class Section:
+        widgets: int = _f(3, "How many widgets (a new field).", low=1, high=10)
+
+    assert Section.__dataclass_fields__["widgets"].metadata["bounds"].high == 10
+    with pytest.raises(CaiError, match=r"config field 'extra.widgets' must be in \[1, 10\]; got 11"):
+        config_mod._check_ranges(Section(widgets=11), "extra")
+    monkeypatch.setitem(layout.OUTPUTS, "feedback", {**layout.OUTPUTS["feedback"], "widgets": "widgets/{split}.json"})
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    writer = StageContext(cfg=cfg, run_dir=tmp_path, out=tmp_path / "feedback", name="feedback")
+    writer.output("widgets", split="train").write_text("[]")
+    (tmp_path / "feedback" / "manifest.json").write_text("{}")
+    reader = StageContext(cfg=cfg, run_dir=tmp_path, out=tmp_path / "sft.partial", name="sft")
+    assert reader.artifact("feedback", "widgets", split="train").read_text() == "[]"
+    with pytest.raises(CaiError, match="stage 'sft' needs the finished stage 'dpo'"):
+        reader.artifact("dpo", "model")

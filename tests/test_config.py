@@ -55,7 +55,7 @@ def test_bad_yaml_file_names_the_file(tmp_path):
 
 @pytest.mark.parametrize("preset", list_presets())
 def test_every_shipped_preset_validates(preset):
-    from cai.stage import load_inputs
+    from cai.inputs import load_inputs
     from cai.stage_names import STAGES
 
     cfg = load_config(preset)

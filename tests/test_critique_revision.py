@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from cai import seeds
 from cai.config import load_config
 from cai.constitution import load_constitution
 from cai.pipeline import run_pipeline
@@ -143,7 +144,7 @@ class ScriptedEngine:
         self.generated, self.judged = [], 0
 
     def generate(self, convs, params, progress=None, on_result=None):
-        attempt, salt = divmod(params.seed, conversations.RETRY_SEED_STEP)
+        attempt, salt = divmod(params.seed, seeds.RETRY_STEP)
         out = []
         for c in convs:
             last = c[-1]["content"]
@@ -201,7 +202,7 @@ def test_a_looping_revision_is_retried_and_the_retry_is_trained_on(tmp_path, tin
     assert counts["gate_loops"] == 6 and counts["gate_replaced"] == 6 and counts["gate_retries"] == 6  # 3 + 3 test
     assert [s["messages"][-1]["content"] for s in sft if s["source"] == "revision"] == [GOOD] * 3
     # the retry asked for a new critique and revision only for the rejected prompts
-    retried = [seed for _, seed in engine.generated if seed >= conversations.RETRY_SEED_STEP]
+    retried = [seed for _, seed in engine.generated if seed >= seeds.RETRY_STEP]
     assert len(retried) == 6 * 2
 
 
@@ -257,7 +258,7 @@ def test_best_of_n_keeps_the_acceptable_revision_the_judge_prefers(tmp_path, tin
 
 
 def test_bad_gate_settings_are_one_line_errors(tmp_path):
-    from cai.config import check_config
+    from cai.checks import check_config
     from cai.errors import CaiError
 
     for override, match in (("critique_revision.gate_retries=-1", "gate_retries"),

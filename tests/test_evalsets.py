@@ -14,7 +14,8 @@ import pytest
 
 from cai import conversations as cv
 from cai import evalsets as es
-from cai.config import check_config, load_config
+from cai.checks import check_config
+from cai.config import load_config
 from cai.errors import CaiError
 from cai.prompts import load_prompt_set, parse_hf_spec, split_by_hash
 

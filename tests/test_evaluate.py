@@ -593,7 +593,8 @@ def test_a_rerun_after_the_weights_went_says_so(frontier_run, tmp_path, tiny_mod
 def test_frontier_switch_and_plan(tmp_path, tiny_model):
     """evaluate.frontier=false scores no point; the plan counts (points - 1) per stage of extra
     answers and comparisons with the initial model."""
-    from cai.stage import PlanInputs, load_inputs
+    from cai.cost import PlanInputs
+    from cai.inputs import load_inputs
 
     cfg = load_config(None, ["rl.steps=8", "rl.frontier_points=4", "stages=[prepare, rl, evaluate]",
                              "evaluate.max_prompts=2"])

@@ -13,12 +13,14 @@ import pytest
 
 from conftest import cached_rows
 
-from cai.config import check_config, load_config
+from cai.checks import check_config
+from cai.config import load_config
 from cai.conversations import parse_expansion
 from cai.errors import CaiError
 from cai.pipeline import fingerprints, run_pipeline
 from cai.prompts import load_prompt_file
-from cai.stage import StageContext, prompt_file
+from cai.layout import RunFolder
+from cai.stage import StageContext
 from cai.stages import expand
 
 
@@ -201,9 +203,9 @@ def _scripted_run(tmp_path, tiny_model, *extra):
     cfg = _cfg(tmp_path, tiny_model, "expand.paraphrase_threshold=0.9", *extra)
     run_pipeline(load_config(None, [f"run_dir={tmp_path / 'run'}", f"engine.model={tiny_model}", "stages=[prepare]"]),
                  log=lambda m: None)
-    prep = tmp_path / "run" / "prepare"
-    test_prompt = load_prompt_file(prompt_file(prep, "benign", "test"))[0].text
-    seed_prompt = load_prompt_file(prompt_file(prep, "red_team", "train"))[0].text
+    prep = RunFolder(tmp_path / "run")
+    test_prompt = load_prompt_file(prep.path("prepare", "prompts", set="benign", split="test"))[0].text
+    seed_prompt = load_prompt_file(prep.path("prepare", "prompts", set="red_team", split="train"))[0].text
     engine = ScriptedExpander(test_prompt, seed_prompt)
     out = tmp_path / "out"
     out.mkdir()
@@ -230,7 +232,8 @@ def test_the_stage_drops_copies_leaks_paraphrases_and_filtered_prompts_with_prov
         assert row["source"] == "expand" and row["category"] and len(row["seed_ids"]) == 5
         assert 0.5 <= row["p_plausible"] <= 1 and 0.5 <= row["p_care"] <= 1
         assert row["messages"] == [{"role": "user", "content": row["prompt"]}]
-    seeds = {p.id for p in load_prompt_file(prompt_file(tmp_path / "run" / "prepare", "red_team", "train"))}
+    seeds = {p.id for p in load_prompt_file(RunFolder(tmp_path / "run").path("prepare", "prompts", set="red_team",
+                                                                             split="train"))}
     assert all(set(r["seed_ids"]) <= seeds for r in kept + dropped)  # seeds come from the TRAIN split only
     assert [p.id for p in load_prompt_file(out / "train.jsonl")] == [k["id"] for k in kept]
     for d in dropped:
@@ -241,8 +244,9 @@ def test_the_stage_drops_copies_leaks_paraphrases_and_filtered_prompts_with_prov
 
 def test_nothing_kept_is_near_any_test_prompt(tmp_path, tiny_model):
     _, out, _, _ = _scripted_run(tmp_path, tiny_model)
-    prep = tmp_path / "run" / "prepare"
-    tests = [p.text for s in ("red_team", "helpful", "benign") for p in load_prompt_file(prompt_file(prep, s, "test"))]
+    prep = RunFolder(tmp_path / "run")
+    tests = [p.text for s in ("red_team", "helpful", "benign")
+             for p in load_prompt_file(prep.path("prepare", "prompts", set=s, split="test"))]
     for row in _read(out / "train.jsonl"):
         assert max(expand.jaccard(expand.shingles(row["prompt"]), expand.shingles(t)) for t in tests) < 0.6
     # and the prepared test splits are left as they were
@@ -294,7 +298,9 @@ def test_rl_prompt_pool_takes_the_expanded_prompts(tmp_path, tiny_model):
                  log=lambda m: None)
     extra = [Prompt(id=f"expand-{i:05d}", messages=[{"role": "user", "content": f"new {i}"}], category="theft")
              for i in range(1, 4)]
-    pool = prompt_pool(tmp_path / "run" / "prepare", 2, 0.0, 0, extra)
+    run = RunFolder(tmp_path / "run")
+    pool = prompt_pool(run.path("prepare", "prompts", set="red_team", split="train"),
+                       run.path("prepare", "prompts", set="helpful", split="train"), 2, 0.0, 0, extra)
     assert sorted(p["id"] for p in pool if p["set"] == "red_team")[:3] == ["expand-00001", "expand-00002",
                                                                          "expand-00003"]
     assert len(pool) == 5
@@ -325,7 +331,7 @@ def test_critique_revision_and_feedback_read_the_expanded_split(tmp_path, tiny_m
     run = run_pipeline(cfg, log=lambda m: None)
     kept = _read(run / "expand" / "train.jsonl")
     assert [k["prompt"] for k in kept] == PLANTED
-    seeds = [p.id for p in load_prompt_file(prompt_file(run / "prepare", "red_team", "train"))[:2]]
+    seeds = [p.id for p in load_prompt_file(RunFolder(run).path("prepare", "prompts", set="red_team", split="train"))[:2]]
     chains = _read(run / "critique_revision" / "chains" / "train.jsonl")
     assert [c["id"] for c in chains] == seeds + [k["id"] for k in kept]  # max_prompts caps the seeds only
     assert [c["prompt"] for c in chains[2:]] == PLANTED

@@ -263,7 +263,7 @@ def test_policy_defaults_to_the_sl_cai_model_and_needs_sft(tmp_path, tiny_model)
     ("feedback.principles_per_comparison=0", "feedback.principles_per_comparison"),
 ])
 def test_bad_feedback_settings_are_named(override, field):
-    from cai.config import check_config
+    from cai.checks import check_config
     from cai.errors import CaiError
 
     with pytest.raises(CaiError, match=f"'{field}'"):

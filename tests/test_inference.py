@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from cai.cli import main
-from cai.config import check_config, load_config
+from cai.checks import check_config
+from cai.config import load_config
 
 TINY = ["critique_revision.max_new_tokens=6", "critique_revision.critique_max_new_tokens=5",
         "critique_revision.few_shot=1", "engine.batch_size=4"]
@@ -77,7 +78,8 @@ def test_plan_counts_and_times_every_stage(tiny_model, capsys):
     assert cr["decode_steps"] == -(-4 * n // bs) * c.max_new_tokens + tries * -(-2 * n // bs) * (
         c.max_new_tokens + c.critique_max_new_tokens)
     models, m = 4, ev.max_prompts  # initial, SL-CAI, RL, DPO; m test prompts of each of 3 sets
-    from cai.stage import PlanInputs, load_inputs
+    from cai.cost import PlanInputs
+    from cai.inputs import load_inputs
     from cai.stages.evaluate import frontier_extra
 
     points = frontier_extra(PlanInputs(cfg, *load_inputs(cfg), lambda conv: 1))  # rl/dpo points before the last

@@ -161,7 +161,7 @@ def test_plan_prints_memory_per_process_and_the_device(tiny_model, capsys):
 def test_a_stage_s_time_from_its_counts_and_the_calibration():
     """`cai plan`'s formula (cai.plan.stage_seconds), worked by hand for each kind of count."""
     from cai.plan import ASSUMED_TRAINING, stage_seconds
-    from cai.stage import Cost
+    from cai.cost import Cost
 
     row = {f: 0 for f in Cost.__dataclass_fields__ if f not in ("note", "memory")}
     rates = {"gen_tokens_per_s": 100.0, "read_tokens_per_s": 1000.0, "gen_marginal_tokens_per_s": 200.0,
@@ -183,7 +183,8 @@ def test_a_stage_s_time_from_its_counts_and_the_calibration():
 
 def test_two_point_calibration_and_the_counting_helpers():
     from cai.plan import two_point
-    from cai.stage import decode_steps, passes
+    from cai.cost import passes
+    from cai.engines import Batching
 
     # calls of 1000 and 100 tokens taking 2.5 s and 0.7 s: 500 tokens/s plus 0.5 s a call
     rate, fixed = two_point(1000, 2.5, 100, 0.7)
@@ -191,5 +192,10 @@ def test_two_point_calibration_and_the_counting_helpers():
     # noise that would give a negative fixed part (or a bigger call no slower): the big call's rate alone
     assert two_point(1000, 2.0, 100, 0.1) == (500.0, 0.0)
     assert two_point(1000, 1.0, 100, 1.2) == (1000.0, 0.0)
-    assert decode_steps(33, 16, 10) == 30 and decode_steps(0, 16, 10) == 0
+    local, served = Batching(16, 8, shared_prefix_once=True), Batching(16, 16, shared_prefix_once=False)
+    assert local.decode_steps(33, 10) == 30 and local.decode_steps(0, 10) == 0
+    # a shared prefix: read once a batch by the local engine, once a request by a server
+    assert local.prefix_reads(33) == 3 and local.prefix_reads(17, "score") == 3 and served.prefix_reads(33) == 33
+    assert local.in_flight(5) == 5 and local.in_flight(50, "score") == 8 and local.in_flight(0) == 1
+    assert local.kept_prefix(100) == 100 and served.kept_prefix(100) == 0
     assert passes(9, 4) == 3 and passes(9, 4, world=2) == 2 and passes(0, 4) == 0

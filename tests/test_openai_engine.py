@@ -14,7 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from cai.config import check_config, load_config, to_dict
+from cai.checks import check_config
+from cai.config import load_config, to_dict
 from cai.engines import build_engine
 from cai.engines.base import SamplingParams
 from cai.engines.openai import OpenAIEngine

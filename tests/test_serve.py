@@ -70,7 +70,8 @@ def test_bad_templates_are_one_line_errors(template, words):
 
 
 def test_config_checks_the_template_before_anything_runs():
-    from cai.config import check_config, load_config
+    from cai.checks import check_config
+    from cai.config import load_config
 
     with pytest.raises(CaiError, match="unknown placeholder"):
         check_config(load_config(None, ["engine.serve=srv --port {port} --model {mdl}"]))

@@ -71,7 +71,7 @@ def test_a_trained_checkpoint_served_at_f16_matches_the_local_engine(tmp_path, s
     from cai.engines import build_engine
     from cai.engines.local import LocalEngine
     from cai.pipeline import run_pipeline
-    from cai.stage import model_dir
+    from cai.layout import RunFolder
 
     # The SL-CAI model, trained by the pipeline on data the (served) embedded model wrote.
     cfg = load_config(None, [
@@ -86,7 +86,7 @@ def test_a_trained_checkpoint_served_at_f16_matches_the_local_engine(tmp_path, s
     run = run_pipeline(cfg, log=print)
     assert len(list((run / "servers").glob("*.log"))) == 2  # critique_revision ran on two servers
     assert not list((run / "servers").glob("*.pid.json"))  # and they were stopped after it
-    sft = str(model_dir(run, "sft"))
+    sft = str(RunFolder(run).path("sft", "model"))
 
     served = build_engine(dataclasses.replace(cfg.engine, model=sft), None, progress=print,
                           server_dir=tmp_path / "servers")

@@ -86,7 +86,8 @@ def test_levers_count_refusals_in_the_rows_own_training_data(tmp_path):
 
 
 def test_every_row_name_is_a_valid_extra_model_name(tmp_path):
-    from cai.config import check_config, load_config
+    from cai.checks import check_config
+    from cai.config import load_config
 
     m = _study()
     mapping = "{" + ", ".join(f"{r.name}: {tmp_path / r.name}" for r in m.ROWS) + "}"

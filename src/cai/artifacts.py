@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 from cai.errors import CaiError
-from cai.stage import file_sha256
+from cai.io import file_sha256
+from cai.layout import MANIFEST
 
 #: The file in ``<stage>.partial/`` that says which configuration an interrupted run had.
 PARTIAL_STAMP = ".fingerprint"
@@ -29,7 +30,7 @@ def disposable(rel: str) -> bool:
 
 
 def read_manifest(run_dir: Path, name: str) -> dict | None:
-    path = run_dir / name / "manifest.json"
+    path = Path(run_dir) / name / MANIFEST
     if not path.is_file():
         return None
     try:

@@ -168,7 +168,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from cai.config import check_config, check_run_dir, load_config
+    from cai.checks import check_config, check_run_dir
+    from cai.config import load_config
     from cai.constitution import load_constitution
     from cai.evalsets import load_source
 
@@ -188,7 +189,7 @@ def cmd_validate(args) -> int:
             print(f"ok: {args.prompts}: {sizes}")
         return 0
     from cai.models import check_model_settings
-    from cai.stage import load_inputs
+    from cai.inputs import load_inputs
 
     cfg = load_config(_default_config(args), args.overrides)
     check_config(cfg)

@@ -22,26 +22,62 @@ import yaml
 
 from cai.errors import CaiError
 from cai.io import read_text
-from cai.stage_names import DEFAULT_STAGES, OPTIONAL_STAGES, STAGES
+from cai.stage_names import DEFAULT_STAGES, OPTIONAL_STAGES, SL_CAI, STAGES
 
 PRESET_DIR = Path(__file__).parent / "data" / "presets"
 #: An ``evaluate.extra_models`` name: it becomes a file name (answers/<name>.jsonl).
 EXTRA_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-def _f(default, help: str, choices: tuple | None = None, fingerprint: bool = True, **kw):
-    """A config field with its help text; ``fingerprint=False`` marks a setting that changes
-    only speed, never results (batch sizes, timeouts, endpoints): changing it reruns nothing."""
+def _f(default, help: str, choices: tuple | None = None, fingerprint: bool = True, *, low=None, above=None,
+       high=None, below=None, hint: str = "", **kw):
+    """A config field with its help text and its own allowed range.
+
+    ``low``/``high`` are inclusive ends, ``above``/``below`` exclusive ones (``None`` is
+    always allowed where the field's type admits it); ``hint`` follows the range in the
+    error. ``fingerprint=False`` marks a setting that changes only speed, never results
+    (batch sizes, timeouts, endpoints): changing it reruns nothing."""
     meta = {"help": help}
     if choices:
         meta["choices"] = choices
     if not fingerprint:
         meta["fingerprint"] = False
+    if low is not None and above is not None or high is not None and below is not None:
+        raise TypeError("a field has one lower end (low or above) and one upper end (high or below)")
+    if (low, above, high, below) != (None,) * 4:
+        meta["bounds"] = Bounds(low=above if low is None else low, low_open=above is not None,
+                                high=below if high is None else high, high_open=below is not None, hint=hint)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     if dataclasses.is_dataclass(default):
         return field(default_factory=type(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A numeric field's allowed range (see :func:`_f`)."""
+
+    low: float | None = None
+    low_open: bool = False
+    high: float | None = None
+    high_open: bool = False
+    hint: str = ""
+
+    def check(self, name: str, value) -> None:
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        too_low = self.low is not None and (value < self.low or (value == self.low and self.low_open))
+        too_high = self.high is not None and (value > self.high or (value == self.high and self.high_open))
+        if not (too_low or too_high):
+            return
+        if self.high is None:
+            want = f"{'>' if self.low_open else '>='} {self.low:g}"
+        elif self.low is None:
+            want = f"{'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            want = (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}")
+        raise CaiError(f"config field '{name}' must be {want}{f' ({self.hint})' if self.hint else ''}; got {value!r}")
 
 
 @dataclass
@@ -66,8 +102,8 @@ class EngineConfig:
         "CPUs without bfloat16 units) and bfloat16 on GPU. Training stages have their own dtype.",
         choices=("auto", "float32", "bfloat16", "float16"),
     )
-    batch_size: int = _f(32, "Sequences per generation batch (batches are length-sorted).", fingerprint=False)
-    score_batch_size: int = _f(16, "Sequences per forward pass when scoring options.", fingerprint=False)
+    batch_size: int = _f(32, "Sequences per generation batch (batches are length-sorted).", fingerprint=False, low=1)
+    score_batch_size: int = _f(16, "Sequences per forward pass when scoring options.", fingerprint=False, low=1)
     trust_remote_code: bool = _f(
         False, "Run model code shipped with a checkpoint. Only for checkpoints you trust."
     )
@@ -91,17 +127,17 @@ class EngineConfig:
         "kind=openai: a local tokenizer ('default', a directory or hub id) whose chat template is applied "
         "here; requests then go to /completions (needed for llama.cpp servers). None: /chat/completions.",
     )
-    max_concurrency: int = _f(16, "kind=openai: requests in flight at once, over all endpoints.", fingerprint=False)
-    timeout_s: float = _f(600.0, "kind=openai: seconds to wait for a server's reply before retrying.", fingerprint=False)
+    max_concurrency: int = _f(16, "kind=openai: requests in flight at once, over all endpoints.", fingerprint=False, low=1)
+    timeout_s: float = _f(600.0, "kind=openai: seconds to wait for a server's reply before retrying.", fingerprint=False, above=0)
     max_retries: int = _f(
-        4, "kind=openai: retries per endpoint (429, 5xx, timeouts, refused connections), with backoff.", fingerprint=False)
+        4, "kind=openai: retries per endpoint (429, 5xx, timeouts, refused connections), with backoff.", fingerprint=False, low=0)
     top_logprobs: int = _f(
-        20, "kind=openai: next-token alternatives asked for when scoring options (OpenAI allows <= 20).",
+        20, "kind=openai: next-token alternatives asked for when scoring options (OpenAI allows <= 20).", low=1
     )
     wait_for_endpoints_s: float = _f(
         600.0, "kind=openai: when every endpoint is out (each retried after a 60 s cooldown), wait this many "
         "seconds in all for one to come back before failing (0: fail at once). Answers received so far are cached.",
-        fingerprint=False,
+        fingerprint=False, low=0
     )
     serve: str = _f(
         "none",
@@ -114,20 +150,20 @@ class EngineConfig:
         "{python}. RL rollouts always stay in-process. docs/inference.md#managed-servers.",
         fingerprint=False,
     )
-    serve_replicas: int = _f(1, "Managed servers per model; requests go to the least busy one.", fingerprint=False)
+    serve_replicas: int = _f(1, "Managed servers per model; requests go to the least busy one.", fingerprint=False, low=1)
     serve_quant: str = _f(
         "q8_0", "GGUF type a {gguf} template serves: f16 (llama.cpp's converter), q8_0 or q4_0 "
         "(llama_model_quantize from the f16). Exported once per checkpoint content.",
         choices=("f16", "q8_0", "q4_0"), fingerprint=False,
     )
     serve_threads: int = _f(0, "{threads} of each managed server (0: the machine's cores / serve_replicas).",
-                            fingerprint=False)
+                            fingerprint=False, low=0)
     serve_parallel: int = _f(8, "{parallel}: sequences each managed server decodes together (llama-server slots).",
-                             fingerprint=False)
+                             fingerprint=False, low=1)
     serve_ctx: int = _f(4096, "{ctx}: context length per sequence ({ctx_total} = serve_ctx * serve_parallel).",
-                        fingerprint=False)
+                        fingerprint=False, low=16)
     serve_start_timeout_s: float = _f(
-        300.0, "Seconds to wait for a managed server's /v1/models before failing with its log.", fingerprint=False)
+        300.0, "Seconds to wait for a managed server's /v1/models before failing with its log.", fingerprint=False, above=0)
 
 
 @dataclass
@@ -148,36 +184,36 @@ class DataConfig:
         "Benign prompts that only sound harmful (over-refusal checks), same forms.",
     )
     test_fraction: float = _f(
-        0.25, "Share of a single unsplit prompt file that goes to the fixed test split."
+        0.25, "Share of a single unsplit prompt file that goes to the fixed test split.", low=0, below=1
     )
     max_per_split: int | None = _f(
-        None, "Keep at most this many prompts per set and split (None keeps all)."
+        None, "Keep at most this many prompts per set and split (None keeps all).", low=1
     )
 
 
 @dataclass
 class CritiqueRevisionConfig:
-    rounds: int = _f(4, "Critique/revision rounds per prompt, each under a freshly sampled principle (paper: 4).")
+    rounds: int = _f(4, "Critique/revision rounds per prompt, each under a freshly sampled principle (paper: 4).", low=1)
     critique: bool = _f(
         True, "Ask for a critique before each revision. false: direct revision (the paper found critiques helped "
         "its smaller models most; for the largest, direct revision did about as well)."
     )
-    few_shot: int = _f(-1, "How many of the constitution's demonstrations to prepend (-1: all, 0: none).")
+    few_shot: int = _f(-1, "How many of the constitution's demonstrations to prepend (-1: all, 0: none).", low=-1)
     skip_if_no_issue: bool = _f(
         True, "Keep the answer (and record a skipped revision) when the critique says nothing needs changing."
     )
-    max_new_tokens: int = _f(256, "Token budget for the first answer and for each revision.")
-    critique_max_new_tokens: int = _f(128, "Token budget for each critique.")
-    temperature: float = _f(0.7, "Sampling temperature for answers, critiques and revisions (0: greedy).")
-    top_p: float = _f(0.95, "Nucleus sampling threshold.")
+    max_new_tokens: int = _f(256, "Token budget for the first answer and for each revision.", low=1)
+    critique_max_new_tokens: int = _f(128, "Token budget for each critique.", low=1)
+    temperature: float = _f(0.7, "Sampling temperature for answers, critiques and revisions (0: greedy).", low=0)
+    top_p: float = _f(0.95, "Nucleus sampling threshold.", above=0, high=1)
     helpful_ratio: float = _f(
         1.0,
-        "Helpful samples (the model's answers to helpfulness prompts) per red-team revision in the SFT data.",
+        "Helpful samples (the model's answers to helpfulness prompts) per red-team revision in the SFT data.", low=0
     )
     sft_all_revisions: bool = _f(
         False, "Put every round's revision in the SFT data, not only the final one (the paper trained on all)."
     )
-    max_prompts: int | None = _f(None, "Use at most this many red-team prompts per split (None: all).")
+    max_prompts: int | None = _f(None, "Use at most this many red-team prompts per split (None: all).", low=1)
     quality_gates: bool = _f(
         True,
         "Beyond the paper: never train on a revision that is empty, loops, copies the critique or the "
@@ -189,21 +225,26 @@ class CritiqueRevisionConfig:
     gate_repeat_share: float = _f(
         0.3, "Beyond the paper, with quality_gates: a text whose share of repeated word 4-grams reaches this is "
         "not trained on (counted as 'loops'). 0.3 is the evaluation's degeneration line; lower is stricter, "
-        "since SFT amplifies the repetition of its data (docs/method-study.md).",
+        "since SFT amplifies the repetition of its data (docs/method-study.md).", above=0, high=1, hint="0.3: the evaluation's loop line"
     )
     gate_retries: int = _f(
         1, "Retries for a text the quality gates reject: a newly sampled principle, critique and revision "
-        "(a new sample for a helpful answer). Each retry costs engine calls for the rejected prompts only.",
+        "(a new sample for a helpful answer). Each retry costs engine calls for the rejected prompts only.", low=0, hint="0: no retries"
     )
     best_of: int = _f(
         1, "Beyond the paper: revisions sampled per request; the acceptable one the best_of_model judges most "
         "likely to do what the round's revision request asks, compared with the answer it revises (option "
-        "log-probabilities, both orders), is kept. 1: off (one revision, as in the paper).",
+        "log-probabilities, both orders), is kept. 1: off (one revision, as in the paper).", low=1, hint="1: off"
     )
     best_of_model: str | None = _f(
         None, "Model that picks among best_of revisions; None uses engine.model (also the feedback model by default).",
     )
 
+
+    def rules(self, name: str) -> None:
+        if self.best_of > 1 and self.temperature <= 0:
+            raise CaiError(f"config field '{name}.best_of' > 1 needs {name}.temperature > 0 "
+                           "(greedy decoding gives the same revision every time)")
 
 @dataclass
 class ExpandConfig:
@@ -212,22 +253,22 @@ class ExpandConfig:
     count: int = _f(
         0, "New red-team prompts to generate from the red-team train prompts (candidates, before deduplication "
         "and the filter); 0: off. When > 0, list 'expand' in stages (after prepare): critique_revision, feedback "
-        "and rl then read the kept prompts as more red-team train prompts.",
+        "and rl then read the kept prompts as more red-team train prompts.", low=0
     )
-    few_shot: int = _f(5, "Seed prompts of one category shown in each generation request.")
-    per_request: int = _f(5, "New prompts asked for in each generation request.")
-    temperature: float = _f(0.9, "Sampling temperature of the generation requests.")
-    top_p: float = _f(0.95, "Nucleus sampling threshold of the generation requests.")
-    max_new_tokens: int = _f(200, "Token budget of each generation request (a line the budget cuts off is dropped).")
-    max_chars: int = _f(400, "Drop a generated prompt longer than this many characters (unparsable).")
+    few_shot: int = _f(5, "Seed prompts of one category shown in each generation request.", low=1)
+    per_request: int = _f(5, "New prompts asked for in each generation request.", low=1)
+    temperature: float = _f(0.9, "Sampling temperature of the generation requests.", low=0)
+    top_p: float = _f(0.95, "Nucleus sampling threshold of the generation requests.", above=0, high=1)
+    max_new_tokens: int = _f(200, "Token budget of each generation request (a line the budget cuts off is dropped).", low=1)
+    max_chars: int = _f(400, "Drop a generated prompt longer than this many characters (unparsable).", low=1)
     near_threshold: float = _f(
         0.6, "Near-copy: estimated Jaccard similarity (MinHash/LSH over character 5-grams of the lowercased "
-        "words) at or above which a new prompt copies a seed, a test prompt or an earlier new prompt.",
+        "words) at or above which a new prompt copies a seed, a test prompt or an earlier new prompt.", above=0, high=1
     )
     paraphrase_threshold: float = _f(
         0.6, "Paraphrase: cosine similarity of mean-pooled hidden states (embed_layer; centred on the seeds' and "
         "test prompts' mean) at or above which a new prompt restates a seed, a test prompt or an earlier one. "
-        "0.6 on SmolLM2-135M: 8% of the built-in prompts have another this close (docs/expand.md).",
+        "0.6 on SmolLM2-135M: 8% of the built-in prompts have another this close (docs/expand.md).", above=0, high=1
     )
     embed_layer: int | None = _f(
         None, "Hidden layer the embeddings pool (an index into hidden_states: 0 the token embeddings, -1 the last "
@@ -241,25 +282,29 @@ class ExpandConfig:
         None, "Model that answers the filter's two questions; None uses engine.model (also the feedback model by "
         "default).",
     )
-    min_plausible: float = _f(0.5, "Keep a prompt only when p(a user could plausibly make this request) >= this.")
-    min_care: float = _f(0.5, "Keep a prompt only when p(answering it needs care) >= this.")
+    min_plausible: float = _f(0.5, "Keep a prompt only when p(a user could plausibly make this request) >= this.", low=0, high=1)
+    min_care: float = _f(0.5, "Keep a prompt only when p(answering it needs care) >= this.", low=0, high=1)
 
 
 def _default(cls, name: str, value, help: str | None = None):
-    """A field of base class ``cls`` with another default (and help) in a subclass."""
-    f = {x.name: x for x in dataclasses.fields(cls)}[name]
-    return _f(value, help or f.metadata["help"], f.metadata.get("choices"))
+    """A field of base class ``cls`` with another default (and help) in a subclass; its
+    range, choices and fingerprint flag are the base field's."""
+    base = {x.name: x for x in dataclasses.fields(cls)}[name]
+    meta = {**base.metadata, "help": help or base.metadata["help"]}
+    if isinstance(value, (list, dict)):
+        return field(default_factory=lambda d=value: type(d)(d), metadata=meta)
+    return field(default=value, metadata=meta)
 
 
 @dataclass
 class OptimizerConfig:
     """What every training stage's optimizer reads (flat keys, like TRL's ``TrainingArguments``)."""
 
-    learning_rate: float = _f(1e-5, "AdamW learning rate, constant after warmup (as in the paper).")
-    warmup_steps: int = _f(0, "Linear warmup steps before the constant learning rate.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    checkpoint_every: int = _f(50, "Save a resumable checkpoint every N optimizer steps.")
+    learning_rate: float = _f(1e-5, "AdamW learning rate, constant after warmup (as in the paper).", above=0)
+    warmup_steps: int = _f(0, "Linear warmup steps before the constant learning rate.", low=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", low=0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.", above=0)
+    checkpoint_every: int = _f(50, "Save a resumable checkpoint every N optimizer steps.", low=1)
     dtype: str = _f(
         "auto",
         "Training precision. 'bf16-mixed': float32 master weights and AdamW state, forward and backward in "
@@ -278,9 +323,9 @@ class OptimizerConfig:
         "off; the stage saves the adapter (adapter/) and the merged model (model/).",
         choices=("full", "lora"),
     )
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: int = _f(32, "LoRA alpha (the adapters' scale is alpha / r).")
-    lora_dropout: float = _f(0.05, "LoRA dropout.")
+    lora_r: int = _f(16, "LoRA rank.", low=1)
+    lora_alpha: int = _f(32, "LoRA alpha (the adapters' scale is alpha / r).", above=0)
+    lora_dropout: float = _f(0.05, "LoRA dropout.", low=0, high=1)
     lora_target_modules: list[str] = _f(
         ["all-linear"], "Linear layers that get adapters, by name (e.g. [q_proj, v_proj]); 'all-linear': every "
         "linear layer but the output head.",
@@ -294,16 +339,25 @@ class OptimizerConfig:
 class TrainingConfig(OptimizerConfig):
     """The optimizer settings plus the passes over a fixed data set (sft, preference_model, dpo)."""
 
-    epochs: float = _f(1.0, "Passes over the training data (paper: 1).")
-    max_steps: int | None = _f(None, "Stop after this many optimizer steps (None: run the epochs).")
+    epochs: float = _f(1.0, "Passes over the training data (paper: 1).", above=0)
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (None: run the epochs).", low=1)
     batch_size: int = _f(
         8, "Examples per optimizer step in total, over all processes: each of N processes takes every N-th "
         "example of the batch (a process left without one, in a last batch smaller than N, runs a zero-weighted "
-        "pass), so a batch gives the same step with any number of processes.",
+        "pass), so a batch gives the same step with any number of processes.", low=1
     )
-    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
-    max_length: int = _f(1024, "Truncate each training conversation to this many tokens.")
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.", low=1)
+    max_length: int = _f(1024, "Truncate each training conversation to this many tokens.", low=1)
 
+
+    def rules(self, name: str) -> None:
+        # sharding is a field of the stages that can shard (sft, dpo)
+        if getattr(self, "sharding", "none") == "fsdp" and self.method == "lora":
+            raise CaiError(f"config field '{name}.sharding=fsdp' needs {name}.method=full (LoRA's trained state is "
+                           "small: train it unsharded, sharding=none)")
+        if getattr(self, "sharding", "none") == "fsdp" and self.grad_accum != 1:
+            raise CaiError(f"config field '{name}.sharding=fsdp' needs {name}.grad_accum=1 (every process must run "
+                           f"the same number of passes per step); got {self.grad_accum}")
 
 @dataclass
 class SFTConfig(TrainingConfig):
@@ -329,34 +383,40 @@ class FeedbackConfig:
     model: str | None = _f(
         None, "Feedback model that labels the pairs; None uses engine.model (the original model, as in the paper)."
     )
-    samples_per_prompt: int = _f(2, "Answers sampled per prompt; every pair of them is compared.")
-    temperature: float = _f(1.0, "Sampling temperature for the answers (paper: 1).")
-    top_p: float = _f(1.0, "Nucleus sampling threshold for the answers.")
-    max_new_tokens: int = _f(256, "Token budget per answer.")
+    samples_per_prompt: int = _f(2, "Answers sampled per prompt; every pair of them is compared.", low=2)
+    temperature: float = _f(1.0, "Sampling temperature for the answers (paper: 1).", low=0)
+    top_p: float = _f(1.0, "Nucleus sampling threshold for the answers.", above=0, high=1)
+    max_new_tokens: int = _f(256, "Token budget per answer.", low=1)
     principles_per_comparison: int = _f(
-        1, "Comparison principles sampled per pair; their labels are averaged (an ensemble)."
+        1, "Comparison principles sampled per pair; their labels are averaged (an ensemble).", low=1
     )
     both_orders: bool = _f(True, "Ask each question with A and B swapped too, and average (removes position bias).")
-    few_shot: int = _f(-1, "How many of the constitution's comparison demonstrations to prepend (-1: all, 0: none).")
+    few_shot: int = _f(-1, "How many of the constitution's comparison demonstrations to prepend (-1: all, 0: none).", low=-1)
     chain_of_thought: bool = _f(
         False, "Let the feedback model reason first ('Let's think step by step'), then read the options."
     )
-    cot_max_new_tokens: int = _f(256, "Token budget for the reasoning.")
+    cot_max_new_tokens: int = _f(256, "Token budget for the reasoning.", low=1)
     cot_clamp: list[float] = _f(
         [0.4, 0.6], "Clamp chain-of-thought labels into [low, high] (paper: 40-60%; [0, 1] switches it off)."
     )
     helpful_ratio: float = _f(
         1.0, "Helpfulness comparisons (answers to helpfulness prompts, labelled under a helpfulness question) "
-        "per harmlessness comparison.",
+        "per harmlessness comparison.", low=0
     )
     human_preferences: str | None = _f(
         None,
         "A human preference file to mix in as hard labels: hh-rlhf transcripts (chosen/rejected) or TRL "
         "prompt/chosen/rejected, JSONL/JSON/Parquet, or a folder with train/test files.",
     )
-    human_ratio: float = _f(1.0, "Human comparisons per harmlessness comparison (capped by the file).")
-    max_prompts: int | None = _f(None, "Use at most this many red-team prompts per split (None: all).")
+    human_ratio: float = _f(1.0, "Human comparisons per harmlessness comparison (capped by the file).", low=0)
+    max_prompts: int | None = _f(None, "Use at most this many red-team prompts per split (None: all).", low=1)
 
+
+    def rules(self, name: str) -> None:
+        low_high = self.cot_clamp
+        if len(low_high) != 2 or not 0 <= low_high[0] <= 0.5 <= low_high[1] <= 1:
+            raise CaiError(f"config field '{name}.cot_clamp' must be [low, high] with 0 <= low <= 0.5 <= high <= 1; "
+                           f"got {low_high}")
 
 @dataclass
 class PreferenceModelConfig(TrainingConfig):
@@ -380,11 +440,11 @@ class PreferenceModelConfig(TrainingConfig):
 @dataclass
 class EvaluateConfig:
     max_prompts: int | None = _f(
-        None, "Use at most this many held-out (test split) prompts of each set: red_team, helpful, benign (None: all)."
+        None, "Use at most this many held-out (test split) prompts of each set: red_team, helpful, benign (None: all).", low=1
     )
-    max_new_tokens: int = _f(256, "Token budget for each model's answer.")
-    temperature: float = _f(0.7, "Sampling temperature for the answers (0: greedy); the seed is fixed.")
-    top_p: float = _f(0.95, "Nucleus sampling threshold for the answers.")
+    max_new_tokens: int = _f(256, "Token budget for each model's answer.", low=1)
+    temperature: float = _f(0.7, "Sampling temperature for the answers (0: greedy); the seed is fixed.", low=0)
+    top_p: float = _f(0.95, "Nucleus sampling threshold for the answers.", above=0, high=1)
     judge: str | None = _f(
         None, "Model that judges the answers (comparisons, harmfulness, refusals); None uses engine.model "
         "(the original model, which is also the feedback model by default).",
@@ -409,9 +469,9 @@ class EvaluateConfig:
     )
     few_shot: int = _f(
         -1, "Comparison demonstrations prepended to each pairwise question (-1: all, 0: none). The local engine "
-        "prefills them once per batch; a server without prefix caching pays them on every question.",
+        "prefills them once per batch; a server without prefix caching pays them on every question.", low=-1
     )
-    bootstrap: int = _f(1000, "Bootstrap resamples of the prompts for the Elo confidence intervals (0: none).")
+    bootstrap: int = _f(1000, "Bootstrap resamples of the prompts for the Elo confidence intervals (0: none).", low=0)
     preference_model: bool = _f(
         True, "Score every red-team and helpful answer, and the SL-CAI chains' answers after each revision "
         "round (revision_splits), with preference_model/model when the run has one. false: no PM scores at all.",
@@ -422,7 +482,7 @@ class EvaluateConfig:
     )
     revision_max_chains: int | None = _f(
         100, "Score at most this many chains per split in revision_splits (each costs up to rounds + 1 PM "
-        "forward passes; None: all).",
+        "forward passes; None: all).", low=1
     )
     sets: list[str] = _f(
         [], "Standard safety evaluation sets, answered by every model and scored by each set's convention: "
@@ -446,6 +506,21 @@ class EvaluateConfig:
     )
 
 
+    def rules(self, name: str) -> None:
+        for model in self.extra_models:
+            if not EXTRA_MODEL_NAME.fullmatch(model) or model in ("initial", SL_CAI, "rl", "dpo", "comparisons"):
+                raise CaiError(
+                    f"config field '{name}.extra_models': bad name '{model}' (use letters, digits, '.', '_' or '-', "
+                    "starting with a letter or digit, and none of initial, sl-cai, rl, dpo, comparisons)"
+                )
+        if self.judge_endpoints and not self.judge:
+            raise CaiError(f"config field '{name}.judge_endpoints' needs {name}.judge: the model name the "
+                           "servers serve (e.g. evaluate.judge=Qwen/Qwen2.5-72B-Instruct)")
+        for split in self.revision_splits:
+            if split not in ("train", "test") or self.revision_splits.count(split) > 1:
+                raise CaiError(f"config field '{name}.revision_splits': bad or repeated split {split!r} "
+                               "(a list of 'train' and 'test'; [] scores no revisions)")
+
 @dataclass
 class RLConfig(OptimizerConfig):
     learning_rate: float = _default(OptimizerConfig, "learning_rate", 1e-6)
@@ -455,16 +530,16 @@ class RLConfig(OptimizerConfig):
         "Policy to optimise, also the frozen KL reference: 'sl-cai' (this run's SFT model, as in the "
         "paper), 'default', a checkpoint directory or a hub id.",
     )
-    max_prompts: int | None = _f(None, "Use at most this many red-team train prompts (None: all).")
+    max_prompts: int | None = _f(None, "Use at most this many red-team train prompts (None: all).", low=1)
     helpful_ratio: float = _f(
-        1.0, "Helpfulness train prompts per red-team prompt in the RL prompt pool (keeps the policy helpful)."
+        1.0, "Helpfulness train prompts per red-team prompt in the RL prompt pool (keeps the policy helpful).", low=0
     )
-    steps: int = _f(100, "Optimizer steps; each samples fresh rollouts from the current policy.")
+    steps: int = _f(100, "Optimizer steps; each samples fresh rollouts from the current policy.", low=1)
     prompts_per_step: int = _f(
-        16, "Prompts per step in total, over all processes (each takes every N-th; at least one per process)."
+        16, "Prompts per step in total, over all processes (each takes every N-th; at least one per process).", low=1
     )
     samples_per_prompt: int = _f(
-        4, "Answers sampled per prompt (k >= 2): the group each answer's advantage is measured in."
+        4, "Answers sampled per prompt (k >= 2): the group each answer's advantage is measured in.", low=2
     )
     advantage: str = _f(
         "rloo",
@@ -473,25 +548,25 @@ class RLConfig(OptimizerConfig):
         "have unit scale. Same loss, KL in the reward, one update per batch either way.",
         choices=("rloo", "grpo"),
     )
-    kl_coef: float = _f(0.05, "Weight of the sequence KL(policy || reference) subtracted from the PM reward.")
+    kl_coef: float = _f(0.05, "Weight of the sequence KL(policy || reference) subtracted from the PM reward.", low=0)
     whiten: bool = _f(
         True, "Divide the step's rewards (PM score - KL penalty) by their standard deviation before the "
         "baseline (makes the learning rate independent of the PM's scale). With advantage=grpo the group "
         "normalisation already does that; whitening then only measures grpo's 1e-4 in step-std units.",
     )
-    max_new_tokens: int = _f(256, "Token budget per sampled answer.")
+    max_new_tokens: int = _f(256, "Token budget per sampled answer.", low=1)
     temperature: float = _f(
         1.0, "Sampling temperature of the rollouts. 1 keeps RLOO on-policy; other values sample from a "
-        "tempered policy and make the gradient and the KL estimate approximate.",
+        "tempered policy and make the gradient and the KL estimate approximate.", low=0
     )
-    top_p: float = _f(1.0, "Nucleus sampling threshold of the rollouts (1: exact on-policy sampling).")
-    micro_batch_size: int = _f(16, "Sequences per forward/backward pass (gradients are accumulated).")
+    top_p: float = _f(1.0, "Nucleus sampling threshold of the rollouts (1: exact on-policy sampling).", above=0, high=1)
+    micro_batch_size: int = _f(16, "Sequences per forward/backward pass (gradients are accumulated).", low=1)
     frontier_points: int = _f(
         4, "Policies kept along training for the harmlessness-helpfulness frontier: after steps ceil(i * steps / "
         "N), i = 1..N; the last is model/ itself, the others go to points/step-NNNNNN/ (adapters with LoRA, whole "
-        "models otherwise). The evaluate stage scores them (evaluate.frontier). 0: keep none.",
+        "models otherwise). The evaluate stage scores them (evaluate.frontier). 0: keep none.", low=0
     )
-    eval_prompts: int = _f(32, "Held-out red-team test prompts scored by the PM before and after RL.")
+    eval_prompts: int = _f(32, "Held-out red-team test prompts scored by the PM before and after RL.", low=0)
     offload: str = _f(
         "auto",
         "Move what a phase of the step does not use (the PM; the reference copy in full fine-tuning) to the CPU "
@@ -523,11 +598,11 @@ class DPOConfig(TrainingConfig):
         "critique_revision stage's revision-over-first-answer pairs, taken as p_chosen = 1).",
         choices=("feedback", "sl_prefs"),
     )
-    beta: float = _f(0.1, "DPO temperature: how far the policy may move from the reference.")
+    beta: float = _f(0.1, "DPO temperature: how far the policy may move from the reference.", above=0)
     soft_labels: bool = _f(
         True, "Label-smoothed (conservative) DPO with per-pair smoothing 1 - p_chosen; false: plain DPO.",
     )
-    min_confidence: float = _f(0.5, "Drop pairs whose p_chosen is below this (0.5 keeps every pair).")
+    min_confidence: float = _f(0.5, "Drop pairs whose p_chosen is below this (0.5 keeps every pair).", low=0, high=1)
     sharding: str = _f(
         "none",
         "'fsdp': shard the weights, gradients and AdamW state over the processes with PyTorch FSDP2 "
@@ -538,7 +613,7 @@ class DPOConfig(TrainingConfig):
     )
     frontier_points: int = _f(
         4, "Policies kept along training for the harmlessness-helpfulness frontier, as rl.frontier_points: after "
-        "optimizer steps ceil(i * steps / N), the last being model/. 0: keep none.",
+        "optimizer steps ceil(i * steps / N), the last being model/. 0: keep none.", low=0
     )
 
 
@@ -557,7 +632,7 @@ class RunConfig:
     )
     memory_margin: float = _f(
         1.0, "The share of the device's memory a stage's estimate may take before memory_check refuses it "
-        "(0.8: keep a 20% reserve; above 1: trust the estimate less).", fingerprint=False,
+        "(0.8: keep a 20% reserve; above 1: trust the estimate less).", fingerprint=False, above=0
     )
     engine: EngineConfig = _f(EngineConfig(), "The policy engine.")
     data: DataConfig = _f(DataConfig(), "Inputs: constitution and prompt sets.")
@@ -579,9 +654,50 @@ class RunConfig:
         900.0, "Under accelerate launch: how long a collective (a training step's gradients, the main "
         "process saving a mid-run checkpoint) may wait before the run stops with an error. Work only "
         "the main process does (data stages, saving and hashing the final model) is waited for outside "
-        "it. Raise it when saving one checkpoint takes longer.", fingerprint=False,
+        "it. Raise it when saving one checkpoint takes longer.", fingerprint=False, low=1
     )
 
+
+    def check(self) -> None:
+        """Every field against its range, then each section's own rules and the rules across
+        sections: one-line errors before anything starts. The checks that need engines,
+        evaluation sets or models are :func:`cai.checks.check_config`'s."""
+        _check_ranges(self, "")
+        _check_rules(self, "")
+
+    def rules(self, name: str) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise CaiError(f"config field 'stages': unknown stage '{unknown[0]}' (available: {', '.join(STAGES)})")
+        if "expand" in self.stages and self.expand.count == 0:
+            raise CaiError("config field 'expand.count' is 0 (off) but 'stages' lists expand; set expand.count to "
+                           "the number of new prompts to generate, or take expand out of stages")
+        if "expand" in self.stages:
+            late = [s for s in ("critique_revision", "feedback", "rl") if s in self.stages[: self.stages.index("expand")]]
+            if late:
+                raise CaiError(f"config field 'stages': expand must come before {late[0]}, which reads its prompts")
+        if "rl" in self.stages and self.rl.temperature <= 0:
+            raise CaiError(f"config field 'rl.temperature' must be > 0 (RL samples its rollouts); got {self.rl.temperature}")
+
+
+def _check_ranges(section, name: str) -> None:
+    """Every numeric field of ``section`` and its nested sections against its own range."""
+    for f in dataclasses.fields(section):
+        value, dotted = getattr(section, f.name), f"{name}.{f.name}" if name else f.name
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, dotted)
+        elif "bounds" in f.metadata:
+            f.metadata["bounds"].check(dotted, value)
+
+
+def _check_rules(section, name: str) -> None:
+    """A section's own rules across its fields (its ``rules`` method), then its nested sections'."""
+    if hasattr(section, "rules"):
+        section.rules(name)
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_rules(value, f"{name}.{f.name}" if name else f.name)
 
 # ---------------------------------------------------------------------------
 # Strict conversion from plain data (YAML, JSON, overrides) to dataclasses.
@@ -749,105 +865,6 @@ def load_config(config: str | None = None, overrides: list[str] = (), cls=RunCon
     return from_dict(cls, data, source if not overrides else f"{source} + overrides")
 
 
-def check_config(cfg: RunConfig) -> None:
-    """Checks of values and of fields together, run before anything starts (one-line errors)."""
-    _check_bounds(cfg)
-    if cfg.engine.serve != "none":
-        from cai.engines.serve import check_template
-
-        check_template(cfg.engine.serve)
-    unknown = [s for s in cfg.stages if s not in STAGES]
-    if unknown:
-        raise CaiError(f"config field 'stages': unknown stage '{unknown[0]}' (available: {', '.join(STAGES)})")
-    if "expand" in cfg.stages and cfg.expand.count == 0:
-        raise CaiError("config field 'expand.count' is 0 (off) but 'stages' lists expand; set expand.count to the "
-                       "number of new prompts to generate, or take expand out of stages")
-    if "expand" in cfg.stages:
-        late = [s for s in ("critique_revision", "feedback", "rl") if s in cfg.stages[: cfg.stages.index("expand")]]
-        if late:
-            raise CaiError(f"config field 'stages': expand must come before {late[0]}, which reads its prompts")
-    cr = cfg.critique_revision
-    if cr.gate_retries < 0:
-        raise CaiError(f"config field 'critique_revision.gate_retries' must be >= 0 (0: no retries); got {cr.gate_retries}")
-    if not 0 < cr.gate_repeat_share <= 1:
-        raise CaiError("config field 'critique_revision.gate_repeat_share' must be in (0, 1] (0.3: the evaluation's "
-                       f"loop line); got {cr.gate_repeat_share}")
-    if cr.best_of < 1:
-        raise CaiError(f"config field 'critique_revision.best_of' must be >= 1 (1: off); got {cr.best_of}")
-    if cr.best_of > 1 and cr.temperature <= 0:
-        raise CaiError("config field 'critique_revision.best_of' > 1 needs critique_revision.temperature > 0 "
-                       "(greedy decoding gives the same revision every time)")
-    for name in cfg.evaluate.extra_models:
-        if not EXTRA_MODEL_NAME.fullmatch(name) or name in ("initial", "sl-cai", "rl", "dpo", "comparisons"):
-            raise CaiError(
-                f"config field 'evaluate.extra_models': bad name '{name}' (use letters, digits, '.', '_' or '-', "
-                "starting with a letter or digit, and none of initial, sl-cai, rl, dpo, comparisons)"
-            )
-    if cfg.evaluate.judge_endpoints:
-        if not cfg.evaluate.judge:
-            raise CaiError("config field 'evaluate.judge_endpoints' needs evaluate.judge: the model name the "
-                           "servers serve (e.g. evaluate.judge=Qwen/Qwen2.5-72B-Instruct)")
-        from cai.engines.openai import check_openai_config
-
-        try:
-            check_openai_config(judge_engine_config(cfg))
-        except CaiError as exc:
-            raise CaiError(str(exc).replace("engine.endpoints", "evaluate.judge_endpoints")) from None
-    if cfg.evaluate.sets:
-        from cai.evalsets import parse_spec
-
-        for spec in cfg.evaluate.sets:
-            try:
-                parse_spec(spec)
-            except CaiError as exc:
-                raise CaiError(f"config field 'evaluate.sets': {exc}") from None
-        names = [parse_spec(spec)[0].name for spec in cfg.evaluate.sets]
-        if len(set(names)) < len(names):
-            raise CaiError(f"config field 'evaluate.sets': a set is named twice ({', '.join(names)})")
-    for split in cfg.evaluate.revision_splits:
-        if split not in ("train", "test") or cfg.evaluate.revision_splits.count(split) > 1:
-            raise CaiError(f"config field 'evaluate.revision_splits': bad or repeated split {split!r} "
-                           "(a list of 'train' and 'test'; [] scores no revisions)")
-    fb = cfg.feedback
-    if fb.samples_per_prompt < 2:
-        raise CaiError(f"config field 'feedback.samples_per_prompt' must be at least 2 to make a pair; got {fb.samples_per_prompt}")
-    if fb.principles_per_comparison < 1:
-        raise CaiError("config field 'feedback.principles_per_comparison' must be at least 1")
-    if len(fb.cot_clamp) != 2 or not 0 <= fb.cot_clamp[0] <= 0.5 <= fb.cot_clamp[1] <= 1:
-        raise CaiError(
-            f"config field 'feedback.cot_clamp' must be [low, high] with 0 <= low <= 0.5 <= high <= 1; got {fb.cot_clamp}"
-        )
-    if "rl" in cfg.stages:
-        if cfg.rl.samples_per_prompt < 2:
-            raise CaiError(f"config field 'rl.samples_per_prompt' must be >= 2 for a baseline within each prompt's answers; got {cfg.rl.samples_per_prompt}")
-        if cfg.rl.temperature <= 0:
-            raise CaiError(f"config field 'rl.temperature' must be > 0 (RL samples its rollouts); got {cfg.rl.temperature}")
-        if cfg.rl.steps < 1 or cfg.rl.prompts_per_step < 1:
-            raise CaiError("config fields 'rl.steps' and 'rl.prompts_per_step' must be >= 1")
-    if "dpo" in cfg.stages:
-        if cfg.dpo.beta <= 0:
-            raise CaiError(f"config field 'dpo.beta' must be > 0; got {cfg.dpo.beta}")
-        if not 0.0 <= cfg.dpo.min_confidence <= 1.0:
-            raise CaiError(f"config field 'dpo.min_confidence' must be in [0, 1]; got {cfg.dpo.min_confidence}")
-    for stage in ("sft", "dpo"):
-        tc = getattr(cfg, stage)
-        if tc.sharding == "fsdp" and tc.method == "lora":
-            raise CaiError(f"config field '{stage}.sharding=fsdp' needs {stage}.method=full (LoRA's trained state is "
-                           "small: train it unsharded, sharding=none)")
-        if tc.sharding == "fsdp" and tc.grad_accum != 1:
-            raise CaiError(f"config field '{stage}.sharding=fsdp' needs {stage}.grad_accum=1 (every process must run "
-                           f"the same number of passes per step); got {tc.grad_accum}")
-    if cfg.engine.kind == "openai":
-        from cai.engines.openai import check_openai_config
-
-        check_openai_config(cfg.engine)
-        if "sft" in cfg.stages and not cfg.sft.model:
-            raise CaiError(
-                "config field 'sft.model' is empty; with engine.kind=openai the engine's model is remote, "
-                "so set sft.model to a local checkpoint ('default', a directory or a hub id) to fine-tune"
-            )
-
-
 def judge_engine_config(cfg) -> EngineConfig:
     """The engine settings of the evaluation judge: the run's, or with
     ``evaluate.judge_endpoints`` an OpenAI-compatible engine on those servers."""
@@ -869,63 +886,6 @@ def results_dict(cfg) -> dict:
         value = getattr(cfg, f.name)
         out[f.name] = results_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
     return out
-
-
-#: Allowed ranges of numeric fields, by field name (any section) or dotted name (one
-#: section, checked first): (lowest, highest, whether the lowest itself is allowed).
-#: ``None`` is always allowed where a field's type admits it.
-BOUNDS: dict[str, tuple[float | None, float | None, bool]] = {
-    "dist_timeout_s": (1, None, True), "max_new_tokens": (1, None, True), "critique_max_new_tokens": (1, None, True),
-    "cot_max_new_tokens": (1, None, True),
-    "temperature": (0, None, True), "top_p": (0, 1, False),
-    "batch_size": (1, None, True), "score_batch_size": (1, None, True), "micro_batch_size": (1, None, True),
-    "grad_accum": (1, None, True), "max_length": (1, None, True), "checkpoint_every": (1, None, True),
-    "max_prompts": (1, None, True), "max_per_split": (1, None, True), "max_steps": (1, None, True),
-    "rounds": (1, None, True), "few_shot": (-1, None, True), "principles_per_comparison": (1, None, True),
-    "samples_per_prompt": (2, None, True), "steps": (1, None, True), "prompts_per_step": (1, None, True),
-    "eval_prompts": (0, None, True), "helpful_ratio": (0, None, True), "human_ratio": (0, None, True),
-    "learning_rate": (0, None, False), "warmup_steps": (0, None, True), "weight_decay": (0, None, True),
-    "max_grad_norm": (0, None, False), "epochs": (0, None, False),
-    "lora_r": (1, None, True), "lora_alpha": (0, None, False), "lora_dropout": (0, 1, True),
-    "kl_coef": (0, None, True), "beta": (0, None, False), "min_confidence": (0, 1, True),
-    "test_fraction": (0, 1, True), "bootstrap": (0, None, True), "revision_max_chains": (1, None, True),
-    "frontier_points": (0, None, True),
-    "max_concurrency": (1, None, True), "timeout_s": (0, None, False), "max_retries": (0, None, True),
-    "top_logprobs": (1, None, True), "wait_for_endpoints_s": (0, None, True), "memory_margin": (0, None, False),
-    "serve_replicas": (1, None, True), "serve_threads": (0, None, True), "serve_parallel": (1, None, True),
-    "serve_ctx": (16, None, True), "serve_start_timeout_s": (0, None, False),
-    # expand (its few_shot counts seed examples: at least one)
-    "expand.count": (0, None, True), "expand.few_shot": (1, None, True), "per_request": (1, None, True),
-    "max_chars": (1, None, True), "near_threshold": (0, 1, False), "paraphrase_threshold": (0, 1, False),
-    "min_plausible": (0, 1, True), "min_care": (0, 1, True),
-}
-
-
-def _check_bounds(cfg, prefix: str = "") -> None:
-    for f in dataclasses.fields(cfg):
-        value, name = getattr(cfg, f.name), prefix + f.name
-        if dataclasses.is_dataclass(value):
-            _check_bounds(value, name + ".")
-            continue
-        bound = BOUNDS.get(name) or BOUNDS.get(f.name)
-        if bound is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        low, high, low_ok = bound
-        too_low = low is not None and (value < low or (value == low and not low_ok))
-        # The upper end is open where the lowest is closed, except for shares that may be all (top_p: (0, 1]).
-        too_high = high is not None and (value > high or (value == high and f.name == "test_fraction"))
-        if too_low or too_high:
-            lo = "" if low is None else ("[" if low_ok else "(") + f"{low:g}"
-            hi = "" if high is None else (f"{high:g}" + (")" if f.name == "test_fraction" else "]"))
-            want = f"in {lo}, {hi}" if high is not None else f"{'>=' if low_ok else '>'} {low:g}"
-            raise CaiError(f"config field '{name}' must be {want}; got {value!r}")
-
-
-def check_run_dir(run_dir: str) -> None:
-    """The run directory must be a folder, or not exist yet."""
-    p = Path(run_dir)
-    if p.exists() and not p.is_dir():
-        raise CaiError(f"config field 'run_dir': '{run_dir}' is a file, not a folder; choose another run_dir")
 
 
 def config_hash(obj) -> str:

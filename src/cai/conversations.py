@@ -25,6 +25,7 @@ import random
 import re
 import unicodedata
 
+from cai import seeds
 from cai.constitution import ComparisonExample, Constitution, CritiqueRevisionExample
 from cai.engines.base import SamplingParams
 
@@ -57,17 +58,13 @@ def sample_principle(const: Constitution, seed: int, prompt_id: str, round_: int
     return const.sample_principle(rng)
 
 
-#: Added to a request's seed per retry, so a retried request samples a different answer.
-RETRY_SEED_STEP = 7919
-
-
 def revision_sampling(cr, seed: int, step: str, round_: int = 0, attempt: int = 0, n: int = 1) -> SamplingParams:
     """The sampling parameters of one kind of request: 'answer', 'critique' or 'revision'
     (``cr`` is a ``CritiqueRevisionConfig``); ``attempt`` >= 1 for a retry, ``n`` samples."""
-    salt = {"answer": 0, "critique": 1000 + 2 * round_, "revision": 1001 + 2 * round_}[step]
+    salt = {"answer": seeds.ANSWER, "critique": seeds.CRITIQUE + 2 * round_, "revision": seeds.REVISION + 2 * round_}[step]
     budget = cr.critique_max_new_tokens if step == "critique" else cr.max_new_tokens
     return SamplingParams(n=n, temperature=cr.temperature, top_p=cr.top_p, max_new_tokens=budget,
-                          seed=seed + salt + RETRY_SEED_STEP * attempt)
+                          seed=seed + salt + seeds.RETRY_STEP * attempt)
 
 
 def revision_demos(examples: list[CritiqueRevisionExample], with_critique: bool) -> list[dict]:
@@ -365,7 +362,7 @@ def expansion_conversation(examples: list[str], category: str | None, n: int) ->
 def expansion_sampling(xc, seed: int, attempt: int = 0) -> SamplingParams:
     """Sampling of the expansion's generation requests (``xc`` is an ``ExpandConfig``)."""
     return SamplingParams(n=1, temperature=xc.temperature, top_p=xc.top_p, max_new_tokens=xc.max_new_tokens,
-                          seed=seed + 3000 + RETRY_SEED_STEP * attempt)
+                          seed=seed + seeds.EXPAND + seeds.RETRY_STEP * attempt)
 
 
 _LIST_MARK_RE = re.compile(r"^\s*(?:\(?\d{1,3}\s*[.):\]]|[-*•–]|#{1,6})\s+")

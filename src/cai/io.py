@@ -42,6 +42,19 @@ def write_jsonl(path: Path, records) -> None:
     _atomic(path, write)
 
 
+def file_sha256(path: Path, sync: bool = False) -> str:
+    """A file's sha256; with ``sync``, also flush it to disk (fsync) first."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        if sync:
+            os.fsync(fh.fileno())
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_text(path: Path, what: str = "file") -> str:
     """A UTF-8 text file's content; bytes that are not UTF-8 are a one-line error naming the file."""
     from cai.errors import CaiError

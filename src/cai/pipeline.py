@@ -33,14 +33,16 @@ from typing import Callable
 
 import yaml
 
-from cai.config import RunConfig, check_config, check_run_dir, config_hash, results_dict, to_dict
+from cai.checks import check_config, check_run_dir
+from cai.config import RunConfig, config_hash, results_dict, to_dict
 from cai.distributed import MainGate, broadcast_on_main, launch_token, process_state, world_size
 from cai.errors import CaiError
 from cai.artifacts import PARTIAL_STAMP, hash_outputs, read_manifest, verify_stage
 from cai.io import write_json, write_text
 from cai.hardware import return_free_memory
 from cai.runlock import RunLock
-from cai.stage import SERVERS, Engines, StageContext, StageSpec
+from cai.layout import CONFIG, SERVERS
+from cai.stage import Engines, StageContext, StageSpec
 from cai.stage_names import STAGES
 
 
@@ -188,7 +190,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
     # a plan that cannot fit is refused now, not when its stage runs out of memory
     check_memory(cfg, world=dist.num_processes if dist is not None else 1, log=log)
     if "prepare" in cfg.stages:
-        from cai.stage import load_inputs
+        from cai.inputs import load_inputs
 
         load_inputs(cfg)  # bad input files stop the run before it writes anything
 
@@ -219,7 +221,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
 
 def _run_stages(cfg, specs, dist, gate, is_main, run_dir: Path, log, force: bool) -> Path:
     if is_main:
-        write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_text(run_dir / CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     prints = fingerprints(cfg)
     engines = Engines()
     total = time.time()

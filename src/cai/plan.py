@@ -150,7 +150,7 @@ def measure_training(cfg: RunConfig, log=print) -> dict | None:
     from transformers import AutoModelForCausalLM
 
     from cai.engines.local import LocalEngine
-    from cai.stage import file_sha256
+    from cai.io import file_sha256
     from cai.training import is_lora, load_trainable, token_loss
 
     t0 = time.perf_counter()
@@ -248,10 +248,11 @@ def _sync(device) -> None:
 
 
 def estimate(cfg: RunConfig, count, world: int = 1) -> list[dict]:
-    """Each configured stage's :class:`~cai.stage.Cost`, as plan rows (the stages estimate
+    """Each configured stage's :class:`~cai.cost.Cost`, as plan rows (the stages estimate
     themselves), with its peak memory per process for ``world`` processes."""
     from cai.models import pick_device
-    from cai.stage import PlanInputs, load_inputs
+    from cai.cost import PlanInputs
+    from cai.inputs import load_inputs
     from cai.stages import registry
 
     const, sets = load_inputs(cfg)
@@ -310,7 +311,7 @@ def check_memory(cfg: RunConfig, world: int | None = None, log=print) -> list[di
 
 def plan(cfg: RunConfig, calibrate: bool = True, log=print, world: int | None = None) -> dict:
     """The per-stage estimate; with calibration, also seconds per stage and in total."""
-    from cai.config import check_config
+    from cai.checks import check_config
     from cai.memory import device_memory, process_count
     from cai.models import pick_device
 
@@ -318,13 +319,13 @@ def plan(cfg: RunConfig, calibrate: bool = True, log=print, world: int | None = 
     world = world or process_count()
     engine, rates, train = None, None, None
     if calibrate:
-        from cai.engines import build_engine
+        from cai.engines import batching, build_engine
 
         log("calibrating the engine (a small generate and a small scoring batch)...")
         t0 = time.perf_counter()
         engine = build_engine(cfg.engine, cache_path=None, progress=log)
         load_s = time.perf_counter() - t0
-        rates = {**measure_rates(engine, cfg.engine.batch_size), "load_s": load_s}
+        rates = {**measure_rates(engine, batching(cfg.engine).generate), "load_s": load_s}
     rows = estimate(cfg, counter(engine), world)
     if engine is not None:
         engine.close()

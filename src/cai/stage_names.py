@@ -26,3 +26,5 @@ DEFAULT_STAGES: tuple[str, ...] = tuple(s for s in STAGES if s not in OPTIONAL_S
 
 #: The folder of a training stage that holds its trained model (``save_pretrained``).
 TRAINED_POLICIES: tuple[str, ...] = ("sft", "rl", "dpo")
+#: A model setting that names the SL-CAI model this run's ``sft`` stage trains.
+SL_CAI = "sl-cai"

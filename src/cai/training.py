@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cai.errors import CaiError
+from cai.layout import MODEL, POINTS, output_path
 
 IGNORE = -100
 
@@ -590,7 +591,6 @@ def save_trained_model(folder: Path, model, tok, stage: str, base: str, config, 
     import torch
 
     from cai.io import write_json
-    from cai.stage import MODEL
 
     out = folder / MODEL
     dtype = getattr(torch, prec.saved)
@@ -612,9 +612,8 @@ def save_trained_model(folder: Path, model, tok, stage: str, base: str, config, 
 
 # -- frontier points: policies kept along training ---------------------------------------------
 
-#: Where a training stage keeps its frontier points: ``<stage>/points/step-NNNNNN/`` and
-#: ``<stage>/points/index.json``.
-POINTS = "points"
+# Where a training stage keeps its frontier points: ``<stage>/points/step-NNNNNN/`` and the
+# index, ``<stage>/points/index.json`` (cai.layout).
 
 
 def point_steps(total_steps: int, n: int) -> list[int]:
@@ -684,7 +683,7 @@ def write_points_index(folder: Path, run_dir: Path, stage: str, base: str, lora:
     for stale in (Path(folder) / POINTS).glob("*.tmp") if (Path(folder) / POINTS).is_dir() else []:
         shutil.rmtree(stale, ignore_errors=True)
     (Path(folder) / POINTS).mkdir(parents=True, exist_ok=True)  # no intermediate point: only the index
-    write_json(Path(folder) / POINTS / "index.json", {
+    write_json(output_path(folder, stage, "points"), {
         "schema": 1, "stage": stage, "start": start, "base": base_rel or base, "base_in_run": base_rel is not None,
         "points": points,
     })

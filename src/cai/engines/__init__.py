@@ -1,10 +1,22 @@
 """Engines: one small protocol (``Engine``), a local transformers engine, an
 OpenAI-compatible HTTP engine, a cache."""
 
-from cai.engines.base import Engine, SamplingParams
+from cai.engines.base import Batching, Engine, SamplingParams
 from cai.engines.cache import CachedEngine, RequestCache
 
-__all__ = ["Engine", "SamplingParams", "CachedEngine", "RequestCache", "build_engine"]
+__all__ = ["Batching", "Engine", "SamplingParams", "CachedEngine", "RequestCache", "batching", "build_engine"]
+
+
+def batching(cfg) -> Batching:
+    """How the engine an ``EngineConfig`` builds batches its requests, without building it:
+    the local engine's own rule, or a server's (requests in flight, each read whole)."""
+    if cfg.kind == "openai" or cfg.serve != "none":
+        from cai.engines.openai import OpenAIEngine
+
+        return OpenAIEngine.batching_for(cfg.max_concurrency)
+    from cai.engines.local import LocalEngine
+
+    return LocalEngine.batching_for(cfg.batch_size, cfg.score_batch_size)
 
 
 def build_engine(cfg, cache_path=None, progress=print, server_dir=None) -> Engine:

@@ -48,6 +48,47 @@ class SamplingParams:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How an engine groups requests, as the estimates (``cai plan``, each stage's
+    ``estimate``) count them: an engine reports it (:func:`cai.engines.batching`), no stage
+    restates it.
+
+    ``generate`` rows are decoded together, ``score`` questions go in one scoring pass, and
+    with ``shared_prefix_once`` a prefix every row of a call shares (the few-shot
+    demonstrations) is read once per batch, not once per row.
+    """
+
+    generate: int
+    score: int
+    shared_prefix_once: bool
+
+    def _size(self, kind: str) -> int:
+        return max(1, self.generate if kind == "generate" else self.score)
+
+    def batches(self, rows: float, kind: str = "generate") -> int:
+        """The batches of a call of ``rows`` requests (``kind``: 'generate' or 'score')."""
+        return -(-int(rows) // self._size(kind)) if rows > 0 else 0
+
+    def in_flight(self, rows: float, kind: str = "generate") -> int:
+        """Rows held at once (a batch, or all the rows of a smaller call): what memory counts."""
+        return min(self._size(kind), max(1, int(rows)))
+
+    def prefix_reads(self, rows: float, kind: str = "generate") -> int:
+        """How many times a call of ``rows`` requests reads the prefix they all share."""
+        return self.batches(rows, kind) if self.shared_prefix_once else (int(rows) if rows > 0 else 0)
+
+    def kept_prefix(self, prefix: int) -> int:
+        """The shared prefix's tokens a batch keeps once in memory (0: each row its own copy)."""
+        return prefix if self.shared_prefix_once else 0
+
+    def decode_steps(self, rows: float, max_new_tokens: int) -> int:
+        """The sequential decoding steps of one generate call of ``rows`` samples: each batch
+        decodes for up to ``max_new_tokens`` steps. A step costs a fixed part whatever the
+        batch (the plan's calibration), so a call of few rows gets fewer new tokens a second."""
+        return self.batches(rows, "generate") * max_new_tokens
+
+
 def request_seed(seed: int, conversation: Conversation, index: int) -> int:
     """A per-request, per-sample seed: results do not depend on batch composition."""
     blob = json.dumps([seed, conversation, index], sort_keys=True, ensure_ascii=False)

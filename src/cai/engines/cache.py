@@ -98,6 +98,11 @@ class CachedEngine(Engine):
         self.hits = 0
         self.misses = 0
 
+    @property
+    def batching(self):
+        """The wrapped engine's (:class:`cai.engines.base.Batching`): the cache does not batch."""
+        return self.engine.batching
+
     def _run(self, keys, requests, compute, progress: Progress | None, on_result: OnResult | None):
         cached = self.cache.get_many(keys)
         self.hits += len(cached)

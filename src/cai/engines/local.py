@@ -27,6 +27,7 @@ import cai.engines.shared_prefix as shared_prefix
 from dataclasses import dataclass
 
 from cai.engines.base import (
+    Batching,
     Conversation,
     Engine,
     OnResult,
@@ -159,6 +160,16 @@ class LocalEngine(Engine):
             calibration = torch.tensor([self.encode(text)], device=device)
             self.model = _quantize_int8(model, device, calibration).eval()
             self.identity += f":{SCHEME}"
+
+    @staticmethod
+    def batching_for(batch_size: int, score_batch_size: int) -> Batching:
+        """Length-sorted batches of ``batch_size`` rows to generate and ``score_batch_size``
+        questions to score; a prefix every row of a batch shares runs once (shared_prefix)."""
+        return Batching(generate=batch_size, score=score_batch_size, shared_prefix_once=True)
+
+    @property
+    def batching(self) -> Batching:
+        return self.batching_for(self.batch_size, self.score_batch_size)
 
     @classmethod
     def for_model(cls, model, tokenizer, batch_size: int = 32, name: str = "in-memory") -> "LocalEngine":

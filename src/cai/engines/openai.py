@@ -40,6 +40,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, Sequence
 
 from cai.engines.base import (
+    Batching,
     Conversation,
     Engine,
     OnResult,
@@ -174,6 +175,18 @@ class EndpointPool:
 
 
 class OpenAIEngine(Engine):
+    @staticmethod
+    def batching_for(max_concurrency: int) -> Batching:
+        """Requests go one by one, ``max_concurrency`` in flight, and the server batches them.
+        A prefix the requests share (the demonstrations) is counted as read once per
+        ``max_concurrency`` requests: servers keep it cached (vLLM's prefix caching,
+        llama.cpp's per-slot prompt cache); a server without a prompt cache reads it every time."""
+        return Batching(generate=max_concurrency, score=max_concurrency, shared_prefix_once=True)
+
+    @property
+    def batching(self) -> Batching:
+        return self.batching_for(self.max_concurrency)
+
     def __init__(
         self,
         endpoints: Sequence[str],

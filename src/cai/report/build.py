@@ -14,6 +14,7 @@ from cai.artifacts import verify_stage
 from cai.errors import CaiError
 from cai.io import read_jsonl, read_text
 from cai.report.expansion import expansion
+from cai.layout import OUTPUTS, RunFolder
 from cai.stage_names import STAGES
 
 HERE = Path(__file__).parent
@@ -86,8 +87,8 @@ def _figures(folder: Path, skip: tuple[str, ...] = (), only: tuple[str, ...] | N
 
 
 def stage_manifests(run: Path) -> list[dict]:
-    found = [m for m in (_read_json(p) for p in run.glob("*/manifest.json")
-                         if p.parent.name in STAGES)  # not an interrupted <stage>.partial
+    folder = RunFolder(run)
+    found = [m for m in (_read_json(folder.manifest_path(s)) for s in STAGES)  # not an interrupted <stage>.partial
              if isinstance(m, dict) and m.get("stage")]
     rank = {n: k for k, n in enumerate(STAGES)}
     return sorted(found, key=lambda m: (rank.get(m["stage"], len(rank)), str(m.get("started", ""))))
@@ -113,7 +114,7 @@ def timeline(manifests: list[dict]) -> str:
 
 
 def evaluation(run: Path) -> str:
-    res = _read_json(run / "evaluate" / "results.json")
+    res = _read_json(RunFolder(run).path("evaluate", "results"))
     if not isinstance(res, dict):
         return ""
     names = list(res.get("models") or {})
@@ -162,7 +163,7 @@ def evaluation(run: Path) -> str:
                          f"<code>{escape(str(t.get('principle_id')))}</code>; position consistency "
                          f"{escape(_fmt(t.get('position_consistency')))}; {t['bootstrap']} bootstrap resamples.</p>")
     parts.append(standard_sets(res))
-    parts.append(_figures(run / "evaluate", skip=REVISION_PNGS + FRONTIER_PNGS))
+    parts.append(_figures(RunFolder(run).path("evaluate", "figures"), skip=REVISION_PNGS + FRONTIER_PNGS))
     return "".join(parts)
 
 
@@ -197,7 +198,7 @@ def _ci(row: dict, key: str) -> str:
 def revisions(run: Path) -> str:
     """The PM score of the SL-CAI chains' answers against the number of revision rounds,
     and each principle's effect (evaluate/revisions.json, the paper's Fig. 5)."""
-    rev = _read_json(run / "evaluate" / "revisions.json")
+    rev = _read_json(RunFolder(run).path("evaluate", "revisions"))
     if not isinstance(rev, dict) or not rev.get("rounds"):
         return ""
     parts = [f"<p>The run's preference model scored the first answer and the answer in effect after each "
@@ -218,7 +219,7 @@ def revisions(run: Path) -> str:
              _ci(r, "change")] for r in rev["rounds"]]
     parts.append(_table(["rounds", "chains", "revised in this round", "mean PM score [95% CI]",
                          "change from the first answer [95% CI]"], rows, "revision-rounds"))
-    parts.append(_figures(run / "evaluate", only=REVISION_PNGS))
+    parts.append(_figures(RunFolder(run).path("evaluate", "figures"), only=REVISION_PNGS))
     prow = [[p.get("id"), p.get("sampled"), p.get("revised"), p.get("prompts"), _ci(p, "delta")]
             for p in rev.get("principles") or []]
     if prow:
@@ -247,7 +248,7 @@ def _holds_zero(e) -> bool:
 def frontier(run: Path) -> str:
     """The policies rl and dpo kept along training, each scored against the initial model
     alone (evaluate/frontier.json, the paper's Fig. 2)."""
-    fr = _read_json(run / "evaluate" / "frontier.json")
+    fr = _read_json(RunFolder(run).path("evaluate", "frontier"))
     if not isinstance(fr, dict) or not fr.get("points"):
         return ""
     parts = ["<p>Each policy that rl and dpo kept along training answered the held-out prompts and was compared "
@@ -279,7 +280,7 @@ def frontier(run: Path) -> str:
         parts.append("<p><b>Every point's intervals hold 0 on both axes: no policy kept along training is "
                      "distinguishable from the initial model at this sample size. The figure shows noise, not a "
                      "frontier.</b></p>")
-    parts.append(_figures(run / "evaluate", only=FRONTIER_PNGS))
+    parts.append(_figures(RunFolder(run).path("evaluate", "figures"), only=FRONTIER_PNGS))
     parts.append(_table(["stage", "step", "samples seen", "KL", "harmlessness Elo [95% CI]", "helpfulness Elo [95% CI]",
                          "harmfulness 0-4", "refusal benign judge / phrases", "refusal red-team judge / phrases",
                          "status"], rows, "frontier"))
@@ -291,7 +292,7 @@ def frontier(run: Path) -> str:
 def quality_gates(run: Path) -> str:
     """The critique_revision stage's quality gates: what was rejected, why, and what
     happened to it (from its manifest counts)."""
-    m = _read_json(run / "critique_revision" / "manifest.json")
+    m = _read_json(RunFolder(run).manifest_path("critique_revision"))
     counts = (m or {}).get("counts") or {} if isinstance(m, dict) else {}
     gate = {k: v for k, v in counts.items() if k.startswith("gate_")}
     if not gate:
@@ -327,16 +328,16 @@ def _scalars(d: dict, prefix: str = "") -> list[list]:
 
 def stage_details(run: Path) -> str:
     """Metrics tables and plots of the training stages (PM, SFT, RL, DPO...)."""
-    parts = []
-    for folder in sorted((p for p in run.iterdir() if p.is_dir() and (p / "manifest.json").is_file()),
-                         key=lambda p: STAGES.index(p.name) if p.name in STAGES else 99):
-        if folder.name in ("evaluate", "report"):
+    parts, folder = [], RunFolder(run)
+    for stage in STAGES:
+        outputs = OUTPUTS.get(stage, {})
+        if stage in ("evaluate", "report") or not folder.finished(stage):
             continue
-        metrics = _read_json(folder / "metrics.json")
-        figs = _figures(folder)
+        metrics = _read_json(folder.path(stage, "metrics")) if "metrics" in outputs else None
+        figs = _figures(folder.path(stage, "figures")) if "figures" in outputs else ""
         if not figs and not isinstance(metrics, dict):
             continue
-        parts.append(f"<h3>{escape(folder.name)}</h3>")
+        parts.append(f"<h3>{escape(stage)}</h3>")
         if isinstance(metrics, dict):
             rows = _scalars(metrics)
             if rows:
@@ -383,10 +384,11 @@ def principle_stats(chains: list[dict], feedback_stats: dict | None, constitutio
     return out
 
 
-def _splits(folder: Path) -> list[dict]:
+def _splits(run: Path, stage: str, name: str) -> list[dict]:
+    """Both splits of a per-split output (``chains``, ``comparisons``), each record with its split."""
     out = []
     for split in ("train", "test"):
-        for rec in _read_jsonl(folder / f"{split}.jsonl"):
+        for rec in _read_jsonl(RunFolder(run).path(stage, name, split=split)):
             out.append({**rec, "split": rec.get("split", split)})
     return out
 
@@ -394,7 +396,7 @@ def _splits(folder: Path) -> list[dict]:
 def _load_constitution(run: Path) -> dict | None:
     import yaml
 
-    path = run / "prepare" / "constitution.yaml"
+    path = RunFolder(run).path("prepare", "constitution")
     try:
         return yaml.safe_load(read_text(path, "artifact")) if path.is_file() else None
     except yaml.YAMLError:
@@ -410,9 +412,9 @@ def build_report(run_dir: str | Path) -> str:
         raise CaiError(f"'{run_dir}' has no finished stage (no <stage>/manifest.json): nothing to report")
     for m in manifests:  # what the page shows is what the stages wrote (model weights are not read here)
         verify_stage(run, m["stage"], only=REPORTED)
-    chains = _splits(run / "critique_revision" / "chains")
-    comparisons = _splits(run / "feedback" / "comparisons")
-    fb_stats = _read_json(run / "feedback" / "stats.json")
+    chains = _splits(run, "critique_revision", "chains")
+    comparisons = _splits(run, "feedback", "comparisons")
+    fb_stats = _read_json(RunFolder(run).path("feedback", "stats"))
     constitution = _load_constitution(run)
     pstats = principle_stats(chains, fb_stats if isinstance(fb_stats, dict) else None, constitution)
     data = {
@@ -478,7 +480,7 @@ def _browser(kind: str) -> str:
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     html = build_report(run_dir)  # first: a bad RUN_DIR must not gain a report/ folder
-    path = Path(out) if out else Path(run_dir) / "report" / "index.html"
+    path = Path(out) if out else RunFolder(run_dir).path("report", "page")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html, encoding="utf-8")
     return path

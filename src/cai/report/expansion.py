@@ -9,6 +9,7 @@ from html import escape
 from pathlib import Path
 
 from cai.io import read_jsonl
+from cai.layout import RunFolder
 
 #: Samples shown: kept prompts, and dropped ones per reason (a seeded draw, the same on every build).
 KEPT_SAMPLES = 20
@@ -29,12 +30,14 @@ def _table(head: list[str], rows: list[list], cls: str) -> str:
 
 
 def expansion(run: Path) -> str:
-    folder = Path(run) / "expand"
-    if not (folder / "manifest.json").is_file() or not (folder / "stats.json").is_file():
+    folder = RunFolder(run)
+    stats_file, kept_file = folder.path("expand", "stats"), folder.path("expand", "prompts", split="train")
+    dropped_file = folder.path("expand", "dropped")
+    if not folder.finished("expand") or not stats_file.is_file():
         return ""
-    stats = json.loads((folder / "stats.json").read_text(encoding="utf-8"))
-    kept = read_jsonl(folder / "train.jsonl") if (folder / "train.jsonl").is_file() else []
-    dropped = read_jsonl(folder / "dropped.jsonl") if (folder / "dropped.jsonl").is_file() else []
+    stats = json.loads(stats_file.read_text(encoding="utf-8"))
+    kept = read_jsonl(kept_file) if kept_file.is_file() else []
+    dropped = read_jsonl(dropped_file) if dropped_file.is_file() else []
     th = stats.get("thresholds") or {}
     parts = [
         f"<p>{escape(_fmt(stats.get('generated')))} new red-team prompts generated from "

@@ -41,26 +41,16 @@ from cai.conversations import (
 from cai.io import write_jsonl
 from cai.prompts import SPLITS
 from cai.quality import problems
-from cai.stage import (
-    Cost,
-    PlanInputs,
-    StageContext,
-    StageSpec,
-    decode_steps,
-    passes,
-    prepared_prompts,
-    red_team_prompts,
-    split_file,
-    with_expansion,
-)
+from cai.cost import Cost, PlanInputs
+from cai.inputs import prepared_prompts, red_team_prompts, with_expansion
+from cai.stage import StageContext, StageSpec
 
 
 def run(ctx: StageContext) -> dict:
     cfg, cr = ctx.cfg, ctx.cfg.critique_revision
-    prep = ctx.stage_dir("prepare")
-    const = load_constitution(prep / "constitution.yaml")
+    const = load_constitution(ctx.artifact("prepare", "constitution"))
     prompts = red_team_prompts(ctx, cr.max_prompts)  # with the expand stage's prompts in train
-    helpful = prepared_prompts(prep, "helpful")
+    helpful = prepared_prompts(ctx, "helpful")
     examples = const.critique_revision_examples
     if cr.few_shot >= 0:
         examples = examples[: cr.few_shot]
@@ -296,8 +286,7 @@ def write_artifacts(ctx, cr, items, first, latest, rounds, helpful_items, helpfu
     counts = {}
     for name, data in (("chains", chains), ("sft", sft), ("prefs", prefs)):
         for split in SPLITS:
-            path = split_file(ctx.out / name, split)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path = ctx.output(name, split=split)
             write_jsonl(path, data[split])
             counts[f"{name}_{split}"] = len(data[split])
     counts["helpful_samples"] = len([a for a in helpful_answers if a])
@@ -315,8 +304,9 @@ def estimate(inputs: PlanInputs) -> Cost:
     demo = count(revision_demos(ex, cr.critique)) if ex else 0
     first = sum(count(p.messages) for p in ps + hs)
     per_round = sum(count(p.messages) + demo + cr.max_new_tokens + 40 for p in ps)
-    # what a round's call reads: the demonstrations once a batch (the local engine keeps them once)
-    read_round = per_round - demo * (len(ps) - passes(len(ps), inputs.cfg.engine.batch_size))
+    # what a round's call reads: the engine may read the demonstrations once a batch, not once a row
+    batching = inputs.batching
+    read_round = per_round - demo * (len(ps) - batching.prefix_reads(len(ps)))
     calls = 2 if cr.critique else 1
     # a rejected revision is retried (a new critique and revision) up to gate_retries times; counted
     # as if every revision were retried once per allowed retry: the embedded model's gates rejected
@@ -336,13 +326,12 @@ def estimate(inputs: PlanInputs) -> Cost:
         from cai.memory import generation
 
         longest = int(per_round / max(1, len(ps)) + cr.max_new_tokens + cr.critique_max_new_tokens)
-        memory = generation(shape, inputs.engine_bytes(), min(inputs.cfg.engine.batch_size, max(1, len(ps + hs))),
-                            longest, inputs.cfg.engine.quantize == "int8", shared=demo)
+        memory = generation(shape, inputs.engine_bytes(), batching.in_flight(len(ps + hs)),
+                            longest, inputs.cfg.engine.quantize == "int8", shared=batching.kept_prefix(demo))
     loads = 1 + (cr.best_of > 1 and bool(cr.best_of_model) and cr.best_of_model != inputs.cfg.engine.model)
-    bs = inputs.cfg.engine.batch_size
-    decoding = decode_steps(len(ps + hs), bs, cr.max_new_tokens) + tries * cr.rounds * (
-        decode_steps(len(ps) * cr.best_of, bs, cr.max_new_tokens)
-        + (decode_steps(len(ps), bs, cr.critique_max_new_tokens) if cr.critique else 0))
+    steps = batching.decode_steps
+    decoding = steps(len(ps + hs), cr.max_new_tokens) + tries * cr.rounds * (
+        steps(len(ps) * cr.best_of, cr.max_new_tokens) + (steps(len(ps), cr.critique_max_new_tokens) if cr.critique else 0))
     return Cost(generate=len(ps + hs) + tries * cr.rounds * len(ps) * calls, score=score, decode_steps=decoding,
                 prompt_tokens=first + tries * cr.rounds * read_round * calls, new_tokens=new, note=note,
                 loads=int(loads) if shape is not None else 0, memory=memory)

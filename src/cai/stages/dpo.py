@@ -50,7 +50,9 @@ import time
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_json
 from cai.plots import plot_curve
-from cai.stage import SL_CAI, Cost, PlanInputs, StageContext, StageSpec, passes, split_file
+from cai.cost import Cost, PlanInputs, passes
+from cai.stage import StageContext, StageSpec
+from cai.stage_names import SL_CAI
 from cai.training import (
     adapters_off,
     answer_logprobs,
@@ -179,16 +181,17 @@ def run(ctx: StageContext) -> dict:
     from cai.models import resolve_model
 
     cfg, dc = ctx.cfg, ctx.cfg.dpo
-    source = ctx.stage_dir("feedback") / "prefs" if dc.data == "feedback" else ctx.stage_dir("critique_revision") / "prefs"
+    pairs = {s: ctx.artifact("feedback" if dc.data == "feedback" else "critique_revision", "prefs", split=s)
+             for s in ("train", "test")}
     accelerator = Accelerator(cpu=cfg.engine.device == "cpu")
     base = resolve_model(ctx.model_path(dc.policy), cfg.engine.revision, progress=ctx.log)
     model, tok, prec = load_trainable(base, dc, accelerator.device, cfg.engine.trust_remote_code,
                                       AutoModelForCausalLM, "dpo", ctx.log)
-    train, dropped = load_pairs(tok, split_file(source, "train"), dc.max_length, dc.min_confidence)
-    test, _ = load_pairs(tok, split_file(source, "test"), dc.max_length, dc.min_confidence)
-    ctx.record_input("train_pairs", split_file(source, "train"))
+    train, dropped = load_pairs(tok, pairs["train"], dc.max_length, dc.min_confidence)
+    test, _ = load_pairs(tok, pairs["test"], dc.max_length, dc.min_confidence)
+    ctx.record_input("train_pairs", pairs["train"])
     if not train:
-        raise CaiError(f"{split_file(source, 'train')}: no pairs to train on (dropped: {dropped}; lower dpo.min_confidence?)")
+        raise CaiError(f"{pairs['train']}: no pairs to train on (dropped: {dropped}; lower dpo.min_confidence?)")
     model, optimizer, params, batches = optimizer_and_batches(accelerator, model, dc, len(train), cfg.seed)
     scaler = prec.grad_scaler()
     plain = accelerator.unwrap_model(model)
@@ -270,7 +273,7 @@ def run(ctx: StageContext) -> dict:
             {"step": s, "samples": sum(len(b) for b in batches[:s]), "kl": None,
              "train_loss": round(history[s - 1][1], 4)} for s in points], dc.policy)
         save_trained_model(ctx.out, plain, tok, "dpo", base, dc, cfg.seed, prec, gathered)
-        write_json(ctx.out / "metrics.json", {
+        write_json(ctx.output("metrics"), {
             "history": [{"step": s, "loss": l, "reward_accuracy": a, "margin": mg} for s, l, a, mg in history],
             "dropped": dropped, "test_before": before, "test_after": after, **counts,
         })

@@ -42,7 +42,7 @@ import math
 import shutil
 from pathlib import Path
 
-from cai import evalsets, quality
+from cai import evalsets, quality, seeds
 from cai.constitution import ComparisonPrinciple, load_constitution
 from cai.conversations import (
     HARM_SCALE,
@@ -61,19 +61,11 @@ from cai.engines.base import SamplingParams
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_json, write_jsonl
 from cai.prompts import Prompt, load_prompt_file
-from cai.stage import (
-    PROMPT_SETS,
-    SL_CAI,
-    Cost,
-    PlanInputs,
-    StageContext,
-    StageSpec,
-    decode_steps,
-    model_dir,
-    prompt_file,
-    split_file,
-)
-from cai.stage_names import TRAINED_POLICIES
+from cai.cost import Cost, PlanInputs
+from cai.inputs import PROMPT_SETS
+from cai.layout import CACHE, RunFolder
+from cai.stage import StageContext, StageSpec
+from cai.stage_names import SL_CAI, TRAINED_POLICIES
 
 #: A run directory given in ``evaluate.extra_models`` stands for its final model: the
 #: first of these stages' model folders that exists.
@@ -291,7 +283,7 @@ def revision_effects(chains: list[dict], scores: list[list[float]], resamples: i
         d = per[pid]
         principles.append({"id": pid, "sampled": d["sampled"], "revised": sum(n for _, n in d["clusters"]),
                            "prompts": len(d["clusters"]),
-                           **_with_ci("delta", d["clusters"], resamples, seed + 1000 + k, min_prompts)})
+                           **_with_ci("delta", d["clusters"], resamples, seed + seeds.REVISION_DELTA + k, min_prompts)})
     return {"chains": len(chains), "bootstrap": resamples, "min_ci_prompts": min_prompts, "rounds": rounds,
             "principles": principles}
 
@@ -308,7 +300,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
 def pm_heldout(run_dir: Path) -> dict | None:
     """The PM's held-out agreement with the AI labels (preference_model/metrics.json), with a
     Wilson interval; ``at_chance`` when that interval holds 0.5."""
-    path = Path(run_dir) / "preference_model" / "metrics.json"
+    path = RunFolder(run_dir).path("preference_model", "metrics")
     try:
         after = (json.loads(path.read_text(encoding="utf-8")).get("test_after") or {}) if path.is_file() else {}
     except (ValueError, UnicodeDecodeError, AttributeError):
@@ -328,7 +320,8 @@ def _pm_loader(ctx: StageContext):
         if not held:
             from cai.reward import RewardModel
 
-            held.append(RewardModel.load(str(model_dir(ctx.run_dir, "preference_model")), device=ctx.cfg.engine.device))
+            held.append(RewardModel.load(str(ctx.artifact("preference_model", "model", required=False)),
+                                         device=ctx.cfg.engine.device))
         return held[0]
 
     return get, held.clear
@@ -342,14 +335,13 @@ def pm_by_revision(ctx: StageContext, load_pm=None) -> dict:
     ``revision_principles.png``; returns counts for the manifest (none without a PM, a
     finished critique_revision stage or chains)."""
     ev = ctx.cfg.evaluate
-    pm_dir = model_dir(ctx.run_dir, "preference_model")
-    cr_dir = ctx.run_dir / "critique_revision"
+    pm_dir = ctx.artifact("preference_model", "model", required=False)
     if not (ev.preference_model and ev.revision_splits and (pm_dir / "config.json").is_file()
-            and (cr_dir / "manifest.json").is_file()):
+            and ctx.finished("critique_revision")):
         return {}
     chains = []
     for split in ev.revision_splits:
-        path = split_file(cr_dir / "chains", split)
+        path = ctx.artifact("critique_revision", "chains", split=split)
         if path.is_file():
             ctx.record_input(f"critique_revision/chains/{split}", path)
             chains += [{**c, "split": split} for c in read_jsonl(path)[: ev.revision_max_chains]]
@@ -364,9 +356,8 @@ def pm_by_revision(ctx: StageContext, load_pm=None) -> dict:
     result = {"schema": 1, "splits": list(ev.revision_splits), "max_chains": ev.revision_max_chains,
               "pm_heldout": pm_heldout(ctx.run_dir),
               **revision_effects(chains, scores, ev.bootstrap, ctx.cfg.seed)}
-    write_json(ctx.out / "revisions.json", result)
-    (ctx.out / "answers").mkdir(parents=True, exist_ok=True)
-    write_jsonl(ctx.out / "answers" / "revisions.jsonl", [
+    write_json(ctx.output("revisions"), result)
+    write_jsonl(ctx.output("answers", name="revisions"), [
         {"id": c.get("id"), "split": c["split"], "principle_ids": [r.get("principle_id") for r in c.get("rounds") or []],
          "statuses": [r.get("status") for r in c.get("rounds") or []], "pm_scores": [round(x, 6) for x in s]}
         for c, s in zip(chains, scores)])
@@ -389,7 +380,7 @@ def open_judge(ctx: StageContext):
     from cai.config import judge_engine_config
     from cai.engines import build_engine
 
-    engine = build_engine(judge_engine_config(ctx.cfg), ctx.run_dir / "cache.sqlite", progress=ctx.log)
+    engine = build_engine(judge_engine_config(ctx.cfg), ctx.run_dir / CACHE, progress=ctx.log)
     ctx.log(f"[evaluate] judge: {ev.judge} on {', '.join(ev.judge_endpoints)}")
     return engine, engine.close
 
@@ -450,15 +441,15 @@ def frontier_points(run_dir: Path) -> list[dict]:
     """Every frontier point the finished rl and dpo stages kept (``points/index.json``), in
     stage then step order, each with its ``stage``, a ``name`` (``rl@40``), its ``folder``
     and, for an adapter, the ``base`` model it applies to."""
-    out = []
+    run, out = RunFolder(run_dir), []
     for stage in FRONTIER_STAGES:
-        path = Path(run_dir) / stage / "points" / "index.json"
-        if not (Path(run_dir) / stage / "manifest.json").is_file() or not path.is_file():
+        path = run.path(stage, "points")
+        if not run.finished(stage) or not path.is_file():
             continue
         index = json.loads(path.read_text(encoding="utf-8"))
-        base = str(Path(run_dir) / index["base"]) if index.get("base_in_run") else index.get("base")
+        base = str(run.root / index["base"]) if index.get("base_in_run") else index.get("base")
         for p in sorted(index.get("points") or [], key=lambda p: p["step"]):
-            out.append({**p, "stage": stage, "name": f"{stage}@{p['step']}", "folder": Path(run_dir) / stage / p["path"],
+            out.append({**p, "stage": stage, "name": f"{stage}@{p['step']}", "folder": run.within(stage, p["path"]),
                         "base": base, "start": index.get("start")})
     return out
 
@@ -610,8 +601,8 @@ def models_to_evaluate(ctx: StageContext) -> dict[str, str]:
     then ``evaluate.extra_models``."""
     out = {"initial": ctx.cfg.engine.model}
     for stage in TRAINED_POLICIES:
-        if model_dir(ctx.run_dir, stage).is_dir():
-            out[SL_CAI if stage == "sft" else stage] = str(model_dir(ctx.run_dir, stage))
+        if ctx.artifact(stage, "model", required=False).is_dir():
+            out[SL_CAI if stage == "sft" else stage] = str(ctx.artifact(stage, "model", required=False))
     for name, model in ctx.cfg.evaluate.extra_models.items():
         out[name] = resolve_extra_model(model)
     return out
@@ -621,12 +612,11 @@ def resolve_extra_model(model: str) -> str:
     """An ``evaluate.extra_models`` value as a model setting: a run directory (it has a
     ``prepare/`` or ``config.yaml``) becomes its final model folder; anything else is used
     as given (a checkpoint directory, 'default', a hub id)."""
-    path = Path(model)
-    if path.is_dir() and not (path / "config.json").is_file() and (
-            (path / "prepare").is_dir() or (path / "config.yaml").is_file()):
+    path, run = Path(model), RunFolder(model)
+    if path.is_dir() and not (path / "config.json").is_file() and run.looks_like_run():
         for stage in FINAL_MODEL_ORDER:
-            if (model_dir(path, stage) / "config.json").is_file():
-                return str(model_dir(path, stage))
+            if (run.path(stage, "model") / "config.json").is_file():
+                return str(run.path(stage, "model"))
         raise CaiError(f"config field 'evaluate.extra_models': run directory '{model}' has no trained model "
                        f"({', '.join(f'{s}/model' for s in FINAL_MODEL_ORDER)}); name a checkpoint directory instead")
     return model
@@ -761,7 +751,7 @@ def summarise(names, rows, pm_used: bool) -> dict:
 
 
 def score_with_pm(ctx: StageContext, rows: list[dict], load_pm=None) -> bool:
-    pm_dir = model_dir(ctx.run_dir, "preference_model")
+    pm_dir = ctx.artifact("preference_model", "model", required=False)
     if not ctx.cfg.evaluate.preference_model or not (pm_dir / "config.json").is_file():
         return False
     pm = (load_pm or _pm_loader(ctx))[0]()
@@ -780,13 +770,12 @@ def score_with_pm(ctx: StageContext, rows: list[dict], load_pm=None) -> bool:
 
 def run(ctx: StageContext) -> dict:
     cfg, ev = ctx.cfg, ctx.cfg.evaluate
-    prep = ctx.stage_dir("prepare")
-    const = load_constitution(prep / "constitution.yaml")
+    const = load_constitution(ctx.artifact("prepare", "constitution"))
     harmless = pick_principle(const.comparison_principles, ev.harmlessness_principle, "harmlessness_principle")
     helpful = pick_principle(const.helpfulness_principles, ev.helpfulness_principle, "helpfulness_principle")
     prompts: dict[str, list[Prompt]] = {}
     for s in SETS:
-        path = prompt_file(prep, s, "test")
+        path = ctx.artifact("prepare", "prompts", set=s, split="test")
         prompts[s] = load_prompt_file(path)[: ev.max_prompts] if path.is_file() else []
     named = load_standard_sets(ctx)
     models = models_to_evaluate(ctx)
@@ -794,7 +783,7 @@ def run(ctx: StageContext) -> dict:
     ctx.log(f"[evaluate] models: {', '.join(f'{n} ({p})' for n, p in models.items())}")
 
     params = SamplingParams(temperature=ev.temperature, top_p=ev.top_p, max_new_tokens=ev.max_new_tokens,
-                            seed=cfg.seed + 5000)
+                            seed=cfg.seed + seeds.EVALUATE_ANSWERS)
     items = [(s, p) for s in SETS for p in prompts[s]] + [(ls.name, p) for ls, ps in named for p in ps]
     rows: list[dict] = []
     answers: dict[str, dict[str, list[str]]] = {s: {} for s in SETS}
@@ -856,12 +845,10 @@ def run(ctx: StageContext) -> dict:
     }
     if named:
         results["standard_sets"] = standard_set_results(ctx, named, names, rows)
-    answers_dir = ctx.out / "answers"
-    answers_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
-        write_jsonl(answers_dir / f"{name}.jsonl", [r for r in rows if r["model"] == name])
-    write_jsonl(answers_dir / "comparisons.jsonl", comparisons)
-    write_json(ctx.out / "results.json", results)
+        write_jsonl(ctx.output("answers", name=name), [r for r in rows if r["model"] == name])
+    write_jsonl(ctx.output("answers", name="comparisons"), comparisons)
+    write_json(ctx.output("results"), results)
     from cai.plots import plot_elo, plot_harmfulness, plot_refusals
 
     plot_elo(ctx.out / "elo.png", results)
@@ -871,9 +858,9 @@ def run(ctx: StageContext) -> dict:
     if points:
         frontier = frontier_result(points, point_rows, point_records, comparisons, results, names, ev.bootstrap,
                                    cfg.seed, ev.frontier_keep_weights)
-        write_json(ctx.out / "frontier.json", frontier)
-        write_jsonl(answers_dir / "frontier.jsonl", point_rows)
-        write_jsonl(answers_dir / "frontier_comparisons.jsonl", point_records)
+        write_json(ctx.output("frontier"), frontier)
+        write_jsonl(ctx.output("answers", name="frontier"), point_rows)
+        write_jsonl(ctx.output("answers", name="frontier_comparisons"), point_records)
         from cai.plots import plot_frontier
 
         plot_frontier(ctx.out / "frontier.png", frontier)
@@ -933,18 +920,19 @@ def estimate(inputs: PlanInputs) -> Cost:
     if shape is not None:
         from cai.memory import frozen_model, generation, largest
 
-        e, ib, int8 = cfg.engine, inputs.engine_bytes(), cfg.engine.quantize == "int8"
-        phases = [generation(shape, ib, min(e.batch_size, max(1, len(ps) + std_n)), int(avg) + ev.max_new_tokens, int8),
-                  generation(shape, ib, min(e.score_batch_size, max(1, pair_q + judge_q)),
-                             int(avg + demo + 2 * ev.max_new_tokens + 80), int8, shared=demo)]
+        ib, int8 = inputs.engine_bytes(), cfg.engine.quantize == "int8"
+        answering, judging = inputs.batching, inputs.judge_batching
+        phases = [generation(shape, ib, answering.in_flight(len(ps) + std_n), int(avg) + ev.max_new_tokens, int8),
+                  generation(shape, ib, judging.in_flight(pair_q + judge_q, "score"),
+                             int(avg + demo + 2 * ev.max_new_tokens + 80), int8, shared=judging.kept_prefix(demo))]
         if pm:
             phases.append(frozen_model(shape.pm_params, ib))
         memory = largest(*phases)
         loads = models + 1 + (1 if pm else 0)
         loads += points
     prompt += int(points * len(ps) * avg)
-    bs = cfg.engine.batch_size  # one generate call a model, one a frontier point
-    decoding = models * decode_steps(len(ps) + std_n, bs, ev.max_new_tokens) + points * decode_steps(len(ps), bs, ev.max_new_tokens)
+    steps = inputs.batching.decode_steps  # one generate call a model, one a frontier point
+    decoding = models * steps(len(ps) + std_n, ev.max_new_tokens) + points * steps(len(ps), ev.max_new_tokens)
     figures = 3 + (1 if points else 0) + (2 if pm and "critique_revision" in cfg.stages else 0)
     return Cost(generate=(models + points) * len(ps) + models * std_n, score=pair_q + judge_q, prompt_tokens=prompt,
                 figures=figures, decode_steps=decoding,

@@ -29,7 +29,7 @@ Artifacts: ``train.jsonl`` (kept prompts in the prompt-set format, with provenan
 ``seed_ids``, ``category``, ``p_plausible``, ``p_care``), ``dropped.jsonl`` (every other
 candidate and unusable line, with its ``reason``) and ``stats.json``. The
 ``critique_revision``, ``feedback`` and ``rl`` stages read ``train.jsonl`` as more
-red-team train prompts (:func:`cai.stage.red_team_prompts`); test splits are never
+red-team train prompts (:func:`cai.inputs.red_team_prompts`); test splits are never
 expanded.
 """
 
@@ -52,7 +52,9 @@ from cai.conversations import (
 from cai.errors import CaiError
 from cai.io import write_json, write_jsonl
 from cai.prompts import Prompt
-from cai.stage import PROMPT_SETS, Cost, PlanInputs, StageContext, StageSpec, prepared_prompts, split_file
+from cai.cost import Cost, PlanInputs
+from cai.inputs import PROMPT_SETS, prepared_prompts
+from cai.stage import StageContext, StageSpec
 
 #: Why a candidate was dropped (``dropped.jsonl``'s ``reason``), in the order they are checked.
 REASONS = ("unparsable", "leak-test", "dup-near", "dup-paraphrase", "implausible", "no-care-needed")
@@ -282,11 +284,11 @@ def run(ctx: StageContext) -> dict:
     if xc.count <= 0:
         raise CaiError("config field 'expand.count' is 0 (off); set it to the number of new prompts to generate")
     require_datasketch()
-    prep = ctx.stage_dir("prepare")
-    seeds = prepared_prompts(prep, "red_team")["train"]
+    seeds = prepared_prompts(ctx, "red_team")["train"]
     if not seeds:
-        raise CaiError(f"{prep}: the red-team train split is empty; expand needs seed prompts")
-    tests = [(name, p) for name in PROMPT_SETS for p in prepared_prompts(prep, name)["test"]]
+        raise CaiError(f"{ctx.artifact('prepare', 'prompts', set='red_team', split='train')}: the red-team train "
+                       "split is empty; expand needs seed prompts")
+    tests = [(name, p) for name in PROMPT_SETS for p in prepared_prompts(ctx, name)["test"]]
     refs = [(f"test:{name}:{p.id}", p.text) for name, p in tests] + [(f"seed:{p.id}", p.text) for p in seeds]
 
     engine = ctx.engine()
@@ -327,8 +329,8 @@ def run(ctx: StageContext) -> dict:
              "messages": [{"role": "user", "content": c["prompt"]}], "source": "expand",
              "seed_ids": c["seed_ids"], "request": c["request"], "p_plausible": c["p_plausible"],
              "p_care": c["p_care"]} for c in kept]
-    write_jsonl(split_file(ctx.out, "train"), rows)
-    write_jsonl(ctx.out / "dropped.jsonl", [
+    write_jsonl(ctx.output("prompts", split="train"), rows)
+    write_jsonl(ctx.output("dropped"), [
         {"id": d.get("id"), "category": d["category"], "prompt": d["prompt"], "reason": d["reason"],
          "detail": d["detail"], "seed_ids": d["seed_ids"], "request": d["request"],
          "p_plausible": d.get("p_plausible"), "p_care": d.get("p_care")} for d in dropped])
@@ -338,7 +340,7 @@ def run(ctx: StageContext) -> dict:
               "leak_test": by_reason["leak-test"], "implausible": by_reason["implausible"],
               "no_care_needed": by_reason["no-care-needed"], "kept": len(kept)}
     scored = [c for c in candidates if "p_plausible" in c]
-    write_json(ctx.out / "stats.json", {
+    write_json(ctx.output("stats"), {
         **counts,
         "deduplicated": counts["dup_near"] + counts["dup_paraphrase"] + counts["leak_test"],
         "filtered": counts["implausible"] + counts["no_care_needed"],

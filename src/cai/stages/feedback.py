@@ -44,6 +44,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cai import seeds
 from cai.constitution import ComparisonPrinciple, load_constitution
 from cai.conversations import (
     COT_CUE,
@@ -60,19 +61,10 @@ from cai.engines.base import SamplingParams
 from cai.errors import CaiError
 from cai.io import write_json, write_jsonl
 from cai.prompts import SPLITS, Prompt
-from cai.stage import (
-    SL_CAI,
-    Cost,
-    PlanInputs,
-    StageContext,
-    StageSpec,
-    decode_steps,
-    passes,
-    prepared_prompts,
-    red_team_prompts,
-    split_file,
-    with_expansion,
-)
+from cai.cost import Cost, PlanInputs
+from cai.inputs import prepared_prompts, red_team_prompts, with_expansion
+from cai.stage import StageContext, StageSpec
+from cai.stage_names import SL_CAI
 
 
 # -- comparisons ----------------------------------------------------------------------
@@ -127,7 +119,7 @@ def label(engine, comparisons, demos, cot: bool, fb, seed: int, progress) -> Non
     if cot:
         convs = [demos + [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": COT_CUE}]
                  for q in queries]
-        params = SamplingParams(temperature=0.0, max_new_tokens=fb.cot_max_new_tokens, seed=seed + 3000)
+        params = SamplingParams(temperature=0.0, max_new_tokens=fb.cot_max_new_tokens, seed=seed + seeds.FEEDBACK_COT)
         with progress(len(convs), "reasoning") as update:
             outs = engine.generate(convs, params, progress=update) if convs else []
         for q, out in zip(queries, outs):
@@ -318,10 +310,9 @@ def statistics(comparisons: list[Comparison]) -> dict:
 
 def run(ctx: StageContext) -> dict:
     cfg, fb = ctx.cfg, ctx.cfg.feedback
-    prep = ctx.stage_dir("prepare")
-    const = load_constitution(prep / "constitution.yaml")
+    const = load_constitution(ctx.artifact("prepare", "constitution"))
     red = red_team_prompts(ctx, fb.max_prompts)  # with the expand stage's prompts in train
-    helpful = prepared_prompts(prep, "helpful")
+    helpful = prepared_prompts(ctx, "helpful")
     n_help = {s: min(len(helpful[s]), round(fb.helpful_ratio * len(red[s]))) for s in SPLITS}
     if not const.helpfulness_principles and any(n_help.values()):
         ctx.log("[feedback] the constitution has no helpfulness_principles: no helpfulness comparisons")
@@ -331,7 +322,7 @@ def run(ctx: StageContext) -> dict:
 
     policy = ctx.engine(fb.policy)
     params = SamplingParams(n=fb.samples_per_prompt, temperature=fb.temperature, top_p=fb.top_p,
-                            max_new_tokens=fb.max_new_tokens, seed=cfg.seed + 2000)
+                            max_new_tokens=fb.max_new_tokens, seed=cfg.seed + seeds.FEEDBACK_ANSWERS)
     with ctx.progress(len(items), "answers") as update:
         answers = policy.generate([p.messages for _, _, p in items], params, progress=update)
 
@@ -373,11 +364,9 @@ def run(ctx: StageContext) -> dict:
                 })
                 n_human[s] += 1
 
-    for name in ("comparisons", "prefs"):
-        (ctx.out / name).mkdir(parents=True, exist_ok=True)
     for s in SPLITS:
-        write_jsonl(split_file(ctx.out / "comparisons", s), [_comparison_record(c) for c in comparisons if c.split == s])
-        write_jsonl(split_file(ctx.out / "prefs", s), prefs[s])
+        write_jsonl(ctx.output("comparisons", split=s), [_comparison_record(c) for c in comparisons if c.split == s])
+        write_jsonl(ctx.output("prefs", split=s), prefs[s])
     stats = statistics(comparisons)
     stats["by_source"] = {src: statistics([c for c in comparisons if c.source == src])
                           for src in ("harmlessness", "helpfulness")}
@@ -385,7 +374,7 @@ def run(ctx: StageContext) -> dict:
     stats["feedback_model"] = feedback_model
     stats["policy"] = fb.policy
     stats["chain_of_thought"] = fb.chain_of_thought
-    write_json(ctx.out / "stats.json", stats)
+    write_json(ctx.output("stats"), stats)
     return {
         "comparisons": stats["comparisons"],
         "labelled": stats["labelled"],
@@ -419,6 +408,7 @@ def estimate(inputs: PlanInputs) -> Cost:
     cot = fb.chain_of_thought
     # memory: the policy that samples, then the feedback model that labels; the larger phase counts
     e, policy, judge = inputs.cfg.engine, inputs.shape(fb.policy), inputs.shape(fb.model)
+    batching = inputs.batching
     memory, loads = None, 0
     if judge is not None or policy is not None:
         from cai.memory import generation, largest
@@ -427,24 +417,25 @@ def estimate(inputs: PlanInputs) -> Cost:
         answer = int(sum(count(p.messages) for p in prompts) / max(1, len(prompts))) + fb.max_new_tokens
         phases = []
         if policy is not None:
-            phases.append(generation(policy, ib, min(e.batch_size, max(1, len(prompts)) * fb.samples_per_prompt),
+            phases.append(generation(policy, ib, batching.in_flight(max(1, len(prompts)) * fb.samples_per_prompt),
                                      answer, int8))
         if judge is not None:
-            phases.append(generation(judge, ib, min(e.score_batch_size, max(1, qs)), int(q_tokens), int8, shared=demo))
+            phases.append(generation(judge, ib, batching.in_flight(qs, "score"), int(q_tokens), int8,
+                                     shared=batching.kept_prefix(demo)))
         # the policy is released before the feedback model loads (one model at a time)
         memory = largest(*phases)
         loads = len(phases) if fb.policy != (fb.model or e.model) else 1
     return Cost(
         loads=loads, memory=memory,
         generate=len(prompts) * fb.samples_per_prompt + (qs if cot else 0), score=qs,
-        # the shared demonstrations are read once a batch (the local engine keeps them once): a
-        # scoring batch, and with CoT also a generation batch
+        # the shared demonstrations are read as often as the engine reads a shared prefix: once a
+        # scoring batch, and with CoT also once a generation batch, on the local engine
         prompt_tokens=sum(count(p.messages) for p in prompts)
-        + int(qs * (q_tokens - demo)) + passes(qs, inputs.cfg.engine.score_batch_size) * demo
-        + (int(qs * (q_tokens - demo)) + passes(qs, inputs.cfg.engine.batch_size) * demo if cot else 0),
+        + int(qs * (q_tokens - demo)) + batching.prefix_reads(qs, "score") * demo
+        + (int(qs * (q_tokens - demo)) + batching.prefix_reads(qs) * demo if cot else 0),
         new_tokens=len(prompts) * fb.samples_per_prompt * fb.max_new_tokens + (qs * fb.cot_max_new_tokens if cot else 0),
-        decode_steps=decode_steps(len(prompts) * fb.samples_per_prompt, inputs.cfg.engine.batch_size, fb.max_new_tokens)
-        + (decode_steps(qs, inputs.cfg.engine.batch_size, fb.cot_max_new_tokens) if cot else 0),
+        decode_steps=batching.decode_steps(len(prompts) * fb.samples_per_prompt, fb.max_new_tokens)
+        + (batching.decode_steps(qs, fb.cot_max_new_tokens) if cot else 0),
         note=f"{len(prompts) * pairs} pairs, {qs} questions",
     )
 

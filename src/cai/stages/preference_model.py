@@ -30,7 +30,9 @@ from cai.errors import CaiError
 from cai.io import read_jsonl, write_json, write_jsonl
 from cai.plots import plot_calibration, plot_curve, plot_scores
 from cai.reward import encode_answer, pair_metrics, preference_loss, prepare_for_scoring, rewards, sigmoid
-from cai.stage import SL_CAI, Cost, PlanInputs, StageContext, StageSpec, passes, split_file
+from cai.cost import Cost, PlanInputs, passes
+from cai.stage import StageContext, StageSpec
+from cai.stage_names import SL_CAI
 from cai.training import (
     check_finite,
     load_trainable,
@@ -91,7 +93,7 @@ def run(ctx: StageContext) -> dict:
     from cai.models import resolve_model
 
     cfg, pc = ctx.cfg, ctx.cfg.preference_model
-    data_dir = ctx.stage_dir("feedback") / "prefs"
+    data = {s: ctx.artifact("feedback", "prefs", split=s) for s in ("train", "test")}
     accelerator = Accelerator(cpu=cfg.engine.device == "cpu")
     start_from = ctx.model_path(pc.model)
     base = resolve_model(start_from, cfg.engine.revision, progress=ctx.log)
@@ -104,10 +106,10 @@ def run(ctx: StageContext) -> dict:
     finally:
         transformers.logging.set_verbosity(verbosity)
     prepare_for_scoring(model, tok)
-    train = load_pairs(tok, split_file(data_dir, "train"), pc.max_length)
-    test = load_pairs(tok, split_file(data_dir, "test"), pc.max_length)
+    train = load_pairs(tok, data["train"], pc.max_length)
+    test = load_pairs(tok, data["test"], pc.max_length)
     if not train:
-        raise CaiError(f"{split_file(data_dir, 'train')}: no comparisons to train on (did the feedback stage label any?)")
+        raise CaiError(f"{data['train']}: no comparisons to train on (did the feedback stage label any?)")
     model, optimizer, params, batches = optimizer_and_batches(accelerator, model, pc, len(train), cfg.seed)
     scaler = prec.grad_scaler()
     micro = max(1, pc.batch_size // pc.grad_accum)
@@ -161,7 +163,7 @@ def run(ctx: StageContext) -> dict:
     }
     if accelerator.is_main_process:
         save_trained_model(ctx.out, accelerator.unwrap_model(model), tok, "preference_model", base, pc, cfg.seed, prec)
-        write_json(ctx.out / "metrics.json", {
+        write_json(ctx.output("metrics"), {
             "loss_history": history, "test_before": before, "test_after": after, **counts,
         })
         write_jsonl(ctx.out / "test_scores.jsonl", [

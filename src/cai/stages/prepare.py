@@ -13,7 +13,9 @@ from pathlib import Path
 from cai.io import write_jsonl
 from cai.models import resolve_model
 from cai.prompts import BUILTIN_DIR as PROMPTS_DIR
-from cai.stage import Cost, PlanInputs, StageContext, StageSpec, load_inputs, prompt_file
+from cai.cost import Cost, PlanInputs
+from cai.inputs import load_inputs
+from cai.stage import StageContext, StageSpec
 
 
 def _source_files(spec: str) -> list[Path]:
@@ -34,15 +36,14 @@ def _source_files(spec: str) -> list[Path]:
 def run(ctx: StageContext) -> dict:
     cfg = ctx.cfg
     const, sets = load_inputs(cfg)
-    const.save(ctx.out / "constitution.yaml")
+    const.save(ctx.output("constitution"))
     ctx.record_input("constitution", Path(const.source))
     for note in const.notes:
         ctx.log(f"[prepare] constitution: {note}")
     counts = {"principles": len(const.principles), "comparison_principles": len(const.comparison_principles)}
     for name, splits in sets.items():
         for split, prompts in splits.items():
-            path = prompt_file(ctx.out, name, split)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path = ctx.output("prompts", set=name, split=split)
             write_jsonl(path, (p.to_record() for p in prompts))
             counts[f"{name}_{split}"] = len(prompts)
         for f in _source_files(getattr(cfg.data, name)):
@@ -51,7 +52,7 @@ def run(ctx: StageContext) -> dict:
         model = {"name": cfg.engine.model, "kind": "openai", "tokenizer": cfg.engine.tokenizer}
     else:
         model = {"name": cfg.engine.model, "path": resolve_model(cfg.engine.model, cfg.engine.revision, progress=ctx.log)}
-    (ctx.out / "model.json").write_text(json.dumps(model, indent=2) + "\n", encoding="utf-8")
+    ctx.output("model").write_text(json.dumps(model, indent=2) + "\n", encoding="utf-8")
     return counts
 
 

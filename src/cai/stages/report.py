@@ -13,7 +13,7 @@ def run(ctx: StageContext) -> dict:
     from cai.report import build_report
 
     html = build_report(ctx.run_dir)
-    (ctx.out / "index.html").write_text(html, encoding="utf-8")
+    ctx.output("page").write_text(html, encoding="utf-8")
     return {"bytes": len(html.encode("utf-8"))}
 
 

@@ -69,22 +69,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cai import seeds
 from cai.config import RLConfig
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_json, write_jsonl
 from cai.plots import plot_curve
-from cai.stage import (
-    SL_CAI,
-    Cost,
-    PlanInputs,
-    StageContext,
-    StageSpec,
-    expanded_prompts,
-    model_dir,
-    passes,
-    prompt_file,
-    with_expansion,
-)
+from cai.cost import Cost, PlanInputs, passes
+from cai.inputs import expanded_prompts, with_expansion
+from cai.stage import StageContext, StageSpec
+from cai.stage_names import SL_CAI
 from cai.training import (
     IGNORE,
     adapters_off,
@@ -103,7 +96,6 @@ from cai.training import (
     write_points_index,
 )
 
-EVAL_SEED_OFFSET = 1_000_003  # eval answers never share seeds with training rollouts
 
 
 @dataclass
@@ -187,17 +179,19 @@ def rloo_loss(advantages, logprobs, n_total: int):
 # -- data -------------------------------------------------------------------------------------
 
 
-def prompt_pool(prep_dir, max_prompts: int | None, helpful_ratio: float, seed: int, extra=()) -> list[dict]:
-    """Red-team train prompts (at most ``max_prompts``, then the ``extra`` ones: the expand
-    stage's) plus ``helpful_ratio`` helpfulness prompts per red-team one, shuffled."""
-    red = read_jsonl(prompt_file(prep_dir, "red_team", "train"))
+def prompt_pool(red_file: Path, helpful_file: Path, max_prompts: int | None, helpful_ratio: float, seed: int,
+                extra=()) -> list[dict]:
+    """Red-team train prompts (``red_file``: at most ``max_prompts``, then the ``extra`` ones:
+    the expand stage's) plus ``helpful_ratio`` helpfulness prompts per red-team one
+    (``helpful_file``), shuffled."""
+    red = read_jsonl(red_file)
     if max_prompts is not None:
         red = red[:max_prompts]
     red = red + [p.to_record() for p in extra]
-    helpful = read_jsonl(prompt_file(prep_dir, "helpful", "train"))[: round(helpful_ratio * len(red))]
+    helpful = read_jsonl(helpful_file)[: round(helpful_ratio * len(red))]
     pool = [{**p, "set": "red_team"} for p in red] + [{**p, "set": "helpful"} for p in helpful]
     if not pool:
-        raise CaiError(f"{prep_dir / 'prompts'}: no train prompts for RL (check rl.max_prompts)")
+        raise CaiError(f"{red_file}: no train prompts for RL (check rl.max_prompts)")
     random.Random(seed).shuffle(pool)
     return pool
 
@@ -334,17 +328,17 @@ def run(ctx: StageContext) -> dict:
     model, tok, prec = load_trainable(base, rc, device, cfg.engine.trust_remote_code, AutoModelForCausalLM, "rl", ctx.log)
     # The KL reference: with LoRA the policy itself with its adapters off, else a frozen copy.
     ref = None if is_lora(model) else copy.deepcopy(model).eval().requires_grad_(False)
-    ctx.stage_dir("preference_model")
-    pm_dir = model_dir(ctx.run_dir, "preference_model")
+    pm_dir = ctx.artifact("preference_model", "model")
     pm = RewardModel.load(str(pm_dir), device="cpu", dtype=prec.frozen, trust_remote_code=cfg.engine.trust_remote_code)
     pm.device = str(device)  # its inputs go where it scores; on_device moves it there
     offload = use_offload(rc.offload, device, model, ref, pm.model)
     for frozen in (ref, pm.model):
         if frozen is not None and not offload:
             frozen.to(device)
-    prep = ctx.stage_dir("prepare")
-    pool = prompt_pool(prep, rc.max_prompts, rc.helpful_ratio, cfg.seed, expanded_prompts(ctx))
-    eval_set = read_jsonl(prompt_file(prep, "red_team", "test"))[: rc.eval_prompts]
+    prompts = lambda name, split: ctx.artifact("prepare", "prompts", set=name, split=split)  # noqa: E731
+    pool = prompt_pool(prompts("red_team", "train"), prompts("helpful", "train"), rc.max_prompts, rc.helpful_ratio,
+                       cfg.seed, expanded_prompts(ctx))
+    eval_set = read_jsonl(prompts("red_team", "test"))[: rc.eval_prompts]
     ctx.record_input("preference_model", pm_dir / "model.safetensors")
 
     model.train()
@@ -365,7 +359,7 @@ def run(ctx: StageContext) -> dict:
     def sampling(seed: int, n: int) -> SamplingParams:
         return SamplingParams(n=n, temperature=rc.temperature, top_p=rc.top_p, max_new_tokens=rc.max_new_tokens, seed=seed)
 
-    eval_params = sampling(cfg.seed + EVAL_SEED_OFFSET, 1)
+    eval_params = sampling(cfg.seed + seeds.RL_EVAL, 1)
     start, state = resume(ckpt, policy, optimizer, rc.steps, ctx.log, "rl", scaler)
     history, samples = [], []
     if state is not None:
@@ -409,7 +403,7 @@ def run(ctx: StageContext) -> dict:
             {"step": s, "samples": s * rc.prompts_per_step * k, "kl": round(history[s - 1]["kl"], 4),
              "reward": round(history[s - 1]["reward"], 4)} for s in points], rc.policy)
         save_trained_model(ctx.out, policy, tok, "rl", base, rc, cfg.seed, prec)
-        write_json(ctx.out / "metrics.json", {"history": history, "eval_before": before, "eval_after": after, **counts})
+        write_json(ctx.output("metrics"), {"history": history, "eval_before": before, "eval_after": after, **counts})
         write_jsonl(ctx.out / "rollouts.jsonl", samples)
         write_jsonl(ctx.out / "eval_samples.jsonl", [
             {**{k2: v for k2, v in b.items()}, "answer_after": a["answer"], "reward_after": a["reward"], "kl_after": a["kl"]}
@@ -514,10 +508,11 @@ def estimate(inputs: PlanInputs) -> Cost:
         # the rollouts' KV cache (weights as stored: float32 masters, or LoRA's compute-dtype base) and the
         # update's activations are phases of a step: the larger one counts
         kv_bytes = DTYPE_BYTES[prec.frozen if rc.method == "lora" else prec.weights]
-        kv = shape.kv_bytes(min(mine, cfg.engine.batch_size) * length, kv_bytes)
+        rollouts_at_once = inputs.policy_batching.in_flight(mine)
+        kv = shape.kv_bytes(rollouts_at_once * length, kv_bytes)
         if kv > memory.parts["activations"]:
             memory = Memory({**{k: v for k, v in memory.parts.items() if k != "activations"}, "kv cache": kv},
-                            f"{min(mine, cfg.engine.batch_size)} rollouts x {length} tokens")
+                            f"{rollouts_at_once} rollouts x {length} tokens")
     # the rollouts are sampled by the training policy itself (not the engine); the update; no-grad
     # passes: reference and PM over every rollout (and the policy too when a step's rollouts take
     # more than one micro-batch), and policy, reference and PM over the held-out answers before and after

@@ -27,7 +27,8 @@ import time
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_json
 from cai.plots import plot_curve
-from cai.stage import Cost, PlanInputs, StageContext, StageSpec, passes, split_file
+from cai.cost import Cost, PlanInputs, passes
+from cai.stage import StageContext, StageSpec
 from cai.training import (
     IGNORE,
     check_finite,
@@ -83,17 +84,17 @@ def run(ctx: StageContext) -> dict:
     from cai.models import resolve_model
 
     cfg, sc = ctx.cfg, ctx.cfg.sft
-    data_dir = ctx.stage_dir("critique_revision") / "sft"
+    data = {s: ctx.artifact("critique_revision", "sft", split=s) for s in ("train", "test")}
     accelerator = Accelerator(cpu=cfg.engine.device == "cpu")
     if not sc.model and cfg.engine.kind == "openai":
         raise CaiError("config field 'sft.model' is empty; with engine.kind=openai the policy is remote, so name a local checkpoint to fine-tune")
     base = resolve_model(sc.model or cfg.engine.model, cfg.engine.revision, progress=ctx.log)
     model, tok, prec = load_trainable(base, sc, accelerator.device, cfg.engine.trust_remote_code,
                                       AutoModelForCausalLM, "sft", ctx.log)
-    train, dropped = load_examples(tok, split_file(data_dir, "train"), sc.max_length)
-    test, _ = load_examples(tok, split_file(data_dir, "test"), sc.max_length)
+    train, dropped = load_examples(tok, data["train"], sc.max_length)
+    test, _ = load_examples(tok, data["test"], sc.max_length)
     if not train:
-        raise CaiError(f"{split_file(data_dir, 'train')}: no usable SFT examples (is the critique_revision output empty?)")
+        raise CaiError(f"{data['train']}: no usable SFT examples (is the critique_revision output empty?)")
     model, optimizer, params, batches = optimizer_and_batches(accelerator, model, sc, len(train), cfg.seed)
     scaler = prec.grad_scaler()
     micro = max(1, sc.batch_size // sc.grad_accum)
@@ -155,7 +156,7 @@ def run(ctx: StageContext) -> dict:
     gathered = full_state_dict(accelerator.unwrap_model(model))  # sharded: every process takes part; else None
     if accelerator.is_main_process:
         save_trained_model(ctx.out, accelerator.unwrap_model(model), tok, "sft", base, sc, cfg.seed, prec, gathered)
-        write_json(ctx.out / "metrics.json", {"loss": history, **counts})
+        write_json(ctx.output("metrics"), {"loss": history, **counts})
         plot_curve(ctx.out / "loss.png", {"train loss": [tuple(h) for h in history]}, "SFT on critique/revision data")
         shutil.rmtree(ckpt, ignore_errors=True)
     return counts
