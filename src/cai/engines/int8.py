@@ -76,7 +76,12 @@ class Int8Linear(torch.nn.Module):
         size = rows.abs()
         extra = None
         if self.outliers is not None:
-            extra = rows.index_select(1, self.outliers) @ self.outlier_weight
+            cols = rows.index_select(1, self.outliers)
+            # one channel at a time, in a fixed order: a float matmul picks its kernel (and so
+            # its rounding) by the number of rows, and a row's answer must not depend on its batch
+            extra = cols[:, :1] * self.outlier_weight[:1]
+            for k in range(1, cols.shape[1]):
+                extra.addcmul_(cols[:, k:k + 1], self.outlier_weight[k:k + 1])
             # left out of the scale; their int8 weights are zero, so where they clamp is moot
             size.index_fill_(1, self.outliers, 0.0)
         scale = size.amax(dim=-1, keepdim=True).clamp_(min=1e-12) / 127.0
