@@ -453,3 +453,22 @@ def test_completions_scoring_reads_the_chat_layout_too(stubs):
     s = stubs(reply)
     got = engine(s.url, tokenizer=FakeTok(), tokenizer_name="fake").choice_logprobs([CONT], [["A)", "B)"]])
     assert got == [[pytest.approx(-0.6), pytest.approx(-1.7)]]
+
+
+def test_endpoints_that_never_answered_fail_after_their_retries_without_waiting():
+    """A typo in a URL (nothing listens there) is not a server that went away: after each
+    endpoint's retries the call fails, naming every endpoint and its error, although
+    engine.wait_for_endpoints_s would wait ten minutes for a server that had answered."""
+    import socket
+
+    ports = []
+    for _ in range(2):  # two free ports nobody listens on
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    urls = [f"http://127.0.0.1:{p}/v1" for p in ports]
+    eng = engine(*urls, max_retries=2, cooldown_s=60, wait_for_endpoints_s=600)
+    with pytest.raises(CaiError, match="no OpenAI endpoint has answered") as err:
+        eng.generate([USER], SamplingParams(max_new_tokens=2))
+    assert all(u in str(err.value) for u in urls) and "connection failed" in str(err.value)
+    assert eng.stats["requests"] == 2 * 3  # each endpoint: the first attempt and 2 retries, then no wait

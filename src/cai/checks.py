@@ -9,6 +9,7 @@ template, the servers' URLs, the standard sets' names, the run folder. ``cai val
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cai.config import RunConfig, judge_engine_config
@@ -52,7 +53,30 @@ def check_config(cfg: RunConfig) -> None:
 
 
 def check_run_dir(run_dir: str) -> None:
-    """The run directory must be a folder, or not exist yet."""
-    p = Path(run_dir)
-    if p.exists() and not p.is_dir():
+    """The run directory must be a folder, or a folder that can be made: its nearest
+    existing parent a writable folder, and no name in it too long for the file system."""
+    p = Path(run_dir).expanduser()
+    parent = next((a for a in (p, *p.absolute().parents) if _exists(a)), Path("/"))
+    try:
+        longest = os.pathconf(parent if parent.is_dir() else parent.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    for part in p.parts:
+        if len(part.encode("utf-8", "surrogateescape")) > longest:
+            raise CaiError(f"config field 'run_dir': a folder name in it is {len(part.encode())} bytes long, more "
+                           f"than this file system allows ({longest}); choose a shorter run_dir")
+    if parent == p and not p.is_dir():
         raise CaiError(f"config field 'run_dir': '{run_dir}' is a file, not a folder; choose another run_dir")
+    if not parent.is_dir():
+        raise CaiError(f"config field 'run_dir': '{parent}' is a file, so '{run_dir}' cannot be made inside it; "
+                       "choose another run_dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CaiError(f"config field 'run_dir': '{parent}' is not writable, so '{run_dir}' cannot be "
+                       f"{'written' if parent == p else 'made'}; choose another run_dir or fix its permissions")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long for the file system, a loop of links...
+        return False

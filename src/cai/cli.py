@@ -184,7 +184,13 @@ def cmd_validate(args) -> int:
             for n in c.notes:
                 print(f"note: {n}")
         if args.prompts:
-            splits = load_source(args.prompts)
+            from cai.config import DataConfig
+            from cai.inputs import NEEDED_SPLITS, check_splits
+
+            fraction = DataConfig().test_fraction
+            splits = load_source(args.prompts, fraction)
+            # what data.red_team would be held to (the strictest set): a train and a test split
+            check_splits(f"--prompts '{args.prompts}'", splits, fraction, NEEDED_SPLITS["red_team"])
             sizes = ", ".join(f"{s}={len(p)}" for s, p in splits.items())
             print(f"ok: {args.prompts}: {sizes}")
         return 0
@@ -377,11 +383,17 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" while writing {exc.filename}" if exc.filename else ""
+            print(f"error: no space left on the device{where}; free some space and rerun the same command: "
+                  "finished stages and cached answers are kept, the interrupted stage resumes", file=sys.stderr)
+            return 2
+        if os.environ.get("CAI_TRACEBACK", "") in ("1", "true", "yes"):
             raise
-        where = f" while writing {exc.filename}" if exc.filename else ""
-        print(f"error: no space left on the device{where}; free some space and rerun the same command: "
-              "finished stages and cached answers are kept, the interrupted stage resumes", file=sys.stderr)
+        # a path the user gave that cannot be made, read or written: one line, never a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}; check that path and its permissions, then rerun "
+              "(CAI_TRACEBACK=1 shows where it happened)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from cai.errors import CaiError
-from cai.io import read_text
+from cai.io import load_yaml, read_text
 from cai.stage_names import DEFAULT_STAGES, OPTIONAL_STAGES, SL_CAI, STAGES
 
 PRESET_DIR = Path(__file__).parent / "data" / "presets"
@@ -136,7 +135,9 @@ class EngineConfig:
     )
     wait_for_endpoints_s: float = _f(
         600.0, "kind=openai: when every endpoint is out (each retried after a 60 s cooldown), wait this many "
-        "seconds in all for one to come back before failing (0: fail at once). Answers received so far are cached.",
+        "seconds in all for one to come back before failing (0: fail at once). Only a server that has answered (any HTTP reply, "
+        "a 503 while it warms up included) is waited for: addresses that never answered fail after their retries. Answers "
+        "received so far are cached.",
         fingerprint=False, low=0
     )
     serve: str = _f(
@@ -805,8 +806,10 @@ def parse_override(text: str) -> dict:
     if not key:
         raise CaiError(f"override '{text}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = load_yaml(raw, f"override '{text}'") if raw.strip() else ""
+    except CaiError as exc:
+        if "given twice" in str(exc):
+            raise
         value = raw
     out: dict = {}
     node = out
@@ -836,12 +839,7 @@ def list_presets() -> list[str]:
 
 
 def read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(read_text(path, "config file"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise CaiError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    data = load_yaml(read_text(path, "config file"), str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):

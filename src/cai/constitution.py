@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from cai.errors import CaiError
-from cai.io import read_text
+from cai.io import load_yaml, no_duplicate_keys, read_text
 
 BUILTIN_DIR = Path(__file__).parent / "data" / "constitutions"
 
@@ -392,7 +392,7 @@ def load_constitution(spec: str | Path) -> Constitution:
         raise CaiError(f"{path}: the constitution file is empty")
     if path.suffix == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=no_duplicate_keys(str(path)))
         except json.JSONDecodeError as exc:
             raise CaiError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
         if not isinstance(data, dict):
@@ -404,12 +404,7 @@ def load_constitution(spec: str | Path) -> Constitution:
         else:
             const = _from_anthropic(data, str(path))
     else:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise CaiError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        data = load_yaml(text, str(path))
         const = _parse_yaml_constitution(data, str(path))
     if not const.comparison_principles:
         const.notes.append("no comparison principles: the feedback stage cannot run with it")

@@ -76,16 +76,10 @@ class PlanInputs:
         return batching(self.cfg.engine)
 
     @property
-    def judge_batching(self) -> "Batching":
-        """How the evaluation judge's engine batches (the run's, or ``evaluate.judge_endpoints``)."""
-        from cai.config import judge_engine_config
-        from cai.engines import batching
-
-        return batching(judge_engine_config(self.cfg))
-
-    @property
-    def policy_batching(self) -> "Batching":
-        """How rl samples its rollouts: the training policy in an in-process local engine."""
+    def local_batching(self) -> "Batching":
+        """How a model batches in this process's local engine: what the memory estimates
+        count (a served model's memory is its server's), and how rl samples its rollouts
+        (the training policy in an in-process local engine)."""
         from cai.engines.local import LocalEngine
 
         e = self.cfg.engine

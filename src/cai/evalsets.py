@@ -134,10 +134,10 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
     name = path.name.lower()
     try:
         if name.endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8") as fh:
+            with gzip.open(path, "rt", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is read
                 text = fh.read()
         elif not name.endswith(".parquet"):
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError, EOFError) as exc:
         raise CaiError(f"{path}: cannot read ({exc})") from None
     base = name[:-3] if name.endswith(".gz") else name

@@ -65,14 +65,23 @@ def load_inputs(cfg: "RunConfig"):
         splits = load_source(getattr(cfg.data, name), cfg.data.test_fraction, cfg.seed)
         if cfg.data.max_per_split is not None:
             splits = {s: ps[: cfg.data.max_per_split] for s, ps in splits.items()}
-        needed = ("train", "test") if name == "red_team" else ("test",)
-        for split in needed:
-            if not splits.get(split):
-                n = sum(len(ps) for ps in splits.values())
-                raise CaiError(
-                    f"data.{name} '{getattr(cfg.data, name)}': its {split} split is empty ({n} prompts in all, "
-                    f"test_fraction {cfg.data.test_fraction}); add prompts, give train/test files, or change "
-                    "data.test_fraction"
-                )
+        check_splits(f"data.{name} '{getattr(cfg.data, name)}'", splits, cfg.data.test_fraction,
+                     NEEDED_SPLITS[name])
         sets[name] = splits
     return const, sets
+
+
+#: The splits each prompt set must have prompts in: red-team prompts are trained on and
+#: held out; the others are held out (and mixed in where they have train prompts).
+NEEDED_SPLITS = {"red_team": ("train", "test"), "helpful": ("test",), "benign": ("test",)}
+
+
+def check_splits(label: str, splits: dict[str, list], test_fraction: float, needed=("train", "test")) -> None:
+    """A one-line error when one of the ``needed`` splits of a prompt set is empty."""
+    for split in needed:
+        if not splits.get(split):
+            n = sum(len(ps) for ps in splits.values())
+            raise CaiError(
+                f"{label}: its {split} split is empty ({n} prompts in all, test_fraction {test_fraction}); add "
+                "prompts, give train/test files, or change data.test_fraction"
+            )

@@ -56,14 +56,65 @@ def file_sha256(path: Path, sync: bool = False) -> str:
 
 
 def read_text(path: Path, what: str = "file") -> str:
-    """A UTF-8 text file's content; bytes that are not UTF-8 are a one-line error naming the file."""
+    """A UTF-8 text file's content, without a leading byte-order mark (Windows editors and
+    Excel write one; ``datasets`` and pandas read such files too); bytes that are not UTF-8
+    are a one-line error naming the file."""
     from cai.errors import CaiError
 
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise CaiError(f"{path}: this {what} is not UTF-8 text (bad byte at offset {exc.start}); "
                        "save it as UTF-8") from None
+
+
+def no_duplicate_keys(where: str):
+    """A ``json.loads`` ``object_pairs_hook`` that refuses a key given twice in one object
+    (``json`` keeps the last silently), with a one-line error naming the key."""
+    from cai.errors import CaiError
+
+    def hook(pairs):
+        out = {}
+        for key, value in pairs:
+            if key in out:
+                raise CaiError(f"{where}: key '{key}' is given twice in one JSON object; keep one")
+            out[key] = value
+        return out
+
+    return hook
+
+
+def load_yaml(text: str, where: str):
+    """YAML text as plain data (safe types only), where a key given twice in one mapping is
+    a one-line error naming the key and both lines (PyYAML would keep the last silently),
+    and bad YAML one naming the line. ``where``: the file (or override) for the message."""
+    import yaml
+
+    from cai.errors import CaiError
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: the constructor below says so
+                continue
+            if first != line:
+                raise CaiError(f"{where}:{line}: key '{key}' is given twice (lines {first} and {line}); keep one")
+        return loader.construct_mapping(node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise CaiError(f"{where}{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -187,12 +187,12 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
     from cai.plan import check_memory
 
     check_model_settings(cfg)  # a missing model is found now, not hours later in its stage
-    # a plan that cannot fit is refused now, not when its stage runs out of memory
-    check_memory(cfg, world=dist.num_processes if dist is not None else 1, log=log)
     if "prepare" in cfg.stages:
         from cai.inputs import load_inputs
 
-        load_inputs(cfg)  # bad input files stop the run before it writes anything
+        load_inputs(cfg)  # bad input files stop the run before it writes anything (and are said once)
+    # a plan that cannot fit is refused now, not when its stage runs out of memory
+    check_memory(cfg, world=dist.num_processes if dist is not None else 1, log=log)
 
     def claim() -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)

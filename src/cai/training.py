@@ -279,18 +279,23 @@ class Precision:
         return torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16-mixed")
 
 
-def resolve_precision(setting: str, device, field: str, log=print) -> Precision:
+def resolve_precision(setting: str, device, field: str, log=print, planning: bool = False) -> Precision:
     """The :class:`Precision` of a stage's ``dtype`` setting (``field`` names it) on ``device``.
 
     'auto' is bf16-mixed where the hardware computes bfloat16 natively
     (:func:`cai.hardware.bf16_fast`) and float32 elsewhere. bfloat16 chosen explicitly on
     a CPU or GPU without it is refused, unless ``CAI_ALLOW_SLOW_DTYPE=1``; pure bfloat16
     is allowed with a warning, since most small AdamW updates round away in it.
+    ``planning``: an estimate for a device that may be another machine's (a GPU config
+    planned on a CPU login node): a GPU that is not here is taken to have bfloat16, as
+    every GPU from Ampere on does; the run itself checks the real one.
     """
+    import torch
+
     from cai.hardware import bf16_fast, describe_cpu
 
     kind = getattr(device, "type", None) or str(device).split(":")[0]
-    fast = bf16_fast(device)
+    fast = bf16_fast(device) or (planning and kind == "cuda" and not torch.cuda.is_available())
     name = ("bf16-mixed" if fast else "float32") if setting == "auto" else setting
     if name not in PRECISIONS[1:]:
         raise CaiError(f"config field '{field}' must be one of {', '.join(PRECISIONS)}; got {setting!r}")

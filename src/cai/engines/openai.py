@@ -110,6 +110,7 @@ class Endpoint:
         self.down_until = 0.0
         self.last_error = ""
         self.ok = 0  # successful requests
+        self.answered = False  # any HTTP reply at all since the engine was made
         self.logprobs_checked = False
         self.probe_lock = threading.Lock()
         self._local = threading.local()
@@ -144,7 +145,9 @@ class EndpointPool:
     def acquire(self, wait_s: float = 0.0, abort: threading.Event | None = None) -> Endpoint:
         """The least busy endpoint that is not taken out. When every one is, wait for the
         first to come back (a taken-out endpoint is tried again after its cooldown), for at
-        most ``wait_s`` seconds in all, then fail with every endpoint's last error."""
+        most ``wait_s`` seconds in all, then fail with every endpoint's last error. When
+        none has ever given an HTTP reply, fail at once: each was already tried
+        ``max_retries`` times, and an address that never answered is a mistake to fix."""
         give_up = time.monotonic() + wait_s
         while True:
             with self._lock:
@@ -155,6 +158,15 @@ class EndpointPool:
                     ep.in_flight += 1
                     return ep
                 back = min(e.down_until for e in self.endpoints)
+                answered = any(e.answered for e in self.endpoints)
+            if not answered:
+                # none has given any HTTP reply since the run began: a typo in a URL, a server never
+                # started, which waiting does not mend (waiting is for servers that are there or were)
+                why = "; ".join(f"{e.url}: {e.last_error}" for e in self.endpoints)
+                raise CaiError(
+                    f"no OpenAI endpoint has answered ({why}); check engine.endpoints (the URLs, the ports, that the "
+                    "servers are started and serve /v1) and rerun"
+                )
             if back > give_up or (abort is not None and abort.is_set()):
                 why = "; ".join(f"{e.url}: {e.last_error}" for e in self.endpoints)
                 raise CaiError(
@@ -250,6 +262,7 @@ class OpenAIEngine(Engine):
             try:
                 conn.request("POST", ep.path + path, body=payload, headers=self._headers())
                 resp = conn.getresponse()
+                ep.answered = True  # a server is there (whatever its status: a 503 while it warms up)
                 return resp.status, resp.read()
             except TimeoutError:
                 ep.drop_connection()

@@ -326,8 +326,9 @@ def estimate(inputs: PlanInputs) -> Cost:
         from cai.memory import generation
 
         longest = int(per_round / max(1, len(ps)) + cr.max_new_tokens + cr.critique_max_new_tokens)
-        memory = generation(shape, inputs.engine_bytes(), batching.in_flight(len(ps + hs)),
-                            longest, inputs.cfg.engine.quantize == "int8", shared=batching.kept_prefix(demo))
+        local = inputs.local_batching  # the model in this process (a served one's memory is its server's)
+        memory = generation(shape, inputs.engine_bytes(), local.in_flight(len(ps + hs)),
+                            longest, inputs.cfg.engine.quantize == "int8", shared=local.kept_prefix(demo))
     loads = 1 + (cr.best_of > 1 and bool(cr.best_of_model) and cr.best_of_model != inputs.cfg.engine.model)
     steps = batching.decode_steps
     decoding = steps(len(ps + hs), cr.max_new_tokens) + tries * cr.rounds * (

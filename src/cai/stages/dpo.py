@@ -304,7 +304,7 @@ def estimate(inputs: PlanInputs) -> Cost:
     shape, memory = inputs.shape(dc.policy), None
     if shape is not None:
         per_pass = math.ceil(2 * max(1, dc.batch_size // dc.grad_accum) / inputs.world)  # chosen and rejected
-        prec = resolve_precision(dc.dtype, inputs.device, "dpo.dtype", lambda _m: None)
+        prec = resolve_precision(dc.dtype, inputs.device, "dpo.dtype", lambda _m: None, planning=True)
         memory = training(shape, prec, dc, per_pass, length, inputs.world, dc.sharding == "fsdp")
     micro = max(1, dc.batch_size // dc.grad_accum)  # pairs per pass (chosen and rejected)
     # no-grad passes: the reference log-probs of the train and test pairs, the held-out pairs after training

@@ -921,10 +921,10 @@ def estimate(inputs: PlanInputs) -> Cost:
         from cai.memory import frozen_model, generation, largest
 
         ib, int8 = inputs.engine_bytes(), cfg.engine.quantize == "int8"
-        answering, judging = inputs.batching, inputs.judge_batching
-        phases = [generation(shape, ib, answering.in_flight(len(ps) + std_n), int(avg) + ev.max_new_tokens, int8),
-                  generation(shape, ib, judging.in_flight(pair_q + judge_q, "score"),
-                             int(avg + demo + 2 * ev.max_new_tokens + 80), int8, shared=judging.kept_prefix(demo))]
+        local = inputs.local_batching  # the models in this process (a served one's memory is its server's)
+        phases = [generation(shape, ib, local.in_flight(len(ps) + std_n), int(avg) + ev.max_new_tokens, int8),
+                  generation(shape, ib, local.in_flight(pair_q + judge_q, "score"),
+                             int(avg + demo + 2 * ev.max_new_tokens + 80), int8, shared=local.kept_prefix(demo))]
         if pm:
             phases.append(frozen_model(shape.pm_params, ib))
         memory = largest(*phases)

@@ -414,14 +414,15 @@ def estimate(inputs: PlanInputs) -> Cost:
         from cai.memory import generation, largest
 
         ib, int8 = inputs.engine_bytes(), e.quantize == "int8"
+        local = inputs.local_batching  # the models in this process (a served one's memory is its server's)
         answer = int(sum(count(p.messages) for p in prompts) / max(1, len(prompts))) + fb.max_new_tokens
         phases = []
         if policy is not None:
-            phases.append(generation(policy, ib, batching.in_flight(max(1, len(prompts)) * fb.samples_per_prompt),
+            phases.append(generation(policy, ib, local.in_flight(max(1, len(prompts)) * fb.samples_per_prompt),
                                      answer, int8))
         if judge is not None:
-            phases.append(generation(judge, ib, batching.in_flight(qs, "score"), int(q_tokens), int8,
-                                     shared=batching.kept_prefix(demo)))
+            phases.append(generation(judge, ib, local.in_flight(qs, "score"), int(q_tokens), int8,
+                                     shared=local.kept_prefix(demo)))
         # the policy is released before the feedback model loads (one model at a time)
         memory = largest(*phases)
         loads = len(phases) if fb.policy != (fb.model or e.model) else 1

@@ -197,7 +197,7 @@ def estimate(inputs: PlanInputs) -> Cost:
     shape, memory = inputs.shape(pc.model), None
     if shape is not None:
         per_pass = math.ceil(2 * max(1, pc.batch_size // pc.grad_accum) / inputs.world)  # both answers of a pair
-        prec = resolve_precision(pc.dtype, inputs.device, "preference_model.dtype", lambda _m: None)
+        prec = resolve_precision(pc.dtype, inputs.device, "preference_model.dtype", lambda _m: None, planning=True)
         memory = training(shape, prec, pc, per_pass, length, inputs.world,
                           classifier=True)
     micro = max(1, pc.batch_size // pc.grad_accum)  # pairs per pass (two sequences each)

@@ -501,14 +501,14 @@ def estimate(inputs: PlanInputs) -> Cost:
     length = int(avg + rc.max_new_tokens)
     shape, memory = inputs.shape(rc.policy), None
     if shape is not None:
-        prec = resolve_precision(rc.dtype, inputs.device, "rl.dtype", lambda _m: None)
+        prec = resolve_precision(rc.dtype, inputs.device, "rl.dtype", lambda _m: None, planning=True)
         mine = math.ceil(rc.prompts_per_step / inputs.world) * rc.samples_per_prompt  # this process's rollouts
         memory = training(shape, prec, rc, min(mine, rc.micro_batch_size), length, inputs.world, reference_copy=True)
         memory += frozen_model(shape.pm_params, DTYPE_BYTES[prec.frozen])
         # the rollouts' KV cache (weights as stored: float32 masters, or LoRA's compute-dtype base) and the
         # update's activations are phases of a step: the larger one counts
         kv_bytes = DTYPE_BYTES[prec.frozen if rc.method == "lora" else prec.weights]
-        rollouts_at_once = inputs.policy_batching.in_flight(mine)
+        rollouts_at_once = inputs.local_batching.in_flight(mine)
         kv = shape.kv_bytes(rollouts_at_once * length, kv_bytes)
         if kv > memory.parts["activations"]:
             memory = Memory({**{k: v for k, v in memory.parts.items() if k != "activations"}, "kv cache": kv},

@@ -181,7 +181,7 @@ def estimate(inputs: PlanInputs) -> Cost:
     shape, memory = inputs.shape(sc.model or inputs.cfg.engine.model), None
     if shape is not None:
         seqs = math.ceil(max(1, sc.batch_size // sc.grad_accum) / inputs.world)
-        prec = resolve_precision(sc.dtype, inputs.device, "sft.dtype", lambda _m: None)
+        prec = resolve_precision(sc.dtype, inputs.device, "sft.dtype", lambda _m: None, planning=True)
         memory = training(shape, prec, sc, seqs, length, inputs.world, sc.sharding == "fsdp")
     micro = max(1, sc.batch_size // sc.grad_accum)
     # held-out loss before and after training; a checkpoint every checkpoint_every steps but the last
