@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument("--no-calibrate", action="store_true", help="skip the timing; print counts, tokens and memory only")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="measure training again instead of using the cached calibration (one taken while other "
+                        "processes kept the cores busy is never cached)")
     p.add_argument("--processes", type=int, default=None,
                    help="processes the run will be launched with (default: WORLD_SIZE, else 1): each takes its share "
                    "of a training batch, and with sharding=fsdp its share of the weights")
@@ -355,7 +358,7 @@ def cmd_plan(args) -> int:
     if args.processes is not None and args.processes < 1:
         raise CaiError(f"--processes must be >= 1; got {args.processes}")
     print(render(plan(cfg, calibrate=not args.no_calibrate, log=lambda m: print(m, file=sys.stderr),
-                      world=args.processes)))
+                      world=args.processes, recalibrate=args.recalibrate)))
     return 0
 
 

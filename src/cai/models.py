@@ -208,6 +208,16 @@ def check_model(name: str, field: str, revision: str | None = None) -> None:
         pass  # the hub cannot be asked now: the stage that loads it will say what went wrong
 
 
+#: The files a checkpoint keeps its weights in (shards and their index included).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def has_weights(folder: str | Path) -> bool:
+    """Whether a checkpoint folder holds weights (not only its config and tokenizer)."""
+    folder = Path(folder)
+    return folder.is_dir() and any(f.name.endswith(WEIGHT_SUFFIXES) for f in folder.iterdir())
+
+
 def check_model_settings(cfg) -> None:
     """Every model a config names (``sl-cai``, this run's SFT model, is made by the run)."""
     e = cfg.engine

@@ -111,9 +111,31 @@ def measure_rates(engine, batch: int, score: bool = True, repeats: int = 2) -> d
     return {**out, "read_tokens_per_s": read / max(score_s, 1e-6)}
 
 
-def measure_training(cfg: RunConfig, log=print) -> dict | None:
+#: A calibration that kept fewer than this share of the usable cores busy ran beside other
+#: work: it is not cached (the benchmarks flag such runs the same way).
+BUSY_SHARE = 0.75
+
+
+def usable_cores() -> int:
+    """The cores torch may use here: the affinity mask capped by torch's thread count."""
+    import os
+
+    import torch
+
+    return max(1, min(len(os.sched_getaffinity(0)), torch.get_num_threads()))
+
+
+def cores_busy(wall: float, cpu: float) -> float:
+    """CPU time over wall time of a measurement: below the usable cores when other
+    processes competed for them."""
+    return round(cpu / max(wall, 1e-6), 2)
+
+
+def measure_training(cfg: RunConfig, log=print, recalibrate: bool = False) -> dict | None:
     """A measured training step on this machine with ``sft``'s model and settings (see the
-    module docstring), cached; None where the model is not on this machine."""
+    module docstring), cached; None where the model is not on this machine. A measurement
+    taken while other processes kept the cores busy is used once but not cached;
+    ``recalibrate`` measures again whatever the cache holds."""
     import hashlib
     import json
     import tempfile
@@ -134,6 +156,10 @@ def measure_training(cfg: RunConfig, log=print) -> dict | None:
         path = resolve_model(name, e.revision, progress=lambda _m: None)
     except CaiError:
         return None
+    from cai.models import has_weights
+
+    if Path(path).is_dir() and not has_weights(path):
+        return None  # a config and a tokenizer only: training is assumed, and the plan says so
     device = pick_device(e.device)
     seqs, length = max(1, sc.batch_size // sc.grad_accum), min(sc.max_length, 256)
     small = (max(1, seqs // 4), max(8, length // 2))  # the second size, for each call's fixed part
@@ -143,8 +169,9 @@ def measure_training(cfg: RunConfig, log=print) -> dict | None:
     key = json.dumps([CALIBRATION_VERSION, stamp, device, sc.dtype, sc.method, sc.lora_r, sc.lora_target_modules,
                       sc.gradient_checkpointing, seqs, length, torch.get_num_threads(), torch.__version__])
     cached = cache_root() / "plan" / f"train-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-    if cached.is_file():
+    if cached.is_file() and not recalibrate:
         return {**json.loads(cached.read_text()), "cached": True}
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     log(f"calibrating training: measured steps of sft's settings ({seqs} x {length} and {small[0]} x {small[1]} "
         f"tokens) on {name}...")
     from transformers import AutoModelForCausalLM
@@ -222,6 +249,12 @@ def measure_training(cfg: RunConfig, log=print) -> dict | None:
            "load_s": load_s, "save_s": save_s, "checkpoint_s": 3 * save_s * trained, "figure_s": figure_s,
            "measured": time.strftime("%Y-%m-%d %H:%M")}
     model = opt = None  # the calibration model is not kept
+    out["cores"] = usable_cores()
+    out["cores_busy"] = cores_busy(time.perf_counter() - wall0, time.process_time() - cpu0)
+    if str(device).startswith("cpu") and out["cores_busy"] < BUSY_SHARE * out["cores"]:
+        log(f"the training calibration kept {out['cores_busy']:g} of {out['cores']} cores busy: other processes "
+            "competed for them, so it is used for this plan only, not cached (the next plan measures again)")
+        return {**out, "cached": False, "busy": True}
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(out, indent=2) + "\n")
     return {**out, "cached": False}
@@ -309,15 +342,27 @@ def check_memory(cfg: RunConfig, world: int | None = None, log=print) -> list[di
     return rows
 
 
-def plan(cfg: RunConfig, calibrate: bool = True, log=print, world: int | None = None) -> dict:
-    """The per-stage estimate; with calibration, also seconds per stage and in total."""
+def plan(cfg: RunConfig, calibrate: bool = True, log=print, world: int | None = None,
+         recalibrate: bool = False) -> dict:
+    """The per-stage estimate; with calibration, also seconds per stage and in total (where
+    the engine's model has no weights here, memory and tokens only). ``recalibrate``
+    measures training again instead of taking the cached measurement."""
     from cai.checks import check_config
     from cai.memory import device_memory, process_count
     from cai.models import pick_device
 
     check_config(cfg)
     world = world or process_count()
-    engine, rates, train = None, None, None
+    engine, rates, train, no_timing = None, None, None, None
+    if calibrate and cfg.engine.kind == "local":
+        from cai.models import has_weights, resolve_model
+
+        path = resolve_model(cfg.engine.model, cfg.engine.revision, progress=log)
+        if Path(path).is_dir() and not has_weights(path):
+            no_timing = (f"timing needs the weights: '{cfg.engine.model}' has a config but no weights here, so this "
+                         "plan gives memory and tokens only")
+            log(no_timing)
+            calibrate = False
     if calibrate:
         from cai.engines import batching, build_engine
 
@@ -335,7 +380,7 @@ def plan(cfg: RunConfig, calibrate: bool = True, log=print, world: int | None = 
             build_engine(cfg.engine, cache_path=None, progress=lambda _m: None).close()
             rates["engine_load_s"] = time.perf_counter() - t0
     if rates and any(r["train_tokens"] or r["saves"] for r in rows):
-        train = measure_training(cfg, log)
+        train = measure_training(cfg, log, recalibrate)
     if rates:
         g, r = rates["gen_tokens_per_s"], rates["read_tokens_per_s"]
         t = {**ASSUMED_TRAINING, "train_tokens_per_s": r / 3, "forward_tokens_per_s": r, "policy_gen_tokens_per_s": g,
@@ -344,7 +389,7 @@ def plan(cfg: RunConfig, calibrate: bool = True, log=print, world: int | None = 
             row["seconds"] = round(stage_seconds(row, rates, t), 1)
     what, available = device_memory(pick_device(cfg.engine.device))
     return {"rows": rows, "calibration": rates, "training": train, "engine": cfg.engine.model, "kind": cfg.engine.kind,
-            "world": world, "device_memory": what, "available_bytes": available}
+            "world": world, "device_memory": what, "available_bytes": available, "no_timing": no_timing}
 
 
 def render(result: dict) -> str:
@@ -385,12 +430,15 @@ def render(result: dict) -> str:
                 f"{' x '.join(map(str, t.get('small', ['-'])))} tokens), rollouts "
                 f"{t.get('policy_gen_tokens_per_s', 0):.0f} new tok/s; model load {t['load_s']:.0f}s, save (hashed) "
                 f"{t['save_s']:.0f}s and a figure {t.get('figure_s', 0):.1f}s measured, checkpoint "
-                f"{t['checkpoint_s']:.0f}s assumed (three saves' worth of the trained weights)")
+                f"{t['checkpoint_s']:.0f}s assumed (three saves' worth of the trained weights)"
+                + (f"; cores busy {t['cores_busy']:g} of {t['cores']}" if "cores_busy" in t else "")
+                + ("; taken beside other work, not cached" if t.get("busy") else ""))
         elif any(r["train_tokens"] for r in rows):
             lines.append("training is ASSUMED, not measured (the training model is not on this machine): a step at "
                          "a third of the read rate, a save and every load as long as building the engine")
     else:
-        lines.append("no calibration: counts only (every answer assumed to use its whole token budget)")
+        lines.append(f"{result.get('no_timing') or 'no calibration: counts only'} (every answer assumed to use its "
+                     "whole token budget)")
     world = result.get("world", 1)
     lines.append(f"memory: peak per process ({world} process{'es' if world > 1 else ''}) from the models' configs, "
                  f"with ~{fmt(RUNTIME_BYTES)} for the runtime; device: {result.get('device_memory', '?')}")
