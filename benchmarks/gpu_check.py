@@ -51,6 +51,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import time  # noqa: E402
+
+T_START = time.perf_counter()  # the wall time and the budget count from here, imports included
+
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import gc  # noqa: E402
@@ -62,7 +66,6 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
-import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -105,12 +108,15 @@ class BudgetSpent(BaseException):
 
 def tokenizer_corpus(seed: int = 0) -> list[str]:
     """English from the built-in prompt sets, plus random words so BPE can reach a 32000 vocabulary."""
-    from cai.prompts import load_prompt_set
-
     texts = []
-    for source in ("builtin:red_team", "builtin:helpful", "builtin:benign"):
-        for prompts in load_prompt_set(source, 0.25, seed).values():
-            texts += [m["content"] for p in prompts for m in p.messages]
+    try:
+        from cai.prompts import load_prompt_set
+
+        for source in ("builtin:red_team", "builtin:helpful", "builtin:benign"):
+            for prompts in load_prompt_set(source, 0.25, seed).values():
+                texts += [m["content"] for p in prompts for m in p.messages]
+    except Exception as exc:  # noqa: BLE001 - random words alone still make a tokenizer
+        _common.log(f"tokenizer corpus without the built-in prompts ({type(exc).__name__}: {exc})")
     rng = random.Random(seed)
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(40000)]
     return texts + [" ".join(rng.choice(words) for _ in range(50)) for _ in range(4000)]
@@ -264,7 +270,7 @@ class Check:
 
     def __init__(self, out: Path, budget_s: float, gpu: bool, report: dict):
         self.out, self.budget_s, self.gpu, self.report = out, budget_s, gpu, report
-        self.t0 = time.perf_counter()
+        self.t0 = T_START
         report["phases"] = {}
 
     def left(self) -> float:
@@ -294,6 +300,8 @@ class Check:
             row.update(status="ok", **(value or {}))
         except BudgetSpent:
             row.update(status="timeout", error=f"interrupted: the budget of {self.budget_s:.0f} s ran out")
+        except PhaseFailed as exc:
+            row.update(status="error", error=str(exc)[:2000], **exc.figures)
         except Exception as exc:  # noqa: BLE001 - one phase's failure is data, and the next phase runs
             row.update(status="error", error=f"{type(exc).__name__}: {exc}".strip()[:2000],
                        traceback=traceback.format_exc()[-4000:])
@@ -432,11 +440,33 @@ def stage_rates(cfg, stage: str, counts: dict) -> dict:
 
 
 def missing_upstream(cfg, stage: str) -> str | None:
-    from cai.artifacts import read_manifest
-    from cai.stages import registry
+    """Why ``stage`` cannot run (an upstream stage did not finish), or None."""
+    try:
+        from cai.artifacts import read_manifest
+        from cai.stages import registry
 
-    missing = [n for n in registry()[stage].upstream(cfg) if read_manifest(Path(cfg.run_dir), n) is None]
+        missing = [n for n in registry()[stage].upstream(cfg) if read_manifest(Path(cfg.run_dir), n) is None]
+    except Exception:  # noqa: BLE001 - the phase itself then fails and says why
+        return None
     return f"needs {', '.join(missing)}, which did not finish" if missing else None
+
+
+def finished(run: Path, stage: str) -> bool:
+    from cai.layout import RunFolder
+
+    return RunFolder(run).finished(stage)
+
+
+def reuse_finished(first: Path, run: Path) -> None:
+    """Copy the shared data stages the first run finished into ``run`` (the pipeline checks
+    their fingerprints and hashes, and skips them)."""
+    from cai.layout import RunFolder
+
+    done = RunFolder(first)
+    for stage in SHARED:
+        if done.finished(stage) and not (run / stage).exists():
+            run.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(done.manifest_path(stage).parent, run / stage)
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -445,8 +475,10 @@ def missing_upstream(cfg, stage: str) -> str | None:
 def device_info(gpu: bool) -> dict:
     import torch
 
-    from cai.hardware import bf16_fast, describe_cpu
-
+    try:
+        from cai.hardware import bf16_fast, describe_cpu
+    except Exception:  # noqa: BLE001 - the imports phase reports it
+        bf16_fast, describe_cpu = (lambda _d: None), (lambda: "cpu")
     if gpu:
         props = torch.cuda.get_device_properties(0)
         free, total = torch.cuda.mem_get_info(0)
@@ -457,16 +489,29 @@ def device_info(gpu: bool) -> dict:
     return {"kind": "cpu", "name": describe_cpu(), "bf16_fast": bf16_fast("cpu"), "cores": _common.usable_cores()}
 
 
-def versions() -> dict:
-    from cai.pipeline import versions as cai_versions
+#: What cai imports on the way (a missing one is the first thing to know on a new machine).
+MODULES = ("torch", "transformers", "accelerate", "peft", "tokenizers", "safetensors", "numpy", "yaml", "matplotlib",
+           "datasets", "pyarrow", "tqdm", "cai")
 
-    out = cai_versions()
-    for mod in ("peft", "tokenizers", "safetensors", "numpy"):
+
+def versions() -> dict:
+    import importlib
+    import platform
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for mod in MODULES:
         try:
-            out[mod] = __import__(mod).__version__
-        except ImportError:
-            out[mod] = None
+            out[mod] = getattr(importlib.import_module(mod), "__version__", "?")
+        except Exception as exc:  # noqa: BLE001 - a module that does not import is a finding
+            out[mod] = f"not importable: {type(exc).__name__}: {exc}"[:300]
     return out
+
+
+def imports_phase(found: dict) -> dict:
+    missing = {m: v for m, v in found.items() if isinstance(v, str) and v.startswith("not importable")}
+    if missing:
+        raise PhaseFailed(f"modules that do not import: {', '.join(missing)}", {"missing": missing})
+    return {"modules": {m: found[m] for m in MODULES}}
 
 
 def comparison(report: dict) -> list[dict]:
@@ -486,6 +531,8 @@ def comparison(report: dict) -> list[dict]:
             "run": method, "stage": stage, "status": row["status"], "stage_seconds": row.get("stage_seconds"),
             "wall_seconds": row.get("wall_seconds"),
             "plan_memory_bytes": pmem.get("stage_bytes"), "measured_memory_bytes": measured,
+            "measured_memory_kind": ("RssAnon above the phase's start" if "anon_added_bytes" in mem
+                                     else f"{mem.get('measure')} above the phase's start" if mem else None),
             "memory_ratio": round(pmem["stage_bytes"] / measured, 2) if pmem.get("stage_bytes") and measured else None,
             "plan_memory_parts": pmem.get("parts"), "plan_steps": (planned or {}).get("steps"),
             "steps": counts.get("steps"), "plan_train_tokens": (planned or {}).get("train_tokens"),
@@ -502,7 +549,7 @@ def summary(report: dict) -> str:
     dev = report["device"]
     lines = [f"GPU check on {dev['name']} ({report['shape']} shape, {report['memory_measure']}); "
              f"wall {report['wall_seconds']:.0f}s of a {report['settings']['budget_s']:.0f}s budget"]
-    for name in ("build_model", "plan", "validate", "generate"):
+    for name in ("imports", "build_model", "config", "plan", "validate", "generate"):
         row = report["phases"].get(name, {})
         extra = ""
         if name == "validate" and "exit_code" in row:
@@ -511,7 +558,7 @@ def summary(report: dict) -> str:
             extra = (f"{row['batch']['new_tokens_per_s']:.0f} new tok/s at batch {row['batch']['rows']}, "
                      f"{row['one_row']['new_tokens_per_s']:.0f} at batch 1")
         if name == "build_model" and row.get("status") == "ok":
-            extra = f"{row['parameters'] / 1e6:,.0f}M parameters"
+            extra = f"{row['parameters']:,} parameters"
         lines.append(f"  {name:<12} {row.get('status', '?'):<8} {row.get('wall_seconds', 0):>7.1f}s  "
                      f"{row.get('error', extra)}"[:240])
     lines.append(f"  {'stage':<24}{'status':<9}{'manifest s':>11}{'plan MiB':>10}{'peak MiB':>10}{'plan/peak':>10}  tok/s")
@@ -540,8 +587,9 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="seconds for the whole run; phases not finished by then are interrupted or skipped")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--scratch", type=Path, help="folder for the model and the runs (default: a new temp folder)")
-    ap.add_argument("--keep", action="store_true", help="keep the scratch folder (else it is removed at the end)")
+    ap.add_argument("--scratch", type=Path, help="folder for the model and the runs, kept at the end (default: a new "
+                    "temp folder, removed at the end)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp folder and every run in it")
     ap.add_argument("--methods", default="full,lora", help="training methods to run, in order (default full,lora)")
     ap.add_argument("--gen-batch", type=int, default=None, help="rows of the timed generate batch (32 on a GPU, 8 on a CPU)")
     ap.add_argument("--gen-tokens", type=int, default=None, help="new tokens per row (128 on a GPU, 16 on a CPU)")
@@ -559,6 +607,7 @@ def main() -> int:
     gen_batch = opts.gen_batch or (32 if gpu else 8)
     gen_tokens = opts.gen_tokens or (128 if gpu else 16)
 
+    keep = opts.keep or opts.scratch is not None
     scratch = opts.scratch or Path(tempfile.mkdtemp(prefix="cai-gpu-check-"))
     scratch.mkdir(parents=True, exist_ok=True)
     os.environ["CAI_CACHE_DIR"] = str(scratch / "cai-cache")  # nothing read from, or left in, the user's cache
@@ -567,11 +616,12 @@ def main() -> int:
     runs = {m: scratch / f"run-{m}" for m in methods}
     args = {m: overrides(model_dir, runs[m], gpu, m) for m in methods}
 
+    found = versions()
     report = {
         "what": "cai on one device: model build, plan, validate, local-engine generation, and the training stages "
                 "through cai's pipeline (full and LoRA), with each stage's manifest seconds, tokens/s and peak "
                 "memory beside the plan's estimate",
-        "shape": shape, "device": device_info(gpu), "versions": versions(),
+        "shape": shape, "device": device_info(gpu), "versions": found,
         "memory_measure": Memory(gpu).what,
         "settings": {"budget_s": opts.budget_s, "methods": methods, "stages": list(STAGES),
                      "training_dtype": "bf16-mixed" if gpu else "float32", "gen_batch": gen_batch,
@@ -581,48 +631,40 @@ def main() -> int:
     check = Check(opts.out, opts.budget_s, gpu, report)
     _common.log(f"GPU check: {report['device']['name']}, shape {shape}, budget {opts.budget_s:.0f}s, scratch {scratch}")
     try:
+        check.phase("imports", lambda: imports_phase(found))
         built = check.phase("build_model", lambda: build_model(model_dir, shape, "cuda" if gpu else "cpu",
                                                                  "bfloat16" if gpu else "float32"))
         no_model = None if built else "the model was not built"
+        configs: dict = {}
 
-        from cai.config import load_config
+        def load_configs() -> dict:
+            from cai.config import load_config
 
-        configs = {}
-        for m in methods:
-            configs[m] = load_config(None, args[m])
-        check.phase("plan", lambda: plan_phase(configs), skip=no_model)
+            configs.update({m: load_config(None, args[m]) for m in methods})
+            return {"methods": list(configs)}
 
-        def validate():
-            try:
-                return validate_phase(args[methods[0]], env, timeout=max(1.0, min(check.left(), 300.0)))
-            except PhaseFailed as exc:
-                report["phases"]["validate"].update(exc.figures)
-                raise
-
-        check.phase("validate", validate, skip=no_model)
+        check.phase("config", load_configs)
+        no_config = no_model or (None if configs else "the config did not load")
+        check.phase("plan", lambda: plan_phase(configs), skip=no_config)
+        check.phase("validate", lambda: validate_phase(args[methods[0]], env, max(1.0, min(check.left(), 300.0))),
+                    skip=no_model)
         check.phase("generate", lambda: generate_phase(model_dir, gpu, gen_batch, gen_tokens), skip=no_model)
 
         for i, m in enumerate(methods):
-            cfg = configs[m]
+            if i > 0:  # the data stages the first run finished: same config, nothing new to measure
+                reuse_finished(runs[methods[0]], runs[m])
+                if not keep:  # the earlier run's models are not needed any more (disk)
+                    shutil.rmtree(runs[methods[i - 1]], ignore_errors=True)
             for stage in STAGES:
-                name = f"{m}/{stage}"
-                if i > 0 and stage in SHARED:
-                    first = runs[methods[0]]
-                    from cai.layout import RunFolder
-
-                    src = RunFolder(first).manifest_path(stage).parent
-                    if src.is_dir() and not (runs[m] / stage).exists():
-                        runs[m].mkdir(parents=True, exist_ok=True)
-                        shutil.copytree(src, runs[m] / stage)
-                    continue  # same config as the first run: nothing new to measure
-                check.phase(name, lambda cfg=cfg, stage=stage: stage_phase(cfg, stage),
-                            skip=no_model or missing_upstream(cfg, stage))
-            if i > 0 and not opts.keep:  # the full run's models are no longer needed
-                shutil.rmtree(runs[methods[i - 1]], ignore_errors=True)
+                if i > 0 and stage in SHARED and finished(runs[m], stage):
+                    continue
+                cfg = configs.get(m)
+                check.phase(f"{m}/{stage}", lambda cfg=cfg, stage=stage: stage_phase(cfg, stage),
+                            skip=no_config or missing_upstream(cfg, stage))
     finally:
         report["comparison"] = comparison(report)
         report["machine"]["loadavg_after"] = os.getloadavg()
-        if not gpu:
+        if not gpu and shape != "tiny":  # the tiny model's tensors keep about one core busy whatever the load
             busy = [(n, r["cores_busy"]) for n, r in report["phases"].items() if r.get("cores_busy") is not None
                     and r.get("wall_seconds", 0) > 1]
             warning = _common.starved_warning(_common.usable_cores(), busy)
@@ -632,7 +674,7 @@ def main() -> int:
         check.write()
         print(summary(report))
         print(f"wrote {opts.out}")
-        if not opts.keep and opts.scratch is None:
+        if not keep:
             shutil.rmtree(scratch, ignore_errors=True)
     return 0 if report["all_ok"] else 1
 

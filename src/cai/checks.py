@@ -10,6 +10,7 @@ template, the servers' URLs, the standard sets' names, the run folder. ``cai val
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from cai.config import RunConfig, judge_engine_config
@@ -80,3 +81,317 @@ def _exists(path: Path) -> bool:
         return path.exists()
     except OSError:  # a name too long for the file system, a loop of links...
         return False
+
+
+# -- the pre-flight (`cai validate`): one line per check -------------------------------------------
+#
+# On a CPU login node, for a GPU config, every check that can be made here is made; what cannot
+# (no GPU visible, a server not reachable from here, the hub offline) is a `warn` that says so.
+# `--strict` turns warnings into errors. The device checks read `visible_devices()`, which the
+# tests replace with fakes: only a GPU machine runs them for real (benchmarks/gpu_check.py).
+
+OK, WARN, ERROR = "ok", "warn", "error"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok, warn or error
+    message: str
+
+    def line(self) -> str:
+        return f"{self.status}: {self.name}: {self.message}"
+
+
+@dataclass
+class Device:
+    name: str
+    total_bytes: int
+    free_bytes: int
+
+
+def visible_devices() -> list[Device]:
+    """The CUDA devices this process sees (none on a CPU machine)."""
+    import torch
+
+    out = []
+    for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        free, total = torch.cuda.mem_get_info(i)
+        out.append(Device(torch.cuda.get_device_name(i), int(total), int(free)))
+    return out
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _wants_cuda(cfg: RunConfig) -> bool:
+    return cfg.engine.device.startswith("cuda") or cfg.engine.serve == "vllm"
+
+
+def check_devices(cfg: RunConfig, devices: list[Device]) -> Check:
+    device = cfg.engine.device
+    if not _wants_cuda(cfg):
+        if device == "auto" and devices:
+            return Check("devices", OK, f"engine.device=auto: {len(devices)} CUDA device(s), {devices[0].name}")
+        return Check("devices", OK, f"engine.device={device}: runs on this machine's CPU"
+                     + (" (no CUDA device visible)" if device == "auto" else ""))
+    if not devices:
+        return Check("devices", WARN, f"engine.device={device} but no CUDA device is visible here: cannot check from "
+                     "this machine (run `cai validate` on a GPU node to check the devices)")
+    want = int(device.split(":")[1]) if ":" in device else 0
+    if want >= len(devices):
+        return Check("devices", ERROR, f"engine.device={device} but only {len(devices)} CUDA device(s) are visible "
+                     "(CUDA_VISIBLE_DEVICES?)")
+    sizes = ", ".join(f"{d.name} {_gib(d.total_bytes)} ({_gib(d.free_bytes)} free)" for d in devices)
+    return Check("devices", OK, f"{len(devices)} CUDA device(s): {sizes}")
+
+
+def check_memory_fit(cfg: RunConfig, rows: list[dict] | None, devices: list[Device], world: int) -> Check:
+    from cai.memory import RUNTIME_BYTES, device_memory
+
+    if rows is None:
+        return Check("memory", WARN, "no plan (memory_check=false or the inputs cannot be read here): not checked")
+    need = [(r["memory"]["stage_bytes"] + RUNTIME_BYTES, r["stage"]) for r in rows if r.get("memory")]
+    unknown = _unsized(rows)
+    if unknown:
+        return Check("memory", WARN, f"cannot estimate {', '.join(unknown)}: the config of the model it trains is not "
+                     "on this machine (cache it, or run `cai validate` where it is)")
+    if not need:
+        return Check("memory", OK, "no stage holds a model in this process (every model is served)")
+    peak, stage = max(need)
+    per = f"the largest stage ({stage}) needs ~{_gib(peak)} per process ({world} process{'es' if world > 1 else ''})"
+    if _wants_cuda(cfg):
+        if not devices:
+            return Check("memory", WARN, f"{per}; no GPU visible here to compare with: each GPU needs that much free")
+        have = min(d.free_bytes for d in devices)
+        status = OK if peak <= cfg.memory_margin * have else ERROR
+        return Check("memory", status, f"{per}; the smallest GPU has {_gib(have)} free"
+                     + ("" if status == OK else f" (x memory_margin {cfg.memory_margin:g}); see `cai plan` for the parts"))
+    what, available = device_memory("cpu")
+    if not available:
+        return Check("memory", WARN, f"{per}; this machine's available RAM is unknown")
+    status = OK if peak * world <= cfg.memory_margin * available else ERROR
+    return Check("memory", status, f"{per}; {what}")
+
+
+def check_processes(cfg: RunConfig, devices: list[Device], world: int) -> Check:
+    if world <= 1:
+        return Check("processes", OK, "1 process (under `accelerate launch` every process checks its own share)")
+    if _wants_cuda(cfg):
+        if not devices:
+            return Check("processes", WARN, f"{world} processes; no GPU visible here to count against (one GPU a "
+                         "process on the GPU nodes)")
+        if world > len(devices):
+            return Check("processes", ERROR, f"{world} processes but {len(devices)} CUDA device(s) visible: two "
+                         "processes would share a GPU; launch at most one process per GPU")
+        return Check("processes", OK, f"{world} processes on {len(devices)} CUDA device(s)")
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    status = OK if world <= cores else WARN
+    return Check("processes", status, f"{world} CPU processes on {cores} cores")
+
+
+def check_serving(cfg: RunConfig) -> Check | None:
+    """The serving engine ``engine.serve`` names: importable (or its command found), and its version."""
+    import importlib.metadata
+    import importlib.util
+    import shutil
+
+    serve = cfg.engine.serve
+    if serve == "none":
+        return None
+    package = {"vllm": "vllm", "llama-cpp-python": "llama_cpp"}.get(serve)
+    here = not _wants_cuda(cfg) or bool(visible_devices())
+    if package is not None:
+        if importlib.util.find_spec(package) is None:
+            hint = "pip install vllm" if serve == "vllm" else 'pip install "llama-cpp-python[server]"'
+            return Check("serving", ERROR if here else WARN, f"engine.serve={serve}: the '{package}' package is not "
+                         f"importable here ({hint}{' on the GPU nodes' if not here else ''})")
+        dist = {"vllm": "vllm", "llama-cpp-python": "llama_cpp_python"}[serve]
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            version = "?"
+        return Check("serving", OK, f"engine.serve={serve}: {package} {version}")
+    from cai.engines.serve import _bundled, template_text
+
+    exe = template_text(serve).split()[0]
+    if "{" in exe:
+        return Check("serving", WARN, f"engine.serve: the command '{exe}' is a placeholder: cannot check it here")
+    found = shutil.which(exe) or _bundled(exe)
+    if found is None:
+        return Check("serving", ERROR if here else WARN, f"engine.serve={serve}: the command '{exe}' is not found "
+                     "here (put it on PATH; for llama-server: `cai serve-setup --build-server`)")
+    return Check("serving", OK, f"engine.serve={serve}: {found}")
+
+
+def probe_models(url: str, api_key: str | None, timeout_s: float) -> list[dict]:
+    """The entries of ``GET <url>/models`` (one try, no retries); raises OSError or ValueError."""
+    import http.client
+    import json
+    import urllib.parse
+
+    from cai.engines.openai import normalize_url
+
+    parts = urllib.parse.urlsplit(normalize_url(url))
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = cls(parts.hostname, parts.port, timeout=timeout_s)
+    try:
+        conn.request("GET", parts.path + "/models", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+        resp = conn.getresponse()
+        raw = resp.read()
+    except http.client.HTTPException as exc:
+        raise OSError(str(exc)) from None
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise ValueError(f"HTTP {resp.status}")
+    data = json.loads(raw).get("data", [])
+    return [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
+
+
+def check_endpoints(cfg: RunConfig, longest: int, timeout_s: float = 5.0) -> list[Check]:
+    """Each server the config names: it answers ``/v1/models``, serves the configured name,
+    and its context length (where it says) holds the longest request the plan expects."""
+    import os
+
+    groups = []
+    if cfg.engine.kind == "openai" and cfg.engine.serve == "none":
+        groups.append(("engine.endpoints", cfg.engine.endpoints, cfg.engine.model))
+    if cfg.evaluate.judge_endpoints:
+        groups.append(("evaluate.judge_endpoints", cfg.evaluate.judge_endpoints, cfg.evaluate.judge))
+    key = os.environ.get(cfg.engine.api_key_env) or None
+    out = []
+    for field, urls, model in groups:
+        for url in urls:
+            name = f"endpoint {url}"
+            try:
+                entries = probe_models(url, key, timeout_s)
+            except (OSError, ValueError) as exc:
+                out.append(Check(name, ERROR, f"no answer at /v1/models ({type(exc).__name__}: {exc}); a run from this "
+                                 f"machine would fail there: check {field}, the server and the network"))
+                continue
+            entry = next((e for e in entries if e.get("id") == model), None)
+            if entry is None:
+                served = ", ".join(str(e.get("id")) for e in entries) or "nothing"
+                out.append(Check(name, ERROR, f"does not serve '{model}' (it serves {served})"))
+                continue
+            ctx = entry.get("max_model_len") or (entry.get("meta") or {}).get("n_ctx_train")
+            if isinstance(ctx, int) and ctx < longest:
+                out.append(Check(name, ERROR, f"serves '{model}' with a context of {ctx} tokens, but the longest "
+                                 f"request is about {longest} (demonstrations, prompt and answer budgets); raise the "
+                                 "server's context length or lower the few_shot / max_new_tokens settings"))
+            else:
+                out.append(Check(name, OK, f"serves '{model}'" + (f", context {ctx} >= ~{longest} tokens"
+                                                                  if isinstance(ctx, int) else
+                                                                  " (it does not say its context length)")))
+    return out
+
+
+def check_models(cfg: RunConfig, timeout_s: float = 3.0) -> list[Check]:
+    """Every model the config names: a local folder, a cached hub id, or on a reachable hub.
+    Offline (or the hub out of reach) a hub id not cached is one `warn`, with no retries."""
+    from cai.models import hub_reachable, model_settings, offline
+
+    out, unknown = [], []
+    for field, name in model_settings(cfg):
+        if name == "default":
+            continue  # the embedded model: checked with the config (its package)
+        path = Path(name).expanduser()
+        if path.exists():
+            from cai.models import has_weights
+
+            if not (path / "config.json").is_file():
+                out.append(Check(f"model {field}", ERROR, f"'{name}': a local folder without config.json"))
+            elif not has_weights(path):
+                out.append(Check(f"model {field}", WARN, f"'{name}': a config and no weights here (enough to plan, "
+                                 "not to run)"))
+            else:
+                out.append(Check(f"model {field}", OK, f"'{name}': a local checkpoint"))
+            continue
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(name, revision=cfg.engine.revision, local_files_only=True)
+            out.append(Check(f"model {field}", OK, f"'{name}': in the local Hugging Face cache"))
+        except Exception:
+            unknown.append((field, name))
+    if unknown:
+        names = ", ".join(f"{f}={n}" for f, n in unknown)
+        if offline() or not hub_reachable(timeout_s):
+            why = "HF_HUB_OFFLINE is set" if offline() else "the hub is not reachable from here"
+            out.append(Check("models", WARN, f"cannot check {names}: not in the local cache and {why}; the nodes that "
+                             "run must have them cached or reach the hub"))
+        else:
+            from cai.models import check_model
+
+            for field, name in unknown:
+                try:
+                    check_model(name, field, cfg.engine.revision)
+                    out.append(Check(f"model {field}", OK, f"'{name}': on the hub (downloaded when first used)"))
+                except CaiError as exc:
+                    out.append(Check(f"model {field}", ERROR, str(exc)))
+    return out
+
+
+def check_disk(cfg: RunConfig, rows: list[dict] | None) -> Check:
+    import shutil
+
+    if rows is None:
+        return Check("disk", WARN, "no plan: the space the run needs is not known")
+    need = sum(r.get("disk_bytes", 0) for r in rows)
+    p = Path(cfg.run_dir).expanduser()
+    where = next((a for a in (p, *p.absolute().parents) if _exists(a)), Path("/"))
+    free = shutil.disk_usage(where).free
+    status = OK if need <= free else ERROR
+    unknown = _unsized(rows)
+    if unknown and status == OK:
+        return Check("disk", WARN, f"the run writes at least ~{_gib(need)}, more for the models of {', '.join(unknown)}, "
+                     f"whose size is not known here; {_gib(free)} free at {where}")
+    return Check("disk", status, f"the run writes up to ~{_gib(need)} (models, a checkpoint at a time, the request "
+                 f"cache); {_gib(free)} free at {where}")
+
+
+def _unsized(rows: list[dict]) -> list[str]:
+    """The training stages whose model's size the plan could not read (its config is not here)."""
+    return [r["stage"] for r in rows if not r.get("memory") and (r.get("train_tokens") or r.get("saves"))]
+
+
+def preflight(cfg: RunConfig, rows: list[dict] | None, world: int, longest: int = 0) -> list[Check]:
+    """Every pre-flight check of a config that passed :func:`check_config` (``rows``: the
+    plan's, None when it could not be made)."""
+    devices = visible_devices()
+    checks = [check_devices(cfg, devices), check_memory_fit(cfg, rows, devices, world),
+              check_processes(cfg, devices, world)]
+    serving = check_serving(cfg)
+    if serving is not None:
+        checks.append(serving)
+    checks += check_endpoints(cfg, longest)
+    checks += check_models(cfg)
+    checks.append(check_disk(cfg, rows))
+    return checks
+
+
+def longest_request(cfg: RunConfig, constitution, sets: dict) -> int:
+    """About the longest request the run sends a model (tokens at four characters each): a
+    critique/revision round (demonstrations, prompt, answer, critique, revision) or a
+    comparison question (demonstrations, prompt, two answers, a chain of thought)."""
+    from cai.conversations import comparison_demos, principle_texts, revision_demos
+
+    def count(conv) -> int:
+        return sum(len(m["content"]) + 16 for m in conv) // 4
+
+    prompt = max((count(p.messages) for splits in sets.values() for ps in splits.values() for p in ps), default=0)
+    cr, fb, ev = cfg.critique_revision, cfg.feedback, cfg.evaluate
+    ex = constitution.critique_revision_examples
+    demos = count(revision_demos(ex if cr.few_shot < 0 else ex[: cr.few_shot], cr.critique)) if ex else 0
+    rounds = demos + prompt + 2 * cr.max_new_tokens + cr.critique_max_new_tokens + 64
+    cx = constitution.comparison_examples
+    texts = principle_texts(constitution)
+    fb_demos = count(comparison_demos(cx if fb.few_shot < 0 else cx[: fb.few_shot], texts, fb.chain_of_thought)) if cx else 0
+    question = fb_demos + prompt + 2 * fb.max_new_tokens + (fb.cot_max_new_tokens if fb.chain_of_thought else 0) + 64
+    ev_demos = count(comparison_demos(cx if ev.few_shot < 0 else cx[: ev.few_shot], texts, False)) if cx else 0
+    judged = ev_demos + prompt + 2 * ev.max_new_tokens + 64
+    return max(rounds, question, judged)

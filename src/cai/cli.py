@@ -54,13 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "validate", help="check a config, constitution or prompt file without running anything",
-        description="Check a config (and the constitution and prompt sets it names), or single "
-        "files given with --constitution / --prompts. Exits non-zero on the first problem.",
+        description="The pre-flight of a run: check a config (and the constitution and prompt sets it names), "
+        "then one line per check, ok / warn / error: the devices, memory per process against them, processes "
+        "against devices, the serving engine, each endpoint (/v1/models, the model name, its context), every "
+        "model the config names, and the disk. A warning is what this machine cannot check (a GPU config on a "
+        "CPU login node, the hub offline). Exits 2 on a bad config or a failed check. Or check single files "
+        "given with --constitution / --prompts.",
         epilog=_fields_epilog(), formatter_class=fmt,
     )
     _add_config_args(p)
     p.add_argument("--constitution", help="check only this constitution file (cai YAML, Anthropic or HF JSON)")
     p.add_argument("--prompts", help="check only this prompt file or directory")
+    p.add_argument("--strict", action="store_true", help="count warnings (what cannot be checked here) as errors")
 
     p = sub.add_parser(
         "config", help="print the resolved config, its fields, or the presets",
@@ -197,29 +202,36 @@ def cmd_validate(args) -> int:
             sizes = ", ".join(f"{s}={len(p)}" for s, p in splits.items())
             print(f"ok: {args.prompts}: {sizes}")
         return 0
-    from cai.models import check_model_settings
+    from cai.checks import ERROR, WARN, longest_request, preflight
     from cai.inputs import load_inputs
+    from cai.memory import process_count
+    from cai.plan import counter, estimate
 
     cfg = load_config(_default_config(args), args.overrides)
     check_config(cfg)
     check_run_dir(cfg.run_dir)
-    check_model_settings(cfg)
     const, sets = load_inputs(cfg)
-    from cai.memory import RUNTIME_BYTES, device_memory, fmt, process_count
-    from cai.models import pick_device
-    from cai.plan import check_memory
-
-    rows = check_memory(cfg, log=lambda m: print(f"note: {m}"))
-    print(f"ok: config ({', '.join(cfg.stages)}) -> {cfg.run_dir}")
-    if rows is not None:
-        peak = max(((r["memory"]["stage_bytes"], r["stage"]) for r in rows if r["memory"]), default=None)
-        if peak:
-            print(f"ok: memory: the largest stage ({peak[1]}) needs ~{fmt(peak[0] + RUNTIME_BYTES)} per process "
-                  f"({process_count()} process{'es' if process_count() > 1 else ''}); "
-                  f"{device_memory(pick_device(cfg.engine.device))[0]}")
+    print(f"ok: config: {', '.join(cfg.stages)} -> {cfg.run_dir}")
     print(f"ok: constitution '{const.name}': {len(const.principles)} principles, {len(const.comparison_principles)} comparison principles")
     for name, splits in sets.items():
         print(f"ok: {name}: " + ", ".join(f"{s}={len(p)}" for s, p in splits.items()))
+    world = process_count()
+    rows = None
+    if cfg.memory_check:
+        try:
+            rows = estimate(cfg, counter(None), world)
+        except CaiError as exc:
+            print(f"warn: plan: cannot be made here ({exc})")
+    checks = preflight(cfg, rows, world, longest_request(cfg, const, sets))
+    for c in checks:
+        print(c.line())
+    failed = [c for c in checks if c.status == ERROR or (args.strict and c.status == WARN)]
+    if failed:
+        raise CaiError(f"pre-flight: {len(failed)} check{'s' if len(failed) > 1 else ''} failed "
+                       f"({', '.join(c.name for c in failed)})" + ("; --strict counts warnings" if args.strict else ""))
+    warned = sum(c.status == WARN for c in checks)
+    print(f"pre-flight passed" + (f" with {warned} warning{'s' if warned > 1 else ''} (what this machine cannot "
+                                  "check; --strict makes them errors)" if warned else ""))
     return 0
 
 

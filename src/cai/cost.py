@@ -44,8 +44,23 @@ class Cost:
     saves: int = 0  # save_pretrained models written (and hashed into the manifest)
     checkpoints: int = 0  # resumable checkpoints written (weights + AdamW state)
     figures: int = 0  # PNG figures drawn
+    #: bytes the stage leaves on disk at its peak: saved models and one resumable checkpoint
+    #: (training stages, :func:`training_disk`); the plan adds the request cache and data files
+    disk_bytes: int = 0
     #: peak memory per process (a :class:`cai.memory.Memory`); None: nothing local to hold
     memory: object = None
+
+
+def training_disk(params: int, prec, tc, saves: int, checkpoints: int) -> int:
+    """A training stage's bytes on disk at its peak: ``saves`` whole models of ``params`` in
+    the saved dtype (with LoRA the merged model, its adapter being small), and while it runs
+    one resumable checkpoint: the trained weights and AdamW's two states."""
+    from cai.memory import DTYPE_BYTES
+
+    saved = DTYPE_BYTES.get(getattr(prec, "saved", "float32"), 4)
+    trained = params if tc.method != "lora" else params // 100  # adapters: about 1% of the model
+    checkpoint = 3 * trained * DTYPE_BYTES.get(getattr(prec, "weights", "float32"), 4) if checkpoints else 0
+    return int(saves * params * saved + checkpoint)
 
 
 def passes(items: float, micro: int, world: int = 1) -> int:

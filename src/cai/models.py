@@ -196,6 +196,10 @@ def check_model(name: str, field: str, revision: str | None = None) -> None:
     if offline():
         raise CaiError(f"config field '{field}': model '{name}' is not in the local Hugging Face cache and the "
                        "hub is offline (HF_HUB_OFFLINE=1); download it while online or give a local folder")
+    if not hub_reachable():
+        raise CaiError(f"config field '{field}': model '{name}' is not in the local Hugging Face cache and the hub "
+                       "cannot be reached from here (no network?); download it where there is one, set "
+                       "HF_HUB_OFFLINE=1 to say so, or give a local folder")
     from huggingface_hub import HfApi
     from huggingface_hub.utils import RepositoryNotFoundError, RevisionNotFoundError
 
@@ -218,17 +222,42 @@ def has_weights(folder: str | Path) -> bool:
     return folder.is_dir() and any(f.name.endswith(WEIGHT_SUFFIXES) for f in folder.iterdir())
 
 
-def check_model_settings(cfg) -> None:
-    """Every model a config names (``sl-cai``, this run's SFT model, is made by the run)."""
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection now (one try, no retries)."""
+    import socket
+
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("//")[-1].split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], int(host.split(":")[1]) if ":" in host else 443),
+                                 timeout=timeout_s).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def model_settings(cfg) -> list[tuple[str, str]]:
+    """(field, model) of every model a config names that this machine loads: the served
+    engine's model (``engine.kind=openai``: the name on the servers) is left out where an
+    inference setting names it, never where a training stage starts from it (it trains
+    here); ``sl-cai``, this run's SFT model, is made by the run."""
     e = cfg.engine
-    named = [("engine.model", e.model if e.kind == "local" else None), ("engine.tokenizer", e.tokenizer),
-             ("sft.model", cfg.sft.model), ("feedback.policy", cfg.feedback.policy),
-             ("feedback.model", cfg.feedback.model), ("preference_model.model", cfg.preference_model.model),
-             ("rl.policy", cfg.rl.policy), ("dpo.policy", cfg.dpo.policy), ("evaluate.judge", cfg.evaluate.judge),
-             ("critique_revision.best_of_model", getattr(cfg.critique_revision, "best_of_model", None))]
-    for field, name in named:
-        if name and name != "sl-cai" and not (e.kind != "local" and name == e.model):
-            check_model(name, field, e.revision)
+    served = lambda name: e.kind != "local" and name == e.model  # noqa: E731
+    inference = [("engine.model", e.model), ("engine.tokenizer", e.tokenizer), ("feedback.policy", cfg.feedback.policy),
+                 ("feedback.model", cfg.feedback.model), ("evaluate.judge", cfg.evaluate.judge),
+                 ("critique_revision.best_of_model", cfg.critique_revision.best_of_model),
+                 ("expand.filter_model", cfg.expand.filter_model), ("expand.embed_model", cfg.expand.embed_model)]
+    training = [("sft.model", cfg.sft.model), ("preference_model.model", cfg.preference_model.model),
+                ("rl.policy", cfg.rl.policy), ("dpo.policy", cfg.dpo.policy)]
+    out = [(f, n) for f, n in inference if n and not served(n) and not (f == "evaluate.judge" and
+                                                                        cfg.evaluate.judge_endpoints)]
+    out += [(f, n) for f, n in training if n]
+    return [(f, n) for f, n in out if n != "sl-cai"]
+
+
+def check_model_settings(cfg) -> None:
+    """Every model a config names that this machine loads (:func:`model_settings`)."""
+    for field, name in model_settings(cfg):
+        check_model(name, field, cfg.engine.revision)
 
 
 # -- loading ----------------------------------------------------------------------------------

@@ -296,6 +296,9 @@ def estimate(cfg: RunConfig, count, world: int = 1) -> list[dict]:
     for stage in cfg.stages:
         cost = specs[stage].estimate(inputs)
         row = {"stage": stage, **{f.name: getattr(cost, f.name) for f in dataclasses.fields(cost) if f.name != "memory"}}
+        # what every stage adds beside its models: the request cache (each request and its answer)
+        # and its data files, at about four bytes a token
+        row["disk_bytes"] += 4 * (cost.prompt_tokens + 2 * (cost.new_tokens + cost.policy_tokens))
         rows.append({**row, "memory": cost.memory.to_dict() if cost.memory is not None else None})
     return rows
 

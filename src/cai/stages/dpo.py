@@ -50,7 +50,7 @@ import time
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_json
 from cai.plots import plot_curve
-from cai.cost import Cost, PlanInputs, passes
+from cai.cost import Cost, PlanInputs, passes, training_disk
 from cai.stage import StageContext, StageSpec
 from cai.stage_names import SL_CAI
 from cai.training import (
@@ -301,11 +301,13 @@ def estimate(inputs: PlanInputs) -> Cost:
     seqs = 2 * n * dc.epochs if dc.max_steps is None else min(2 * n * dc.epochs, 2 * dc.max_steps * dc.batch_size)
     steps = math.ceil(seqs / 2 / dc.batch_size)
     used = min(2 * n, seqs)  # the train sequences whose reference log-probs are computed once
-    shape, memory = inputs.shape(dc.policy), None
+    shape, memory, disk = inputs.shape(dc.policy), None, 0
     if shape is not None:
         per_pass = math.ceil(2 * max(1, dc.batch_size // dc.grad_accum) / inputs.world)  # chosen and rejected
         prec = resolve_precision(dc.dtype, inputs.device, "dpo.dtype", lambda _m: None, planning=True)
         memory = training(shape, prec, dc, per_pass, length, inputs.world, dc.sharding == "fsdp")
+        disk = training_disk(shape.params, prec, dc, 1 + point_saves(steps, dc.frontier_points, dc.method),
+                             (steps - 1) // dc.checkpoint_every)
     micro = max(1, dc.batch_size // dc.grad_accum)  # pairs per pass (chosen and rejected)
     # no-grad passes: the reference log-probs of the train and test pairs, the held-out pairs after training
     return Cost(train_tokens=int(seqs * length), note=f"~{int(n)} pairs x {dc.epochs} epochs",
@@ -313,7 +315,7 @@ def estimate(inputs: PlanInputs) -> Cost:
                 loads=1, eval_tokens=int((used + 2 * 2 * n_test) * length), figures=1,
                 eval_passes=passes(used / 2, micro, inputs.world) + 2 * passes(n_test, micro, inputs.world),
                 saves=1 + point_saves(steps, dc.frontier_points, dc.method),
-                checkpoints=(steps - 1) // dc.checkpoint_every, memory=memory)
+                checkpoints=(steps - 1) // dc.checkpoint_every, memory=memory, disk_bytes=disk)
 
 
 STAGE = StageSpec(

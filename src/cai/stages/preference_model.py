@@ -30,7 +30,7 @@ from cai.errors import CaiError
 from cai.io import read_jsonl, write_json, write_jsonl
 from cai.plots import plot_calibration, plot_curve, plot_scores
 from cai.reward import encode_answer, pair_metrics, preference_loss, prepare_for_scoring, rewards, sigmoid
-from cai.cost import Cost, PlanInputs, passes
+from cai.cost import Cost, PlanInputs, passes, training_disk
 from cai.stage import StageContext, StageSpec
 from cai.stage_names import SL_CAI
 from cai.training import (
@@ -194,18 +194,19 @@ def estimate(inputs: PlanInputs) -> Cost:
     length = min(fb.max_new_tokens + 60, pc.max_length)
     seqs = 2 * n * pc.epochs if pc.max_steps is None else min(2 * n * pc.epochs, 2 * pc.max_steps * pc.batch_size)
     steps = math.ceil(seqs / 2 / pc.batch_size)
-    shape, memory = inputs.shape(pc.model), None
+    shape, memory, disk = inputs.shape(pc.model), None, 0
     if shape is not None:
         per_pass = math.ceil(2 * max(1, pc.batch_size // pc.grad_accum) / inputs.world)  # both answers of a pair
         prec = resolve_precision(pc.dtype, inputs.device, "preference_model.dtype", lambda _m: None, planning=True)
         memory = training(shape, prec, pc, per_pass, length, inputs.world,
                           classifier=True)
+        disk = training_disk(shape.pm_params, prec, pc, 1, (steps - 1) // pc.checkpoint_every)
     micro = max(1, pc.batch_size // pc.grad_accum)  # pairs per pass (two sequences each)
     # held-out pairs scored before and after training (two sequences each)
     return Cost(train_tokens=int(seqs * length), note=f"~{int(n)} pairs x {pc.epochs} epochs",
                 train_passes=steps * passes(pc.batch_size, micro, inputs.world), steps=steps,
                 loads=1, eval_tokens=int(2 * 2 * n_test * length), eval_passes=2 * passes(n_test, micro),
-                saves=1, checkpoints=(steps - 1) // pc.checkpoint_every, figures=3, memory=memory)
+                saves=1, checkpoints=(steps - 1) // pc.checkpoint_every, figures=3, memory=memory, disk_bytes=disk)
 
 
 STAGE = StageSpec(

@@ -74,7 +74,7 @@ from cai.config import RLConfig
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_json, write_jsonl
 from cai.plots import plot_curve
-from cai.cost import Cost, PlanInputs, passes
+from cai.cost import Cost, PlanInputs, passes, training_disk
 from cai.inputs import expanded_prompts, with_expansion
 from cai.stage import StageContext, StageSpec
 from cai.stage_names import SL_CAI
@@ -499,12 +499,14 @@ def estimate(inputs: PlanInputs) -> Cost:
     rollouts = rc.steps * rc.prompts_per_step * rc.samples_per_prompt
     asked = rc.steps * rc.prompts_per_step + 2 * rc.eval_prompts
     length = int(avg + rc.max_new_tokens)
-    shape, memory = inputs.shape(rc.policy), None
+    shape, memory, disk = inputs.shape(rc.policy), None, 0
     if shape is not None:
         prec = resolve_precision(rc.dtype, inputs.device, "rl.dtype", lambda _m: None, planning=True)
         mine = math.ceil(rc.prompts_per_step / inputs.world) * rc.samples_per_prompt  # this process's rollouts
         memory = training(shape, prec, rc, min(mine, rc.micro_batch_size), length, inputs.world, reference_copy=True)
         memory += frozen_model(shape.pm_params, DTYPE_BYTES[prec.frozen])
+        disk = training_disk(shape.params, prec, rc, 1 + point_saves(rc.steps, rc.frontier_points, rc.method),
+                             (rc.steps - 1) // rc.checkpoint_every)
         # the rollouts' KV cache (weights as stored: float32 masters, or LoRA's compute-dtype base) and the
         # update's activations are phases of a step: the larger one counts
         kv_bytes = DTYPE_BYTES[prec.frozen if rc.method == "lora" else prec.weights]
@@ -527,7 +529,7 @@ def estimate(inputs: PlanInputs) -> Cost:
                                          + 3 * 2 * rc.eval_prompts * length),
                 eval_passes=rc.steps * no_grad_step + held_out, figures=3,
                 saves=1 + point_saves(rc.steps, rc.frontier_points, rc.method),
-                checkpoints=(rc.steps - 1) // rc.checkpoint_every, memory=memory)
+                checkpoints=(rc.steps - 1) // rc.checkpoint_every, memory=memory, disk_bytes=disk)
 
 
 STAGE = StageSpec(

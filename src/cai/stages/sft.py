@@ -27,7 +27,7 @@ import time
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_json
 from cai.plots import plot_curve
-from cai.cost import Cost, PlanInputs, passes
+from cai.cost import Cost, PlanInputs, passes, training_disk
 from cai.stage import StageContext, StageSpec
 from cai.training import (
     IGNORE,
@@ -178,17 +178,18 @@ def estimate(inputs: PlanInputs) -> Cost:
     length = int(min(per, sc.max_length))
     seen = n * sc.epochs if sc.max_steps is None else min(n * sc.epochs, sc.max_steps * sc.batch_size)
     steps = math.ceil(seen / sc.batch_size)
-    shape, memory = inputs.shape(sc.model or inputs.cfg.engine.model), None
+    shape, memory, disk = inputs.shape(sc.model or inputs.cfg.engine.model), None, 0
     if shape is not None:
         seqs = math.ceil(max(1, sc.batch_size // sc.grad_accum) / inputs.world)
         prec = resolve_precision(sc.dtype, inputs.device, "sft.dtype", lambda _m: None, planning=True)
         memory = training(shape, prec, sc, seqs, length, inputs.world, sc.sharding == "fsdp")
+        disk = training_disk(shape.params, prec, sc, 1, (steps - 1) // sc.checkpoint_every)
     micro = max(1, sc.batch_size // sc.grad_accum)
     # held-out loss before and after training; a checkpoint every checkpoint_every steps but the last
     return Cost(train_tokens=int(seen * length), note=f"{n} examples x {sc.epochs} epochs",
                 train_passes=steps * passes(sc.batch_size, micro, inputs.world), steps=steps,
                 loads=1, eval_tokens=2 * n_test * length, eval_passes=2 * passes(n_test, micro, inputs.world),
-                saves=1, checkpoints=(steps - 1) // sc.checkpoint_every, figures=1, memory=memory)
+                saves=1, checkpoints=(steps - 1) // sc.checkpoint_every, figures=1, memory=memory, disk_bytes=disk)
 
 
 STAGE = StageSpec(
