@@ -9,7 +9,8 @@ no network. Everything it needs is built here:
   BPE tokenizer trained in-process (on the built-in prompt sets plus random words, to the
   model's vocabulary) and a ChatML template, saved with ``save_pretrained`` in the
   scratch folder;
-* then, each one a **phase** (its error is recorded and the next phase runs):
+* then, each one a **phase** (its error is recorded and the next phase runs; ``imports``,
+  ``build_model`` and ``config`` come first):
 
   1. ``plan``: ``cai.plan.plan(cfg, calibrate=False)`` for both configs below: each
      stage's counts and peak memory per process;
@@ -25,6 +26,9 @@ no network. Everything it needs is built here:
   5. ``lora/<stage>``: sft, feedback, preference_model, rl and dpo again with
      ``method=lora`` (prepare and critique_revision are copied from the full run: the
      same config, so the pipeline skips them).
+
+  Where sft fails, the stages after it start from the built model instead of the SL-CAI
+  model (the row says so in ``note``), so they are still measured.
 
 Per stage it records the seconds and counts of ``RUN_DIR/<stage>/manifest.json``,
 tokens/s where a stage gives them, the peak memory (on a GPU
@@ -276,9 +280,9 @@ class Check:
     def left(self) -> float:
         return self.budget_s - (time.perf_counter() - self.t0)
 
-    def phase(self, name: str, fn, skip: str | None = None):
+    def phase(self, name: str, fn, skip: str | None = None, note: str | None = None):
         """Run ``fn()`` (a dict of figures) as phase ``name``; returns its figures or None."""
-        row: dict = {"status": "skipped"}
+        row: dict = {"status": "skipped", **({"note": note} if note else {})}
         self.report["phases"][name] = row
         left = self.left()
         if skip or left <= 0:
@@ -342,7 +346,13 @@ def plan_phase(configs: dict) -> dict:
 def validate_phase(args: list[str], env: dict, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "cai", "validate", *args]
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    except subprocess.TimeoutExpired as exc:
+        text = lambda b: (b.decode(errors="replace") if isinstance(b, bytes) else b or "")  # noqa: E731
+        raise PhaseFailed(f"cai validate did not finish in {timeout:.0f} s",
+                          {"exit_code": None, "lines": text(exc.stdout).splitlines(),
+                           "stderr_lines": text(exc.stderr).splitlines()[-60:]}) from None
     lines = done.stdout.splitlines()
     kinds: dict[str, int] = {}
     for line in lines:
@@ -420,22 +430,23 @@ def stage_phase(cfg, stage: str) -> dict:
 
 
 def stage_rates(cfg, stage: str, counts: dict) -> dict:
-    """Tokens/s a stage's manifest gives (sft), or that its metrics give with the manifest's train seconds (rl)."""
+    """Tokens/s a stage's manifest gives (sft), or that rl's metrics give over the manifest's train seconds."""
     from cai.layout import RunFolder
 
     rates = {}
+    seconds = counts.get("train_seconds") or None  # rounded to 0.1 s: 0.0 on a tiny run
     if counts.get("train_tokens_per_s") is not None:
         rates["train_tokens_per_s"] = counts["train_tokens_per_s"]
-    if stage == "rl" and counts.get("train_seconds"):
+    if stage == "rl":
         path = RunFolder(cfg.run_dir).path("rl", "metrics")
         if path.is_file():
             history = json.loads(path.read_text()).get("history", [])
             per_step = cfg.rl.prompts_per_step * cfg.rl.samples_per_prompt
-            tokens = sum(h.get("length", 0) * per_step for h in history)
-            rates["rollout_tokens"] = round(tokens)
-            rates["rollout_tokens_per_train_s"] = round(tokens / counts["train_seconds"], 1)
-    if counts.get("steps") and counts.get("train_seconds"):
-        rates["steps_per_train_s"] = round(counts["steps"] / counts["train_seconds"], 3)
+            tokens = round(sum(h.get("length", 0) * per_step for h in history))
+            rates["rollout_tokens"] = tokens  # the sampled answers' tokens, over every step
+            rates["rollout_tokens_per_train_s"] = round(tokens / seconds, 1) if seconds else None
+    if counts.get("steps") and seconds:
+        rates["steps_per_train_s"] = round(counts["steps"] / seconds, 3)
     return rates
 
 
@@ -449,6 +460,21 @@ def missing_upstream(cfg, stage: str) -> str | None:
     except Exception:  # noqa: BLE001 - the phase itself then fails and says why
         return None
     return f"needs {', '.join(missing)}, which did not finish" if missing else None
+
+
+def without_sft(cfg, model: Path):
+    """``cfg`` with every stage that would start from the SL-CAI model starting from ``model``
+    instead: when sft fails, the stages after it are still measured."""
+    import dataclasses
+
+    from cai.stage_names import SL_CAI
+
+    def swap(section, **fields):
+        return dataclasses.replace(section, **{k: str(model) for k, v in fields.items() if v == SL_CAI})
+
+    return dataclasses.replace(cfg, feedback=swap(cfg.feedback, policy=cfg.feedback.policy),
+                               preference_model=swap(cfg.preference_model, model=cfg.preference_model.model),
+                               rl=swap(cfg.rl, policy=cfg.rl.policy), dpo=swap(cfg.dpo, policy=cfg.dpo.policy))
 
 
 def finished(run: Path, stage: str) -> bool:
@@ -486,7 +512,10 @@ def device_info(gpu: bool) -> dict:
                 "free_memory_bytes_at_start": free, "capability": f"{props.major}.{props.minor}",
                 "count": torch.cuda.device_count(), "bf16_fast": bf16_fast("cuda"),
                 "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
-    return {"kind": "cpu", "name": describe_cpu(), "bf16_fast": bf16_fast("cpu"), "cores": _common.usable_cores()}
+    import platform
+
+    return {"kind": "cpu", "name": f"CPU {platform.processor() or platform.machine()} ({describe_cpu()})",
+            "bf16_fast": bf16_fast("cpu"), "cores": _common.usable_cores()}
 
 
 #: What cai imports on the way (a missing one is the first thing to know on a new machine).
@@ -547,8 +576,10 @@ def summary(report: dict) -> str:
         return "-" if n is None else f"{n / 2**20:,.0f}"
 
     dev = report["device"]
-    lines = [f"GPU check on {dev['name']} ({report['shape']} shape, {report['memory_measure']}); "
-             f"wall {report['wall_seconds']:.0f}s of a {report['settings']['budget_s']:.0f}s budget"]
+    peak = "CUDA max_memory_allocated" if dev["kind"] == "cuda" else "process RssAnon (CPU)"
+    lines = [f"GPU check on {dev['name']}: {report['shape']} shape, training {report['settings']['training_dtype']}, "
+             f"wall {report['wall_seconds']:.0f}s of a {report['settings']['budget_s']:.0f}s budget; "
+             f"peak MiB = {peak} above the phase's start"]
     for name in ("imports", "build_model", "config", "plan", "validate", "generate"):
         row = report["phases"].get(name, {})
         extra = ""
@@ -604,6 +635,11 @@ def main() -> int:
     methods = [m.strip() for m in opts.methods.split(",") if m.strip()]
     if not methods or any(m not in ("full", "lora") for m in methods):
         raise SystemExit(f"--methods: a list of full and lora; got {opts.methods!r}")
+    if shape == "tiny" and not gpu and "OMP_NUM_THREADS" not in os.environ:
+        # The tiny model's tensors keep one thread busy at most; a second one only waits on it, and on a
+        # machine shared with other work that waiting made the rehearsal 3-4x slower (38 s against 141 s).
+        os.environ["OMP_NUM_THREADS"] = "1"  # the validate subprocess too
+        torch.set_num_threads(1)
     gen_batch = opts.gen_batch or (32 if gpu else 8)
     gen_tokens = opts.gen_tokens or (128 if gpu else 16)
 
@@ -625,7 +661,8 @@ def main() -> int:
         "memory_measure": Memory(gpu).what,
         "settings": {"budget_s": opts.budget_s, "methods": methods, "stages": list(STAGES),
                      "training_dtype": "bf16-mixed" if gpu else "float32", "gen_batch": gen_batch,
-                     "gen_tokens": gen_tokens, "scratch": str(scratch), "overrides": args},
+                     "gen_tokens": gen_tokens, "torch_threads": torch.get_num_threads(), "scratch": str(scratch),
+                     "overrides": args},
         "machine": {**_common.machine_info(), "loadavg_before": os.getloadavg()},
     }
     check = Check(opts.out, opts.budget_s, gpu, report)
@@ -655,12 +692,15 @@ def main() -> int:
                 reuse_finished(runs[methods[0]], runs[m])
                 if not keep:  # the earlier run's models are not needed any more (disk)
                     shutil.rmtree(runs[methods[i - 1]], ignore_errors=True)
+            cfg, note = configs.get(m), None
             for stage in STAGES:
                 if i > 0 and stage in SHARED and finished(runs[m], stage):
                     continue
-                cfg = configs.get(m)
+                if cfg is not None and note is None and stage != "sft" \
+                        and report["phases"].get(f"{m}/sft", {}).get("status") in ("error", "timeout"):
+                    cfg, note = without_sft(cfg, model_dir), "sft failed: this stage starts from the built model"
                 check.phase(f"{m}/{stage}", lambda cfg=cfg, stage=stage: stage_phase(cfg, stage),
-                            skip=no_config or missing_upstream(cfg, stage))
+                            skip=no_config or missing_upstream(cfg, stage), note=note)
     finally:
         report["comparison"] = comparison(report)
         report["machine"]["loadavg_after"] = os.getloadavg()

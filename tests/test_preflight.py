@@ -40,7 +40,7 @@ def test_a_gpu_config_on_a_cpu_machine_warns_what_it_cannot_check(capsys, monkey
     assert any(line.startswith("warn: models: cannot check sft.model=") for line in lines)  # not skipped any more
     assert lines[-1].startswith("pre-flight passed with")
     rc, lines, err = _validate(capsys, "--config", "gpu-vllm", f"run_dir={tmp_path / 'run'}", "--strict")
-    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: pre-flight:") and "devices" in err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: pre-flight (--strict") and "devices:" in err
 
 
 def test_the_device_checks_with_faked_gpus(monkeypatch):

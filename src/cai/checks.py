@@ -42,6 +42,10 @@ def check_config(cfg: RunConfig) -> None:
         names = [parse_spec(spec)[0].name for spec in cfg.evaluate.sets]
         if len(set(names)) < len(names):
             raise CaiError(f"config field 'evaluate.sets': a set is named twice ({', '.join(names)})")
+    human = cfg.feedback.human_preferences
+    if human and "feedback" in cfg.stages and not human.startswith("hf:") and not Path(human).expanduser().exists():
+        raise CaiError(f"config field 'feedback.human_preferences': '{human}' does not exist; give a JSONL/JSON/Parquet "
+                       "file or a folder with train/test files")
     if cfg.engine.kind == "openai":
         from cai.engines.openai import check_openai_config
 
@@ -51,6 +55,31 @@ def check_config(cfg: RunConfig) -> None:
                 "config field 'sft.model' is empty; with engine.kind=openai the engine's model is remote, "
                 "so set sft.model to a local checkpoint ('default', a directory or a hub id) to fine-tune"
             )
+
+
+def check_inputs(cfg: RunConfig, constitution) -> None:
+    """What the config asks of its inputs: the principles it names are in the constitution."""
+    ev = cfg.evaluate
+    for field, wanted, pool in (("harmlessness_principle", ev.harmlessness_principle, constitution.comparison_principles),
+                                ("helpfulness_principle", ev.helpfulness_principle, constitution.helpfulness_principles)):
+        if "evaluate" in cfg.stages and wanted is not None and wanted not in {p.id for p in pool}:
+            have = ", ".join(p.id for p in pool) or "none"
+            raise CaiError(f"config field 'evaluate.{field}': the constitution has no principle '{wanted}' (have: {have})")
+
+
+def check_device_here(cfg: RunConfig) -> None:
+    """A run (not a plan or a pre-flight) needs its device on this machine."""
+    import torch
+
+    device = cfg.engine.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CaiError(f"config field 'engine.device={device}': no CUDA device is visible on this machine; run on a "
+                       "GPU node, or set engine.device=auto (or cpu)")
+    if device.startswith("cuda") and ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise CaiError(f"config field 'engine.device={device}': only {torch.cuda.device_count()} CUDA device(s) are "
+                       "visible here (CUDA_VISIBLE_DEVICES?)")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CaiError("config field 'engine.device=mps': Apple's MPS is not available on this machine; use auto or cpu")
 
 
 def check_run_dir(run_dir: str) -> None:
@@ -293,19 +322,23 @@ def check_endpoints(cfg: RunConfig, longest: int, timeout_s: float = 5.0) -> lis
 def check_models(cfg: RunConfig, timeout_s: float = 3.0) -> list[Check]:
     """Every model the config names: a local folder, a cached hub id, or on a reachable hub.
     Offline (or the hub out of reach) a hub id not cached is one `warn`, with no retries."""
-    from cai.models import hub_reachable, model_settings, offline
+    from cai.models import check_model, hub_reachable, is_hub_id, model_settings, offline
 
     out, unknown = [], []
     for field, name in model_settings(cfg):
         if name == "default":
             continue  # the embedded model: checked with the config (its package)
         path = Path(name).expanduser()
+        if path.exists() and not (path / "config.json").is_file() or not path.exists() and not is_hub_id(name):
+            try:
+                check_model(name, field, cfg.engine.revision)  # its own one-line error
+            except CaiError as exc:
+                out.append(Check(f"model {field}", ERROR, str(exc)))
+            continue
         if path.exists():
             from cai.models import has_weights
 
-            if not (path / "config.json").is_file():
-                out.append(Check(f"model {field}", ERROR, f"'{name}': a local folder without config.json"))
-            elif not has_weights(path):
+            if not has_weights(path):
                 out.append(Check(f"model {field}", WARN, f"'{name}': a config and no weights here (enough to plan, "
                                  "not to run)"))
             else:
@@ -325,8 +358,6 @@ def check_models(cfg: RunConfig, timeout_s: float = 3.0) -> list[Check]:
             out.append(Check("models", WARN, f"cannot check {names}: not in the local cache and {why}; the nodes that "
                              "run must have them cached or reach the hub"))
         else:
-            from cai.models import check_model
-
             for field, name in unknown:
                 try:
                     check_model(name, field, cfg.engine.revision)
@@ -359,9 +390,11 @@ def _unsized(rows: list[dict]) -> list[str]:
     return [r["stage"] for r in rows if not r.get("memory") and (r.get("train_tokens") or r.get("saves"))]
 
 
-def preflight(cfg: RunConfig, rows: list[dict] | None, world: int, longest: int = 0) -> list[Check]:
+def preflight(cfg: RunConfig, rows: list[dict] | None, world: int, longest: int = 0,
+              models: list[Check] | None = None) -> list[Check]:
     """Every pre-flight check of a config that passed :func:`check_config` (``rows``: the
-    plan's, None when it could not be made)."""
+    plan's, None when it could not be made; ``models``: :func:`check_models`' lines when
+    already made)."""
     devices = visible_devices()
     checks = [check_devices(cfg, devices), check_memory_fit(cfg, rows, devices, world),
               check_processes(cfg, devices, world)]
@@ -369,7 +402,7 @@ def preflight(cfg: RunConfig, rows: list[dict] | None, world: int, longest: int 
     if serving is not None:
         checks.append(serving)
     checks += check_endpoints(cfg, longest)
-    checks += check_models(cfg)
+    checks += check_models(cfg) if models is None else models
     checks.append(check_disk(cfg, rows))
     return checks
 

@@ -202,7 +202,7 @@ def cmd_validate(args) -> int:
             sizes = ", ".join(f"{s}={len(p)}" for s, p in splits.items())
             print(f"ok: {args.prompts}: {sizes}")
         return 0
-    from cai.checks import ERROR, WARN, longest_request, preflight
+    from cai.checks import ERROR, WARN, check_inputs, check_models, longest_request, preflight
     from cai.inputs import load_inputs
     from cai.memory import process_count
     from cai.plan import counter, estimate
@@ -210,7 +210,12 @@ def cmd_validate(args) -> int:
     cfg = load_config(_default_config(args), args.overrides)
     check_config(cfg)
     check_run_dir(cfg.run_dir)
+    models = check_models(cfg)  # a model that cannot be there stops it before anything is computed
+    bad = [c.message for c in models if c.status == ERROR]
+    if bad:
+        raise CaiError("; ".join(bad))
     const, sets = load_inputs(cfg)
+    check_inputs(cfg, const)
     print(f"ok: config: {', '.join(cfg.stages)} -> {cfg.run_dir}")
     print(f"ok: constitution '{const.name}': {len(const.principles)} principles, {len(const.comparison_principles)} comparison principles")
     for name, splits in sets.items():
@@ -222,13 +227,14 @@ def cmd_validate(args) -> int:
             rows = estimate(cfg, counter(None), world)
         except CaiError as exc:
             print(f"warn: plan: cannot be made here ({exc})")
-    checks = preflight(cfg, rows, world, longest_request(cfg, const, sets))
-    for c in checks:
-        print(c.line())
+    checks = preflight(cfg, rows, world, longest_request(cfg, const, sets), models)
     failed = [c for c in checks if c.status == ERROR or (args.strict and c.status == WARN)]
+    for c in checks:
+        if c not in failed:  # the failures are said once, in the error line
+            print(c.line())
     if failed:
-        raise CaiError(f"pre-flight: {len(failed)} check{'s' if len(failed) > 1 else ''} failed "
-                       f"({', '.join(c.name for c in failed)})" + ("; --strict counts warnings" if args.strict else ""))
+        said = [c.message if c.message.startswith("config field") else f"{c.name}: {c.message}" for c in failed]
+        raise CaiError(("pre-flight (--strict: warnings count): " if args.strict else "") + "; ".join(said))
     warned = sum(c.status == WARN for c in checks)
     print(f"pre-flight passed" + (f" with {warned} warning{'s' if warned > 1 else ''} (what this machine cannot "
                                   "check; --strict makes them errors)" if warned else ""))

@@ -166,6 +166,14 @@ class EngineConfig:
     serve_start_timeout_s: float = _f(
         300.0, "Seconds to wait for a managed server's /v1/models before failing with its log.", fingerprint=False, above=0)
 
+    def rules(self, name: str) -> None:
+        if not DEVICE.fullmatch(self.device):
+            raise CaiError(f"config field '{name}.device' must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
+
+
+#: ``engine.device``: where the models run.
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
 
 @dataclass
 class DataConfig:
@@ -667,9 +675,21 @@ class RunConfig:
         _check_rules(self, "")
 
     def rules(self, name: str) -> None:
+        if not self.run_dir.strip() or "\0" in self.run_dir:
+            raise CaiError(f"config field 'run_dir': {self.run_dir!r} is not a folder name; give the folder for the "
+                           "run's artifacts (e.g. runs/my-run)")
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise CaiError(f"config field 'stages': unknown stage '{unknown[0]}' (available: {', '.join(STAGES)})")
+        if not self.stages:
+            raise CaiError(f"config field 'stages' is empty; list the stages to run (default: {', '.join(DEFAULT_STAGES)})")
+        twice = sorted({s for s in self.stages if self.stages.count(s) > 1})
+        if twice:
+            raise CaiError(f"config field 'stages': '{twice[0]}' is listed twice; list each stage once")
+        order = [STAGES.index(s) for s in self.stages]
+        if order != sorted(order):
+            raise CaiError(f"config field 'stages': {', '.join(self.stages)} is out of order; stages run in the order "
+                           f"{', '.join(s for s in STAGES if s in self.stages)}")
         if "expand" in self.stages and self.expand.count == 0:
             raise CaiError("config field 'expand.count' is 0 (off) but 'stages' lists expand; set expand.count to "
                            "the number of new prompts to generate, or take expand out of stages")

@@ -222,6 +222,11 @@ def has_weights(folder: str | Path) -> bool:
     return folder.is_dir() and any(f.name.endswith(WEIGHT_SUFFIXES) for f in folder.iterdir())
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the shape of a Hugging Face hub id (``org/name``)."""
+    return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
+
+
 def hub_reachable(timeout_s: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers a TCP connection now (one try, no retries)."""
     import socket
@@ -251,6 +256,10 @@ def model_settings(cfg) -> list[tuple[str, str]]:
     out = [(f, n) for f, n in inference if n and not served(n) and not (f == "evaluate.judge" and
                                                                         cfg.evaluate.judge_endpoints)]
     out += [(f, n) for f, n in training if n]
+    for key, model in cfg.evaluate.extra_models.items():  # a run directory stands for its final model
+        path = Path(model).expanduser()
+        if not (path.is_dir() and ((path / "prepare").is_dir() or (path / "config.yaml").is_file())):
+            out.append((f"evaluate.extra_models.{key}", model))
     return [(f, n) for f, n in out if n != "sl-cai"]
 
 

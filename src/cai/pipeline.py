@@ -33,7 +33,7 @@ from typing import Callable
 
 import yaml
 
-from cai.checks import check_config, check_run_dir
+from cai.checks import check_config, check_device_here, check_inputs, check_run_dir
 from cai.config import RunConfig, config_hash, results_dict, to_dict
 from cai.distributed import MainGate, broadcast_on_main, launch_token, process_state, world_size
 from cai.errors import CaiError
@@ -186,11 +186,13 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
     from cai.models import check_model_settings
     from cai.plan import check_memory
 
+    check_device_here(cfg)
     check_model_settings(cfg)  # a missing model is found now, not hours later in its stage
     if "prepare" in cfg.stages:
         from cai.inputs import load_inputs
 
-        load_inputs(cfg)  # bad input files stop the run before it writes anything (and are said once)
+        # bad input files stop the run before it writes anything (and are said once)
+        check_inputs(cfg, load_inputs(cfg)[0])
     # a plan that cannot fit is refused now, not when its stage runs out of memory
     check_memory(cfg, world=dist.num_processes if dist is not None else 1, log=log)
 
