@@ -411,3 +411,200 @@ def test_a_crash_while_a_finished_stage_moves_into_place_loses_nothing(crash_aft
     assert second != first
     assert not (tmp_path / "run" / "critique_revision.old").exists()
     assert not (tmp_path / "run" / "critique_revision.partial").exists()
+
+
+# -- mistakes that passed silently, crashed, or were said twice (the cluster pre-flight) --------
+#
+# Each case below failed on the code before the pre-flight work: the mistake passed (exit 0),
+# a traceback came out, something was written, the message was printed twice, or (the
+# byte-order marks and the plans) a valid input was refused.
+
+_CONSTITUTION_YAML = (Path(__file__).resolve().parents[1] / "src/cai/data/constitutions/default.yaml")
+
+
+def _mistake_files(tmp: Path) -> dict[str, Path]:
+    import csv
+
+    d = tmp / "mistakes"
+    d.mkdir()
+    (d / "config_dup_top.yaml").write_text("seed: 1\nstages: [prepare]\nseed: 2\n")
+    (d / "config_dup_nested.yaml").write_text("engine:\n  batch_size: 4\n  device: cpu\n  batch_size: 8\n")
+    text = _CONSTITUTION_YAML.read_text(encoding="utf-8")
+    (d / "constitution_dup.yaml").write_text(text + "\nname: another-name\n", encoding="utf-8")
+    (d / "constitution_dup_principle.yaml").write_text(
+        "name: tiny\nprinciples:\n  - id: a\n    critique: Is it harmful?\n    critique: Is it rude?\n"
+        "    revision: Rewrite it.\n", encoding="utf-8")
+    import yaml as _yaml
+
+    as_json = json.dumps(_yaml.safe_load(text))
+    (d / "constitution_dup.json").write_text('{"name": "first", ' + as_json[1:], encoding="utf-8")
+    (d / "constitution_bom.json").write_text(as_json, encoding="utf-8-sig")
+    (d / "constitution_bom.yaml").write_text(text, encoding="utf-8-sig")
+    (d / "one_prompt.jsonl").write_text('{"prompt": "only one"}\n')
+    prompts = [f"a question number {i} about gardens" for i in range(12)]
+    (d / "bom.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8-sig")
+    (d / "bom.json").write_text(json.dumps([{"prompt": p} for p in prompts]), encoding="utf-8-sig")
+    (d / "bom.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8-sig")
+    with open(d / "bom.csv", "w", newline="", encoding="utf-8-sig") as fh:
+        csv.writer(fh).writerows([["prompt"]] + [[p] for p in prompts])
+    (d / "bom_split").mkdir()
+    for split, part in (("train", prompts[:8]), ("test", prompts[8:])):
+        (d / "bom_split" / f"{split}.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in part),
+                                                        encoding="utf-8-sig")
+    (d / "xstest").mkdir()
+    with open(d / "xstest" / "xstest_prompts.csv", "w", newline="", encoding="utf-8-sig") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "prompt", "type", "label", "focus", "note"])
+        for i in range(8):
+            w.writerow([i + 1, f"How do I stop a stuck program number {i}?", "homonyms", "safe", "stop", ""])
+    (d / "a_file").write_text("not a folder\n")
+    return {p.name: p for p in d.iterdir()}
+
+
+def _fill(args: list[str], files: dict[str, Path]) -> list[str]:
+    out = []
+    for arg in args:
+        for name, path in files.items():
+            arg = arg.replace("{" + name + "}", str(path))
+        out.append(arg)
+    return out
+
+
+def _said_once(capsys, argv, root: Path, match: str) -> None:
+    """One `error:` line (exit 2, nothing written), and its message nowhere else: not on
+    stdout, not twice."""
+    rc = main(argv)
+    out = capsys.readouterr()
+    lines = [line for line in out.err.splitlines() if line.strip()]
+    assert rc == 2, (rc, out.out[-800:], out.err[-800:])
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], out.err
+    assert "Traceback" not in out.err + out.out
+    assert match not in out.out, out.out  # said once
+    assert not [p for p in root.rglob("*") if "run" in p.relative_to(root).parts[:1]], "a bad input wrote the run"
+
+
+MISTAKES = [  # (args, what the one error line says, commands)
+    (["--config", "{config_dup_top.yaml}"], "key 'seed' is given twice (lines 1 and 3)", ("validate", "run")),
+    (["--config", "{config_dup_nested.yaml}"], "key 'batch_size' is given twice (lines 2 and 4)", ("validate", "run")),
+    (["data.constitution={constitution_dup.yaml}"], "key 'name' is given twice", ("validate", "run")),
+    (["data.constitution={constitution_dup_principle.yaml}"], "key 'critique' is given twice (lines 4 and 5)",
+     ("validate", "run")),
+    (["data.constitution={constitution_dup.json}"], "key 'name' is given twice", ("validate", "run")),
+    (["evaluate.extra_models={a: default, a: default}"], "key 'a' is given twice", ("validate", "run")),
+    (["run_dir={a_file}/inside"], "is a file, so", ("validate", "run")),
+    (["run_dir=" + "x" * 300], "a folder name in it is 300 bytes long", ("validate", "run")),
+    (["run_dir="], "'run_dir': '' is not a folder name", ("validate", "run")),
+    (["stages=[prepare, prepare]"], "'prepare' is listed twice", ("validate", "run")),
+    (["stages=[]"], "config field 'stages' is empty", ("validate", "run")),
+    (["stages=[sft, prepare]"], "is out of order", ("validate", "run")),
+    (["engine.device=gpu"], "'engine.device' must be auto, cpu, cuda, cuda:N or mps", ("validate", "run")),
+    (["evaluate.harmlessness_principle=no-such-principle"], "has no principle 'no-such-principle'", ("validate", "run")),
+    (["evaluate.helpfulness_principle=no-such-principle"], "has no principle 'no-such-principle'", ("validate", "run")),
+    (["feedback.human_preferences=/no/such/prefs.jsonl"], "'/no/such/prefs.jsonl' does not exist", ("validate", "run")),
+    (["evaluate.extra_models={other: /no/such/model}"], "'/no/such/model' does not exist", ("validate", "run")),
+    (["data.constitution=/no/such/constitution.yaml"], "does not exist", ("run",)),
+    (["data.red_team=/no/such/prompts.jsonl"], "does not exist", ("run",)),
+    (["engine.device=cuda", "stages=[prepare, critique_revision]"], "no CUDA device is visible", ("run",)),
+    (["--config", "gpu-vllm", "engine.device=auto", "stages=[prepare]"], "'sft.model': model 'Qwen/Qwen2.5-7B-Instruct' is not in the local",
+     ("run",)),
+]
+
+
+# (validate warns, rather than fails, what it cannot check from here: a missing device, an uncached model)
+MISTAKE_CASES = [(command, args, match) for args, match, commands in MISTAKES for command in commands]
+
+
+@pytest.mark.parametrize("command,args,match", MISTAKE_CASES,
+                         ids=[f"{c}-{' '.join(a)[:60]}" for c, a, _ in MISTAKE_CASES])
+def test_a_mistake_that_used_to_pass_is_one_line_said_once(command, args, match, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    files = _mistake_files(tmp_path)
+    argv = [command] + (["run_dir=run"] if not any(a.startswith("run_dir=") for a in args) else []) + _fill(args, files)
+    _said_once(capsys, argv, tmp_path, match)
+
+
+def test_a_run_dir_that_cannot_be_made_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["run", "run_dir=/proc/cai-no-such/run", "stages=[prepare]"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and "/proc/cai-no-such" in err
+    assert "Traceback" not in err
+
+
+def test_validate_prompts_is_held_to_what_data_red_team_is(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    files = _mistake_files(tmp_path)
+    _said_once(capsys, ["validate", "--prompts", str(files["one_prompt.jsonl"])], tmp_path, "split is empty")
+
+
+def test_a_hub_that_cannot_be_reached_stops_a_run_at_once(tmp_path, monkeypatch, capsys):
+    """HF_HUB_OFFLINE unset and no network: one line, no retries, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    _said_once(capsys, ["run", "run_dir=run", "engine.model=nobody/not-cached", "stages=[prepare]"], tmp_path,
+               "the hub cannot be reached from here")
+
+
+BOM_INPUTS = [
+    ["data.red_team={bom.jsonl}"], ["data.red_team={bom.csv}"], ["data.red_team={bom.json}"],
+    ["data.red_team={bom_split}"], ["data.constitution={constitution_bom.json}"],
+    ["evaluate.sets=[eval:xstest:{xstest}]"],
+]
+
+
+@pytest.mark.parametrize("args", BOM_INPUTS, ids=[a[0] for a in BOM_INPUTS])
+def test_a_file_with_a_byte_order_mark_is_read(args, tmp_path, monkeypatch, capsys):
+    """Excel and Windows editors save UTF-8 with a byte-order mark; datasets and pandas read it."""
+    monkeypatch.chdir(tmp_path)
+    files = _mistake_files(tmp_path)
+    rc = main(["validate", "run_dir=run"] + _fill(args, files))
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "ok: constitution 'cai-default'" in out.out
+
+
+def test_a_text_prompt_file_with_a_byte_order_mark_keeps_it_out_of_the_prompt(tmp_path, monkeypatch, tiny_model):
+    from cai.config import load_config
+    from cai.io import read_jsonl
+    from cai.layout import RunFolder
+    from cai.pipeline import run_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    files = _mistake_files(tmp_path)
+    run = run_pipeline(load_config(None, ["run_dir=run", f"engine.model={tiny_model}", "stages=[prepare]",
+                                          f"data.red_team={files['bom.txt']}"]), log=lambda m: None)
+    folder = RunFolder(run)
+    texts = [r["prompt"] for s in ("train", "test")
+             for r in read_jsonl(folder.path("prepare", "prompts", set="red_team", split=s))]
+    assert len(texts) == 12 and not any(t.startswith("\ufeff") for t in texts)
+
+
+def _config_only(tiny_model: str, dest: Path) -> Path:
+    """A checkpoint folder with its config and tokenizer but no weights (a 7B user's login node)."""
+    import shutil
+
+    dest.mkdir()
+    for f in Path(tiny_model).iterdir():
+        if not f.name.endswith((".safetensors", ".bin")):
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+def test_a_gpu_config_plans_on_a_cpu_machine(tmp_path, monkeypatch, capsys, tiny_model):
+    monkeypatch.chdir(tmp_path)
+    model = _config_only(tiny_model, tmp_path / "config-only")
+    rc = main(["plan", "--no-calibrate", "--config", "gpu-vllm", f"sft.model={model}"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "sft" in out.out and "no native bfloat16" not in out.err
+
+
+def test_a_plan_without_weights_gives_memory_and_tokens_and_says_why(tmp_path, monkeypatch, capsys, tiny_model):
+    monkeypatch.chdir(tmp_path)
+    model = _config_only(tiny_model, tmp_path / "config-only")
+    rc = main(["plan", f"engine.model={model}", "stages=[prepare, critique_revision, sft]"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "timing needs the weights" in out.out and "peak/proc" in out.out

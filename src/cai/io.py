@@ -101,11 +101,13 @@ def load_yaml(text: str, where: str):
             key = loader.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             try:
-                first = seen.setdefault(key, line)
+                first = seen.get(key)
             except TypeError:  # an unhashable key: the constructor below says so
                 continue
-            if first != line:
-                raise CaiError(f"{where}:{line}: key '{key}' is given twice (lines {first} and {line}); keep one")
+            if first is not None:
+                lines = f"lines {first} and {line}" if first != line else f"both on line {line}"
+                raise CaiError(f"{where}: key '{key}' is given twice ({lines}); keep one")
+            seen[key] = line
         return loader.construct_mapping(node, deep=deep)
 
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
