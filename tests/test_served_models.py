@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import pytest
 
@@ -57,13 +58,19 @@ def shared_cache(tmp_path_factory):
 
 @pytest.fixture
 def served_env(shared_cache, monkeypatch):
+    import importlib.util
+
     try:
         import llama_cpp.server.app  # noqa: F401
     except ImportError as exc:
         pytest.skip(f"llama_cpp.server is not importable ({exc}); pip install -e '.[serve]'")
+    if importlib.util.find_spec("sentencepiece") is None:  # llama.cpp's converter imports it
+        pytest.skip("llama.cpp's GGUF converter needs sentencepiece: pip install -e '.[serve]'")
+    if not _TOOLS or not (Path(_TOOLS) / "convert_hf_to_gguf.py").is_file():
+        pytest.skip(f"llama.cpp's convert_hf_to_gguf.py is not in {_TOOLS}: run `cai serve-setup` "
+                    "(or set CAI_LLAMA_CPP_DIR to a llama.cpp checkout)")
     monkeypatch.setenv("CAI_CACHE_DIR", shared_cache)
-    if _TOOLS:
-        monkeypatch.setenv("CAI_LLAMA_CPP_DIR", _TOOLS)
+    monkeypatch.setenv("CAI_LLAMA_CPP_DIR", _TOOLS)
 
 
 def test_a_trained_checkpoint_served_at_f16_matches_the_local_engine(tmp_path, served_env):

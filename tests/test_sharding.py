@@ -124,7 +124,7 @@ def test_fsdp_run_killed_mid_training_resumes_from_its_checkpoint(tmp_path, tiny
         time.sleep(0.05)
     killed = proc.poll() is None
     # the launcher and every worker it started (torchrun may start them in sessions of their own)
-    psutil = pytest.importorskip("psutil")
+    psutil = pytest.importorskip("psutil", reason="the RSS check needs psutil: pip install psutil")
 
     for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
         try:
