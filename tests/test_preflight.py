@@ -135,3 +135,23 @@ def test_the_plan_gives_disk_bytes_for_every_training_stage():
     for stage in ("sft", "preference_model", "rl", "dpo"):
         assert rows[stage]["disk_bytes"] > 100 * 2**20, stage  # at least the saved 135M model
     assert rows["critique_revision"]["disk_bytes"] > 0  # its request cache and data files
+
+
+def test_a_training_calibration_taken_beside_other_work_is_not_cached(tmp_path, monkeypatch, tiny_model):
+    """The plan's training calibration records how busy the cores were; one that other
+    processes starved is used once and not cached, and --recalibrate measures again."""
+    from cai import plan as plan_mod
+
+    cfg = load_config(None, [f"engine.model={tiny_model}", "engine.device=cpu", "sft.batch_size=2",
+                             "sft.max_length=32"])
+    cache = tmp_path / "cai-cache" / "plan"
+    said: list[str] = []
+    monkeypatch.setattr(plan_mod, "cores_busy", lambda wall, cpu: 0.1)  # as if another job held the cores
+    starved = plan_mod.measure_training(cfg, log=said.append)
+    assert starved["busy"] and starved["cores_busy"] == 0.1 and not starved["cached"]
+    assert not list(cache.glob("*.json")) and any("not cached" in m for m in said)
+    monkeypatch.setattr(plan_mod, "cores_busy", lambda wall, cpu: float(plan_mod.usable_cores()))
+    quiet = plan_mod.measure_training(cfg, log=said.append)
+    assert not quiet.get("busy") and len(list(cache.glob("*.json"))) == 1
+    assert plan_mod.measure_training(cfg, log=said.append)["cached"] is True
+    assert plan_mod.measure_training(cfg, log=said.append, recalibrate=True)["cached"] is False
