@@ -54,7 +54,7 @@ def test_the_device_checks_with_faked_gpus(monkeypatch):
     assert checks.check_memory_fit(cfg, rows, two, 1).status == OK
     small = [Device("FAKE T4", 16 * GiB, 15 * GiB)]
     fit = checks.check_memory_fit(cfg, rows, small, 1)
-    assert fit.status == ERROR and "15.0 GiB free" in fit.message
+    assert fit.status == ERROR and "but the GPU has 15.0 GiB" in fit.message
     assert checks.check_processes(cfg, two, 2).status == OK
     crowded = checks.check_processes(cfg, two, 4)
     assert crowded.status == ERROR and "4 processes but 2 CUDA device(s)" in crowded.message

@@ -127,9 +127,14 @@ class Check:
     name: str
     status: str  # ok, warn or error
     message: str
+    whole: bool = False  # the message is a whole one-line error of its own (the same `cai run` gives)
 
     def line(self) -> str:
         return f"{self.status}: {self.name}: {self.message}"
+
+    def error(self) -> str:
+        """What the one `error:` line says of this check when it fails."""
+        return self.message if self.whole else f"{self.name}: {self.message}"
 
 
 @dataclass
@@ -194,14 +199,23 @@ def check_memory_fit(cfg: RunConfig, rows: list[dict] | None, devices: list[Devi
         if not devices:
             return Check("memory", WARN, f"{per}; no GPU visible here to compare with: each GPU needs that much free")
         have = min(d.free_bytes for d in devices)
-        status = OK if peak <= cfg.memory_margin * have else ERROR
-        return Check("memory", status, f"{per}; the smallest GPU has {_gib(have)} free"
-                     + ("" if status == OK else f" (x memory_margin {cfg.memory_margin:g}); see `cai plan` for the parts"))
+        return _fit(cfg, rows, "cuda", have, f"{per}; the smallest GPU has {_gib(have)} free")
     what, available = device_memory("cpu")
     if not available:
         return Check("memory", WARN, f"{per}; this machine's available RAM is unknown")
-    status = OK if peak * world <= cfg.memory_margin * available else ERROR
-    return Check("memory", status, f"{per}; {what}")
+    return _fit(cfg, rows, "cpu", available // max(1, world), f"{per}; {what}")
+
+
+def _fit(cfg: RunConfig, rows: list[dict], device: str, available: int, fits: str) -> Check:
+    """ok with ``fits``, or the run's own one-line refusal (the first stage that does not fit,
+    and what to change) as the error."""
+    from cai.memory import check_fit
+
+    try:
+        check_fit(rows, device, cfg.memory_margin, available)
+    except CaiError as exc:
+        return Check("memory", ERROR, str(exc), whole=True)
+    return Check("memory", OK, fits)
 
 
 def check_processes(cfg: RunConfig, devices: list[Device], world: int) -> Check:
@@ -333,7 +347,7 @@ def check_models(cfg: RunConfig, timeout_s: float = 3.0) -> list[Check]:
             try:
                 check_model(name, field, cfg.engine.revision)  # its own one-line error
             except CaiError as exc:
-                out.append(Check(f"model {field}", ERROR, str(exc)))
+                out.append(Check(f"model {field}", ERROR, str(exc), whole=True))
             continue
         if path.exists():
             from cai.models import has_weights
@@ -363,7 +377,7 @@ def check_models(cfg: RunConfig, timeout_s: float = 3.0) -> list[Check]:
                     check_model(name, field, cfg.engine.revision)
                     out.append(Check(f"model {field}", OK, f"'{name}': on the hub (downloaded when first used)"))
                 except CaiError as exc:
-                    out.append(Check(f"model {field}", ERROR, str(exc)))
+                    out.append(Check(f"model {field}", ERROR, str(exc), whole=True))
     return out
 
 

@@ -233,8 +233,8 @@ def cmd_validate(args) -> int:
         if c not in failed:  # the failures are said once, in the error line
             print(c.line())
     if failed:
-        said = [c.message if c.message.startswith("config field") else f"{c.name}: {c.message}" for c in failed]
-        raise CaiError(("pre-flight (--strict: warnings count): " if args.strict else "") + "; ".join(said))
+        raise CaiError(("pre-flight (--strict: warnings count): " if args.strict else "") +
+                       "; ".join(c.error() for c in failed))
     warned = sum(c.status == WARN for c in checks)
     print(f"pre-flight passed" + (f" with {warned} warning{'s' if warned > 1 else ''} (what this machine cannot "
                                   "check; --strict makes them errors)" if warned else ""))

@@ -686,10 +686,6 @@ class RunConfig:
         twice = sorted({s for s in self.stages if self.stages.count(s) > 1})
         if twice:
             raise CaiError(f"config field 'stages': '{twice[0]}' is listed twice; list each stage once")
-        order = [STAGES.index(s) for s in self.stages]
-        if order != sorted(order):
-            raise CaiError(f"config field 'stages': {', '.join(self.stages)} is out of order; stages run in the order "
-                           f"{', '.join(s for s in STAGES if s in self.stages)}")
         if "expand" in self.stages and self.expand.count == 0:
             raise CaiError("config field 'expand.count' is 0 (off) but 'stages' lists expand; set expand.count to "
                            "the number of new prompts to generate, or take expand out of stages")
@@ -697,6 +693,10 @@ class RunConfig:
             late = [s for s in ("critique_revision", "feedback", "rl") if s in self.stages[: self.stages.index("expand")]]
             if late:
                 raise CaiError(f"config field 'stages': expand must come before {late[0]}, which reads its prompts")
+        order = [STAGES.index(s) for s in self.stages]
+        if order != sorted(order):
+            raise CaiError(f"config field 'stages': {', '.join(self.stages)} is out of order; stages run in the order "
+                           f"{', '.join(s for s in STAGES if s in self.stages)}")
         if "rl" in self.stages and self.rl.temperature <= 0:
             raise CaiError(f"config field 'rl.temperature' must be > 0 (RL samples its rollouts); got {self.rl.temperature}")
 

