@@ -306,6 +306,20 @@ def _kill_main(launch: Launch, with_launcher: bool) -> None:
     os.kill(main["pid"], signal.SIGKILL)
 
 
+def _kill_main_then_wait(launch, launches, with_launcher: bool) -> tuple[float, int]:
+    """Kill process 0 with -9 (and the launcher too, ``with_launcher``), then wait, bounded by
+    the hang guard, for process 1 and the launcher to be gone: (seconds process 1 took, the
+    launcher's exit code). Process 0 never got to say how it ended."""
+    launches.append(launch)
+    _kill_main(launch, with_launcher)
+    waited = launch.wait_gone(1)
+    assert waited is not None, f"process 1 still waits {HANG_GUARD_S}s after process 0 was killed: {_report(launch)}"
+    code = launch.wait_launcher()
+    assert code is not None and code != 0, _report(launch)
+    assert launch.exit_code(0) is None
+    return waited, code
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("with_launcher", [False, True], ids=["launcher-alive", "launcher-killed-too"])
 def test_kill_9_of_the_main_process_in_a_data_stage_leaves_no_process_waiting(with_launcher, tmp_path, tiny_model,
@@ -317,13 +331,7 @@ def test_kill_9_of_the_main_process_in_a_data_stage_leaves_no_process_waiting(wi
     args = [*_data_args(tmp_path / "run", tiny_model), "stages=[prepare, critique_revision]", "dist_timeout_s=120"]
     # clean() is called on every generated answer: its 5th call is in the middle of the first answers
     launch = Launch(tmp_path, args, fault="cai.stages.critique_revision:clean|5|0|hold")
-    launches.append(launch)
-    _kill_main(launch, with_launcher)
-    waited = launch.wait_gone(1)
-    assert waited is not None, f"process 1 still waits {HANG_GUARD_S}s after process 0 was killed: {_report(launch)}"
-    code = launch.wait_launcher()
-    assert code is not None and code != 0, _report(launch)
-    assert launch.exit_code(0) is None  # killed: it never got to say how it ended
+    waited, code = _kill_main_then_wait(launch, launches, with_launcher)
     assert launch.exit_code(1) != 0, _report(launch)
     if with_launcher:
         # nobody signalled process 1: it stopped by itself, with one line naming the silence
@@ -344,13 +352,7 @@ def test_kill_9_of_the_main_process_in_training_leaves_no_process_waiting(with_l
     ``dist_timeout_s``, 120 s here)."""
     args = _sft_run(tmp_path, sft_data, tiny_model)
     launch = Launch(tmp_path, args, fault="cai.stages.sft:optimizer_step|2|0|hold")
-    launches.append(launch)
-    _kill_main(launch, with_launcher)
-    waited = launch.wait_gone(1)
-    assert waited is not None, f"process 1 still waits {HANG_GUARD_S}s after process 0 was killed: {_report(launch)}"
-    code = launch.wait_launcher()
-    assert code is not None and code != 0, _report(launch)
-    assert launch.exit_code(0) is None
+    waited, code = _kill_main_then_wait(launch, launches, with_launcher)
     assert launch.exit_code(1) != 0, _report(launch)
     if with_launcher:
         assert launch.exit_code(1) not in (0, None), _report(launch)  # it ended by itself, with a failure
