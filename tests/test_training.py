@@ -326,3 +326,22 @@ def test_point_steps_spread_the_frontier_points_over_training():
     assert point_steps(3, 4) == [1, 2, 3]
     assert point_steps(7, 1) == [7]
     assert point_steps(10, 0) == [] and point_steps(0, 4) == []
+
+
+def test_a_kill_between_the_checkpoint_renames_resumes_from_the_previous_checkpoint(tmp_path, tiny_model):
+    """save_checkpoint sets the previous checkpoint aside (``checkpoint.old``) and renames the
+    new one into place; killed between the two renames, the next run resumes from the one
+    set aside instead of starting over."""
+    import os
+
+    from cai.training import resume
+
+    model, opt = _model_and_optimizer(tiny_model, 2)
+    folder = tmp_path / "checkpoint"
+    save_checkpoint(folder, model, opt, 2, {"total_steps": 5})
+    os.replace(folder, folder.with_name("checkpoint.old"))  # the state a kill there leaves
+    fresh, fresh_opt = _model_and_optimizer(tiny_model, 0)
+    step, state = resume(folder, fresh, fresh_opt, 5, lambda m: None, "sft")
+    assert step == 2 and state["step"] == 2 and folder.is_dir()
+    for n, p in trainable_weights(model).items():
+        assert torch.equal(p, trainable_weights(fresh)[n])

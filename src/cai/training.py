@@ -508,6 +508,10 @@ def resume(folder: Path, model, optimizer, total_steps: int, log, stage: str, sc
     """Where a loop starts: ``(0, None)``, or the step and trainer state of the checkpoint an
     interrupted run of the same configuration left in ``folder`` (weights, optimizer and
     gradient scaler state loaded into ``model``, ``optimizer`` and ``scaler``)."""
+    old = folder.with_name(folder.name + ".old")
+    if not folder.exists() and old.is_dir():
+        # killed between save_checkpoint's two renames: the previous checkpoint, whole, is set aside
+        os.replace(old, folder)
     state = load_checkpoint(folder, model, optimizer, total_steps, scaler) if folder.exists() else None
     if state is None:
         return 0, None
