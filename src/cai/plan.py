@@ -373,7 +373,11 @@ def plan(cfg: RunConfig, calibrate: bool = True, log=print, world: int | None = 
         t0 = time.perf_counter()
         engine = build_engine(cfg.engine, cache_path=None, progress=log)
         load_s = time.perf_counter() - t0
+        wall0, cpu0 = time.perf_counter(), time.process_time()
         rates = {**measure_rates(engine, batching(cfg.engine).generate), "load_s": load_s}
+        if cfg.engine.kind == "local":  # a server's work is not this process's CPU time
+            rates.update(cores=usable_cores(),
+                         cores_busy=cores_busy(time.perf_counter() - wall0, time.process_time() - cpu0))
     rows = estimate(cfg, counter(engine), world)
     if engine is not None:
         engine.close()
@@ -419,7 +423,11 @@ def render(result: dict) -> str:
         lines.append(
             f"generation rests on the engine's calibration (measured): {c['gen_tokens_per_s']:.1f} new tok/s "
             f"(batch {c['batch']}), {c['read_tokens_per_s']:.0f} prompt tok/s read, {c['load_s']:.0f}s to build the "
-            "engine (imports included); every answer is assumed to use its whole token budget; shared prefixes, the request cache and "
+            "engine (imports included)"
+            + (f", cores busy {c['cores_busy']:g} of {c['cores']}" if "cores_busy" in c else "")
+            + (" (other processes competed for them: noisy)" if c.get("cores_busy", 1e9) < BUSY_SHARE * c.get("cores", 0)
+               else "")
+            + "; every answer is assumed to use its whole token budget; shared prefixes, the request cache and "
             "early stops make real runs faster."
         )
         t = result.get("training")
