@@ -179,6 +179,7 @@ def cmd_validate(args) -> int:
     from cai.checks import check_config, check_run_dir
     from cai.config import load_config
     from cai.constitution import load_constitution
+    from cai.stages import check_order
     from cai.evalsets import load_source
 
     if args.constitution or args.prompts:
@@ -210,6 +211,7 @@ def cmd_validate(args) -> int:
     cfg = load_config(_default_config(args), args.overrides)
     check_config(cfg)
     check_run_dir(cfg.run_dir)
+    check_order(cfg)
     models = check_models(cfg)  # a model that cannot be there stops it before anything is computed
     bad = [c.message for c in models if c.status == ERROR]
     if bad:

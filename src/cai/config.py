@@ -693,10 +693,6 @@ class RunConfig:
             late = [s for s in ("critique_revision", "feedback", "rl") if s in self.stages[: self.stages.index("expand")]]
             if late:
                 raise CaiError(f"config field 'stages': expand must come before {late[0]}, which reads its prompts")
-        order = [STAGES.index(s) for s in self.stages]
-        if order != sorted(order):
-            raise CaiError(f"config field 'stages': {', '.join(self.stages)} is out of order; stages run in the order "
-                           f"{', '.join(s for s in STAGES if s in self.stages)}")
         if "rl" in self.stages and self.rl.temperature <= 0:
             raise CaiError(f"config field 'rl.temperature' must be > 0 (RL samples its rollouts); got {self.rl.temperature}")
 

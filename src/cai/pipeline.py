@@ -44,6 +44,7 @@ from cai.runlock import RunLock
 from cai.layout import CONFIG, SERVERS
 from cai.stage import Engines, StageContext, StageSpec
 from cai.stage_names import STAGES
+from cai.stages import check_order
 
 
 def _stages() -> dict[str, StageSpec]:
@@ -177,6 +178,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
     if not is_main:
         log = lambda _msg: None  # noqa: E731 - one log, from the main process
     check_run_dir(cfg.run_dir)
+    check_order(cfg)
     run_dir = Path(cfg.run_dir)
     lock = RunLock(run_dir)
     token = launch_token(dist) if dist is not None else None  # right after the process group's rendezvous

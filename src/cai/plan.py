@@ -352,9 +352,11 @@ def plan(cfg: RunConfig, calibrate: bool = True, log=print, world: int | None = 
     measures training again instead of taking the cached measurement."""
     from cai.checks import check_config
     from cai.memory import device_memory, process_count
+    from cai.stages import check_order
     from cai.models import pick_device
 
     check_config(cfg)
+    check_order(cfg, finished=False)  # a plan may price part of a run whose rest is elsewhere
     world = world or process_count()
     engine, rates, train, no_timing = None, None, None, None
     if calibrate and cfg.engine.kind == "local":

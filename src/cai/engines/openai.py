@@ -517,18 +517,32 @@ class OpenAIEngine(Engine):
         pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items)), thread_name_prefix="cai-openai")
         futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
         pending = set(futures)
+
+        def hand_back(done) -> BaseException | None:
+            error = None
+            for fut in done:
+                if fut.cancelled():
+                    continue
+                if fut.exception() is not None:
+                    error = error or fut.exception()
+                    continue
+                i = futures[fut]
+                results[i] = fut.result()
+                finished(i, results[i], progress, on_result)
+            return error
+
         try:
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                error = None
-                for fut in done:  # hand back every answer that arrived before raising any error
-                    if fut.exception() is not None:
-                        error = error or fut.exception()
-                        continue
-                    i = futures[fut]
-                    results[i] = fut.result()
-                    finished(i, results[i], progress, on_result)
+                error = hand_back(done)
                 if error is not None:
+                    # No new request starts; the ones already sent finish and their answers are
+                    # handed back (a server that answered them must not have answered in vain).
+                    self._abort.set()
+                    for fut in pending:
+                        fut.cancel()
+                    hand_back(wait(pending)[0])
+                    pending = set()
                     raise error
         except BaseException:
             self._abort.set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 
+from cai.errors import CaiError
 from cai.stage_names import STAGES
 
 
@@ -20,3 +21,25 @@ def registry() -> dict:
             raise RuntimeError(f"cai.stages.{name} declares stage '{spec.name}'")
         out[name] = spec
     return out
+
+
+def check_order(cfg, finished: bool = True) -> None:
+    """Each listed stage after the listed stages whose outputs it reads, and (``finished``)
+    each stage it reads either listed or finished in ``run_dir``. Stages run in the order given, so one that
+    reads nothing of another may come before it (feedback with its own ``feedback.policy``
+    before sft)."""
+    from pathlib import Path
+
+    from cai.artifacts import read_manifest
+
+    specs = registry()
+    for i, name in enumerate(cfg.stages):
+        needs = specs[name].upstream(cfg)
+        late = [n for n in needs if n in cfg.stages[i + 1:]]
+        if late:
+            raise CaiError(f"config field 'stages': {name} reads the output of {late[0]}, listed after it; "
+                           f"list {late[0]} before {name}")
+        missing = [n for n in needs if finished and n not in cfg.stages and read_manifest(Path(cfg.run_dir), n) is None]
+        if missing:
+            raise CaiError(f"stage '{name}' needs stage '{missing[0]}'; add it to 'stages' or run it first "
+                           f"(run_dir '{cfg.run_dir}' has no finished {missing[0]})")
