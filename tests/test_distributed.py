@@ -80,8 +80,12 @@ def test_two_processes_match_one_process(tmp_path, tiny_model):
         off = sum(int(((w1[k] - w2[k]).abs() > 1e-5).sum()) for k in w1) / sum(w1[k].numel() for k in w1)
         report[stage] = {"max_diff": diff, "share_over_1e-5": off, "max_update": moved}
         # AdamW divides by sqrt(v): where a gradient is ~0 (float noise), summation-order noise
-        # becomes a visible step. So: almost every weight within 1e-5, the rest well below an update.
-        assert off < 2e-3 and diff < max(1e-4, 0.25 * moved), (stage, report[stage])
+        # becomes a visible step of up to one learning rate. RL amplifies it further: its advantages
+        # are rewards over their spread, which on the tiny PM is ~1e-3 of their size (on an AMD EPYC
+        # the 2-process advantages differ from the 1-process ones at the 4th digit, the rollouts not
+        # at all, and a few weights differ by one step: 1e-3 of the 3e-3 they moved). So: almost every
+        # weight within 1e-5 (a wrong split moves most of them), the rest within half the update.
+        assert off < 2e-3 and diff < max(1e-4, 0.5 * moved), (stage, report[stage])
         if stage == "rl":
             h1, h2 = m1["history"], m2["history"]
             for a, b in zip(h1, h2):
