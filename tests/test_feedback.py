@@ -13,6 +13,7 @@ from cai.stage import StageContext
 from cai.prompts import Prompt
 from cai import conversations
 from cai.stages import feedback as fb
+from cai import judge as judge_mod
 
 
 class Judge(Engine):
@@ -70,7 +71,7 @@ def test_both_orders_average_to_the_judges_preference():
     for c in cs:
         assert [q["order"] for q in c.queries] == ["ab", "ba"]
         assert c.p_a == pytest.approx(0.2)  # a is the risky answer
-        rec = fb._pref_record(c, "judge", both_orders=True)
+        rec = judge_mod.pref_record(c, "judge", both_orders=True)
         assert rec["chosen"][0]["content"] == "SAFE answer"
         assert rec["p_chosen"] == pytest.approx(0.8)
         assert rec["margin"] == pytest.approx(0.6)
@@ -86,7 +87,7 @@ def test_position_bias_cancels_and_is_reported():
     _label(cs, Judge(strength=0.5, bias=0.2))
     for c in cs:
         assert c.p_a == pytest.approx(0.5)
-        rec = fb._pref_record(c, "judge", both_orders=True)
+        rec = judge_mod.pref_record(c, "judge", both_orders=True)
         assert rec["p_chosen_shown_first"] == pytest.approx(0.7)
         assert rec["p_chosen_shown_second"] == pytest.approx(0.3)
     stats = fb.statistics(cs)

@@ -139,6 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", required=True, help="output JSONL, one chain per prompt")
 
     p = sub.add_parser(
+        "label", help="label a file of answer pairs with the AI-feedback judge (soft labels, both orders)",
+        description="Label each pair of a file with the feedback stage's judge: the feedback model "
+        "(feedback.model, else engine.model) reads a multiple-choice question under a comparison principle "
+        "(sampled per pair from the constitution, or --principle), in both orders (feedback.both_orders), with "
+        "the constitution's demonstrations and optional chain of thought (feedback.chain_of_thought, clamped to "
+        "feedback.cot_clamp). The output has the feedback stage's pair rows: prompt/chosen/rejected with the soft "
+        "label p_chosen and per-order detail. Answers go to a request cache beside --out, so a rerun after an "
+        "interruption asks only what was not answered. See docs/judge.md.",
+    )
+    _add_config_args(p)
+    p.add_argument("--pairs", required=True, help="JSONL/JSON/Parquet: prompt/chosen/rejected (TRL or hh-rlhf), "
+                   "or prompt with two responses (responses: [a, b], or response_a/response_b)")
+    p.add_argument("--out", required=True, help="output JSONL, one labelled pair a row")
+    p.add_argument("--principle", metavar="ID", help="ask every pair under this comparison principle (default: sampled)")
+    p.add_argument("--source", choices=("harmlessness", "helpfulness"), default="harmlessness",
+                   help="which principles to sample from: the comparison (harmlessness) or helpfulness ones")
+    p.add_argument("--cache", help="request-cache file (default: OUT.cache.sqlite beside --out)")
+
+    p = sub.add_parser(
         "plan", help="estimate what a config will do: requests, tokens, peak memory and time per stage",
         description="Print, per stage, the engine requests, tokens (prompt + new), the peak memory per process "
         "(from the models' configs, no weights loaded) beside the device's memory, and an estimated time, "
@@ -370,6 +389,63 @@ def cmd_revise(args) -> int:
     return 0
 
 
+def cmd_label(args) -> int:
+    import contextlib
+    import json
+    import time
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from cai.checks import check_config
+    from cai.config import load_config
+    from cai.io import write_json, write_jsonl
+    from cai.judge import Judge, label_summary, pref_record, read_pairs
+    from cai.stages.feedback import human_record
+
+    cfg = load_config(_default_config(args), args.overrides)
+    check_config(cfg)
+    out = Path(args.out)
+    if out.is_dir():
+        raise CaiError(f"--out: '{out}' is a folder; give a .jsonl file name")
+    if not out.parent.is_dir():
+        raise CaiError(f"--out: folder '{out.parent}' does not exist; create it or pick another --out")
+    pairs = read_pairs(args.pairs, human_record)
+    cache = Path(args.cache) if args.cache else out.with_name(out.name + ".cache.sqlite")
+    start = time.time()
+    judge = Judge.from_config(cfg, principle=args.principle, source=args.source, cache_path=cache)
+
+    @contextlib.contextmanager
+    def progress(total: int, desc: str):
+        bar = tqdm(total=total, desc=f"[label] {desc}", unit="req", dynamic_ncols=True, leave=False)
+        try:
+            yield bar.update
+        finally:
+            bar.close()
+
+    try:
+        comps = judge.label([judge.comparison(p.prompt, p.a, p.b, p.id) for p in pairs], progress)
+        hits, misses = getattr(judge.engine, "hits", None), getattr(judge.engine, "misses", None)
+    finally:
+        judge.engine.close()
+    rows = []
+    for c, p in zip(comps, pairs):
+        if c.status == "labelled":
+            row = pref_record(c, judge.model_name, judge.fb.both_orders)
+            row["source"] = args.source
+            if p.given_chosen:
+                row["agrees_with_given"] = c.p_a >= 0.5
+            rows.append(row)
+    write_jsonl(out, rows)
+    summary = {**label_summary(comps, pairs), "judge": judge.model_name, "seconds": round(time.time() - start, 1)}
+    write_json(out.with_name(out.name + ".stats.json"), summary)
+    print(json.dumps(summary))
+    if hits is not None:
+        print(f"engine cache: {hits} hits, {misses} new requests")
+    print(f"{summary['labelled']} of {summary['pairs']} pairs labelled -> {out}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from cai.config import load_config
     from cai.plan import plan, render
@@ -384,7 +460,7 @@ def cmd_plan(args) -> int:
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "config": cmd_config, "model": cmd_model, "score": cmd_score,
             "gguf": cmd_gguf, "serve-setup": cmd_serve_setup,
-            "report": cmd_report, "chat": cmd_chat, "revise": cmd_revise, "plan": cmd_plan}
+            "report": cmd_report, "chat": cmd_chat, "revise": cmd_revise, "label": cmd_label, "plan": cmd_plan}
 
 
 def main(argv=None) -> int:

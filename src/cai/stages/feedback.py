@@ -39,131 +39,20 @@ Artifacts, JSONL with train/test splits that follow the prompt splits:
 
 from __future__ import annotations
 
-import itertools
-import random
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from cai import seeds
-from cai.constitution import ComparisonPrinciple, load_constitution
-from cai.conversations import (
-    COT_CUE,
-    OPTIONS,
-    answer_turn,
-    clean_reasoning,
-    comparison_demos,
-    is_abstention,
-    principle_texts,
-    question,
-    softmax2,
-)
+from cai.constitution import load_constitution
+from cai.conversations import comparison_demos, principle_texts, question
 from cai.engines.base import SamplingParams
-from cai.errors import CaiError
+from cai import seeds
 from cai.io import write_json, write_jsonl
+from cai.judge import Comparison, build_queries, consistency, demonstrations, label, make_pairs, pref_record
+from cai.errors import CaiError
 from cai.prompts import SPLITS, Prompt
 from cai.cost import Cost, PlanInputs
 from cai.inputs import prepared_prompts, red_team_prompts, with_expansion
 from cai.stage import StageContext, StageSpec
 from cai.stage_names import SL_CAI
-
-
-# -- comparisons ----------------------------------------------------------------------
-
-
-@dataclass
-class Comparison:
-    id: str
-    split: str
-    source: str  # harmlessness | helpfulness | human
-    prompt: Prompt
-    a: str
-    b: str
-    principles: list[ComparisonPrinciple] = field(default_factory=list)
-    queries: list[dict] = field(default_factory=list)
-    p_a: float | None = None  # label: probability that answer a is the better one
-    p_a_raw: float | None = None  # before the chain-of-thought clamp
-    status: str = "labelled"
-
-
-def make_pairs(split: str, source: str, prompt: Prompt, answers: list[str], pool, n_principles, seed) -> list[Comparison]:
-    out = []
-    for i, j in itertools.combinations(range(len(answers)), 2):
-        cid = f"{prompt.id}/{i}-{j}"
-        rng = random.Random(f"{seed}:feedback:{source}:{cid}")
-        c = Comparison(cid, split, source, prompt, answers[i], answers[j],
-                       principles=[rng.choice(pool) for _ in range(n_principles)])
-        if answers[i].strip() == answers[j].strip():
-            c.status = "identical"
-        out.append(c)
-    return out
-
-
-def build_queries(comparisons: list[Comparison], both_orders: bool) -> None:
-    for c in comparisons:
-        if c.status != "labelled":
-            continue
-        for k, principle in enumerate(c.principles):
-            for order in ("ab", "ba") if both_orders else ("ab",):
-                first, second = (c.a, c.b) if order == "ab" else (c.b, c.a)
-                c.queries.append({
-                    "principle_id": principle.id,
-                    "k": k,
-                    "order": order,
-                    "question": question(c.prompt.messages, principle.text, first, second),
-                })
-
-
-def label(engine, comparisons, demos, cot: bool, fb, seed: int, progress) -> None:
-    """Fill in every query's probabilities (and reasoning) and each comparison's label."""
-    queries = [q for c in comparisons for q in c.queries]
-    if cot:
-        convs = [demos + [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": COT_CUE}]
-                 for q in queries]
-        params = SamplingParams(temperature=0.0, max_new_tokens=fb.cot_max_new_tokens, seed=seed + seeds.FEEDBACK_COT)
-        with progress(len(convs), "reasoning") as update:
-            outs = engine.generate(convs, params, progress=update) if convs else []
-        for q, out in zip(queries, outs):
-            q["reasoning"] = clean_reasoning(out[0])
-            q["abstained"] = is_abstention(q["reasoning"])
-    scored = [q for q in queries if not q.get("abstained")]
-    convs = [demos + [{"role": "user", "content": q["question"]},
-                      {"role": "assistant", "content": answer_turn(q.get("reasoning"))}] for q in scored]
-    with progress(len(convs), "labels") as update:
-        lps = engine.choice_logprobs(convs, [OPTIONS] * len(convs), progress=update) if convs else []
-    for q, lp in zip(scored, lps):
-        q["logprobs"] = lp
-        q["p_first"] = softmax2(lp)
-        q["p_a"] = q["p_first"] if q["order"] == "ab" else 1.0 - q["p_first"]
-    lo, hi = fb.cot_clamp if cot else (0.0, 1.0)
-    for c in comparisons:
-        if c.status != "labelled":
-            continue
-        usable = _usable(c.queries, fb.both_orders)
-        if not usable:
-            c.status = "abstained"
-            continue
-        c.p_a_raw = sum(q["p_a"] for q in usable) / len(usable)
-        c.p_a = min(max(c.p_a_raw, lo), hi)
-
-
-def _usable(queries: list[dict], both_orders: bool) -> list[dict]:
-    """Scored queries; with both orders, only principles whose two orders were both scored."""
-    ok = [q for q in queries if "p_a" in q]
-    if not both_orders:
-        return ok
-    by_k: dict[int, list[dict]] = {}
-    for q in ok:
-        by_k.setdefault(q["k"], []).append(q)
-    return [q for qs in by_k.values() if len(qs) == 2 for q in qs]
-
-
-def consistency(c: Comparison) -> dict[int, bool]:
-    """Per principle (by index) scored in both orders: did both orders prefer the same answer?"""
-    by_k: dict[int, dict[str, float]] = {}
-    for q in c.queries:
-        if "p_a" in q:
-            by_k.setdefault(q["k"], {})[q["order"]] = q["p_a"]
-    return {k: (o["ab"] >= 0.5) == (o["ba"] >= 0.5) for k, o in by_k.items() if len(o) == 2}
 
 
 # -- human preferences ----------------------------------------------------------------
@@ -228,36 +117,6 @@ def load_human_preferences(spec: str, seed: int, test_fraction: float) -> dict[s
 
 
 # -- the stage --------------------------------------------------------------------------
-
-
-def _pref_record(c: Comparison, feedback_model: str, both_orders: bool) -> dict:
-    a_wins = c.p_a >= 0.5
-    p_chosen = c.p_a if a_wins else 1.0 - c.p_a
-    chosen, rejected = (c.a, c.b) if a_wins else (c.b, c.a)
-    usable = _usable(c.queries, both_orders)
-    # Probability that the chosen answer is better, when it was shown first / second.
-    shown_first = [q["p_a"] if a_wins else 1 - q["p_a"] for q in usable if (q["order"] == "ab") == a_wins]
-    shown_second = [q["p_a"] if a_wins else 1 - q["p_a"] for q in usable if (q["order"] == "ab") != a_wins]
-    agree = list(consistency(c).values())
-    return {
-        "id": c.id,
-        "source": c.source,
-        "category": c.prompt.category,
-        "prompt": c.prompt.messages,
-        "chosen": [{"role": "assistant", "content": chosen}],
-        "rejected": [{"role": "assistant", "content": rejected}],
-        "p_chosen": round(p_chosen, 6),
-        "margin": round(2 * p_chosen - 1, 6),
-        "principle_ids": [p.id for p in c.principles],
-        "p_chosen_shown_first": _mean(shown_first),
-        "p_chosen_shown_second": _mean(shown_second),
-        "position_consistent": all(agree) if agree else None,
-        "feedback_model": feedback_model,
-    }
-
-
-def _mean(xs):
-    return round(sum(xs) / len(xs), 6) if xs else None
 
 
 def _comparison_record(c: Comparison) -> dict:
@@ -337,16 +196,12 @@ def run(ctx: StageContext) -> dict:
     if ctx.model_path(fb.policy) != ctx.model_path(feedback_model):
         ctx.release_engine(fb.policy)  # one model at a time: the feedback model loads into the room it leaves
     engine = ctx.engine(feedback_model)
-    examples = const.comparison_examples if fb.few_shot < 0 else const.comparison_examples[: fb.few_shot]
-    if fb.chain_of_thought:
-        examples = [e for e in examples if e.reasoning]
-    demos = comparison_demos(examples, principle_texts(const), fb.chain_of_thought)
-    label(engine, comparisons, demos, fb.chain_of_thought, fb, cfg.seed, ctx.progress)
+    label(engine, comparisons, demonstrations(const, fb), fb.chain_of_thought, fb, cfg.seed, ctx.progress)
 
     prefs = {s: [] for s in SPLITS}
     for c in comparisons:
         if c.status == "labelled":
-            prefs[c.split].append(_pref_record(c, feedback_model, fb.both_orders))
+            prefs[c.split].append(pref_record(c, feedback_model, fb.both_orders))
     n_human = {"train": 0, "test": 0}
     if fb.human_preferences:
         ctx.record_input("human_preferences", Path(fb.human_preferences))
