@@ -60,6 +60,7 @@ from cai.conversations import (
 from cai.engines.base import SamplingParams
 from cai.errors import CaiError
 from cai.io import write_json, write_jsonl
+from cai.judge_stats import judge_reliability, wilson, yes_no
 from cai.prompts import SPLITS, Prompt
 from cai.cost import Cost, PlanInputs
 from cai.inputs import prepared_prompts, red_team_prompts, with_expansion
@@ -157,13 +158,23 @@ def _usable(queries: list[dict], both_orders: bool) -> list[dict]:
     return [q for qs in by_k.values() if len(qs) == 2 for q in qs]
 
 
-def consistency(c: Comparison) -> dict[int, bool]:
-    """Per principle (by index) scored in both orders: did both orders prefer the same answer?"""
+def p_a_by_order(c: Comparison) -> dict[int, list[float]]:
+    """Per principle (by index) scored in both orders: p(A is better) shown first, then second."""
     by_k: dict[int, dict[str, float]] = {}
     for q in c.queries:
         if "p_a" in q:
             by_k.setdefault(q["k"], {})[q["order"]] = q["p_a"]
-    return {k: (o["ab"] >= 0.5) == (o["ba"] >= 0.5) for k, o in by_k.items() if len(o) == 2}
+    return {k: [o["ab"], o["ba"]] for k, o in by_k.items() if len(o) == 2}
+
+
+def consistency(c: Comparison) -> dict[int, bool]:
+    """Per principle (by index) scored in both orders: did both orders prefer the same answer?"""
+    return {k: (ab >= 0.5) == (ba >= 0.5) for k, (ab, ba) in p_a_by_order(c).items()}
+
+
+def _ci(agree: list[bool]) -> list[float] | None:
+    ci = wilson(sum(agree), len(agree))
+    return [round(ci[0], 4), round(ci[1], 4)] if ci else None
 
 
 # -- human preferences ----------------------------------------------------------------
@@ -281,11 +292,14 @@ def statistics(comparisons: list[Comparison]) -> dict:
         for q in c.queries:
             if "p_a" not in q:
                 continue
-            d = per.setdefault(q["principle_id"], {"questions": 0, "abs_margin": 0.0, "agree": []})
+            d = per.setdefault(q["principle_id"], {"questions": 0, "abs_margin": 0.0, "agree": [], "pairs": []})
             d["questions"] += 1
             d["abs_margin"] += abs(q["p_a"] - 0.5)
         for k, ok in consistency(c).items():
             per[c.principles[k].id]["agree"].append(ok)
+        for k, orders in p_a_by_order(c).items():
+            per[c.principles[k].id]["pairs"].append(yes_no(orders))
+    decisive = round(sum(abs(c.p_a - 0.5) for c in labelled) / len(labelled), 4) if labelled else None
     return {
         "comparisons": len(comparisons),
         "labelled": len(labelled),
@@ -293,15 +307,23 @@ def statistics(comparisons: list[Comparison]) -> dict:
         "identical_pairs": sum(c.status == "identical" for c in comparisons),
         "abstained_questions": sum(1 for c in comparisons for q in c.queries if q.get("abstained")),
         "position_consistency": round(sum(agree) / len(agree), 4) if agree else None,
-        "mean_abs_p_minus_half": round(sum(abs(c.p_a - 0.5) for c in labelled) / len(labelled), 4) if labelled else None,
+        # |p - 0.5| of each comparison's label (p averaged over its questions: both orders, every principle)
+        "decisiveness_all_orders": decisive,
+        "position_consistency_ci": _ci(agree),
+        "mean_abs_p_minus_half": decisive,  # the old name of decisiveness_all_orders, kept for old readers
         "mean_abs_p_minus_half_unclamped": (
             round(sum(abs(c.p_a_raw - 0.5) for c in labelled) / len(labelled), 4) if labelled else None
         ),
         "per_principle": {
             pid: {
                 "questions": d["questions"],
-                "mean_abs_p_minus_half": round(d["abs_margin"] / d["questions"], 4),
+                # |p - 0.5| of each question on its own (one order)
+                "decisiveness_one_order": round(d["abs_margin"] / d["questions"], 4),
                 "position_consistency": round(sum(d["agree"]) / len(d["agree"]), 4) if d["agree"] else None,
+                "position_consistency_ci": _ci(d["agree"]),
+                "consistency_pairs": len(d["agree"]),
+                "decisiveness_all_orders": (judge_reliability(d["pairs"]) or {}).get("decisiveness_all_orders"),
+                "mean_abs_p_minus_half": round(d["abs_margin"] / d["questions"], 4),  # old name, one order
             }
             for pid, d in sorted(per.items())
         },
