@@ -221,7 +221,7 @@ def levers(root: Path) -> str:
 
     lines = ["| row | first answers with a refusal phrase | SFT revisions with a refusal phrase "
              "| revisions the gates rejected (retried, replaced) | feedback position consistency "
-             "| feedback mean \\|p - 0.5\\| | PM held-out accuracy (before → after) "
+             "| feedback decisiveness over both orders | PM held-out accuracy (before → after) "
              "| DPO held-out reward accuracy (data) | RL held-out PM reward (before → after, KL) |", "|" + "---|" * 9]
     for row in ROWS:
         run = root / row.name

@@ -125,8 +125,9 @@ def test_a_judge_at_chance_is_flagged_beside_its_figures(tmp_path, judge):
     assert res["elo"]["harmlessness"]["judge_reliability"]["at_chance"] is True
     assert rel["harmfulness"]["position_consistency"] is None  # one order: not measured, not claimed
     html, section = _evaluation_html(tmp_path, res)
-    assert section.count(WARNING) >= 4  # the Elo, the model table's refusal and safe columns, the refusal table
-    assert "the harmlessness comparisons" in section and "AT CHANCE" in section
+    assert section.count(WARNING) == 3  # under the model table: its harmlessness Elo, refusal and safe columns
+    assert "pairwise comparisons, harmlessness" in section and "AT CHANCE" in section
+    assert "(the judge is at chance: this Elo says nothing about the models)" in section
     assert "not measured (asked in one order only)" in section  # harmfulness 0-4
     if isinstance(judge, AlwaysA):
         assert rel["refusal"]["position_consistency"] == 0.0

@@ -167,8 +167,9 @@ def evaluation(run: Path) -> str:
             rel = t.get("judge_reliability") or {"position_consistency": t.get("position_consistency")}
             parts.append(f"<p>{escape(dim)}: {t['comparisons']} comparisons on {t['prompts']} prompts under "
                          f"<code>{escape(str(t.get('principle_id')))}</code>; position consistency "
-                         f"{escape(_consistency(rel))}; {t['bootstrap']} bootstrap resamples.</p>"
-                         + _at_chance(rel, f"the {dim} comparisons", "this Elo says nothing about the models"))
+                         f"{escape(_consistency(rel))}"
+                         + ("<b> (the judge is at chance: this Elo says nothing about the models)</b>"
+                            if _judge_at_chance(rel) else "") + f"; {t['bootstrap']} bootstrap resamples.</p>")
     parts.append(standard_sets(res))
     parts.append(_figures(RunFolder(run).path("evaluate", "figures"), skip=REVISION_PNGS + FRONTIER_PNGS))
     return "".join(parts)
