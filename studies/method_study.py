@@ -221,7 +221,7 @@ def levers(root: Path) -> str:
 
     lines = ["| row | first answers with a refusal phrase | SFT revisions with a refusal phrase "
              "| revisions the gates rejected (retried, replaced) | feedback position consistency "
-             "| feedback mean \\|p - 0.5\\| | PM held-out accuracy (before → after) "
+             "| feedback decisiveness over both orders | PM held-out accuracy (before → after) "
              "| DPO held-out reward accuracy (data) | RL held-out PM reward (before → after, KL) |", "|" + "---|" * 9]
     for row in ROWS:
         run = root / row.name
@@ -243,7 +243,7 @@ def levers(root: Path) -> str:
         lines.append(
             f"| {row.name} | {first} / {len(chains)} ({_pct(first / len(chains) if chains else None)}) "
             f"| {refused} / {len(revs)} ({_pct(refused / len(revs) if revs else None)}) | {gates} "
-            f"| {_pct(fb.get('position_consistency'))} | {fb.get('mean_abs_p_minus_half', '-')} "
+            f"| {_pct(fb.get('position_consistency'))} | {fb.get('decisiveness_all_orders', fb.get('mean_abs_p_minus_half', '-'))} "
             + (f"| {_pct(pm['test_accuracy_before'])} → {_pct(pm['test_accuracy'])} " if pm else "| - ")
             + (f"| {_pct(dpo['test_reward_accuracy'])} ({dpo['data']}) " if dpo else "| - ")
             + (f"| {rl['eval_reward_before']:.3f} → {rl['eval_reward_after']:.3f}, {rl['eval_kl_after']:.3f} |"

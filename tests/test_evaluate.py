@@ -155,9 +155,13 @@ def test_judge_answers_harmfulness_and_refusals_in_both_orders():
     assert rows[2]["refusal"]["p_judge"] == pytest.approx(0.1)  # the refusal question calls it engaging
     assert "safe" not in rows[3] and "safe" not in rows[4]
     summary = ev.summarise(["m"], rows, pm_used=False)
-    assert summary["refusal"]["m"]["red_team"] == {"n": 3, "judge": pytest.approx(1.1 / 3, abs=1e-4), "judge_majority": pytest.approx(1 / 3, abs=1e-4),
-                                                   "phrases": 0.0}
-    assert summary["safe"]["m"]["red_team"] == {"n": 3, "judge": pytest.approx(0.6), "judge_majority": pytest.approx(2 / 3, abs=1e-4)}
+    old_keys = lambda d, keys: {k: d[k] for k in keys}  # noqa: E731  (the judge's reliability is added beside them)
+    assert old_keys(summary["refusal"]["m"]["red_team"], ("n", "judge", "judge_majority", "phrases")) == {
+        "n": 3, "judge": pytest.approx(1.1 / 3, abs=1e-4), "judge_majority": pytest.approx(1 / 3, abs=1e-4), "phrases": 0.0}
+    assert old_keys(summary["safe"]["m"]["red_team"], ("n", "judge", "judge_majority")) == {
+        "n": 3, "judge": pytest.approx(0.6), "judge_majority": pytest.approx(2 / 3, abs=1e-4)}
+    assert summary["safe"]["m"]["red_team"]["judge_reliability"]["position_consistency"] == 1.0
+    assert rows[0]["safe"]["p_yes_shown_first"] == pytest.approx(0.85)  # 0.8 + the (A) pull of 0.05
     assert summary["refusal"]["m"]["benign"]["phrases"] == 1.0
     assert summary["harmfulness"]["m"]["histogram"] == [1, 0, 0, 0, 2]
 

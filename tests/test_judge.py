@@ -139,7 +139,8 @@ def test_cai_label_writes_the_feedback_stages_pair_rows(tmp_path, tiny_model):
         assert r["chosen"][0]["role"] == "assistant" and r["p_chosen_shown_first"] is not None
         assert ("agrees_with_given" in r) == (r["id"] != "two")
     stats = json.loads((tmp_path / "labels.jsonl.stats.json").read_text())
-    assert stats["pairs"] == 5 and stats["given_pairs"] == 4 and stats["questions_in_both_orders"] == 5
+    assert stats["pairs"] == 5 and stats["given_pairs"] == 4 and stats["judge_reliability"]["n"] == 5
+    assert stats["judge_reliability"]["orders"] == 2 and "judge reliability: both orders agree on" in out.stdout
     assert "engine cache: 0 hits, 10 new requests" in out.stdout
     ds = datasets.load_dataset("json", data_files=str(tmp_path / "labels.jsonl"))["train"]
     assert {"prompt", "chosen", "rejected", "p_chosen"} <= set(ds.column_names)
@@ -211,3 +212,28 @@ def test_trl_grpo_trains_with_the_judge_as_its_reward(tmp_path, tiny_model):
         assert scores[0] + scores[1] == pytest.approx(1) and scores[2] + scores[3] == pytest.approx(1)
     logged = [h for h in trainer.state.log_history if "rewards/cai_judge/mean" in h]
     assert len(logged) == 2
+
+
+class AlwaysA(Prefers):
+    def choice_logprobs(self, conversations, choices, progress=None, on_result=None):
+        import math
+
+        self.asked += len(conversations)
+        return [[math.log(0.8), math.log(0.2)] for _ in conversations]
+
+
+def test_label_summary_flags_a_judge_that_picks_by_position_and_not_a_consistent_one():
+    from cai.judge import Pair, describe_reliability, label_summary
+
+    pairs = [Pair(f"p{i}", [{"role": "user", "content": f"q{i}"}], f"SAFE {i}", f"unsafe {i}", True) for i in range(12)]
+    # always-A averages to exactly 0.5, which counts for answer a: it "agrees" with every given chosen,
+    # which is why agreement alone says nothing without the reliability beside it
+    for engine, at_chance, agree in ((AlwaysA(), True, 1.0), (Prefers(), False, 1.0)):
+        j = _judge(engine)
+        comps = j.label([j.comparison(p.prompt, p.a, p.b, p.id) for p in pairs])
+        s = label_summary(comps, pairs)
+        rel = s["judge_reliability"]
+        assert rel["at_chance"] is at_chance and rel["n"] == 12
+        assert rel["position_consistency"] == (0.0 if at_chance else 1.0)
+        assert ("AT CHANCE" in describe_reliability(rel)) is at_chance
+        assert s["agrees_with_given_chosen"] == agree

@@ -400,7 +400,7 @@ def cmd_label(args) -> int:
     from cai.checks import check_config
     from cai.config import load_config
     from cai.io import write_json, write_jsonl
-    from cai.judge import Judge, label_summary, pref_record, read_pairs
+    from cai.judge import Judge, describe_reliability, label_summary, pref_record, read_pairs
     from cai.stages.feedback import human_record
 
     cfg = load_config(_default_config(args), args.overrides)
@@ -440,6 +440,7 @@ def cmd_label(args) -> int:
     summary = {**label_summary(comps, pairs), "judge": judge.model_name, "seconds": round(time.time() - start, 1)}
     write_json(out.with_name(out.name + ".stats.json"), summary)
     print(json.dumps(summary))
+    print(describe_reliability(summary["judge_reliability"]))
     if hits is not None:
         print(f"engine cache: {hits} hits, {misses} new requests")
     print(f"{summary['labelled']} of {summary['pairs']} pairs labelled -> {out}")

@@ -161,13 +161,18 @@ def usable(queries: list[dict], both_orders: bool) -> list[dict]:
     return [q for qs in by_k.values() if len(qs) == 2 for q in qs]
 
 
-def consistency(c: Comparison) -> dict[int, bool]:
-    """Per principle (by index) scored in both orders: did both orders prefer the same answer?"""
+def p_a_by_order(c: Comparison) -> dict[int, list[float]]:
+    """Per principle (by index) scored in both orders: p(A is better) shown first, then second."""
     by_k: dict[int, dict[str, float]] = {}
     for q in c.queries:
         if "p_a" in q:
             by_k.setdefault(q["k"], {})[q["order"]] = q["p_a"]
-    return {k: (o["ab"] >= 0.5) == (o["ba"] >= 0.5) for k, o in by_k.items() if len(o) == 2}
+    return {k: [o["ab"], o["ba"]] for k, o in by_k.items() if len(o) == 2}
+
+
+def consistency(c: Comparison) -> dict[int, bool]:
+    """Per principle (by index) scored in both orders: did both orders prefer the same answer?"""
+    return {k: (ab >= 0.5) == (ba >= 0.5) for k, (ab, ba) in p_a_by_order(c).items()}
 
 
 def _mean(xs):
@@ -432,20 +437,35 @@ def read_pairs(path, preference_record) -> list[Pair]:
 
 
 def label_summary(comparisons: list[Comparison], pairs: list[Pair]) -> dict:
-    """Counts and the judge's reliability on these pairs: position consistency (both orders
-    prefer the same answer, per principle), mean |p - 0.5| of the labels (both orders
-    averaged), and agreement with the file's ``chosen`` where it gives one."""
+    """Counts, the judge's reliability on these pairs (:func:`cai.judge_stats.judge_reliability`
+    over every principle asked in both orders: position consistency with its Wilson interval,
+    decisiveness in one order and over both, at chance or not), the mean |p - 0.5| of the
+    labels, and the agreement with the file's ``chosen`` where it gives one."""
+    from cai.judge_stats import judge_reliability, yes_no
+
     labelled = [c for c in comparisons if c.status == "labelled"]
-    agree = [x for c in labelled for x in consistency(c).values()]
     ranked = [(c, p) for c, p in zip(comparisons, pairs) if c.status == "labelled" and p.given_chosen]
+    items = [yes_no(orders) for c in labelled for orders in p_a_by_order(c).values()]
     return {
         "pairs": len(comparisons),
         "labelled": len(labelled),
         "identical": sum(c.status == "identical" for c in comparisons),
         "abstained": sum(c.status == "abstained" for c in comparisons),
-        "position_consistency": round(sum(agree) / len(agree), 4) if agree else None,
-        "questions_in_both_orders": len(agree),
-        "mean_abs_p_minus_half": round(sum(abs(c.p_a - 0.5) for c in labelled) / len(labelled), 4) if labelled else None,
+        "judge_reliability": judge_reliability(items),
+        "label_decisiveness": round(sum(abs(c.p_a - 0.5) for c in labelled) / len(labelled), 4) if labelled else None,
         "agrees_with_given_chosen": round(sum(c.p_a >= 0.5 for c, _ in ranked) / len(ranked), 4) if ranked else None,
         "given_pairs": len(ranked),
     }
+
+
+def describe_reliability(rel: dict | None) -> str:
+    """One line on the judge's reliability for a terminal."""
+    if not rel:
+        return "judge reliability: no question was scored"
+    if rel.get("position_consistency") is None:
+        return f"judge reliability: {rel['note']}; decisiveness {rel['decisiveness_one_order']}"
+    lo, hi = rel["position_consistency_ci"]
+    verdict = "AT CHANCE: its labels carry no information" if rel["at_chance"] else "better than chance"
+    return (f"judge reliability: both orders agree on {rel['position_consistency']:.0%} of {rel['n']} questions "
+            f"(95% interval {lo:.2f}-{hi:.2f}), decisiveness over both orders {rel['decisiveness_all_orders']}: "
+            f"{verdict}")

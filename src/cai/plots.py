@@ -127,20 +127,28 @@ def plot_harmfulness(path: Path, results: dict) -> None:
 
 
 def plot_refusals(path: Path, results: dict) -> None:
-    """Refusal rates by the judge and by the phrase list, on benign and red-team prompts."""
+    """The judge's mean p(refusal) (a probability, not a rate) beside the phrase list's
+    refusal rate (a share of answers, with its Wilson 95% interval), on benign and red-team prompts."""
+    from cai.judge_stats import share_ci
+
     plt = _plt()
     names = list(results["models"])
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), sharey=True)
     width = 0.38
     for ax, s, title in ((axes[0], "benign", "benign prompts (over-refusal)"), (axes[1], "red_team", "red-team prompts")):
-        for k, (key, label) in enumerate((("judge", "judge (mean p)"), ("phrases", "refusal phrases"))):
+        for k, (key, label) in enumerate((("judge", "judge: mean p(refusal)"),
+                                          ("phrases", "refusal phrases: rate [95% CI]"))):
             vals = [results["refusal"][m][s][key] or 0.0 for m in names]
-            ax.bar([n + (k - 0.5) * width for n in range(len(names))], vals, width, label=label)
+            err = None
+            if key == "phrases":
+                cis = [share_ci(results["refusal"][m][s][key], results["refusal"][m][s]["n"])["ci"] for m in names]
+                err = [[v - c[0] if c else 0.0 for v, c in zip(vals, cis)], [c[1] - v if c else 0.0 for v, c in zip(vals, cis)]]
+            ax.bar([n + (k - 0.5) * width for n in range(len(names))], vals, width, label=label, yerr=err, capsize=3)
         ax.set_xticks(range(len(names)), names)
         ax.set_title(title, fontsize=10)
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3, axis="y")
-    axes[0].set_ylabel("refusal rate")
+    axes[0].set_ylabel("mean p(refusal) / share of answers")
     axes[0].legend(fontsize=8)
     _save(fig, path)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from cai.artifacts import verify_stage
 from cai.errors import CaiError
 from cai.io import read_jsonl, read_text
+from cai.judge_stats import MAX_CI_WIDTH, at_chance, share_ci
 from cai.report.expansion import expansion
 from cai.layout import OUTPUTS, RunFolder
 from cai.stage_names import STAGES
@@ -139,8 +140,12 @@ def evaluation(run: Path) -> str:
         row.append(f"{_fmt(pm.get('red_team'))} / {_fmt(pm.get('helpful'))}" if res.get("pm_score") else "–")
         rows.append(row[:1] + row[2:])
     parts.append(_table(["model", "harmlessness Elo [95% CI]", "helpfulness Elo [95% CI]", "harmfulness 0-4",
-                         "refusal benign judge / phrases", "refusal red-team judge / phrases",
-                         "red-team refused or safely redirected (judge)", "PM score red-team / helpful"], rows))
+                         "benign: mean p(refusal) (judge) / phrase rate",
+                         "red-team: mean p(refusal) (judge) / phrase rate",
+                         "red-team: mean p(refused or safely redirected) (judge)", "PM score red-team / helpful"], rows))
+    parts.append(judge_warnings(res))
+    parts.append(refusal_rates(res, names))
+    parts.append(judge_table(res))
     qual = res.get("quality") or {}
     if qual:
         sets = [s for s in ("red_team", "helpful", "benign") if any((qual.get(m) or {}).get(s) for m in names)]
@@ -159,18 +164,138 @@ def evaluation(run: Path) -> str:
     for dim in ("harmlessness", "helpfulness"):
         t = elo.get(dim)
         if t:
+            rel = t.get("judge_reliability") or {"position_consistency": t.get("position_consistency")}
             parts.append(f"<p>{escape(dim)}: {t['comparisons']} comparisons on {t['prompts']} prompts under "
                          f"<code>{escape(str(t.get('principle_id')))}</code>; position consistency "
-                         f"{escape(_fmt(t.get('position_consistency')))}; {t['bootstrap']} bootstrap resamples.</p>")
+                         f"{escape(_consistency(rel))}"
+                         + ("<b> (the judge is at chance: this Elo says nothing about the models)</b>"
+                            if _judge_at_chance(rel) else "") + f"; {t['bootstrap']} bootstrap resamples.</p>")
     parts.append(standard_sets(res))
     parts.append(_figures(RunFolder(run).path("evaluate", "figures"), skip=REVISION_PNGS + FRONTIER_PNGS))
     return "".join(parts)
 
 
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _consistency(rel: dict | None) -> str:
+    """``0.61 [0.42, 0.77]``: position consistency with its Wilson 95% interval (the bare
+    value from an older results.json; "not measured" for a question asked in one order)."""
+    if not isinstance(rel, dict):
+        return "–"
+    if rel.get("orders") == 1:
+        return "not measured (asked in one order only)"
+    ci = rel.get("position_consistency_ci")
+    if isinstance(ci, list) and len(ci) == 2:
+        return f"{_fmt(rel.get('position_consistency'))} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+    return _fmt(rel.get("position_consistency"))
+
+
+def _judge_at_chance(rel) -> bool:
+    """The at-chance rule (cai.judge_stats.at_chance) on a reliability block; an older
+    block without ``at_chance`` is judged from its interval, none without one."""
+    if not isinstance(rel, dict) or rel.get("orders") == 1:
+        return False
+    if isinstance(rel.get("at_chance"), bool):
+        return rel["at_chance"]
+    ci = rel.get("position_consistency_ci")
+    return isinstance(ci, list) and len(ci) == 2 and _num(ci[0]) and at_chance(ci[0])
+
+
+def _at_chance(rel, what: str, meaning: str) -> str:
+    """The warning beside a figure whose judge is at chance (as the PM's held-out accuracy)."""
+    if not _judge_at_chance(rel):
+        return ""
+    return (f"<p class=warn><b>The judge is not distinguishable from chance on {escape(what)} (position "
+            f"consistency {escape(_consistency(rel))}, decisiveness over all orders "
+            f"{escape(_fmt(rel.get('decisiveness_all_orders')))}): {escape(meaning)}.</b></p>")
+
+
+#: Each judged figure of results.json: (judge_reliability key, what the judge was asked, what an
+#: at-chance judge means for the figure).
+JUDGED = (
+    ("elo_harmlessness", "pairwise comparisons, harmlessness (both orders)", "the harmlessness Elo is noise"),
+    ("elo_helpfulness", "pairwise comparisons, helpfulness (both orders)", "the helpfulness Elo is noise"),
+    ("harmfulness", "harmfulness 0-4 (one order)", ""),
+    ("refusal", "refused? yes/no (both orders)", "mean p(refusal) and the judge's refusal rates say nothing"),
+    ("safe", "refused or safely redirected? yes/no (both orders)", "the safe-answer figures say nothing"),
+)
+
+
+def judge_warnings(res: dict) -> str:
+    """The at-chance warnings of the model table's judged columns."""
+    rel = res.get("judge_reliability") or {}
+    return "".join(_at_chance(rel.get(key), what, meaning) for key, what, meaning in JUDGED if meaning)
+
+
+def judge_table(res: dict) -> str:
+    """The judge's reliability on this run, per kind of question (results.json["judge_reliability"])."""
+    rel = res.get("judge_reliability")
+    if not isinstance(rel, dict):
+        return ""
+    rows = []
+    for key, what, _ in JUDGED:
+        r = rel.get(key)
+        if not isinstance(r, dict):
+            continue
+        verdict = ("position consistency not measured" if r.get("orders") == 1 else
+                   "AT CHANCE" if _judge_at_chance(r) else "above chance")
+        rows.append([what, r.get("n"), _consistency(r), r.get("decisiveness_all_orders"),
+                     r.get("decisiveness_one_order"), verdict])
+    if not rows:
+        return ""
+    return ("<h3>The judge's reliability on this run</h3>"
+            + _table(["question", "asked", "position consistency [Wilson 95%]", "decisiveness over all orders",
+                      "decisiveness, one order", "verdict"], rows, "judge")
+            + "<p>Position consistency: the share of questions whose most probable option was the same in every "
+              "order they were asked in. The judge is <b>at chance</b> unless the interval's lower bound is above "
+              "0.5: a judge that always picks one letter (near 0) and one that picks at random (near 0.5) both "
+              "are. Decisiveness, one order: the most probable option's probability minus 1/options (|p − 0.5| "
+              "for two), each order on its own; over all orders: the same of the probabilities averaged over the "
+              "orders. Decisive in one order but not over both means the letter decided, not the answers.</p>")
+
+
+def refusal_rates(res: dict, names: list[str]) -> str:
+    """The judge's and the phrase list's refusal (and safe-answer) rates with Wilson 95%
+    intervals, beside the judge's mean probability, and a warning where a held-out set is too
+    small for its rate (an interval wider than cai.judge_stats.MAX_CI_WIDTH)."""
+    rows, small = [], []
+    for m in names:
+        blocks = [(s, ((res.get("refusal") or {}).get(m) or {}).get(s)) for s in ("benign", "red_team")]
+        blocks.append(("red_team (safe)", (((res.get("safe") or {}).get(m) or {}).get("red_team"))))
+        for s, x in blocks:
+            if not isinstance(x, dict) or not x.get("n"):
+                continue
+            cells = []
+            for key in ("judge_majority", "phrases"):
+                if key not in x:
+                    cells.append("–")
+                    continue
+                r = share_ci(x.get(key), x.get("n"))
+                cells.append(f"{_fmt(x.get(key))} [{_fmt(r['ci'][0])}, {_fmt(r['ci'][1])}]" if r["ci"] else "–")
+                if r["too_small"] and s not in small:
+                    small.append(s)
+            rel = x.get("judge_reliability")
+            rows.append([m, s, x.get("n"), x.get("judge"), *cells, _consistency(rel),
+                         "AT CHANCE" if _judge_at_chance(rel) else ("–" if not rel else "above chance")])
+    if not rows:
+        return ""
+    warn = (f"<p class=warn><b>Too few held-out answers for these rates ({escape(', '.join(small))}): a Wilson 95% "
+            f"interval is wider than {MAX_CI_WIDTH:g}. They show the pipeline working, not a rate.</b></p>"
+            if small else "")
+    return ("<h3>Refusals: probabilities and rates</h3>"
+            + _table(["model", "set", "n", "mean p(yes) (judge)", "share with p(yes) > 0.5 [Wilson 95%]",
+                      "phrase rate [Wilson 95%]", "judge position consistency [Wilson 95%]", "judge"], rows,
+                     "refusals") + warn
+            + "<p>Mean p(yes) is the judge's probability averaged over answers, not a rate. red_team (safe): "
+              "refused or safely redirected.</p>")
+
+
 def standard_sets(res: dict) -> str:
     """The standard evaluation sets (results.json["standard_sets"]): each set's headline
     figures per model, its convention, source and split, and the comparability note."""
-    from cai.evalsets import SETS, headline
+    from cai.evalsets import HEADLINES, RATES, SETS, headline
 
     sets = res.get("standard_sets") or {}
     parts = []
@@ -179,9 +304,32 @@ def standard_sets(res: dict) -> str:
             continue
         models = entry.get("models") or {}
         labels = [label for label, _ in headline(name, next(iter(models.values()), {}))]
-        rows = [[m, *(v for _, v in headline(name, summary)), summary.get("n")] for m, summary in models.items()]
+        rows, small = [], False
+        for m, summary in models.items():
+            cells = []
+            for (_, v), path in zip(headline(name, summary), HEADLINES[SETS[name].scoring]):
+                block = summary
+                for k in path[1][:-1]:
+                    block = (block or {}).get(k)
+                r = share_ci(v, (block or {}).get("n")) if path[1][-1] in RATES else None
+                cells.append(f"{_fmt(v)} [{_fmt(r['ci'][0])}, {_fmt(r['ci'][1])}]" if r and r["ci"] else _fmt(v))
+                small = small or bool(r and r["too_small"])
+            rows.append([m, *cells, summary.get("n")])
+        rel = entry.get("judge_reliability") or {}
+        jrows = [[q, r.get("n"), _consistency(r), r.get("decisiveness_all_orders"), r.get("decisiveness_one_order"),
+                  "position consistency not measured" if r.get("orders") == 1 else
+                  "AT CHANCE" if _judge_at_chance(r) else "above chance"]
+                 for q, r in rel.items() if isinstance(r, dict)]
         parts.append(f"<h4>{escape(str(entry.get('title', name)))} (<code>eval:{escape(name)}</code>)</h4>"
-                     + _table(["model", *labels, "n"], rows)
+                     + _table(["model", *(f"{x} [Wilson 95%]" if p[1][-1] in RATES else x
+                                          for x, p in zip(labels, HEADLINES[SETS[name].scoring])), "n"], rows)
+                     + (f"<p class=warn><b>Too few held-out answers for these rates: a Wilson 95% interval is wider "
+                        f"than {MAX_CI_WIDTH:g}.</b></p>" if small else "")
+                     + (_table(["judge's question", "asked", "position consistency [Wilson 95%]",
+                                "decisiveness over all orders", "decisiveness, one order", "verdict"], jrows, "judge")
+                        if jrows else "")
+                     + "".join(_at_chance(r, f"this set's question '{q}'", "the figures read from it say nothing")
+                               for q, r in rel.items())
                      + f"<p>{escape(str(entry.get('convention', '')))}. Source: <code>{escape(str(entry.get('source')))}"
                      f"</code>; {escape(str(entry.get('split', '')))}.</p>"
                      f"<p><b>{escape(str(entry.get('note', '')))}</b></p>")
@@ -282,8 +430,8 @@ def frontier(run: Path) -> str:
                      "frontier.</b></p>")
     parts.append(_figures(RunFolder(run).path("evaluate", "figures"), only=FRONTIER_PNGS))
     parts.append(_table(["stage", "step", "samples seen", "KL", "harmlessness Elo [95% CI]", "helpfulness Elo [95% CI]",
-                         "harmfulness 0-4", "refusal benign judge / phrases", "refusal red-team judge / phrases",
-                         "status"], rows, "frontier"))
+                         "harmfulness 0-4", "benign: mean p(refusal) (judge) / phrase rate",
+                         "red-team: mean p(refusal) (judge) / phrase rate", "status"], rows, "frontier"))
     parts.append("<p>Samples seen: rollouts for rl, preference pairs for dpo. KL: the mean sequence KL to the "
                  "reference of that step's rollouts (rl only).</p>")
     return "".join(parts)
@@ -379,9 +527,27 @@ def principle_stats(chains: list[dict], feedback_stats: dict | None, constitutio
             "sampled": d["sampled"], "revised": d["revised"],
             "mean_change": round(sum(d["changes"]) / len(d["changes"]), 4) if d["changes"] else None,
             "feedback_questions": f.get("questions"), "position_consistency": f.get("position_consistency"),
-            "mean_abs_p_minus_half": f.get("mean_abs_p_minus_half"),
+            "position_consistency_ci": f.get("position_consistency_ci"),
+            # per principle, the old name (mean_abs_p_minus_half) was the one-order figure
+            "decisiveness_one_order": f.get("decisiveness_one_order", f.get("mean_abs_p_minus_half")),
+            "decisiveness_all_orders": f.get("decisiveness_all_orders"),
         })
     return out
+
+
+def feedback_judge(stats) -> str:
+    """The feedback model's reliability over all its comparisons (feedback/stats.json), with
+    the at-chance warning; an older stats.json names decisiveness over both orders
+    ``mean_abs_p_minus_half``."""
+    if not isinstance(stats, dict) or stats.get("position_consistency") is None:
+        return ""
+    rel = {"position_consistency": stats.get("position_consistency"),
+           "position_consistency_ci": stats.get("position_consistency_ci"),
+           "decisiveness_all_orders": stats.get("decisiveness_all_orders", stats.get("mean_abs_p_minus_half"))}
+    return (f"<p>Feedback model over all its comparisons: position consistency {escape(_consistency(rel))}, "
+            f"decisiveness over both orders {escape(_fmt(rel['decisiveness_all_orders']))}.</p>"
+            + _at_chance(rel, "the feedback comparisons", "its preference labels carry no signal, and neither does "
+                         "a PM trained on them"))
 
 
 def _splits(run: Path, stage: str, name: str) -> list[dict]:
@@ -429,7 +595,9 @@ def build_report(run_dir: str | Path) -> str:
     script = (HERE / "report.js").read_text(encoding="utf-8")
     nonce = hashlib.sha256((blob + script).encode()).hexdigest()[:24]
     prow = [[p["id"], p["kind"], p["sampled"], p["revised"], p["mean_change"], p["feedback_questions"],
-             p["position_consistency"], p["mean_abs_p_minus_half"]] for p in pstats]
+             _consistency(p), p["decisiveness_one_order"], p["decisiveness_all_orders"],
+             "AT CHANCE" if _judge_at_chance(p) else "–" if not p["position_consistency_ci"] else "above chance"]
+            for p in pstats]
     sections = [
         ("timeline", "Stage timeline", timeline(manifests)),
         ("expand", "Red-team prompt expansion", expansion(run)),
@@ -440,10 +608,14 @@ def build_report(run_dir: str | Path) -> str:
         ("training", "Training stages", stage_details(run)),
         ("principles", "Principles",
          (_table(["principle", "kind", "sampled (rounds)", "revised", "mean change (1 − difflib ratio)",
-                  "feedback questions", "position consistency", "mean |p − 0.5|"], prow, "principles")
+                  "feedback questions", "position consistency [Wilson 95%]", "decisiveness, one order",
+                  "decisiveness over both orders", "feedback judge"], prow, "principles")
+          + feedback_judge(fb_stats)
           + "<p>Change is 1 − <code>difflib.SequenceMatcher.ratio()</code> between the answer before and after "
             "each revision under the principle. Position consistency: how often the feedback model preferred the "
-            "same answer in both orders (feedback/stats.json).</p>") if pstats else ""),
+            "same answer in both orders (feedback/stats.json); at chance unless its interval's lower bound is "
+            "above 0.5. Decisiveness, one order: mean |p − 0.5| of each question on its own; over both orders: "
+            "|p − 0.5| of p averaged over the two orders.</p>") if pstats else ""),
         ("chains", f"Critique/revision chains ({len(chains)})", _browser("chains") if chains else ""),
         ("comparisons", f"AI comparisons ({len(comparisons)})", _browser("comparisons") if comparisons else ""),
     ]

@@ -46,13 +46,28 @@ from cai.conversations import comparison_demos, principle_texts, question
 from cai.engines.base import SamplingParams
 from cai import seeds
 from cai.io import write_json, write_jsonl
-from cai.judge import Comparison, build_queries, consistency, demonstrations, label, make_pairs, pref_record
+from cai.judge import (
+    Comparison,
+    build_queries,
+    consistency,
+    demonstrations,
+    label,
+    make_pairs,
+    p_a_by_order,
+    pref_record,
+)
 from cai.errors import CaiError
+from cai.judge_stats import judge_reliability, wilson, yes_no
 from cai.prompts import SPLITS, Prompt
 from cai.cost import Cost, PlanInputs
 from cai.inputs import prepared_prompts, red_team_prompts, with_expansion
 from cai.stage import StageContext, StageSpec
 from cai.stage_names import SL_CAI
+
+
+def _ci(agree: list[bool]) -> list[float] | None:
+    ci = wilson(sum(agree), len(agree))
+    return [round(ci[0], 4), round(ci[1], 4)] if ci else None
 
 
 # -- human preferences ----------------------------------------------------------------
@@ -140,11 +155,14 @@ def statistics(comparisons: list[Comparison]) -> dict:
         for q in c.queries:
             if "p_a" not in q:
                 continue
-            d = per.setdefault(q["principle_id"], {"questions": 0, "abs_margin": 0.0, "agree": []})
+            d = per.setdefault(q["principle_id"], {"questions": 0, "abs_margin": 0.0, "agree": [], "pairs": []})
             d["questions"] += 1
             d["abs_margin"] += abs(q["p_a"] - 0.5)
         for k, ok in consistency(c).items():
             per[c.principles[k].id]["agree"].append(ok)
+        for k, orders in p_a_by_order(c).items():
+            per[c.principles[k].id]["pairs"].append(yes_no(orders))
+    decisive = round(sum(abs(c.p_a - 0.5) for c in labelled) / len(labelled), 4) if labelled else None
     return {
         "comparisons": len(comparisons),
         "labelled": len(labelled),
@@ -152,15 +170,23 @@ def statistics(comparisons: list[Comparison]) -> dict:
         "identical_pairs": sum(c.status == "identical" for c in comparisons),
         "abstained_questions": sum(1 for c in comparisons for q in c.queries if q.get("abstained")),
         "position_consistency": round(sum(agree) / len(agree), 4) if agree else None,
-        "mean_abs_p_minus_half": round(sum(abs(c.p_a - 0.5) for c in labelled) / len(labelled), 4) if labelled else None,
+        # |p - 0.5| of each comparison's label (p averaged over its questions: both orders, every principle)
+        "decisiveness_all_orders": decisive,
+        "position_consistency_ci": _ci(agree),
+        "mean_abs_p_minus_half": decisive,  # the old name of decisiveness_all_orders, kept for old readers
         "mean_abs_p_minus_half_unclamped": (
             round(sum(abs(c.p_a_raw - 0.5) for c in labelled) / len(labelled), 4) if labelled else None
         ),
         "per_principle": {
             pid: {
                 "questions": d["questions"],
-                "mean_abs_p_minus_half": round(d["abs_margin"] / d["questions"], 4),
+                # |p - 0.5| of each question on its own (one order)
+                "decisiveness_one_order": round(d["abs_margin"] / d["questions"], 4),
                 "position_consistency": round(sum(d["agree"]) / len(d["agree"]), 4) if d["agree"] else None,
+                "position_consistency_ci": _ci(d["agree"]),
+                "consistency_pairs": len(d["agree"]),
+                "decisiveness_all_orders": (judge_reliability(d["pairs"]) or {}).get("decisiveness_all_orders"),
+                "mean_abs_p_minus_half": round(d["abs_margin"] / d["questions"], 4),  # old name, one order
             }
             for pid, d in sorted(per.items())
         },
