@@ -36,7 +36,8 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
         return None
     p = k / n
     mid, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (mid - half) / (1 + z * z / n), (mid + half) / (1 + z * z / n)
+    # clamped: at k = 0 or k = n float rounding can put a bound a hair outside [0, 1] (-0.0)
+    return max(0.0, (mid - half) / (1 + z * z / n)), min(1.0, (mid + half) / (1 + z * z / n))
 
 
 def at_chance(ci_low: float | None) -> bool:
