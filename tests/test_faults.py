@@ -163,6 +163,22 @@ def _files(tmp: Path) -> dict[str, Path]:
     (d / "prompts_latin1.txt").write_bytes(b"caf\xe9\n")
     (d / "prompts_emptydir").mkdir()
     (d / "prompts_json_notlist.json").write_text('{"prompt": "x"}')
+    # the users' own training files (sft.data, preference_model.data, dpo.data)
+    pair = '{"prompt": "q", "chosen": "good", "rejected": "bad"}\n'
+    (d / "pairs.csv").write_text("prompt,chosen,rejected\nq,good,bad\n")
+    (d / "pairs_nofield.jsonl").write_text(pair + '{"prompt": "q", "chosen": "good"}\n')
+    (d / "pairs_empty.jsonl").write_text(pair * 2 + '{"prompt": "q", "chosen": " ", "rejected": "bad"}\n')
+    (d / "pairs_label.jsonl").write_text('{"prompt": "q", "chosen": "good", "rejected": "bad", "p_chosen": 1.5}\n')
+    (d / "pairs_label.json").write_text(json.dumps([json.loads(pair), {**json.loads(pair), "p_chosen": "high"}]))
+    (d / "pairs_noprompt.jsonl").write_text('{"chosen": "good", "rejected": "bad"}\n')
+    (d / "pairs_empty_file.jsonl").write_text("")
+    (d / "sft_content.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}, '
+                                         '{"role": "assistant", "content": 42}]}\n')
+    (d / "sft_nocompletion.jsonl").write_text('{"prompt": "q", "completion": "a"}\n{"prompt": "q"}\n')
+    (d / "sft_role.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}, '
+                                      '{"role": "robot", "content": "a"}]}\n')
+    (d / "sft_ends_with_user.jsonl").write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
+    (d / "pairs_emptydir").mkdir()
     return {p.name: p for p in d.iterdir()}
 
 
@@ -191,6 +207,29 @@ BAD_FILES = [
     (["data.red_team={prompts_emptydir}"], "has no train/test files"),
     (["data.red_team={prompts_json_notlist.json}"], "expected a JSON list"),
     (["data.red_team=builtin:nope"], "no built-in prompt set"),
+    (["stages=[sft]", "sft.data=/no/such/sft.jsonl"], "config field 'sft.data': '/no/such/sft.jsonl' does not exist"),
+    (["stages=[dpo]", "dpo.data=feedbak", "dpo.policy=default"], "'feedbak' does not exist; give feedback, sl_prefs"),
+    (["stages=[dpo]", "dpo.data=", "dpo.policy=default"], "config field 'dpo.data' is empty"),
+    (["stages=[dpo]", "dpo.data=hf:Anthropic/hh-rlhf", "dpo.policy=default"], "hub datasets are not read here"),
+    (["stages=[dpo]", "dpo.data={pairs.csv}", "dpo.policy=default"], "pairs.csv: unknown format '.csv' for dpo.data"),
+    (["stages=[dpo]", "dpo.data={pairs_emptydir}", "dpo.policy=default"], "has no train/test files"),
+    (["stages=[dpo]", "dpo.data={pairs_empty_file.jsonl}", "dpo.policy=default"], "pairs_empty_file.jsonl: no rows"),
+    (["stages=[preference_model]", "preference_model.data={pairs_nofield.jsonl}", "preference_model.model=default"],
+     "pairs_nofield.jsonl:2 (preference_model.data): no field 'rejected'"),
+    (["preference_model.data={pairs_empty.jsonl}"],
+     "pairs_empty.jsonl:3 (preference_model.data): field 'chosen' is empty"),
+    (["dpo.data={pairs_label.jsonl}"],
+     "pairs_label.jsonl:1 (dpo.data): field 'p_chosen' is 1.5; give a number in [0, 1]"),
+    (["dpo.data={pairs_label.json}"], "pairs_label.json[1] (dpo.data): field 'p_chosen' is 'high'"),
+    (["dpo.data={pairs_noprompt.jsonl}"], "pairs_noprompt.jsonl:1 (dpo.data): no field 'prompt'"),
+    (["feedback.human_preferences={pairs_nofield.jsonl}"],
+     "pairs_nofield.jsonl:2 (feedback.human_preferences): no field 'rejected'"),
+    (["stages=[sft]", "sft.data={sft_content.jsonl}"],
+     "sft_content.jsonl:1 (sft.data): field 'messages[1].content' must be a string"),
+    (["stages=[sft]", "sft.data={sft_nocompletion.jsonl}"], "sft_nocompletion.jsonl:2 (sft.data): no field 'completion'"),
+    (["stages=[sft]", "sft.data={sft_role.jsonl}"],
+     "sft_role.jsonl:1 (sft.data): field 'messages[1].role' must be system, user"),
+    (["stages=[sft]", "sft.data={sft_ends_with_user.jsonl}"], "field 'messages' must end with an assistant answer"),
 ]
 
 

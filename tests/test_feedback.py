@@ -6,6 +6,7 @@ import math
 import pytest
 
 from cai.config import load_config
+from cai.datafiles import preference_row, read_rows
 from cai.constitution import ComparisonPrinciple
 from cai.engines.base import Engine
 from cai.pipeline import run_pipeline
@@ -203,11 +204,12 @@ def test_human_preferences_parse_hh_and_trl(tmp_path):
     ]
     path = tmp_path / "human.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    out = fb.load_human_preferences(str(path), seed=0, test_fraction=0.0)
+    out = read_rows(str(path), "feedback.human_preferences", preference_row, seed=0, test_fraction=0.0)
     got = {h["id"]: h for h in out["train"]}
     assert got["h1"]["prompt"] == [{"role": "user", "content": "hi"}]
-    assert (got["h1"]["chosen"], got["h1"]["rejected"]) == ("Hello! How can I help?", "go away")
-    assert (got["h2"]["chosen"], got["h3"]["rejected"]) == ("4", "Lyon")
+    assert got["h1"]["chosen"] == [{"role": "assistant", "content": "Hello! How can I help?"}]
+    assert got["h1"]["rejected"] == [{"role": "assistant", "content": "go away"}]
+    assert (got["h2"]["chosen"][0]["content"], got["h3"]["rejected"][0]["content"]) == ("4", "Lyon")
 
 
 def test_human_preferences_bad_record_names_the_line(tmp_path):
@@ -215,8 +217,9 @@ def test_human_preferences_bad_record_names_the_line(tmp_path):
 
     path = tmp_path / "human.jsonl"
     path.write_text(json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: other\n\nAssistant: c"}))
-    with pytest.raises(CaiError, match=r"human.jsonl:1: 'chosen' and 'rejected' transcripts differ"):
-        fb.load_human_preferences(str(path), 0, 0.25)
+    with pytest.raises(CaiError, match=r"human.jsonl:1 \(feedback.human_preferences\): 'chosen' and 'rejected' "
+                                       r"transcripts differ"):
+        read_rows(str(path), "feedback.human_preferences", preference_row, 0, 0.25)
 
 
 def test_stage_writes_trl_pairs_with_soft_labels(tmp_path, tiny_model):

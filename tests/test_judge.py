@@ -147,12 +147,13 @@ def test_cai_label_writes_the_feedback_stages_pair_rows(tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize("rows, message", [
-    ([{"prompt": "q", "chosen": "a"}], "needs 'chosen' and 'rejected'"),
-    ([{"prompt": "q", "responses": ["a", "b", "c"]}], "field 'responses': expected a list of exactly two"),
-    ([{"prompt": "q", "response_a": "a"}], "field 'response_b' is missing"),
+    ([{"prompt": "q", "chosen": "a"}], "no field 'rejected'"),
+    ([{"prompt": "q", "responses": ["a", "b", "c"]}], "field 'responses' must be a list of exactly two"),
+    ([{"prompt": "q", "response_a": "a"}], "no field 'response_b'"),
+    ([{"prompt": "q", "responses": ["a", ""]}], "field 'responses[1]' is empty"),
     ([{"responses": ["a", "b"]}], "a pair of responses needs a 'prompt' field"),
     ([{"id": "x", "prompt": "q", "chosen": "a", "rejected": "b"}] * 2, "id 'x' is used twice"),
-    ([{"prompt": 3, "responses": ["a", "b"]}], "field 'prompt': a prompt must be a string"),
+    ([{"prompt": 3, "responses": ["a", "b"]}], "field 'prompt' must be a string or a non-empty list"),
     ([], "has no pairs"),
 ])
 def test_cai_label_refuses_a_bad_pair_file_in_one_line(tmp_path, rows, message):

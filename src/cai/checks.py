@@ -3,8 +3,9 @@
 ``RunConfig.check`` (in :mod:`cai.config`, which imports nothing of cai's above the ground
 floor) checks every field's range and each section's rules. What needs an engine, an
 evaluation set, a model or the file system is checked here, above them: the ``engine.serve``
-template, the servers' URLs, the standard sets' names, the run folder. ``cai validate``,
-``cai plan`` and ``cai run`` call :func:`check_config` first; every error is one line.
+template, the servers' URLs, the standard sets' names, the users' training files (every
+row), the run folder. ``cai validate``, ``cai plan`` and ``cai run`` call
+:func:`check_config` first; every error is one line.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cai.config import RunConfig, judge_engine_config
+from cai.datafiles import check_data
 from cai.errors import CaiError
 
 
@@ -42,10 +44,9 @@ def check_config(cfg: RunConfig) -> None:
         names = [parse_spec(spec)[0].name for spec in cfg.evaluate.sets]
         if len(set(names)) < len(names):
             raise CaiError(f"config field 'evaluate.sets': a set is named twice ({', '.join(names)})")
-    human = cfg.feedback.human_preferences
-    if human and "feedback" in cfg.stages and not human.startswith("hf:") and not Path(human).expanduser().exists():
-        raise CaiError(f"config field 'feedback.human_preferences': '{human}' does not exist; give a JSONL/JSON/Parquet "
-                       "file or a folder with train/test files")
+    # the users' own data files (sft.data, preference_model.data, dpo.data, feedback.human_preferences),
+    # every row: a bad row is one line now, not when its stage starts
+    check_data(cfg)
     if cfg.engine.kind == "openai":
         from cai.engines.openai import check_openai_config
 

@@ -401,7 +401,6 @@ def cmd_label(args) -> int:
     from cai.config import load_config
     from cai.io import write_json, write_jsonl
     from cai.judge import Judge, describe_reliability, label_summary, pref_record, read_pairs
-    from cai.stages.feedback import human_record
 
     cfg = load_config(_default_config(args), args.overrides)
     check_config(cfg)
@@ -410,7 +409,7 @@ def cmd_label(args) -> int:
         raise CaiError(f"--out: '{out}' is a folder; give a .jsonl file name")
     if not out.parent.is_dir():
         raise CaiError(f"--out: folder '{out.parent}' does not exist; create it or pick another --out")
-    pairs = read_pairs(args.pairs, human_record)
+    pairs = read_pairs(args.pairs)
     cache = Path(args.cache) if args.cache else out.with_name(out.name + ".cache.sqlite")
     start = time.time()
     judge = Judge.from_config(cfg, principle=args.principle, source=args.source, cache_path=cache)

@@ -372,6 +372,12 @@ class TrainingConfig(OptimizerConfig):
 class SFTConfig(TrainingConfig):
     learning_rate: float = _default(TrainingConfig, "learning_rate", 2e-5)
     model: str | None = _f(None, "Model to fine-tune; None uses engine.model (the model that wrote the data).")
+    data: str | None = _f(
+        None, "Your own SFT data instead of the critique_revision stage's: a JSONL/JSON/Parquet file of TRL rows "
+        "('messages', or 'prompt' and 'completion'), or a folder with train/test files; a single file is split "
+        "with data.test_fraction and the seed. The stage then needs no critique_revision (docs/formats.md). "
+        "None: the critique_revision stage's data.",
+    )
     sharding: str = _f(
         "none",
         "'fsdp': shard the weights, gradients and AdamW state over the processes with PyTorch FSDP2 "
@@ -438,6 +444,12 @@ class PreferenceModelConfig(TrainingConfig):
         "sl-cai",
         "Starting checkpoint for the reward model: 'sl-cai' (this run's SFT model), 'default', a "
         "directory or a hub id. A one-output score head is added.",
+    )
+    data: str | None = _f(
+        None, "Your own comparisons instead of the feedback stage's: a JSONL/JSON/Parquet file of TRL rows "
+        "('prompt', 'chosen', 'rejected', optionally the soft label 'p_chosen'), or a folder with train/test files; "
+        "a single file is split with data.test_fraction and the seed. The stage then needs no feedback "
+        "(docs/formats.md). None: the feedback stage's pairs.",
     )
     loss: str = _f(
         "soft", "'soft': cross-entropy of sigmoid(r_chosen - r_rejected) against the soft label p_chosen; "
@@ -603,9 +615,10 @@ class DPOConfig(TrainingConfig):
     )
     data: str = _f(
         "feedback",
-        "Pairs to learn from: 'feedback' (the AI-labelled pairs with soft labels) or 'sl_prefs' (the "
-        "critique_revision stage's revision-over-first-answer pairs, taken as p_chosen = 1).",
-        choices=("feedback", "sl_prefs"),
+        "Pairs to learn from: 'feedback' (the AI-labelled pairs with soft labels), 'sl_prefs' (the "
+        "critique_revision stage's revision-over-first-answer pairs, taken as p_chosen = 1), or your own file: "
+        "JSONL/JSON/Parquet TRL rows ('prompt', 'chosen', 'rejected', optionally 'p_chosen') or a folder with "
+        "train/test files, which the stage reads instead of a stage's pairs (docs/formats.md).",
     )
     beta: float = _f(0.1, "DPO temperature: how far the policy may move from the reference.", above=0)
     soft_labels: bool = _f(
@@ -624,6 +637,11 @@ class DPOConfig(TrainingConfig):
         4, "Policies kept along training for the harmlessness-helpfulness frontier, as rl.frontier_points: after "
         "optimizer steps ceil(i * steps / N), the last being model/. 0: keep none.", low=0
     )
+
+    def rules(self, name: str) -> None:
+        super().rules(name)
+        if not self.data.strip():
+            raise CaiError(f"config field '{name}.data' is empty; give feedback, sl_prefs or a file of pairs")
 
 
 @dataclass

@@ -116,6 +116,24 @@ class PlanInputs:
         reds = self.capped("red_team", fb.max_prompts)
         return len(reds.get(split, [])) * math.comb(fb.samples_per_prompt, 2) * (1 + fb.helpful_ratio)
 
+    def own_rows(self, stage: str) -> dict[str, list[dict]] | None:
+        """The rows of ``stage``'s own data file (``sft.data``...: :mod:`cai.datafiles`) by
+        split; None when it reads the run's artifacts."""
+        from cai.datafiles import outside_data, read_data
+
+        return read_data(self.cfg, stage) if outside_data(self.cfg, stage) else None
+
+    def training_pairs(self, stage: str, max_length: int) -> tuple[float, float, int]:
+        """(train pairs, held-out pairs, tokens a sequence) of a stage that trains on pairs:
+        its own file's when it has one, else about what the feedback stage will write."""
+        own = self.own_rows(stage)
+        if own is None:
+            return (self.feedback_pairs(), self.feedback_pairs("test"),
+                    min(self.cfg.feedback.max_new_tokens + 60, max_length))
+        seqs = [r["prompt"] + r[k] for r in own["train"] for k in ("chosen", "rejected")]
+        length = sum(self.count(c) for c in seqs) / max(1, len(seqs))
+        return len(own["train"]), len(own["test"]), int(min(length, max_length))
+
     # -- what memory estimates read (cai.memory) --
 
     def shape(self, setting: str | None):

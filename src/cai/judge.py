@@ -381,20 +381,15 @@ class Pair:
     given_chosen: bool  # a is the file's ``chosen`` (b its ``rejected``); False: two unranked responses
 
 
-def _answer(value, where: str) -> str:
-    try:
-        return as_text(value)
-    except CaiError as exc:
-        raise CaiError(f"{where}: {exc}") from None
-
-
-def read_pairs(path, preference_record) -> list[Pair]:
+def read_pairs(path) -> list[Pair]:
     """The pairs of a JSONL/JSON/Parquet file: TRL's ``prompt``/``chosen``/``rejected`` (or
-    hh-rlhf's two transcripts), read by ``preference_record(rec, where) -> (prompt messages,
-    chosen, rejected)``; or a ``prompt`` with two unranked responses, as ``responses`` (a list
-    of two) or ``response_a``/``response_b``. Ids are each row's ``id`` or ``pair-<n>``."""
+    hh-rlhf's two transcripts), read as the training stages read a pair file
+    (:func:`cai.datafiles.preference_row`); or a ``prompt`` with two unranked responses, as
+    ``responses`` (a list of two) or ``response_a``/``response_b``. Ids are each row's ``id``
+    or ``pair-<n>``."""
     from pathlib import Path
 
+    from cai.datafiles import final_answer, messages, preference_row, require_user_turn
     from cai.prompts import read_records
 
     path = Path(path)
@@ -405,27 +400,26 @@ def read_pairs(path, preference_record) -> list[Pair]:
         if not isinstance(rec, dict):
             raise CaiError(f"{where}: a pair must be an object with 'prompt' and 'chosen'/'rejected' or two responses")
         if "responses" in rec or "response_a" in rec or "response_b" in rec:
-            if "prompt" not in rec:
+            if rec.get("prompt") is None:
                 raise CaiError(f"{where}: a pair of responses needs a 'prompt' field")
             if "responses" in rec:
                 two = rec["responses"]
                 if not isinstance(two, list) or len(two) != 2:
-                    raise CaiError(f"{where} field 'responses': expected a list of exactly two responses")
+                    raise CaiError(f"{where}: field 'responses' must be a list of exactly two responses")
+                names = ["responses[0]", "responses[1]"]
             else:
-                missing = [k for k in ("response_a", "response_b") if k not in rec]
+                missing = [k for k in ("response_a", "response_b") if rec.get(k) is None]
                 if missing:
-                    raise CaiError(f"{where}: field '{missing[0]}' is missing (give response_a and response_b)")
-                two = [rec["response_a"], rec["response_b"]]
-            try:
-                prompt = as_messages(rec["prompt"])
-            except CaiError as exc:
-                raise CaiError(f"{where} field 'prompt': {exc}") from None
-            a, b, given = _answer(two[0], f"{where} first response"), _answer(two[1], f"{where} second response"), False
+                    raise CaiError(f"{where}: no field '{missing[0]}'; give response_a and response_b")
+                two, names = [rec["response_a"], rec["response_b"]], ["response_a", "response_b"]
+            prompt = messages(rec["prompt"], where, "prompt", "user")
+            require_user_turn(prompt, where, "prompt")
+            a, b = (final_answer(messages(r, where, name, "assistant"), where, name) for r, name in zip(two, names))
+            given = False
         else:
-            prompt, a, b = preference_record(rec, where)
+            row = preference_row(rec, where)
+            prompt, a, b = row["prompt"], row["chosen"][0]["content"], row["rejected"][0]["content"]
             given = True
-        if not prompt:
-            raise CaiError(f"{where}: the prompt is empty")
         pid = str(rec.get("id", f"pair-{n}"))
         if pid in seen:
             raise CaiError(f"{where}: id '{pid}' is used twice (also at {seen[pid]}); ids must be unique")

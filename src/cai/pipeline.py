@@ -75,14 +75,21 @@ def _slice(cfg: RunConfig, keys) -> dict:
 
 def fingerprints(cfg: RunConfig) -> dict[str, str]:
     """Each stage's fingerprint: a hash of the config fields it reads that change results
-    (speed-only settings such as ``engine.batch_size`` are left out) and of its upstream
-    stages' fingerprints."""
+    (speed-only settings such as ``engine.batch_size`` are left out), of its upstream
+    stages' fingerprints and of the content of the files it reads from outside the run
+    (``sft.data``...: an edited file reruns the stage)."""
+    from cai.datafiles import data_fingerprint
+
     specs = _stages()
     results = results_dict(cfg)
     out: dict[str, str] = {}
     for name, spec in specs.items():
         up = {n: out.get(n) for n in spec.upstream(cfg)}
-        out[name] = config_hash({"config": {k: results[k] for k in spec.config_keys}, "needs": up, "stage": name})
+        what = {"config": {k: results[k] for k in spec.config_keys}, "needs": up, "stage": name}
+        data = data_fingerprint(cfg, name)
+        if data:  # (left out when none, so the fingerprints of runs on cai's own data stay as they were)
+            what["data"] = data
+        out[name] = config_hash(what)
     return out
 
 

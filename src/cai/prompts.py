@@ -215,11 +215,17 @@ def _dedupe_ids(prompts: list[Prompt], source: str) -> None:
         seen.add(p.id)
 
 
+def in_test(key: str, test_fraction: float, seed: int) -> bool:
+    """Whether the item with id ``key`` falls in the held-out share: a hash of the seed and
+    the id, the same on every run and machine."""
+    h = int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return h < test_fraction
+
+
 def split_by_hash(prompts: list[Prompt], test_fraction: float, seed: int) -> dict[str, list[Prompt]]:
     out = {"train": [], "test": []}
     for p in prompts:
-        h = int(hashlib.sha256(f"{seed}:{p.id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        out["test" if h < test_fraction else "train"].append(p)
+        out["test" if in_test(p.id, test_fraction, seed) else "train"].append(p)
     return out
 
 

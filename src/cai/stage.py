@@ -168,3 +168,27 @@ class StageContext:
 
         if path.is_file():
             self.inputs[label] = file_sha256(path)
+
+    def training_rows(self, upstream: str | None, name: str) -> tuple[dict[str, list[dict]], object]:
+        """The train/test rows a training stage learns from, and where they come from (for its
+        messages): the user's file when the stage's data setting names one (read and checked by
+        :mod:`cai.datafiles`, recorded in the manifest), else ``upstream``'s artifact ``name``."""
+        from cai.datafiles import outside_data, read_data
+        from cai.io import read_jsonl
+
+        spec = outside_data(self.cfg, self.name)
+        if spec is not None:
+            self.record_data()
+            return read_data(self.cfg, self.name), spec
+        paths = {s: self.artifact(upstream, name, split=s) for s in ("train", "test")}
+        return {s: read_jsonl(p) for s, p in paths.items()}, paths["train"]
+
+    def record_data(self) -> None:
+        """Record the files this stage reads from outside the run (its data setting, see
+        :mod:`cai.datafiles`) in the manifest: the setting's name, with a folder's file names."""
+        from cai.datafiles import data_field, data_files
+
+        d = data_field(self.name)
+        spec = d.spec(self.cfg) if d else None
+        for f in data_files(spec) if spec else []:
+            self.record_input(d.field if Path(spec).expanduser().is_file() else f"{d.field}:{f.name}", f)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 from cai.errors import CaiError
-from cai.stage_names import STAGES
+from cai.stage_names import SL_CAI, STAGES
 
 
 def registry() -> dict:
@@ -41,5 +41,9 @@ def check_order(cfg, finished: bool = True) -> None:
                            f"list {late[0]} before {name}")
         missing = [n for n in needs if finished and n not in cfg.stages and read_manifest(Path(cfg.run_dir), n) is None]
         if missing:
+            section = getattr(cfg, name, None)
+            model = next((f for f in ("policy", "model") if getattr(section, f, None) == SL_CAI), None)
+            other = (f", or start {name} from another model than this run's SFT model ({name}.{model}={SL_CAI}): "
+                     "'default', a folder or a hub id" if missing[0] == "sft" and model else "")
             raise CaiError(f"stage '{name}' needs stage '{missing[0]}'; add it to 'stages' or run it first "
-                           f"(run_dir '{cfg.run_dir}' has no finished {missing[0]})")
+                           f"(run_dir '{cfg.run_dir}' has no finished {missing[0]}){other}")

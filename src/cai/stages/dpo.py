@@ -18,7 +18,8 @@ sigmoid(beta h) = p_chosen, so a 55/45 pair pulls the policy only a little way a
 50/50 pair not at all, instead of being pushed towards an infinite margin like a sure
 pair. ``dpo.soft_labels=false`` gives plain DPO, ``-log sigmoid(beta h)``;
 ``dpo.min_confidence`` drops unsure pairs instead (or as well). ``dpo.data=sl_prefs``
-trains on the critique_revision stage's pairs (revision over first answer, p = 1).
+trains on the critique_revision stage's pairs (revision over first answer, p = 1), and
+``dpo.data=FILE`` on the user's own TRL pairs (:mod:`cai.datafiles`), with no data stage.
 
 **Reference log-probabilities** are computed once, before training, with the starting
 weights (which *are* the reference; with ``dpo.method=lora``, the same model with its
@@ -47,8 +48,9 @@ import math
 import shutil
 import time
 
+from cai.datafiles import DPO_PAIRS
 from cai.errors import CaiError
-from cai.io import read_jsonl, write_json
+from cai.io import write_json
 from cai.plots import plot_curve
 from cai.cost import Cost, PlanInputs, passes, training_disk
 from cai.stage import StageContext, StageSpec
@@ -88,13 +90,13 @@ def dpo_loss(h, p, beta: float, soft: bool = True):
     return F.binary_cross_entropy_with_logits(beta * h.float(), target, reduction="none")
 
 
-def load_pairs(tok, path, max_length: int, min_confidence: float) -> tuple[list[dict], dict]:
+def load_pairs(tok, rows: list[dict], max_length: int, min_confidence: float, where) -> tuple[list[dict], dict]:
     """Encoded pairs (answer-only labels) and how many were dropped and why."""
     pairs, dropped = [], {"low_confidence": 0, "too_long": 0}
-    for rec in read_jsonl(path):
+    for rec in rows:
         p = float(rec.get("p_chosen", 1.0))
         if not 0.0 <= p <= 1.0:
-            raise CaiError(f"{path}: pair '{rec.get('id')}' has p_chosen={p}, outside [0, 1]")
+            raise CaiError(f"{where}: pair '{rec.get('id')}' has p_chosen={p}, outside [0, 1]")
         if p < min_confidence:
             dropped["low_confidence"] += 1
             continue
@@ -181,17 +183,17 @@ def run(ctx: StageContext) -> dict:
     from cai.models import resolve_model
 
     cfg, dc = ctx.cfg, ctx.cfg.dpo
-    pairs = {s: ctx.artifact("feedback" if dc.data == "feedback" else "critique_revision", "prefs", split=s)
-             for s in ("train", "test")}
+    rows, source = ctx.training_rows(DPO_PAIRS.get(dc.data), "prefs")  # or the user's file, dpo.data
+    if dc.data in DPO_PAIRS:
+        ctx.record_input("train_pairs", source)
     accelerator = Accelerator(cpu=cfg.engine.device == "cpu")
     base = resolve_model(ctx.model_path(dc.policy), cfg.engine.revision, progress=ctx.log)
     model, tok, prec = load_trainable(base, dc, accelerator.device, cfg.engine.trust_remote_code,
                                       AutoModelForCausalLM, "dpo", ctx.log)
-    train, dropped = load_pairs(tok, pairs["train"], dc.max_length, dc.min_confidence)
-    test, _ = load_pairs(tok, pairs["test"], dc.max_length, dc.min_confidence)
-    ctx.record_input("train_pairs", pairs["train"])
+    train, dropped = load_pairs(tok, rows["train"], dc.max_length, dc.min_confidence, source)
+    test, _ = load_pairs(tok, rows["test"], dc.max_length, dc.min_confidence, source)
     if not train:
-        raise CaiError(f"{pairs['train']}: no pairs to train on (dropped: {dropped}; lower dpo.min_confidence?)")
+        raise CaiError(f"{source}: no pairs to train on (dropped: {dropped}; lower dpo.min_confidence?)")
     model, optimizer, params, batches = optimizer_and_batches(accelerator, model, dc, len(train), cfg.seed)
     scaler = prec.grad_scaler()
     plain = accelerator.unwrap_model(model)
@@ -285,7 +287,7 @@ def run(ctx: StageContext) -> dict:
 
 
 def _needs(cfg) -> tuple[str, ...]:
-    data = ("feedback",) if cfg.dpo.data == "feedback" else ("critique_revision",)
+    data = (DPO_PAIRS[cfg.dpo.data],) if cfg.dpo.data in DPO_PAIRS else ()  # a file needs no stage
     return data + (("sft",) if cfg.dpo.policy == SL_CAI else ())
 
 
@@ -295,9 +297,8 @@ def estimate(inputs: PlanInputs) -> Cost:
     from cai.memory import training
     from cai.training import point_saves, resolve_precision
 
-    fb, dc = inputs.cfg.feedback, inputs.cfg.dpo
-    n, n_test = inputs.feedback_pairs(), inputs.feedback_pairs("test")
-    length = min(fb.max_new_tokens + 60, dc.max_length)
+    dc = inputs.cfg.dpo
+    n, n_test, length = inputs.training_pairs("dpo", dc.max_length)
     seqs = 2 * n * dc.epochs if dc.max_steps is None else min(2 * n * dc.epochs, 2 * dc.max_steps * dc.batch_size)
     steps = math.ceil(seqs / 2 / dc.batch_size)
     used = min(2 * n, seqs)  # the train sequences whose reference log-probs are computed once

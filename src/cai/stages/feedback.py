@@ -39,12 +39,11 @@ Artifacts, JSONL with train/test splits that follow the prompt splits:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from cai.constitution import load_constitution
 from cai.conversations import comparison_demos, principle_texts, question
 from cai.engines.base import SamplingParams
 from cai import seeds
+from cai.datafiles import read_data
 from cai.io import write_json, write_jsonl
 from cai.judge import (
     Comparison,
@@ -56,9 +55,8 @@ from cai.judge import (
     p_a_by_order,
     pref_record,
 )
-from cai.errors import CaiError
 from cai.judge_stats import judge_reliability, wilson, yes_no
-from cai.prompts import SPLITS, Prompt
+from cai.prompts import SPLITS
 from cai.cost import Cost, PlanInputs
 from cai.inputs import prepared_prompts, red_team_prompts, with_expansion
 from cai.stage import StageContext, StageSpec
@@ -68,67 +66,6 @@ from cai.stage_names import SL_CAI
 def _ci(agree: list[bool]) -> list[float] | None:
     ci = wilson(sum(agree), len(agree))
     return [round(ci[0], 4), round(ci[1], 4)] if ci else None
-
-
-# -- human preferences ----------------------------------------------------------------
-
-
-def _turns(value, where: str, keep_answer: bool) -> list[dict]:
-    """Messages from a transcript string, a plain string (one turn) or a message list."""
-    from cai.prompts import parse_transcript
-
-    if isinstance(value, str):
-        if value.lstrip().startswith(("Human:", "H:")):
-            return parse_transcript(value, where, keep_answer=keep_answer)
-        return [{"role": "assistant" if keep_answer else "user", "content": value}]
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        return [{"role": m["role"], "content": str(m["content"])} for m in value]
-    raise CaiError(f"{where}: expected a transcript string or a list of {{role, content}} messages")
-
-
-def human_record(rec, where: str) -> tuple[list[dict], str, str]:
-    """(prompt messages, chosen answer, rejected answer) from an hh-rlhf or TRL record."""
-    if not isinstance(rec, dict) or "chosen" not in rec or "rejected" not in rec:
-        raise CaiError(f"{where}: a human preference record needs 'chosen' and 'rejected' fields")
-    chosen = _turns(rec["chosen"], f"{where} field 'chosen'", keep_answer=True)
-    rejected = _turns(rec["rejected"], f"{where} field 'rejected'", keep_answer=True)
-    if "prompt" in rec:
-        prompt = _turns(rec["prompt"], f"{where} field 'prompt'", keep_answer=False)
-        if len(chosen) > 1:  # TRL's implicit-prompt form repeats the prompt inside chosen
-            chosen = chosen[len(prompt):] or chosen[-1:]
-            rejected = rejected[len(prompt):] or rejected[-1:]
-    else:  # hh-rlhf: both transcripts share the conversation and differ in the last answer
-        prompt = chosen[:-1]
-        if rejected[:-1] != prompt:
-            raise CaiError(f"{where}: 'chosen' and 'rejected' transcripts differ before their last answer")
-    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-        raise CaiError(f"{where}: 'chosen' and 'rejected' must end with an assistant answer")
-    return prompt, chosen[-1]["content"], rejected[-1]["content"]
-
-
-def load_human_preferences(spec: str, seed: int, test_fraction: float) -> dict[str, list[dict]]:
-    from cai.prompts import read_records, split_by_hash, split_files
-
-    path = Path(spec)
-    files = split_files(path) if path.is_dir() else None
-    if path.is_dir() and not files:
-        raise CaiError(f"feedback.human_preferences: folder '{spec}' has no train/test files")
-    if not path.exists():
-        raise CaiError(f"feedback.human_preferences: '{spec}' does not exist (a JSONL/JSON/Parquet file or a folder)")
-    raw = {s: read_records(p) for s, p in files.items()} if files else {"all": read_records(path)}
-    out: dict[str, list[dict]] = {"train": [], "test": []}
-    for split, records in raw.items():
-        for n, (where, rec) in enumerate(records):
-            prompt, chosen, rejected = human_record(rec, where)
-            item = {"id": str(rec.get("id", f"human-{n}")) if isinstance(rec, dict) else f"human-{n}",
-                    "prompt": prompt, "chosen": chosen, "rejected": rejected}
-            if split == "all":
-                p = Prompt(id=item["id"] + f":{n}", messages=prompt)
-                split_of = "test" if split_by_hash([p], test_fraction, seed)["test"] else "train"
-                out[split_of].append(item)
-            else:
-                out[split].append(item)
-    return out
 
 
 # -- the stage --------------------------------------------------------------------------
@@ -230,15 +167,14 @@ def run(ctx: StageContext) -> dict:
             prefs[c.split].append(pref_record(c, feedback_model, fb.both_orders))
     n_human = {"train": 0, "test": 0}
     if fb.human_preferences:
-        ctx.record_input("human_preferences", Path(fb.human_preferences))
-        human = load_human_preferences(fb.human_preferences, cfg.seed, cfg.data.test_fraction)
+        ctx.record_data()
+        human = read_data(cfg, "feedback")
         for s in SPLITS:
             want = round(fb.human_ratio * len(red[s]))
-            for h in human[s][:want]:
+            for h in human[s][:want]:  # hard labels (p = 1), whatever the file says
                 prefs[s].append({
                     "id": f"human/{h['id']}", "source": "human", "category": None, "prompt": h["prompt"],
-                    "chosen": [{"role": "assistant", "content": h["chosen"]}],
-                    "rejected": [{"role": "assistant", "content": h["rejected"]}],
+                    "chosen": h["chosen"], "rejected": h["rejected"],
                     "p_chosen": 1.0, "margin": 1.0, "principle_ids": [],
                     "p_chosen_shown_first": None, "p_chosen_shown_second": None,
                     "position_consistent": None, "feedback_model": "human",

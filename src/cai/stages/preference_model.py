@@ -6,6 +6,8 @@ feedback stage's **soft labels**: the loss is the cross-entropy of
 ``sigmoid(r_chosen - r_rejected)`` against ``p_chosen`` (``preference_model.loss=hard``
 gives plain Bradley-Terry). TRL's RewardTrainer and OpenRLHF take hard labels only; the
 paper found soft labels better.
+``preference_model.data`` trains on the user's own file of TRL pairs instead (read by
+:mod:`cai.datafiles`, with its ``p_chosen`` where given), with no feedback stage.
 
 The loop is the same short accelerate loop as ``sft`` (so ``accelerate launch`` runs it
 in several processes, each taking its share of every batch, weighted so that the step is
@@ -27,7 +29,7 @@ import shutil
 import time
 
 from cai.errors import CaiError
-from cai.io import read_jsonl, write_json, write_jsonl
+from cai.io import write_json, write_jsonl
 from cai.plots import plot_calibration, plot_curve, plot_scores
 from cai.reward import encode_answer, pair_metrics, preference_loss, prepare_for_scoring, rewards, sigmoid
 from cai.cost import Cost, PlanInputs, passes, training_disk
@@ -46,12 +48,12 @@ from cai.training import (
 )
 
 
-def load_pairs(tok, path, max_length: int) -> list[dict]:
+def load_pairs(tok, rows: list[dict], max_length: int, where) -> list[dict]:
     out = []
-    for rec in read_jsonl(path):
+    for rec in rows:
         p = float(rec.get("p_chosen", 1.0))
         if not 0.0 <= p <= 1.0:
-            raise CaiError(f"{path}: pair '{rec.get('id')}' has p_chosen={p}, outside [0, 1]")
+            raise CaiError(f"{where}: pair '{rec.get('id')}' has p_chosen={p}, outside [0, 1]")
         out.append({
             "id": rec.get("id"),
             "source": rec.get("source", "ai"),
@@ -93,7 +95,7 @@ def run(ctx: StageContext) -> dict:
     from cai.models import resolve_model
 
     cfg, pc = ctx.cfg, ctx.cfg.preference_model
-    data = {s: ctx.artifact("feedback", "prefs", split=s) for s in ("train", "test")}
+    rows, source = ctx.training_rows("feedback", "prefs")  # or the user's file, preference_model.data
     accelerator = Accelerator(cpu=cfg.engine.device == "cpu")
     start_from = ctx.model_path(pc.model)
     base = resolve_model(start_from, cfg.engine.revision, progress=ctx.log)
@@ -106,10 +108,10 @@ def run(ctx: StageContext) -> dict:
     finally:
         transformers.logging.set_verbosity(verbosity)
     prepare_for_scoring(model, tok)
-    train = load_pairs(tok, data["train"], pc.max_length)
-    test = load_pairs(tok, data["test"], pc.max_length)
+    train = load_pairs(tok, rows["train"], pc.max_length, source)
+    test = load_pairs(tok, rows["test"], pc.max_length, source)
     if not train:
-        raise CaiError(f"{data['train']}: no comparisons to train on (did the feedback stage label any?)")
+        raise CaiError(f"{source}: no comparisons to train on (did the feedback stage label any?)")
     model, optimizer, params, batches = optimizer_and_batches(accelerator, model, pc, len(train), cfg.seed)
     scaler = prec.grad_scaler()
     micro = max(1, pc.batch_size // pc.grad_accum)
@@ -180,7 +182,8 @@ def run(ctx: StageContext) -> dict:
 
 
 def _needs(cfg) -> tuple[str, ...]:
-    return ("feedback", "sft") if cfg.preference_model.model == SL_CAI else ("feedback",)
+    pc = cfg.preference_model
+    return (() if pc.data else ("feedback",)) + (("sft",) if pc.model == SL_CAI else ())
 
 
 def estimate(inputs: PlanInputs) -> Cost:
@@ -189,9 +192,8 @@ def estimate(inputs: PlanInputs) -> Cost:
     from cai.memory import training
     from cai.training import resolve_precision
 
-    fb, pc = inputs.cfg.feedback, inputs.cfg.preference_model
-    n, n_test = inputs.feedback_pairs(), inputs.feedback_pairs("test")
-    length = min(fb.max_new_tokens + 60, pc.max_length)
+    pc = inputs.cfg.preference_model
+    n, n_test, length = inputs.training_pairs("preference_model", pc.max_length)
     seqs = 2 * n * pc.epochs if pc.max_steps is None else min(2 * n * pc.epochs, 2 * pc.max_steps * pc.batch_size)
     steps = math.ceil(seqs / 2 / pc.batch_size)
     shape, memory, disk = inputs.shape(pc.model), None, 0

@@ -1,4 +1,6 @@
-"""SL-CAI model: supervised fine-tuning on the critique_revision stage's ``sft`` data.
+"""SL-CAI model: supervised fine-tuning on the critique_revision stage's ``sft`` data, or on
+the user's own file of TRL rows (``sft.data``, read by :mod:`cai.datafiles`; the stage then
+needs no critique_revision).
 
 A short, readable PyTorch loop driven by ``accelerate`` (so ``accelerate launch`` runs it
 in several processes): forward, loss on the final assistant turn only, backward, clip,
@@ -23,9 +25,10 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from pathlib import Path
 
 from cai.errors import CaiError
-from cai.io import read_jsonl, write_json
+from cai.io import write_json
 from cai.plots import plot_curve
 from cai.cost import Cost, PlanInputs, passes, training_disk
 from cai.stage import StageContext, StageSpec
@@ -65,9 +68,9 @@ def evaluate_loss(model, examples, pad_id, device, batch_size: int, prec) -> flo
     return total / max(count, 1)
 
 
-def load_examples(tok, path, max_length: int) -> tuple[list[dict], int]:
+def load_examples(tok, rows: list[dict], max_length: int) -> tuple[list[dict], int]:
     examples, dropped = [], 0
-    for rec in read_jsonl(path):
+    for rec in rows:
         enc = encode_chat(tok, rec["messages"], max_length)
         if enc is None:
             dropped += 1
@@ -84,17 +87,18 @@ def run(ctx: StageContext) -> dict:
     from cai.models import resolve_model
 
     cfg, sc = ctx.cfg, ctx.cfg.sft
-    data = {s: ctx.artifact("critique_revision", "sft", split=s) for s in ("train", "test")}
+    rows, source = ctx.training_rows("critique_revision", "sft")  # or the user's file, sft.data
     accelerator = Accelerator(cpu=cfg.engine.device == "cpu")
     if not sc.model and cfg.engine.kind == "openai":
         raise CaiError("config field 'sft.model' is empty; with engine.kind=openai the policy is remote, so name a local checkpoint to fine-tune")
     base = resolve_model(sc.model or cfg.engine.model, cfg.engine.revision, progress=ctx.log)
     model, tok, prec = load_trainable(base, sc, accelerator.device, cfg.engine.trust_remote_code,
                                       AutoModelForCausalLM, "sft", ctx.log)
-    train, dropped = load_examples(tok, data["train"], sc.max_length)
-    test, _ = load_examples(tok, data["test"], sc.max_length)
+    train, dropped = load_examples(tok, rows["train"], sc.max_length)
+    test, _ = load_examples(tok, rows["test"], sc.max_length)
     if not train:
-        raise CaiError(f"{data['train']}: no usable SFT examples (is the critique_revision output empty?)")
+        raise CaiError(f"{source}: no usable SFT examples ({dropped} longer than sft.max_length={sc.max_length}"
+                       f"{'' if sc.data else '; is the critique_revision output empty?'})")
     model, optimizer, params, batches = optimizer_and_batches(accelerator, model, sc, len(train), cfg.seed)
     scaler = prec.grad_scaler()
     micro = max(1, sc.batch_size // sc.grad_accum)
@@ -147,7 +151,7 @@ def run(ctx: StageContext) -> dict:
     eval_after = evaluate_loss(model, test, pad_id, accelerator.device, micro, prec)
     accelerator.wait_for_everyone()
     counts = {
-        "examples": len(train), "dropped_examples": dropped, "steps": total_steps,
+        "examples": len(train), "test_examples": len(test), "dropped_examples": dropped, "steps": total_steps,
         "train_tokens_per_s": round(tokens_seen / seconds, 1) if seconds and tokens_seen else None,
         "final_loss": round(history[-1][1], 4) if history else None,
         "test_loss_before": round(eval_before, 4) if eval_before is not None else None,
@@ -157,7 +161,8 @@ def run(ctx: StageContext) -> dict:
     if accelerator.is_main_process:
         save_trained_model(ctx.out, accelerator.unwrap_model(model), tok, "sft", base, sc, cfg.seed, prec, gathered)
         write_json(ctx.output("metrics"), {"loss": history, **counts})
-        plot_curve(ctx.out / "loss.png", {"train loss": [tuple(h) for h in history]}, "SFT on critique/revision data")
+        plot_curve(ctx.out / "loss.png", {"train loss": [tuple(h) for h in history]},
+                   f"SFT on {Path(sc.data).name}" if sc.data else "SFT on critique/revision data")
         shutil.rmtree(ckpt, ignore_errors=True)
     return counts
 
@@ -169,12 +174,17 @@ def estimate(inputs: PlanInputs) -> Cost:
     from cai.training import resolve_precision
 
     count, cr, sc = inputs.count, inputs.cfg.critique_revision, inputs.cfg.sft
-    reds = inputs.capped("red_team", cr.max_prompts)
-    helpful = inputs.sets["helpful"]
-    train, test = reds.get("train", []), reds.get("test", [])
-    n = len(train) + min(len(helpful.get("train", [])), round(cr.helpful_ratio * len(train)))
-    n_test = len(test) + min(len(helpful.get("test", [])), round(cr.helpful_ratio * len(test)))
-    per = sum(count(p.messages) for p in train) / max(1, len(train)) + cr.max_new_tokens
+    own = inputs.own_rows("sft")
+    if own is not None:  # the user's file: its rows as they are
+        n, n_test = len(own["train"]), len(own["test"])
+        per = sum(count(r["messages"]) for r in own["train"]) / max(1, n)
+    else:  # about what critique_revision will write: a final revision per red-team prompt, and helpful answers
+        reds = inputs.capped("red_team", cr.max_prompts)
+        helpful = inputs.sets["helpful"]
+        train, test = reds.get("train", []), reds.get("test", [])
+        n = len(train) + min(len(helpful.get("train", [])), round(cr.helpful_ratio * len(train)))
+        n_test = len(test) + min(len(helpful.get("test", [])), round(cr.helpful_ratio * len(test)))
+        per = sum(count(p.messages) for p in train) / max(1, len(train)) + cr.max_new_tokens
     length = int(min(per, sc.max_length))
     seen = n * sc.epochs if sc.max_steps is None else min(n * sc.epochs, sc.max_steps * sc.batch_size)
     steps = math.ceil(seen / sc.batch_size)
@@ -192,11 +202,15 @@ def estimate(inputs: PlanInputs) -> Cost:
                 saves=1, checkpoints=(steps - 1) // sc.checkpoint_every, figures=1, memory=memory, disk_bytes=disk)
 
 
+def _needs(cfg) -> tuple[str, ...]:
+    return () if cfg.sft.data else ("critique_revision",)
+
+
 STAGE = StageSpec(
     name="sft",
     run=run,
     config_keys=("seed", "engine", "sft"),
-    needs=("critique_revision",),
+    needs=_needs,
     help="SL-CAI model: fine-tune on the final revisions plus helpful samples.",
     distributed=True,
     estimate=estimate,
