@@ -42,6 +42,11 @@ def test_validate_ok_on_defaults_and_files(capsys):
         (["run", "--config", "nope"], "no config file or preset named 'nope'"),
         (["model", "no/such-model"], "not in the local Hugging Face cache"),
         (["model", "./no-such-dir"], "is not 'default', an existing directory"),
+        (["validate", "stages=[prepare, fedback]"], "unknown stage 'fedback'; did you mean 'feedback'?"),
+        (["validate", "sft.learnig_rate=1e-5"], "unknown key 'sft.learnig_rate'; did you mean 'sft.learning_rate'?"),
+        (["validate", "egnine.model=x"], "unknown key 'egnine'; did you mean 'engine'?"),
+        (["config", "sfft"], "no config section 'sfft'; did you mean 'sft'?"),
+        (["config", "sft", "dpo"], "give one section name at a time"),
     ],
 )
 def test_errors_are_one_line_with_exit_2(argv, message, capsys, monkeypatch):
@@ -57,3 +62,32 @@ def test_config_prints_resolved_yaml(capsys):
     assert "batch_size: 3" in capsys.readouterr().out
     assert main(["config", "--presets"]) == 0
     assert "cpu-tiny" in capsys.readouterr().out
+
+
+def test_config_prints_one_sections_fields_with_help_and_resolved_values(capsys):
+    assert main(["config", "sft", "sft.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "sft.learning_rate = 2e-05" in out and "AdamW learning rate" in out
+    assert "dpo." not in out and "engine.batch_size" not in out
+    assert "resolved:\nsft:\n" in out and "epochs: 3" in out
+    full = subprocess.run([sys.executable, "-m", "cai", "config", "--help"], capture_output=True, text=True, timeout=120)
+    assert len(out.splitlines()) < len(full.stdout.splitlines()) / 5
+
+
+def test_env_prints_versions_cpu_features_gpus_and_extras_without_secret_values(capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-value")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    for key in ("- cai: ", "- python: ", "- torch: ", "- transformers: ", "- cpu flags: ", "- bfloat16 on cpu: ",
+                "- extra peft: ", "- HF_HUB_OFFLINE: 1"):
+        assert key in out, key
+    assert "gpu" in out and "OPENAI_API_KEY" in out and "sk-secret-value" not in out
+
+
+def test_a_closed_pipe_ends_output_quietly():
+    proc = subprocess.Popen([sys.executable, "-m", "cai", "config", "--presets"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before cai writes
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) in (0, 141) and "Traceback" not in err and "error:" not in err and "BrokenPipe" not in err

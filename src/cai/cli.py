@@ -15,13 +15,23 @@ import textwrap
 from cai.errors import CaiError
 
 
-def _fields_epilog() -> str:
-    from cai.config import describe, list_presets
+def _field_lines(section: str | None = None) -> list[str]:
+    from cai.config import describe
 
-    lines = ["config fields (override with KEY=VALUE, values read as YAML):"]
+    lines = []
     for name, default, help_ in describe():
-        lines.append(f"  {name} = {default}")
-        lines += textwrap.wrap(help_, 72, initial_indent="      ", subsequent_indent="      ")
+        if section is None or name.startswith(section + ".") or name == section:
+            lines.append(f"  {name} = {default}")
+            lines += textwrap.wrap(help_, 72, initial_indent="      ", subsequent_indent="      ")
+    return lines
+
+
+def _fields_epilog() -> str:
+    from cai.config import list_presets, sections
+
+    lines = ["config fields (override with KEY=VALUE, values read as YAML; one section's fields: "
+             "`cai config SECTION`, sections: " + ", ".join(sections()) + "):"]
+    lines += _field_lines()
     lines.append("")
     lines.append("presets: " + ", ".join(list_presets()))
     return "\n".join(lines)
@@ -68,11 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="count warnings (what cannot be checked here) as errors")
 
     p = sub.add_parser(
-        "config", help="print the resolved config, its fields, or the presets",
-        description="Print the resolved configuration as YAML.", epilog=_fields_epilog(), formatter_class=fmt,
+        "config", help="print the resolved config, one section's fields (`cai config sft`), or the presets",
+        description="Print the resolved configuration as YAML; with a section name (engine, sft, dpo...), "
+        "that section's fields with their defaults and help, and its resolved values.",
+        epilog=_fields_epilog(), formatter_class=fmt,
     )
     _add_config_args(p)
     p.add_argument("--presets", action="store_true", help="list the shipped presets")
+
+    sub.add_parser(
+        "env", help="print versions, CPU features, GPUs and the optional extras found, to paste into a bug report",
+        description="Print what a bug report needs: cai's and its libraries' versions, Python and the platform, "
+        "the CPU's relevant features (AVX2, AVX-512, bf16, AMX) and whether cai trains in bfloat16 here, the "
+        "GPUs, the optional extras installed, and the cai/Hugging Face environment variables that are set "
+        "(their names only for tokens and keys).",
+    )
 
     p = sub.add_parser(
         "model", help="resolve a model name to a local checkpoint (converts the embedded default once)",
@@ -270,8 +290,30 @@ def cmd_config(args) -> int:
     if args.presets:
         print("\n".join(list_presets()))
         return 0
-    cfg = load_config(_default_config(args), args.overrides)
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    from cai.config import did_you_mean, sections
+
+    names = [o for o in args.overrides if "=" not in o]
+    if len(names) > 1:
+        raise CaiError(f"give one section name at a time (got {', '.join(names)})")
+    cfg = load_config(_default_config(args), [o for o in args.overrides if "=" in o])
+    if not names:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    section = names[0]
+    if section not in sections():
+        raise CaiError(f"no config section '{section}'{did_you_mean(section, sections())} "
+                       f"(sections: {', '.join(sections())})")
+    print(f"{section}: fields (override with {section}.FIELD=VALUE)")
+    print("\n".join(_field_lines(section)))
+    print(f"\nresolved:\n" + yaml.safe_dump({section: to_dict(cfg)[section]}, sort_keys=False), end="")
+    return 0
+
+
+def cmd_env(args) -> int:
+    from cai.hardware import environment
+
+    for key, value in environment():
+        print(f"- {key}: {value}")
     return 0
 
 
@@ -458,7 +500,8 @@ def cmd_plan(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "config": cmd_config, "model": cmd_model, "score": cmd_score,
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "config": cmd_config, "env": cmd_env, "model": cmd_model,
+            "score": cmd_score,
             "gguf": cmd_gguf, "serve-setup": cmd_serve_setup,
             "report": cmd_report, "chat": cmd_chat, "revise": cmd_revise, "label": cmd_label, "plan": cmd_plan}
 
@@ -481,6 +524,10 @@ def main(argv=None) -> int:
     except CaiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader of our output went away (`cai config | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             where = f" while writing {exc.filename}" if exc.filename else ""

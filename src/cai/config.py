@@ -698,7 +698,8 @@ class RunConfig:
                            "run's artifacts (e.g. runs/my-run)")
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
-            raise CaiError(f"config field 'stages': unknown stage '{unknown[0]}' (available: {', '.join(STAGES)})")
+            raise CaiError(f"config field 'stages': unknown stage '{unknown[0]}'{did_you_mean(unknown[0], STAGES)} "
+                           f"(available: {', '.join(STAGES)})")
         if not self.stages:
             raise CaiError(f"config field 'stages' is empty; list the stages to run (default: {', '.join(DEFAULT_STAGES)})")
         twice = sorted({s for s in self.stages if self.stages.count(s) > 1})
@@ -787,6 +788,14 @@ def _coerce(value: Any, tp, name: str, source: str):
     return float(value) if tp is float else value
 
 
+def did_you_mean(word, choices, prefix: str = "") -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices`` to a mistyped ``word``, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
 def from_dict(cls, data: dict, source: str = "config", prefix: str = ""):
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise."""
     if not isinstance(data, dict):
@@ -796,9 +805,8 @@ def from_dict(cls, data: dict, source: str = "config", prefix: str = ""):
     unknown = [k for k in data if k not in fields]
     if unknown:
         known = ", ".join(sorted(fields))
-        raise CaiError(
-            f"{source}: unknown key '{prefix}{unknown[0]}' (known keys here: {known})"
-        )
+        raise CaiError(f"{source}: unknown key '{prefix}{unknown[0]}'{did_you_mean(unknown[0], fields, prefix)} "
+                       f"(known keys here: {known})")
     kwargs = {}
     for key, value in data.items():
         name = prefix + key
@@ -923,6 +931,12 @@ def results_dict(cfg) -> dict:
 def config_hash(obj) -> str:
     blob = json.dumps(obj if isinstance(obj, dict) else to_dict(obj), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def sections(cls=RunConfig) -> list[str]:
+    """The config's sections (``engine``, ``sft``...): its fields that hold fields."""
+    inst = cls()
+    return [f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(getattr(inst, f.name))]
 
 
 def describe(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -51,6 +51,88 @@ def describe_cpu() -> str:
     return f"CPU flags {', '.join(have)}" if have else f"no {' or '.join(CPU_BF16_FLAGS)} in the CPU flags"
 
 
+#: CPU flags worth naming in a bug report: the vector units cai's speed depends on.
+REPORTED_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+#: Optional packages and what they are for (the extra that installs them).
+EXTRAS = (("peft", "LoRA (train)"), ("trl", "the TRL reward-function test (test)"),
+          ("datasketch", "expand's deduplication (expand)"), ("vllm", "engine.serve=vllm"),
+          ("llama_cpp", "engine.serve=llama-cpp, GGUF export (serve)"), ("sentencepiece", "GGUF export (serve)"),
+          ("playwright", "the report's browser tests"), ("pandas", "Parquet and CSV sets (test)"),
+          ("psutil", "the sharding tests"), ("huggingface_hub", "hub downloads"))
+#: Environment variables whose values go into a bug report (tokens and keys: their names only).
+ENV_VARS = ("CAI_CACHE_DIR", "CAI_ALLOW_SLOW_DTYPE", "CAI_TRACEBACK", "HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT",
+            "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+
+
+def _cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "unknown"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    return "unknown"
+
+
+def environment() -> list[tuple[str, str]]:
+    """What a bug report needs, as (name, value) rows (``cai env``): versions, platform, CPU
+    features, whether training picks bfloat16 here, GPUs, optional extras and settings."""
+    import importlib.metadata
+    import importlib.util
+    import os
+    import platform
+    import sys
+
+    rows = [("cai", _version("cai")), ("python", sys.version.split()[0]), ("platform", platform.platform())]
+    for dist in ("torch", "transformers", "accelerate", "datasets", "safetensors", "tokenizers", "gguf"):
+        rows.append((dist, _version(dist)))
+    flags = cpu_flags()
+    rows.append(("cpu", f"{_cpu_model()}; {os.cpu_count()} logical cores"))
+    rows.append(("cpu flags", ", ".join(f for f in REPORTED_CPU_FLAGS if f in flags) or "none of "
+                 + ", ".join(REPORTED_CPU_FLAGS)))
+    rows.append(("bfloat16 on cpu", "native (dtype=auto trains bf16-mixed)" if flags & set(CPU_BF16_FLAGS)
+                 else "emulated (dtype=auto trains float32)"))
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                prop = torch.cuda.get_device_properties(i)
+                rows.append((f"gpu {i}", f"{prop.name}, {prop.total_memory / 2**30:.1f} GiB, compute capability "
+                             f"{prop.major}.{prop.minor}, bf16 {'yes' if bf16_fast(f'cuda:{i}') else 'no'}"))
+            rows.append(("cuda", str(torch.version.cuda)))
+        else:
+            rows.append(("gpu", "none visible to torch" + (f" (torch built for CUDA {torch.version.cuda})"
+                                                           if torch.version.cuda else " (a CPU build of torch)")))
+    except ImportError:
+        rows.append(("gpu", "unknown: torch is not installed"))
+    for module, what in EXTRAS:
+        found = importlib.util.find_spec(module) is not None
+        rows.append((f"extra {module}", f"{_version(module) if found else 'not installed'} ({what})"))
+    for var in ENV_VARS:
+        if var in os.environ:
+            rows.append((var, os.environ[var]))
+    secrets = sorted(k for k in os.environ if k in ("HF_TOKEN", "OPENAI_API_KEY") or k.startswith("CAI_API_KEY"))
+    if secrets:
+        rows.append(("set, values not shown", ", ".join(secrets)))
+    return rows
+
+
+def _version(dist: str) -> str:
+    import importlib.metadata
+
+    names = {"llama_cpp": "llama_cpp_python"}
+    try:
+        return importlib.metadata.version(names.get(dist, dist))
+    except importlib.metadata.PackageNotFoundError:
+        try:
+            return str(getattr(__import__(dist), "__version__", "installed"))
+        except Exception:  # noqa: BLE001 - a report line, never a crash
+            return "not installed"
+
+
 def return_free_memory(collect: bool = True) -> None:
     """Collect garbage (unless ``collect`` is false) and hand the C heap's free pages back
     to the OS (glibc's ``malloc_trim``; elsewhere only the collection).
