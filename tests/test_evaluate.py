@@ -573,7 +573,14 @@ def test_frontier_scores_every_point_against_the_initial_model(frontier_run):
     want = ev.elo_table(["initial", "rl"], {c["id"]: [(0, 1, c["p_a"])] for c in main}, 20, 0)["ratings"]["rl"]
     assert final["harmlessness"] == want
     points = frontier_run / "rl" / "points"
-    assert not list((points / "step-000001").glob("*.safetensors")) and (points / "step-000001" / "config.json").is_file()
+    # the scored whole-model point no longer looks like a model: only its card is left
+    assert sorted(f.name for f in (points / "step-000001").iterdir()) == ["README.md"]
+    card = (points / "step-000001" / "README.md").read_text()
+    assert "rl@1" in card and "evaluate.frontier_keep_weights=true" in card and "rl/points/step-000001" in card
+    with pytest.raises((OSError, ValueError)):  # transformers: no config / not a model folder
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(points / "step-000001")
     assert (points / "step-000002" / "adapter_model.safetensors").is_file()
     assert not (out / "frontier-scratch").exists()
     verify_stage(frontier_run, "rl")  # deleted point weights are not a broken stage

@@ -18,15 +18,16 @@ from cai.layout import MANIFEST
 
 #: The file in ``<stage>.partial/`` that says which configuration an interrupted run had.
 PARTIAL_STAMP = ".fingerprint"
-#: Files a later stage may delete from a finished stage's folder: the weights of the frontier
-#: points of rl and dpo (``points/step-NNNNNN/*.safetensors``), which the evaluate stage
-#: removes once it has scored them (``evaluate.frontier_keep_weights=false``). One that is
-#: missing is not an error; one that is there must still match its hash.
-DISPOSABLE = ("points/", (".safetensors", ".bin"))
+#: Files a later stage may delete from a finished stage's folder: the files of the frontier
+#: points of rl and dpo (``points/step-NNNNNN/...``: weights, config, tokenizer), which the
+#: evaluate stage removes once it has scored them (``evaluate.frontier_keep_weights=false``),
+#: leaving a README.md card. One that is missing is not an error; one that is there must
+#: still match its hash. The points index (``points/index.json``) is not disposable.
+DISPOSABLE = "points/step-"
 
 
 def disposable(rel: str) -> bool:
-    return rel.startswith(DISPOSABLE[0]) and rel.endswith(DISPOSABLE[1])
+    return rel.startswith(DISPOSABLE)
 
 
 def read_manifest(run_dir: Path, name: str) -> dict | None:

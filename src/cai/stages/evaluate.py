@@ -60,7 +60,7 @@ from cai.conversations import (
 )
 from cai.engines.base import SamplingParams
 from cai.errors import CaiError
-from cai.io import read_jsonl, write_json, write_jsonl
+from cai.io import read_jsonl, write_json, write_jsonl, write_text
 from cai.prompts import Prompt, load_prompt_file
 from cai.cost import Cost, PlanInputs
 from cai.inputs import PROMPT_SETS
@@ -569,16 +569,38 @@ def frontier_result(points: list[dict], point_rows: list[dict], point_records: l
     return {"schema": 1, "against": "initial", "bootstrap": resamples, "reference": reference, "points": out}
 
 
+POINT_CARD = """# {name}: a frontier point whose weights were deleted after scoring
+
+This folder held the {stage} policy after step {step} ({samples} samples seen). The evaluate
+stage answered the held-out prompts with it, then deleted its files (weights, config and
+tokenizer), because `evaluate.frontier_keep_weights=false`: a whole-model point takes as
+much room as a model. So it is no longer a model, and `from_pretrained` cannot load it.
+
+Its scores are in `evaluate/frontier.json` (path `{stage}/{path}`) and in the report's
+frontier section.
+
+To keep the weights of new points, either:
+- set `evaluate.frontier_keep_weights=true`, delete the `{stage}` folder and run again; or
+- train `{stage}` with LoRA (`{stage}.method=lora`): its points are adapters, which are small
+  and always kept.
+"""
+
+
 def delete_point_weights(points: list[dict], keep: bool, log) -> int:
-    """Delete the weight files of the scored whole-model points (not adapters), unless
-    ``keep``; their configs and the index stay. Returns how many points were emptied."""
+    """Empty the scored whole-model points (not adapters), unless ``keep``: their weights,
+    config and tokenizer go, so the folder no longer looks like a model, and a README.md
+    card says what the point was, where its scores are and how to keep its weights. The
+    points index stays. Returns how many points were emptied."""
     n = 0
     for p in points:
         if keep or p.get("status") != "answered" or p.get("adapter"):
             continue
-        for f in p["folder"].iterdir():
-            if f.name.endswith(WEIGHT_SUFFIXES):
+        folder = p["folder"]
+        for f in folder.iterdir():
+            if f.is_file() and f.name != "README.md":
                 f.unlink()
+        write_text(folder / "README.md", POINT_CARD.format(name=p["name"], stage=p["stage"], step=p["step"],
+                                                           samples=p.get("samples", "?"), path=p["path"]))
         n += 1
     if n:
         log(f"[evaluate] deleted the weights of {n} scored frontier points (evaluate.frontier_keep_weights=false)")
