@@ -159,6 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", required=True, help="output JSONL, one chain per prompt")
 
     p = sub.add_parser(
+        "push", help="publish a finished run's models and data to the Hugging Face Hub, with cards (--dry-run: a folder)",
+        description="Upload a finished run: each trained model (sft as ORG/NAME-sl-cai, rl as -rl-cai, dpo as -dpo, "
+        "preference_model as -pm) as a model repository and its data (SL-CAI conversations, AI-feedback "
+        "preference pairs, critique/revision chains) as one dataset repository ORG/NAME-data, each with a "
+        "README.md card: Hub metadata, the constitution, data counts, training settings, the evaluation's "
+        "figures with intervals and the limits it found. The cards are built now; the run is not changed. "
+        "The token comes from HF_TOKEN or `huggingface-cli login`. --dry-run writes the exact folders instead "
+        "of uploading. See docs/formats.md#publishing-a-run.",
+    )
+    p.add_argument("run_dir", help="a finished run folder (e.g. runs/cpu-tiny)")
+    p.add_argument("--repo", required=True, help="ORG/NAME: the repositories are ORG/NAME-sl-cai, -rl-cai, -dpo, "
+                   "-pm and -data")
+    p.add_argument("--models", help="comma-separated stages to publish (sft, rl, dpo, preference_model; "
+                   "default: every one that finished)")
+    p.add_argument("--no-data", action="store_true", help="publish the models only")
+    p.add_argument("--license", default="other", help="the license id the cards declare (default: other; the base "
+                   "model's license governs what you may do)")
+    p.add_argument("--private", action="store_true", help="create the repositories private")
+    p.add_argument("--dry-run", metavar="FOLDER", help="write the folders that would be uploaded here, upload nothing")
+
+    p = sub.add_parser(
         "label", help="label a file of answer pairs with the AI-feedback judge (soft labels, both orders)",
         description="Label each pair of a file with the feedback stage's judge: the feedback model "
         "(feedback.model, else engine.model) reads a multiple-choice question under a comparison principle "
@@ -488,6 +509,23 @@ def cmd_label(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from pathlib import Path
+
+    from cai.publish import plan_uploads, push, write_folders
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    uploads = plan_uploads(args.run_dir, args.repo, models, data=not args.no_data, license=args.license)
+    if args.dry_run:
+        for folder in write_folders(uploads, Path(args.dry_run)):
+            files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())
+            print(f"{folder}/ ({len(files)} files): {', '.join(files)}")
+        print(f"dry run: {len(uploads)} repositories written under {args.dry_run}; nothing uploaded")
+        return 0
+    push(uploads, args.private)
+    return 0
+
+
 def cmd_plan(args) -> int:
     from cai.config import load_config
     from cai.plan import plan, render
@@ -503,7 +541,7 @@ def cmd_plan(args) -> int:
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "config": cmd_config, "env": cmd_env, "model": cmd_model,
             "score": cmd_score,
             "gguf": cmd_gguf, "serve-setup": cmd_serve_setup,
-            "report": cmd_report, "chat": cmd_chat, "revise": cmd_revise, "label": cmd_label, "plan": cmd_plan}
+            "report": cmd_report, "chat": cmd_chat, "revise": cmd_revise, "label": cmd_label, "push": cmd_push, "plan": cmd_plan}
 
 
 def main(argv=None) -> int:
