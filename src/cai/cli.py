@@ -453,17 +453,15 @@ def cmd_revise(args) -> int:
 
 
 def cmd_label(args) -> int:
-    import contextlib
     import json
     import time
     from pathlib import Path
-
-    from tqdm.auto import tqdm
 
     from cai.checks import check_config
     from cai.config import load_config
     from cai.io import write_json, write_jsonl
     from cai.judge import Judge, describe_reliability, label_summary, pref_record, read_pairs
+    from cai.stage import progress_bar
 
     cfg = load_config(_default_config(args), args.overrides)
     check_config(cfg)
@@ -476,17 +474,9 @@ def cmd_label(args) -> int:
     cache = Path(args.cache) if args.cache else out.with_name(out.name + ".cache.sqlite")
     start = time.time()
     judge = Judge.from_config(cfg, principle=args.principle, source=args.source, cache_path=cache)
-
-    @contextlib.contextmanager
-    def progress(total: int, desc: str):
-        bar = tqdm(total=total, desc=f"[label] {desc}", unit="req", dynamic_ncols=True, leave=False)
-        try:
-            yield bar.update
-        finally:
-            bar.close()
-
     try:
-        comps = judge.label([judge.comparison(p.prompt, p.a, p.b, p.id) for p in pairs], progress)
+        comps = judge.label([judge.comparison(p.prompt, p.a, p.b, p.id) for p in pairs],
+                            lambda total, desc: progress_bar(total, f"[label] {desc}"))
         hits, misses = getattr(judge.engine, "hits", None), getattr(judge.engine, "misses", None)
     finally:
         judge.engine.close()

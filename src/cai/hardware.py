@@ -15,17 +15,22 @@ from pathlib import Path
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
-    """The flags of the first CPU in ``cpuinfo`` (Linux); empty where there is no such file."""
+def _cpuinfo_field(name: str, cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
+    """The first CPU's ``name`` line in ``cpuinfo`` (Linux); None where there is no such file or line."""
     try:
         text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return set()
+        return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return set(value.split())
-    return set()
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
+    """The flags of the first CPU in ``cpuinfo`` (Linux); empty where there is no such file."""
+    return set((_cpuinfo_field("flags", cpuinfo) or "").split())
 
 
 def bf16_fast(device) -> bool:
@@ -64,22 +69,9 @@ ENV_VARS = ("CAI_CACHE_DIR", "CAI_ALLOW_SLOW_DTYPE", "CAI_TRACEBACK", "HF_HOME",
             "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
 
 
-def _cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
-    try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "unknown"
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            return value.strip()
-    return "unknown"
-
-
 def environment() -> list[tuple[str, str]]:
     """What a bug report needs, as (name, value) rows (``cai env``): versions, platform, CPU
     features, whether training picks bfloat16 here, GPUs, optional extras and settings."""
-    import importlib.metadata
     import importlib.util
     import os
     import platform
@@ -89,7 +81,7 @@ def environment() -> list[tuple[str, str]]:
     for dist in ("torch", "transformers", "accelerate", "datasets", "safetensors", "tokenizers", "gguf"):
         rows.append((dist, _version(dist)))
     flags = cpu_flags()
-    rows.append(("cpu", f"{_cpu_model()}; {os.cpu_count()} logical cores"))
+    rows.append(("cpu", f"{_cpuinfo_field('model name') or 'unknown'}; {os.cpu_count()} logical cores"))
     rows.append(("cpu flags", ", ".join(f for f in REPORTED_CPU_FLAGS if f in flags) or "none of "
                  + ", ".join(REPORTED_CPU_FLAGS)))
     rows.append(("bfloat16 on cpu", "native (dtype=auto trains bf16-mixed)" if flags & set(CPU_BF16_FLAGS)

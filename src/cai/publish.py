@@ -199,7 +199,7 @@ def model_card(facts: RunFacts, stage: str, repo: str, pushed: set[str], license
         start_text = f"this run's SL-CAI model ({base or 'not published'})"
     else:
         base, start_text = _hub_id(start), f"`{start}`"
-    data = _published_data(stage, pushed, repo)
+    data = [f"{repo}-data"] if "data" in pushed else []
     meta = ModelCardData(base_model=base, datasets=data or None, tags=TAGS + tags, license=license,
                          library_name="transformers",
                          pipeline_tag="text-classification" if stage == "preference_model" else "text-generation")
@@ -218,10 +218,6 @@ def model_card(facts: RunFacts, stage: str, repo: str, pushed: set[str], license
     found = limits(facts, stage)
     body += ["## Limits", ""] + ([f"- {x}" for x in found] or ["- None found by this run's evaluation."])
     return str(ModelCard(f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(body) + "\n"))
-
-
-def _published_data(stage: str, pushed: set[str], repo: str) -> list[str]:
-    return [f"{repo}-data"] if "data" in pushed else []
 
 
 def dataset_card(facts: RunFacts, repo: str, configs: dict[str, dict[str, Path]], license: str) -> str:

@@ -151,17 +151,9 @@ class StageContext:
         elif path in self.engines:
             self.engines.pop(path).close()
 
-    @contextlib.contextmanager
     def progress(self, total: int, desc: str, unit: str = "req"):
         """A progress bar with an ETA; yields ``update(n)``."""
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc=f"[{self.name}] {desc}", unit=unit, dynamic_ncols=True, leave=False,
-                   disable=not self.is_main)
-        try:
-            yield bar.update
-        finally:
-            bar.close()
+        return progress_bar(total, f"[{self.name}] {desc}", unit, disable=not self.is_main)
 
     def record_input(self, label: str, path: Path) -> None:
         from cai.io import file_sha256
@@ -192,3 +184,15 @@ class StageContext:
         spec = d.spec(self.cfg) if d else None
         for f in data_files(spec) if spec else []:
             self.record_input(d.field if Path(spec).expanduser().is_file() else f"{d.field}:{f.name}", f)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str, unit: str = "req", disable: bool = False):
+    """A progress bar with an ETA on stderr; yields ``update(n)``."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False, disable=disable)
+    try:
+        yield bar.update
+    finally:
+        bar.close()

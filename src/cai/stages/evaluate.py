@@ -64,6 +64,7 @@ from cai.io import read_jsonl, write_json, write_jsonl, write_text
 from cai.prompts import Prompt, load_prompt_file
 from cai.cost import Cost, PlanInputs
 from cai.inputs import PROMPT_SETS
+from cai.models import has_weights
 from cai.layout import CACHE, RunFolder
 from cai.stage import StageContext, StageSpec
 from cai.stage_names import SL_CAI, TRAINED_POLICIES
@@ -425,10 +426,6 @@ def standard_set_counts(sets: dict) -> dict:
 
 #: The training stages whose frontier points (``<stage>/points/index.json``) are scored.
 FRONTIER_STAGES = ("rl", "dpo")
-#: The files of a point that ``evaluate.frontier_keep_weights=false`` deletes once it is scored.
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
-
-
 def frontier_points(run_dir: Path) -> list[dict]:
     """Every frontier point the finished rl and dpo stages kept (``points/index.json``), in
     stage then step order, each with its ``stage``, a ``name`` (``rl@40``), its ``folder``
@@ -444,10 +441,6 @@ def frontier_points(run_dir: Path) -> list[dict]:
             out.append({**p, "stage": stage, "name": f"{stage}@{p['step']}", "folder": run.within(stage, p["path"]),
                         "base": base, "start": index.get("start")})
     return out
-
-
-def has_weights(folder: Path) -> bool:
-    return folder.is_dir() and any(f.name.endswith(WEIGHT_SUFFIXES) for f in folder.iterdir())
 
 
 def merge_adapter(point: dict, dest: Path, trust_remote_code: bool) -> str:
