@@ -217,7 +217,7 @@ def levers(root: Path) -> str:
     PM's held-out accuracy, DPO's held-out reward accuracy. It shows where a lever stops: a
     model cannot learn to refuse from data that rarely does."""
     from cai.io import read_jsonl
-    from cai.stages.evaluate import refusal_phrase
+    from cai.evaluation.measures import refusal_phrase
 
     lines = ["| row | first answers with a refusal phrase | SFT revisions with a refusal phrase "
              "| revisions the gates rejected (retried, replaced) | feedback position consistency "

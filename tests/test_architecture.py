@@ -303,3 +303,19 @@ def test_adding_a_config_field_and_an_artifact_touches_one_place_each(tmp_path, 
     assert reader.artifact("feedback", "widgets", split="train").read_text() == "[]"
     with pytest.raises(CaiError, match="stage 'sft' needs the finished stage 'dpo'"):
         reader.artifact("dpo", "model")
+
+
+def test_the_elo_fit_is_pure_and_the_evaluation_wing_imports_no_stage():
+    """cai.evaluation.elo needs numpy alone (no torch, no engine, no other cai module), and
+    no module of the evaluation wing imports a stage: the evaluate stage composes them."""
+    path = _module_names()["cai.evaluation.elo"]
+    top = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            top |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            top.add(node.module.split(".")[0])
+    assert top <= {"__future__", "itertools", "math", "numpy"}, top
+    for name, deps in _imports().items():
+        if name.startswith("cai.evaluation"):
+            assert not any(d.startswith("cai.stages") for d in deps), (name, deps)

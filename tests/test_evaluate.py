@@ -14,46 +14,18 @@ from cai.engines.base import Engine
 from cai.pipeline import run_pipeline
 from cai.prompts import Prompt
 from cai import conversations as cv
+from cai.evaluation.elo import elo_table
+from cai.evaluation.frontier import frontier_extra
+from cai.evaluation.measures import judge_answers, measure_quality, refusal_phrase, summarise
+from cai.evaluation.pairwise import pairwise
+from cai.evaluation.revisions import pm_heldout, revision_effects, score_chain_texts, texts_after_rounds
+from cai.judge_stats import wilson
 from cai.stages import evaluate as ev
 
 
 @contextlib.contextmanager
 def _progress(total, desc, unit="req"):
     yield lambda n: None
-
-
-def test_bradley_terry_by_hand():
-    """Two models, model 1 wins every game with probability 0.75. The soft-label likelihood
-    s log sig(d) + (1-s) log sig(-d) peaks where sig(d) = 0.75, i.e. d = ln 3, which is
-    400 log10(3) = 190.85 Elo. A chain 0 > 1 > 2 at 0.75 each (no direct 0-2 game) puts
-    model 2 at -2 ln 3 without a prior."""
-    theta = ev.fit_bradley_terry(2, [(1, 0, 0.75)] * 4, prior=0.0)
-    assert theta[0] == 0.0
-    assert theta[1] == pytest.approx(math.log(3))
-    assert theta[1] * ev.ELO_SCALE == pytest.approx(400 * math.log10(3))
-    chain = ev.fit_bradley_terry(3, [(0, 1, 0.75), (1, 2, 0.75)], prior=0.0)
-    assert list(chain) == pytest.approx([0.0, -math.log(3), -2 * math.log(3)])
-    # Order of a game does not matter: (i, j, s) is the same game as (j, i, 1 - s).
-    assert ev.fit_bradley_terry(2, [(0, 1, 0.25)] * 4, prior=0.0)[1] == pytest.approx(math.log(3))
-
-
-def test_prior_keeps_a_clean_sweep_finite():
-    theta = ev.fit_bradley_terry(2, [(1, 0, 1.0)] * 10)
-    assert 3 < theta[1] < 20  # without the prior the maximum is at infinity
-
-
-def test_bootstrap_intervals_cover_the_fit_and_are_seeded():
-    games = {f"p{k}": [(1, 0, 0.6 + 0.03 * k)] for k in range(10)}
-    table = ev.elo_table(["initial", "sl-cai"], games, resamples=200, seed=0)
-    r = table["ratings"]["sl-cai"]
-    assert r["ci_low"] < r["elo"] < r["ci_high"] and r["ci_low"] > 0
-    assert table["ratings"]["initial"] == {"elo": 0.0, "ci_low": 0.0, "ci_high": 0.0}
-    assert table["win_rate"]["sl-cai"]["initial"] == pytest.approx(0.735)
-    assert table["win_rate"]["initial"]["sl-cai"] == pytest.approx(0.265)
-    assert ev.elo_table(["initial", "sl-cai"], games, resamples=200, seed=0) == table
-    # every prompt the same: no spread at all
-    flat = ev.elo_table(["a", "b"], {f"p{k}": [(1, 0, 0.75)] for k in range(5)}, resamples=50, seed=1)
-    assert flat["ratings"]["b"]["ci_low"] == pytest.approx(flat["ratings"]["b"]["ci_high"], abs=1e-6)
 
 
 def test_harmfulness_is_the_expected_rating():
@@ -72,7 +44,7 @@ def test_harmfulness_is_the_expected_rating():
     ("", None),
 ])
 def test_refusal_phrases(text, phrase):
-    assert ev.refusal_phrase(text) == phrase
+    assert refusal_phrase(text) == phrase
 
 
 class Judge(Engine):
@@ -122,14 +94,14 @@ def test_pairwise_elo_prefers_the_safe_model_and_cancels_position_bias():
     names = ["initial", "sl-cai", "rl"]
     answers = {"initial": ["risky"] * 6, "sl-cai": ["SAFE answer"] * 6, "rl": ["SAFE answer"] * 6}
     principle = ComparisonPrinciple("less-harmful", "Which is less harmful?")
-    recs, games = ev.pairwise(Judge(0.8, bias=0.15), names, answers, _prompts(6), principle, [], _progress)
+    recs, games = pairwise(Judge(0.8, bias=0.15), names, answers, _prompts(6), principle, [], _progress)
     assert len(recs) == 18 and len(games) == 6
     by_pair = {(r["model_a"], r["model_b"]): r for r in recs if r["id"] == "p0"}
     assert by_pair["initial", "sl-cai"]["p_a"] == pytest.approx(0.2)  # the bias toward (A) cancels
     assert by_pair["initial", "sl-cai"]["position_consistent"] is True
     assert by_pair["sl-cai", "rl"]["status"] == "identical" and by_pair["sl-cai", "rl"]["p_a"] == 0.5
     assert [q["order"] for q in by_pair["initial", "sl-cai"]["queries"]] == ["ab", "ba"]
-    table = ev.elo_table(names, games, resamples=100, seed=0)
+    table = elo_table(names, games, resamples=100, seed=0)
     assert table["ratings"]["sl-cai"]["elo"] == pytest.approx(table["ratings"]["rl"]["elo"])
     assert table["ratings"]["sl-cai"]["elo"] > 150 and table["ratings"]["sl-cai"]["ci_low"] > 0
 
@@ -142,7 +114,7 @@ def test_judge_answers_harmfulness_and_refusals_in_both_orders():
         {"model": "m", "set": "benign", "prompt": [{"role": "user", "content": "q"}], "answer": "I can't, no way"},
         {"model": "m", "set": "helpful", "prompt": [{"role": "user", "content": "q"}], "answer": "Paris."},
     ]
-    ev.judge_answers(Judge(bias=0.05), rows, _progress)
+    judge_answers(Judge(bias=0.05), rows, _progress)
     assert rows[0]["harmfulness"]["expected"] == pytest.approx(0.0 * 0.9 + 0.025 * (1 + 2 + 3 + 4))
     assert rows[1]["harmfulness"]["expected"] == pytest.approx(0.025 * (1 + 2 + 3) + 4 * 0.9)
     assert rows[0]["refusal"]["p_judge"] == pytest.approx(0.9)  # the (A) pull cancels over both orders
@@ -154,7 +126,7 @@ def test_judge_answers_harmfulness_and_refusals_in_both_orders():
     assert [r["safe"]["p_judge"] for r in rows[:3]] == pytest.approx([0.8, 0.2, 0.8])
     assert rows[2]["refusal"]["p_judge"] == pytest.approx(0.1)  # the refusal question calls it engaging
     assert "safe" not in rows[3] and "safe" not in rows[4]
-    summary = ev.summarise(["m"], rows, pm_used=False)
+    summary = summarise(["m"], rows, pm_used=False)
     old_keys = lambda d, keys: {k: d[k] for k in keys}  # noqa: E731  (the judge's reliability is added beside them)
     assert old_keys(summary["refusal"]["m"]["red_team"], ("n", "judge", "judge_majority", "phrases")) == {
         "n": 3, "judge": pytest.approx(1.1 / 3, abs=1e-4), "judge_majority": pytest.approx(1 / 3, abs=1e-4), "phrases": 0.0}
@@ -276,7 +248,7 @@ def test_stage_scores_the_chains_revisions_with_the_pm(eval_run):
     pm = RewardModel.load(str(eval_run / "preference_model" / "model"), device="cpu")
     lines = [json.loads(l) for l in (eval_run / "critique_revision" / "chains" / "test.jsonl").read_text().splitlines()]
     for chain, row in zip(lines, rows):
-        want = pm.score_many([chain["messages"]] * 3, ev.texts_after_rounds(chain))
+        want = pm.score_many([chain["messages"]] * 3, texts_after_rounds(chain))
         assert row["pm_scores"] == pytest.approx(want, abs=1e-4)
     assert rows[1]["pm_scores"][0] == rows[1]["pm_scores"][1] == rows[1]["pm_scores"][2]
     for r in range(3):
@@ -313,10 +285,10 @@ def test_quality_rates_per_model_and_set():
          "answer": "The Earth has seasons."},
         {"model": "m", "set": "red_team", "prompt": [{"role": "user", "content": "q"}], "answer": ""},
     ]
-    ev.measure_quality(rows)
+    measure_quality(rows)
     assert [r["quality"]["degenerate"] for r in rows] == [True, False, False, False]
     assert [r["quality"]["unhelpful"] for r in rows] == [False, False, True, True]
-    summary = ev.summarise(["m"], rows, pm_used=False)["quality"]["m"]
+    summary = summarise(["m"], rows, pm_used=False)["quality"]["m"]
     assert summary == {"red_team": {"n": 1, "degenerate": 0.0, "unhelpful": 1.0},
                        "helpful": {"n": 1, "degenerate": 0.0, "unhelpful": 1.0},
                        "benign": {"n": 2, "degenerate": 0.5, "unhelpful": 0.0}}
@@ -384,9 +356,9 @@ CHAIN_C = {"id": "c", "messages": [{"role": "user", "content": "qc"}], "initial_
 
 
 def test_texts_after_rounds_keep_the_previous_answer_when_a_round_did_not_revise():
-    assert ev.texts_after_rounds(CHAIN_A) == ["", "+", "+++"]
-    assert ev.texts_after_rounds(CHAIN_B) == ["+", "+", "+"]
-    assert ev.texts_after_rounds({"initial_response": "a", "rounds": [_round("p", "empty_revision", ""),
+    assert texts_after_rounds(CHAIN_A) == ["", "+", "+++"]
+    assert texts_after_rounds(CHAIN_B) == ["+", "+", "+"]
+    assert texts_after_rounds({"initial_response": "a", "rounds": [_round("p", "empty_revision", ""),
                                                                       _round("p", "empty_critique", None)]}) == ["a"] * 3
 
 
@@ -404,10 +376,10 @@ def test_revision_scores_by_hand_on_a_stub_pm():
     """
     pm = CountingPM()
     chains = [CHAIN_A, CHAIN_B, CHAIN_C]
-    scores = ev.score_chain_texts(pm, chains, batch_size=2)
+    scores = score_chain_texts(pm, chains, batch_size=2)
     assert scores == [[0, 1, 3], [1, 1, 1], [2, 0, 6]]
     assert sorted(pm.scored) == sorted(["", "+", "+++", "+", "++", "x", "++++++"])  # each kept text once per chain
-    out = ev.revision_effects(chains, scores, resamples=1000, seed=0, min_prompts=1)
+    out = revision_effects(chains, scores, resamples=1000, seed=0, min_prompts=1)
     assert out["chains"] == 3 and [r["round"] for r in out["rounds"]] == [0, 1, 2]
     assert [r["mean"] for r in out["rounds"]] == pytest.approx([1, 2 / 3, 10 / 3], abs=1e-6)
     assert [r["change"] for r in out["rounds"]] == pytest.approx([0, -1 / 3, 7 / 3], abs=1e-6)
@@ -421,11 +393,11 @@ def test_revision_scores_by_hand_on_a_stub_pm():
     assert (p["delta_ci_low"], p["delta_ci_high"]) == pytest.approx((1, 2))
     assert (q["id"], q["sampled"], q["revised"], q["delta"], q["delta_ci_low"], q["delta_ci_high"]) == ("q", 2, 1, 2, 2, 2)
     # By default a number needs 5 prompts behind it for an interval: here none has one.
-    default = ev.revision_effects(chains, scores, resamples=1000, seed=0)
+    default = revision_effects(chains, scores, resamples=1000, seed=0)
     assert default["min_ci_prompts"] == 5 and default["principles"][0]["delta"] == p["delta"]
     assert all(r["mean_ci_low"] is None for r in default["rounds"])
     assert all(x["delta_ci_low"] is None and x["delta_ci_high"] is None for x in default["principles"])
-    five = ev.revision_effects([CHAIN_A] * 5, [[0, 1, 3]] * 5, resamples=100, seed=0)
+    five = revision_effects([CHAIN_A] * 5, [[0, 1, 3]] * 5, resamples=100, seed=0)
     assert (five["rounds"][2]["mean_ci_low"], five["rounds"][2]["mean_ci_high"]) == (3, 3)
 
 
@@ -434,30 +406,30 @@ def test_revision_intervals_over_two_prompts_by_hand():
     BB, so its mean is A's value a quarter of the time and B's a quarter: the 2.5th and
     97.5th percentiles are the two prompts' values. Round 0: [0, 1]; round 2: [1, 3];
     change at round 2 (3 and 0): [0, 3]. No resamples: no intervals."""
-    out = ev.revision_effects([CHAIN_A, CHAIN_B], [[0, 1, 3], [1, 1, 1]], resamples=1000, seed=3, min_prompts=2)
+    out = revision_effects([CHAIN_A, CHAIN_B], [[0, 1, 3], [1, 1, 1]], resamples=1000, seed=3, min_prompts=2)
     r0, _, r2 = out["rounds"]
     assert (r0["mean"], r0["mean_ci_low"], r0["mean_ci_high"]) == (0.5, 0, 1)
     assert (r2["mean"], r2["mean_ci_low"], r2["mean_ci_high"]) == (2, 1, 3)
     assert (r2["change"], r2["change_ci_low"], r2["change_ci_high"]) == (1.5, 0, 3)
-    none = ev.revision_effects([CHAIN_A, CHAIN_B], [[0, 1, 3], [1, 1, 1]], resamples=0, seed=3, min_prompts=2)
+    none = revision_effects([CHAIN_A, CHAIN_B], [[0, 1, 3], [1, 1, 1]], resamples=0, seed=3, min_prompts=2)
     assert none["rounds"][2]["mean"] == 2 and none["rounds"][2]["mean_ci_low"] is None
     assert none["principles"][0]["delta_ci_high"] is None
 
 
 def test_pm_heldout_accuracy_says_when_it_is_chance(tmp_path):
     """Wilson 95% interval: 9 of 18 is [0.290, 0.710] (holds 0.5); 18 of 20 is [0.699, 0.972]."""
-    lo, hi = ev.wilson(9, 18)
+    lo, hi = wilson(9, 18)
     assert (lo, hi) == pytest.approx((0.2903, 0.7097), abs=1e-4)
-    assert ev.wilson(18, 20) == pytest.approx((0.6990, 0.9721), abs=1e-4)
+    assert wilson(18, 20) == pytest.approx((0.6990, 0.9721), abs=1e-4)
     from cai.io import write_json
 
     (tmp_path / "preference_model").mkdir()
     write_json(tmp_path / "preference_model" / "metrics.json", {"test_after": {"accuracy": 0.5, "pairs": 18}})
-    assert ev.pm_heldout(tmp_path)["at_chance"] is True
+    assert pm_heldout(tmp_path)["at_chance"] is True
     write_json(tmp_path / "preference_model" / "metrics.json", {"test_after": {"accuracy": 0.9, "pairs": 20}})
-    assert ev.pm_heldout(tmp_path) == {"accuracy": 0.9, "pairs": 20, "ci_low": 0.699, "ci_high": 0.9721,
+    assert pm_heldout(tmp_path) == {"accuracy": 0.9, "pairs": 20, "ci_low": 0.699, "ci_high": 0.9721,
                                        "at_chance": False}
-    assert ev.pm_heldout(tmp_path / "nothing") is None
+    assert pm_heldout(tmp_path / "nothing") is None
 
 def test_one_model_in_memory_at_a_time(tmp_path, eval_run, tiny_model, monkeypatch):
     """Each model answers, is closed and dropped, then the next loads; the judge comes after
@@ -570,7 +542,7 @@ def test_frontier_scores_every_point_against_the_initial_model(frontier_run):
     final = fr["points"][2]
     main = [c for c in (json.loads(l) for l in (out / "answers" / "comparisons.jsonl").read_text().splitlines())
             if c["dimension"] == "harmlessness" and {c["model_a"], c["model_b"]} == {"initial", "rl"}]
-    want = ev.elo_table(["initial", "rl"], {c["id"]: [(0, 1, c["p_a"])] for c in main}, 20, 0)["ratings"]["rl"]
+    want = elo_table(["initial", "rl"], {c["id"]: [(0, 1, c["p_a"])] for c in main}, 20, 0)["ratings"]["rl"]
     assert final["harmlessness"] == want
     points = frontier_run / "rl" / "points"
     # the scored whole-model point no longer looks like a model: only its card is left
@@ -615,7 +587,7 @@ def test_frontier_switch_and_plan(tmp_path, tiny_model):
     off = load_config(None, ["rl.steps=8", "rl.frontier_points=4", "stages=[prepare, rl, evaluate]",
                              "evaluate.max_prompts=2", "evaluate.frontier=false"])
     without = ev.estimate(PlanInputs(off, const, sets, count))
-    assert ev.frontier_extra(PlanInputs(cfg, const, sets, count)) == 3
+    assert frontier_extra(PlanInputs(cfg, const, sets, count)) == 3
     assert with_points.generate - without.generate == 3 * 6  # 3 points x 2 prompts x 3 sets
     # per point: comparisons (red + helpful, both orders), harmfulness, refusal (red + benign,
     # both orders), safe (red, both orders)

@@ -80,7 +80,7 @@ def test_plan_counts_and_times_every_stage(tiny_model, capsys):
     models, m = 4, ev.max_prompts  # initial, SL-CAI, RL, DPO; m test prompts of each of 3 sets
     from cai.cost import PlanInputs
     from cai.inputs import load_inputs
-    from cai.stages.evaluate import frontier_extra
+    from cai.evaluation.frontier import frontier_extra
 
     points = frontier_extra(PlanInputs(cfg, *load_inputs(cfg), lambda conv: 1))  # rl/dpo points before the last
     assert points > 0

@@ -12,7 +12,9 @@ from cai import judge_stats as js
 from cai.constitution import ComparisonPrinciple
 from cai.io import write_json
 from cai.report import build_report
-from cai.stages import evaluate as ev
+from cai.evaluation.elo import elo_table
+from cai.evaluation.measures import judge_answers, judge_summary, rounded_mean, summarise
+from cai.evaluation.pairwise import comparison_items, pairwise
 from test_evaluate import Judge, _progress, _prompts
 from test_report import EVIL, _manifest, make_run
 
@@ -28,7 +30,6 @@ def test_wilson_by_hand():
     assert js.wilson(3, 3)[0] == pytest.approx(0.4385, abs=1e-4)
     assert js.wilson(9, 18) == pytest.approx((0.2903, 0.7097), abs=1e-4)
     assert js.wilson(0, 0) is None
-    assert ev.wilson is js.wilson  # one definition, still importable where it was
 
 
 def test_at_chance_rule_and_too_small_rule():
@@ -91,17 +92,17 @@ def _results(judge, n, names=("initial", "sl-cai")):
     rows = [{"model": m, "set": s, "id": p.id, "prompt": p.messages, "answer": answers[m][k]}
             for m in names for s in ("red_team", "benign") for k, p in enumerate(prompts)]
     principle = ComparisonPrinciple("less-harmful", "Which is less harmful?")
-    recs, games = ev.pairwise(judge, names, {m: answers[m] for m in names}, prompts, principle, [], _progress)
+    recs, games = pairwise(judge, names, {m: answers[m] for m in names}, prompts, principle, [], _progress)
     for r in recs:
         r["dimension"] = "harmlessness"
-    table = ev.elo_table(names, games, 0, 0)
-    table["position_consistency"] = ev._mean(float(r["position_consistent"]) for r in recs if "position_consistent" in r)
-    table["judge_reliability"] = ev.judge_reliability(ev.comparison_items(recs))
+    table = elo_table(names, games, 0, 0)
+    table["position_consistency"] = rounded_mean(float(r["position_consistent"]) for r in recs if "position_consistent" in r)
+    table["judge_reliability"] = js.judge_reliability(comparison_items(recs))
     table["principle_id"] = "less-harmful"
-    ev.judge_answers(judge, rows, _progress)
+    judge_answers(judge, rows, _progress)
     return {"models": {m: "default" for m in names}, "judge": "fake", "prompts": {"red_team": n, "benign": n},
-            "elo": {"harmlessness": table, "helpfulness": None}, **ev.summarise(names, rows, pm_used=False),
-            "judge_reliability": ev.judge_summary(rows, recs)}
+            "elo": {"harmlessness": table, "helpfulness": None}, **summarise(names, rows, pm_used=False),
+            "judge_reliability": judge_summary(rows, recs)}
 
 
 def _evaluation_html(tmp_path, results):
