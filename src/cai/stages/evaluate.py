@@ -42,7 +42,8 @@ import math
 import shutil
 from pathlib import Path
 
-from cai import evalsets, quality, seeds
+from cai import quality, seeds
+from cai.evaluation import sets as evalsets
 from cai.judge_stats import MAX_CI_WIDTH, judge_reliability, share_ci, wilson, yes_no
 from cai.constitution import ComparisonPrinciple, load_constitution
 from cai.conversations import (
@@ -378,12 +379,12 @@ def open_judge(ctx: StageContext):
     return engine, engine.close
 
 
-# -- the standard evaluation sets (cai.evalsets) ------------------------------------------------
+# -- the standard evaluation sets (cai.evaluation.sets) ----------------------------------------
 
 
 def load_standard_sets(ctx: StageContext) -> list[tuple[evalsets.LoadedSet, list[Prompt]]]:
     """``evaluate.sets``, loaded: each set with its test prompts (at most ``max_prompts``, a
-    seeded sample across the set's categories: :func:`cai.evalsets.sample`),
+    seeded sample across the set's categories: :func:`cai.evaluation.sets.sample`),
     frozen in ``evaluate/sets/<name>.jsonl`` (with each prompt's set-specific fields in
     ``meta``); the local files read are recorded as the stage's inputs."""
     cfg, ev = ctx.cfg, ctx.cfg.evaluate
