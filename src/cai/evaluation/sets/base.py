@@ -24,7 +24,7 @@ from pathlib import Path
 
 import cai.conversations as cv
 from cai.errors import CaiError
-from cai.prompts import Prompt, split_by_hash
+from cai.prompts import Prompt, _dedupe_ids, split_by_hash
 
 #: The options of a yes/no question (:func:`cai.conversations.yes_no_conversations`).
 YES_NO = ["A", "B"]
@@ -139,7 +139,7 @@ class StandardSet:
         if not rows:
             raise CaiError(f"{path}: no rows; expected {self.title}'s file with columns {self.columns}")
         prompts, skipped = self.read(rows, str(path))
-        _check_unique(prompts, str(path))
+        _dedupe_ids(prompts, str(path))
         return prompts, skipped
 
     def load_local(self, path: Path, test_fraction: float, seed: int) -> LoadedSet:
@@ -154,7 +154,7 @@ class StandardSet:
             prompts, skipped = prompts + got, merge_skipped(skipped, sk)
         source = ", ".join(map(str, found))
         if len(found) > 1:
-            _check_unique(prompts, source)
+            _dedupe_ids(prompts, source)
         paired = self.train_file(found[0])
         if paired is None:
             return LoadedSet(self.name, split_by_hash(prompts, test_fraction, seed), source, found, False, skipped)
@@ -194,14 +194,6 @@ def _published(name: str, test: list[Prompt], train: list[Prompt], source: str, 
     test_ids = {p.id for p in test}
     return LoadedSet(name, {"train": [p for p in train if p.id not in test_ids], "test": test}, source, files, True,
                      skipped)
-
-
-def _check_unique(prompts: list[Prompt], where: str) -> None:
-    seen = set()
-    for p in prompts:
-        if p.id in seen:
-            raise CaiError(f"{where}: duplicate id '{p.id}'; ids must be unique")
-        seen.add(p.id)
 
 
 def merge_skipped(a: dict, b: dict) -> dict:
@@ -355,6 +347,20 @@ def mean(xs) -> float | None:
 def by_category(items: list[tuple[str | None, object]], block) -> dict:
     """``block`` of each category's values, from ``(category, value)`` pairs (no category: 'none')."""
     return {c: block([v for k, v in items if (k or "none") == c]) for c in sorted({k or "none" for k, _ in items})}
+
+
+def with_categories(items: list[tuple[str | None, object]], block) -> dict:
+    """``block`` of all the values, and ``by_category`` (:func:`by_category`)."""
+    return {**block([v for _, v in items]), "by_category": by_category(items, block)}
+
+
+def yes_rate(items: list[tuple[str | None, float]], rate: str, mean_p: str) -> dict:
+    """From ``(category, P(yes))`` per answer: the share with P(yes) > 0.5 (the judge's yes)
+    as ``rate`` and the mean P(yes) as ``mean_p``, overall and per category."""
+    def block(ps) -> dict:
+        return {"n": len(ps), rate: mean(float(p > 0.5) for p in ps), mean_p: mean(ps)}
+
+    return with_categories(items, block)
 
 
 def class_block(probs: list[list[float]], classes: tuple[str, ...], rate: str) -> dict:
