@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from cai.errors import CaiError
-from cai.evaluation.sets import do_not_answer, harmbench, hh_rlhf, strongreject, xstest
+from cai.evaluation.sets import do_not_answer, harmbench, hh_rlhf, or_bench, strongreject, xstest
 from cai.evaluation.sets.base import LoadedSet, StandardSet
 from cai.judge_stats import judge_reliability
 from cai.prompts import Prompt
@@ -38,6 +38,7 @@ SETS: dict[str, StandardSet] = {s.name: s for s in (
     harmbench.SET,
     strongreject.SET,
     do_not_answer.SET,
+    or_bench.SET,
 )}
 
 PREFIX = "eval:"
