@@ -77,7 +77,9 @@ class StandardSet:
 
     @property
     def scoring(self) -> str:
-        """The key of this set's headline figures in :data:`cai.evaluation.sets.HEADLINES`."""
+        """The key of this set's headline figures in :data:`cai.evaluation.sets.HEADLINES`: its
+        name. The report looks them up as ``HEADLINES[SETS[name].scoring]``; once it reads
+        :attr:`headlines` itself, this property can go."""
         return self.name
 
     # -- what each set says ---------------------------------------------------------------
@@ -135,6 +137,7 @@ class StandardSet:
         return None
 
     def read_file(self, path: Path) -> tuple[list[Prompt], dict]:
+        """One local file's prompts (ids unique) and the rows left out."""
         rows = read_rows(path)
         if not rows:
             raise CaiError(f"{path}: no rows; expected {self.title}'s file with columns {self.columns}")
