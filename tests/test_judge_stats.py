@@ -7,7 +7,6 @@ import random
 
 import pytest
 
-from cai import conversations as cv
 from cai import judge_stats as js
 from cai.constitution import ComparisonPrinciple
 from cai.io import write_json
@@ -178,7 +177,8 @@ def test_old_results_and_feedback_stats_still_read(tmp_path):
 def test_standard_set_rates_carry_intervals_and_the_judge_per_question(tmp_path):
     """An XSTest entry judged by an always-(A) judge: each rotation's most probable class is
     whichever is shown at (A), so consistency is 0 and the set is flagged."""
-    from cai import evalsets as es
+    from cai.evaluation import sets as es
+    from cai.evaluation.sets import xstest
 
     rows = [{"model": "initial", "set": "xstest", "prompt": [{"role": "user", "content": f"q{k}"}],
              "answer": "a", "meta": {"label": "safe", "type": "homonyms"}} for k in range(5)]
@@ -194,4 +194,4 @@ def test_standard_set_rates_carry_intervals_and_the_judge_per_question(tmp_path)
                                              "standard_sets": {"xstest": entry}})
     assert "safe: refusal rate [Wilson 95%]" in section and "this set&#x27;s question &#x27;class&#x27;" in section
     assert WARNING in section and "Too few held-out answers" in section
-    assert cv.XSTEST_CLASSES[0] == "full_compliance"
+    assert xstest.CLASSES[0] == "full_compliance"

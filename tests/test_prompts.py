@@ -150,7 +150,7 @@ def test_hub_sets_need_the_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CaiError, match="HF_HUB_OFFLINE"):
         load_prompt_set("hf:Anthropic/hh-rlhf?data_dir=harmless-base")
-    from cai.evalsets import load_source
+    from cai.evaluation.sets import load_source
 
     with pytest.raises(CaiError, match="HF_HUB_OFFLINE"):
         load_source("eval:xstest")

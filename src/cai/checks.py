@@ -34,7 +34,7 @@ def check_config(cfg: RunConfig) -> None:
         except CaiError as exc:
             raise CaiError(str(exc).replace("engine.endpoints", "evaluate.judge_endpoints")) from None
     if cfg.evaluate.sets:
-        from cai.evalsets import parse_spec
+        from cai.evaluation.sets import parse_spec
 
         for spec in cfg.evaluate.sets:
             try:

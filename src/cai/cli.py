@@ -240,7 +240,7 @@ def cmd_validate(args) -> int:
     from cai.config import load_config
     from cai.constitution import load_constitution
     from cai.stages import check_order
-    from cai.evalsets import load_source
+    from cai.evaluation.sets import load_source
 
     if args.constitution or args.prompts:
         if args.constitution:

@@ -507,7 +507,7 @@ class EvaluateConfig:
     )
     sets: list[str] = _f(
         [], "Standard safety evaluation sets, answered by every model and scored by each set's convention: "
-        "'eval:NAME' (hh-rlhf-harmless, xstest, harmbench, strongreject, do-not-answer) from $CAI_EVAL_DATA/NAME/ "
+        "'eval:NAME' (a set of cai.evaluation.sets; docs/formats.md lists them) from $CAI_EVAL_DATA/NAME/ "
         "or the hub, or 'eval:NAME:PATH' from a local copy in the set's original layout. A set without a test "
         "split is hash-split with data.test_fraction; only its test part is evaluated (max_prompts applies).",
     )

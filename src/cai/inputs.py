@@ -57,7 +57,7 @@ def load_inputs(cfg: "RunConfig"):
     """The constitution and the three prompt sets of a config, validated: what ``prepare``
     freezes, ``cai validate`` checks and ``cai plan`` counts."""
     from cai.constitution import load_constitution
-    from cai.evalsets import load_source
+    from cai.evaluation.sets import load_source
 
     const = load_constitution(cfg.data.constitution)
     sets = {}

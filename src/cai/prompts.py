@@ -300,7 +300,7 @@ def load_prompt_set(
     column: str | None = None,
 ) -> dict[str, list[Prompt]]:
     """Load a prompt set as fixed ``{"train": [...], "test": [...]}`` splits. (The standard
-    evaluation sets, ``eval:NAME``, load through :func:`cai.evalsets.load_source`, which
+    evaluation sets, ``eval:NAME``, load through :func:`cai.evaluation.sets.load_source`, which
     takes every source.)
 
     Splits come from the source where it has them (separate files, a ``split``

@@ -295,7 +295,7 @@ def refusal_rates(res: dict, names: list[str]) -> str:
 def standard_sets(res: dict) -> str:
     """The standard evaluation sets (results.json["standard_sets"]): each set's headline
     figures per model, its convention, source and split, and the comparability note."""
-    from cai.evalsets import HEADLINES, RATES, SETS, headline
+    from cai.evaluation.sets import HEADLINES, RATES, SETS, headline
 
     sets = res.get("standard_sets") or {}
     parts = []

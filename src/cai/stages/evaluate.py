@@ -29,12 +29,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from cai import evalsets, seeds
+from cai import seeds
 from cai.constitution import ComparisonPrinciple, load_constitution
 from cai.conversations import comparison_demos, principle_texts
 from cai.cost import Cost, PlanInputs
 from cai.engines.base import SamplingParams
 from cai.errors import CaiError
+from cai.evaluation import sets as evalsets
 from cai.evaluation.elo import elo_table
 from cai.evaluation.frontier import (
     delete_point_weights,
@@ -86,12 +87,12 @@ def open_judge(ctx: StageContext):
     return engine, engine.close
 
 
-# -- the standard evaluation sets (cai.evalsets) ------------------------------------------------
+# -- the standard evaluation sets (cai.evaluation.sets) ----------------------------------------
 
 
 def load_standard_sets(ctx: StageContext) -> list[tuple[evalsets.LoadedSet, list[Prompt]]]:
     """``evaluate.sets``, loaded: each set with its test prompts (at most ``max_prompts``, a
-    seeded sample across the set's categories: :func:`cai.evalsets.sample`),
+    seeded sample across the set's categories: :func:`cai.evaluation.sets.sample`),
     frozen in ``evaluate/sets/<name>.jsonl`` (with each prompt's set-specific fields in
     ``meta``); the local files read are recorded as the stage's inputs."""
     cfg, ev = ctx.cfg, ctx.cfg.evaluate

@@ -20,7 +20,7 @@ from cai.stage import StageContext, StageSpec
 
 def _source_files(spec: str) -> list[Path]:
     if spec.startswith("eval:"):
-        from cai.evalsets import source_files
+        from cai.evaluation.sets import source_files
 
         return source_files(spec)
     if spec.startswith("builtin:"):
