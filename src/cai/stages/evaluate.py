@@ -60,6 +60,7 @@ from cai.conversations import (
 )
 from cai.engines.base import SamplingParams
 from cai.errors import CaiError
+from cai.evaluation.results import Frontier, Results, Revisions
 from cai.io import read_jsonl, write_json, write_jsonl, write_text
 from cai.prompts import Prompt, load_prompt_file
 from cai.cost import Cost, PlanInputs
@@ -349,17 +350,17 @@ def pm_by_revision(ctx: StageContext, load_pm=None) -> dict:
     result = {"schema": 1, "splits": list(ev.revision_splits), "max_chains": ev.revision_max_chains,
               "pm_heldout": pm_heldout(ctx.run_dir),
               **revision_effects(chains, scores, ev.bootstrap, ctx.cfg.seed)}
-    write_json(ctx.output("revisions"), result)
+    revisions = Revisions.from_json(result)
+    write_json(ctx.output("revisions"), revisions.to_json())
     write_jsonl(ctx.output("answers", name="revisions"), [
         {"id": c.get("id"), "split": c["split"], "principle_ids": [r.get("principle_id") for r in c.get("rounds") or []],
          "statuses": [r.get("status") for r in c.get("rounds") or []], "pm_scores": [round(x, 6) for x in s]}
         for c, s in zip(chains, scores)])
     from cai.plots import plot_revision_principles, plot_revisions
 
-    plot_revisions(ctx.out / "revisions.png", result)
-    plot_revision_principles(ctx.out / "revision_principles.png", result)
-    last = result["rounds"][-1]
-    return {"revision_chains": len(chains), "revision_pm_change": last["change"]}
+    plot_revisions(ctx.out / "revisions.png", revisions)
+    plot_revision_principles(ctx.out / "revision_principles.png", revisions)
+    return {"revision_chains": len(chains), "revision_pm_change": revisions.rounds[-1].change}
 
 
 def open_judge(ctx: StageContext):
@@ -908,17 +909,18 @@ def run(ctx: StageContext) -> dict:
     for name in names:
         write_jsonl(ctx.output("answers", name=name), [r for r in rows if r["model"] == name])
     write_jsonl(ctx.output("answers", name="comparisons"), comparisons)
-    write_json(ctx.output("results"), results)
+    record = Results.from_json(results)
+    write_json(ctx.output("results"), record.to_json())
     from cai.plots import plot_elo, plot_harmfulness, plot_refusals
 
-    plot_elo(ctx.out / "elo.png", results)
-    plot_harmfulness(ctx.out / "harmfulness.png", results)
-    plot_refusals(ctx.out / "refusal.png", results)
+    plot_elo(ctx.out / "elo.png", record)
+    plot_harmfulness(ctx.out / "harmfulness.png", record)
+    plot_refusals(ctx.out / "refusal.png", record)
     counts = {"models": len(names), "answers": len(rows), "comparisons": len(comparisons), **revision_counts}
     if points:
-        frontier = frontier_result(points, point_rows, point_records, comparisons, results, names, ev.bootstrap,
-                                   cfg.seed, ev.frontier_keep_weights)
-        write_json(ctx.output("frontier"), frontier)
+        frontier = Frontier.from_json(frontier_result(points, point_rows, point_records, comparisons, results, names,
+                                                      ev.bootstrap, cfg.seed, ev.frontier_keep_weights))
+        write_json(ctx.output("frontier"), frontier.to_json())
         write_jsonl(ctx.output("answers", name="frontier"), point_rows)
         write_jsonl(ctx.output("answers", name="frontier_comparisons"), point_records)
         from cai.plots import plot_frontier
