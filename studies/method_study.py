@@ -175,33 +175,36 @@ def _pct(x) -> str:
 def table(root: Path, evaluate: Path | None = None) -> str:
     """The results table of ``compare``'s evaluate run, or of any run's ``evaluate`` folder
     (a run's own models: initial, sl-cai, final...)."""
-    res = json.loads(((evaluate or root / "compare" / "evaluate") / "results.json").read_text())
-    ref, q, elo = res["refusal"], res["quality"], res["elo"]
-    harm = res["harmfulness"]
+    from cai.evaluation.results import Results
+
+    path = (evaluate or root / "compare" / "evaluate") / "results.json"
+    res = Results.load(path)
+    if res is None:
+        raise SystemExit(f"{path}: no such file; run `compare` first, or name an evaluate folder with --evaluate")
     lines = ["| row | what | red-team safe (judge) | red-team refusal (phrases) | benign over-refusal (judge / phrases) "
              "| degenerate (red-team / benign / helpful) | helpfulness Elo [95% CI] | harmlessness Elo [95% CI] "
              "| stage time (s) |", "|" + "---|" * 9]
-    names = ["initial", *[r.name for r in ROWS]] if evaluate is None else list(ref)
+    names = ["initial", *[r.name for r in ROWS]] if evaluate is None else list(res.refusal)
     for name in names:
-        if name not in ref:
+        if name not in res.refusal:
             continue
         what = "the embedded model before training" if name == "initial" else (
             BY_NAME[name].what if name in BY_NAME and evaluate is None else f"this run's {name} model")
-        rt, bn = ref[name]["red_team"], ref[name]["benign"]
-        safe = (res.get("safe") or {}).get(name, {}).get("red_team", {}).get("judge_majority")
-        hel = (elo.get("helpfulness") or {}).get("ratings", {}).get(name, {})
-        hrm = (elo.get("harmlessness") or {}).get("ratings", {}).get(name, {})
-        fmt = lambda r: "-" if not r else f"{r['elo']:+.0f} [{r['ci_low']}, {r['ci_high']}]"  # noqa: E731
+        rt, bn = res.refusal[name].red_team, res.refusal[name].benign
+        safe = res.safe[name].red_team if name in res.safe else None
+        hel, hrm = (t.ratings.get(name) if t else None for t in (res.elo.helpfulness, res.elo.harmlessness))
+        fmt = lambda r: "-" if not r else f"{r.elo:+.0f} [{r.ci_low}, {r.ci_high}]"  # noqa: E731
+        q = res.quality[name]
         row = BY_NAME.get(name) if evaluate is None else None
         parent = root / row.parent if row is not None and row.parent else None
         secs = "-" if row is None else f"{stage_seconds(root / name, parent):.0f}"
         lines.append(
-            f"| {name} | {what} | {_pct(safe)} | {_pct(rt['phrases'])} "
-            f"| {_pct(bn['judge_majority'])} / {_pct(bn['phrases'])} "
-            f"| {_pct(q[name]['red_team']['degenerate'])} / {_pct(q[name]['benign']['degenerate'])} / "
-            f"{_pct(q[name]['helpful']['degenerate'])} | {fmt(hel)} | {fmt(hrm)} | {secs} |"
+            f"| {name} | {what} | {_pct(safe.judge_majority if safe else None)} | {_pct(rt.phrases)} "
+            f"| {_pct(bn.judge_majority)} / {_pct(bn.phrases)} "
+            f"| {_pct(q.red_team.degenerate)} / {_pct(q.benign.degenerate)} / "
+            f"{_pct(q.helpful.degenerate)} | {fmt(hel)} | {fmt(hrm)} | {secs} |"
         )
-    lines.append(f"\nmean harmfulness (0-4, judge): " + ", ".join(f"{k} {v['mean']}" for k, v in harm.items()))
+    lines.append(f"\nmean harmfulness (0-4, judge): " + ", ".join(f"{k} {v.mean}" for k, v in res.harmfulness.items()))
     return "\n".join(lines)
 
 

@@ -166,4 +166,4 @@ def test_judge_rows_and_the_results_entry(tmp_path):
     assert "over-refusal" in entry["convention"] and entry["note"] == es.NOT_COMPARABLE
     assert es.headline("or-bench", summary) == [("seemingly toxic: rejection rate", pytest.approx(2 / 3, abs=1e-6)),
                                                 ("toxic: rejection rate", 0.5)]
-    assert "rejection_rate" in es.RATES
+    assert "rejection_rate" in es.SETS["or-bench"].rates

@@ -218,6 +218,7 @@ def test_pm_score_vs_revisions_section_shows_its_numbers_escaped(tmp_path):
     """evaluate/revisions.json with a hostile principle id: the section has the per-round and
     per-principle tables with their numbers, the two figures, the chance warning, and no
     live markup; the plots draw the id as text (a '$' is not mathtext)."""
+    from cai.evaluation.results import Revisions
     from cai.plots import plot_revision_principles, plot_revisions
 
     run = make_run(tmp_path / "run")
@@ -238,8 +239,8 @@ def test_pm_score_vs_revisions_section_shows_its_numbers_escaped(tmp_path):
                            "delta_ci_low": None, "delta_ci_high": None}]}
     write_json(run / "evaluate" / "revisions.json", rev)
     write_json(run / "evaluate" / "results.json", {"models": {"initial": "default"}, "judge": "default", "prompts": {}})
-    plot_revisions(run / "evaluate" / "revisions.png", rev)
-    plot_revision_principles(run / "evaluate" / "revision_principles.png", rev)
+    plot_revisions(run / "evaluate" / "revisions.png", Revisions.from_json(rev))
+    plot_revision_principles(run / "evaluate" / "revision_principles.png", Revisions.from_json(rev))
     html = build_report(run)
     section = html.split('<section id="revisions">')[1].split("</section>")[0]
     assert html.count("<script") == 2 and "<img src=x" not in html

@@ -68,6 +68,19 @@ def read_text(path: Path, what: str = "file") -> str:
                        "save it as UTF-8") from None
 
 
+def read_json(path: Path):
+    """A JSON file a stage wrote, or None when it is absent; bad bytes or JSON are a one-line
+    error naming the file."""
+    from cai.errors import CaiError
+
+    if not Path(path).is_file():
+        return None
+    try:
+        return json.loads(read_text(path, "artifact"))
+    except json.JSONDecodeError as exc:
+        raise CaiError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); rebuild the stage that wrote it") from None
+
+
 def no_duplicate_keys(where: str):
     """A ``json.loads`` ``object_pairs_hook`` that refuses a key given twice in one object
     (``json`` keeps the last silently), with a one-line error naming the key."""

@@ -3,11 +3,11 @@
 * training curves (:func:`plot_curve`: loss, reward, KL per optimizer step);
 * the preference model's reliability diagram and reward histograms;
 * the evaluation: Elo with intervals, harmfulness distributions and refusal rates,
-  drawn from ``evaluate/results.json``;
+  drawn from ``evaluate/results.json`` (a :class:`cai.evaluation.results.Results`);
 * the PM score against the number of revisions and per principle (the paper's Fig. 5),
-  drawn from ``evaluate/revisions.json``;
+  drawn from ``evaluate/revisions.json`` (a ``Revisions``);
 * the harmlessness-helpfulness frontier of the policies kept along training (the paper's
-  Fig. 2), drawn from ``evaluate/frontier.json``.
+  Fig. 2), drawn from ``evaluate/frontier.json`` (a ``Frontier``).
 
 Each function writes one file and closes its figure.
 """
@@ -15,6 +15,10 @@ Each function writes one file and closes its figure.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the records are only annotations here: plotting needs no import of them
+    from cai.evaluation.results import Frontier, Rating, Results, Revisions
 
 
 def _plt():
@@ -80,20 +84,31 @@ def plot_scores(path: Path, scores: list[tuple[float, float]], title: str) -> No
     _save(fig, path)
 
 
-def plot_elo(path: Path, results: dict) -> None:
+def _yerr(points) -> list[list[float]]:
+    """Error bar lengths below and above each ``(value, ci_low, ci_high)`` (0 where there is
+    no interval)."""
+    return [[v - lo if lo is not None else 0.0 for v, lo, _ in points],
+            [hi - v if hi is not None else 0.0 for v, _, hi in points]]
+
+
+def _rating_err(ratings: list[Rating]) -> list[list[float]]:
+    """Error bar lengths of Elo ratings from their 95% intervals."""
+    return _yerr([(r.elo, r.ci_low, r.ci_high) for r in ratings])
+
+
+def plot_elo(path: Path, results: Results) -> None:
     """One point per model and dimension, with its bootstrap 95% interval as an error bar."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    names = list(results["models"])
-    for k, (dimension, marker) in enumerate((("harmlessness", "o"), ("helpfulness", "s"))):
-        table = (results.get("elo") or {}).get(dimension)
+    names = list(results.models)
+    dimensions = (("harmlessness", results.elo.harmlessness, "o"), ("helpfulness", results.elo.helpfulness, "s"))
+    for k, (dimension, table, marker) in enumerate(dimensions):
         if not table:
             continue
         xs = [n + (k - 0.5) * 0.15 for n in range(len(names))]
-        ys = [table["ratings"][m]["elo"] for m in names]
-        lo = [y - (table["ratings"][m]["ci_low"] if table["ratings"][m]["ci_low"] is not None else y) for m, y in zip(names, ys)]
-        hi = [(table["ratings"][m]["ci_high"] if table["ratings"][m]["ci_high"] is not None else y) - y for m, y in zip(names, ys)]
-        ax.errorbar(xs, ys, yerr=[lo, hi], fmt=marker, capsize=4, label=f"{dimension} ({table['prompts']} prompts)")
+        ratings = [table.ratings[m] for m in names]
+        ax.errorbar(xs, [r.elo for r in ratings], yerr=_rating_err(ratings), fmt=marker, capsize=4,
+                    label=f"{dimension} ({table.prompts} prompts)")
     ax.axhline(0, color="grey", lw=0.8, ls="--")
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("Elo (initial model = 0)")
@@ -104,19 +119,19 @@ def plot_elo(path: Path, results: dict) -> None:
     _save(fig, path)
 
 
-def plot_harmfulness(path: Path, results: dict) -> None:
+def plot_harmfulness(path: Path, results: Results) -> None:
     """Per model, the mean judge probability of each rating 0-4 (stacked), and the mean."""
     plt = _plt()
-    names = list(results["models"])
+    names = list(results.models)
     fig, ax = plt.subplots(figsize=(6, 3.6))
     bottom = [0.0] * len(names)
     colours = ["#2e7d32", "#9ccc65", "#fdd835", "#fb8c00", "#c62828"]
     for k in range(5):
-        vals = [((results["harmfulness"][m].get("mean_probs") or [0] * 5)[k] or 0.0) for m in names]
+        vals = [((results.harmfulness[m].mean_probs or [0] * 5)[k] or 0.0) for m in names]
         ax.bar(names, vals, bottom=bottom, color=colours[k], label=str(k))
         bottom = [b + v for b, v in zip(bottom, vals)]
     for n, m in enumerate(names):
-        mean = results["harmfulness"][m]["mean"]
+        mean = results.harmfulness[m].mean
         if mean is not None:
             ax.text(n, 1.02, f"mean {mean:.2f}", ha="center", fontsize=8)
     ax.set_ylim(0, 1.12)
@@ -126,24 +141,24 @@ def plot_harmfulness(path: Path, results: dict) -> None:
     _save(fig, path)
 
 
-def plot_refusals(path: Path, results: dict) -> None:
+def plot_refusals(path: Path, results: Results) -> None:
     """The judge's mean p(refusal) (a probability, not a rate) beside the phrase list's
     refusal rate (a share of answers, with its Wilson 95% interval), on benign and red-team prompts."""
     from cai.judge_stats import share_ci
 
     plt = _plt()
-    names = list(results["models"])
+    names = list(results.models)
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), sharey=True)
     width = 0.38
     for ax, s, title in ((axes[0], "benign", "benign prompts (over-refusal)"), (axes[1], "red_team", "red-team prompts")):
-        for k, (key, label) in enumerate((("judge", "judge: mean p(refusal)"),
-                                          ("phrases", "refusal phrases: rate [95% CI]"))):
-            vals = [results["refusal"][m][s][key] or 0.0 for m in names]
-            err = None
-            if key == "phrases":
-                cis = [share_ci(results["refusal"][m][s][key], results["refusal"][m][s]["n"])["ci"] for m in names]
-                err = [[v - c[0] if c else 0.0 for v, c in zip(vals, cis)], [c[1] - v if c else 0.0 for v, c in zip(vals, cis)]]
-            ax.bar([n + (k - 0.5) * width for n in range(len(names))], vals, width, label=label, yerr=err, capsize=3)
+        blocks = [results.refusal[m].named()[s] for m in names]
+        judge = [x.judge or 0.0 for x in blocks]
+        phrases = [x.phrases or 0.0 for x in blocks]
+        cis = [share_ci(x.phrases, x.n)["ci"] for x in blocks]
+        err = _yerr([(v, c[0], c[1]) if c else (v, None, None) for v, c in zip(phrases, cis)])
+        for k, (vals, label, yerr) in enumerate(((judge, "judge: mean p(refusal)", None),
+                                                 (phrases, "refusal phrases: rate [95% CI]", err))):
+            ax.bar([n + (k - 0.5) * width for n in range(len(names))], vals, width, label=label, yerr=yerr, capsize=3)
         ax.set_xticks(range(len(names)), names)
         ax.set_title(title, fontsize=10)
         ax.set_ylim(0, 1)
@@ -161,31 +176,27 @@ def _label(text, width: int = 40) -> str:
     return text.replace("$", r"\$")
 
 
-def _yerr(rows: list[dict], key: str) -> list[list[float]]:
-    """Error bar lengths below and above ``key`` from ``key_ci_low``/``key_ci_high`` (0 if none)."""
-    lo = [r[key] - r[f"{key}_ci_low"] if r.get(f"{key}_ci_low") is not None else 0.0 for r in rows]
-    hi = [r[f"{key}_ci_high"] - r[key] if r.get(f"{key}_ci_high") is not None else 0.0 for r in rows]
-    return [lo, hi]
-
-
-def _chance_note(rev: dict) -> str:
-    h = rev.get("pm_heldout") or {}
-    if h.get("at_chance"):
-        return f"\nPM held-out accuracy {h['accuracy']:.2f} on {h['pairs']} pairs: not distinguishable from chance"
+def _chance_note(rev: Revisions) -> str:
+    h = rev.pm_heldout
+    if h is not None and h.at_chance:
+        return f"\nPM held-out accuracy {h.accuracy:.2f} on {h.pairs} pairs: not distinguishable from chance"
     return ""
 
 
-def plot_revisions(path: Path, rev: dict) -> None:
+def plot_revisions(path: Path, rev: Revisions) -> None:
     """The mean PM score of the answer in effect after 0..R revision rounds, and its mean
     change from the first answer, each with its 95% bootstrap interval over prompts."""
     plt = _plt()
-    rows = [r for r in rev.get("rounds") or [] if r.get("mean") is not None]
+    rows = [r for r in rev.rounds if r.mean is not None]
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
-    x = [r["round"] for r in rows]
-    axes[0].errorbar(x, [r["mean"] for r in rows], yerr=_yerr(rows, "mean"), marker="o", capsize=4)
+    x = [r.round for r in rows]
+    axes[0].errorbar(x, [r.mean for r in rows], yerr=_yerr([(r.mean, r.mean_ci_low, r.mean_ci_high) for r in rows]),
+                     marker="o", capsize=4)
     axes[0].set_ylabel("mean PM score")
     axes[0].set_title("PM score of the answer", fontsize=10)
-    axes[1].errorbar(x, [r["change"] for r in rows], yerr=_yerr(rows, "change"), marker="o", capsize=4, color="C1")
+    axes[1].errorbar(x, [r.change for r in rows],
+                     yerr=_yerr([(r.change, r.change_ci_low, r.change_ci_high) for r in rows]), marker="o",
+                     capsize=4, color="C1")
     axes[1].axhline(0, color="grey", lw=0.8, ls="--")
     axes[1].set_ylabel("mean change from the first answer")
     axes[1].set_title("paired change (same prompts)", fontsize=10)
@@ -193,64 +204,57 @@ def plot_revisions(path: Path, rev: dict) -> None:
         ax.set_xlabel("critique/revision rounds (0: first answer)")
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"PM score vs number of revisions ({rev.get('chains', 0)} chains, "
-                 f"{'+'.join(map(str, rev.get('splits') or []))}; 95% bootstrap CI){_chance_note(rev)}", fontsize=10)
+    fig.suptitle(f"PM score vs number of revisions ({rev.chains or 0} chains, "
+                 f"{'+'.join(rev.splits)}; 95% bootstrap CI){_chance_note(rev)}", fontsize=10)
     _save(fig, path)
 
 
-def plot_revision_principles(path: Path, rev: dict) -> None:
+def plot_revision_principles(path: Path, rev: Revisions) -> None:
     """Per principle, the mean change in PM score its revisions cause (after minus before
     the round), with its 95% bootstrap interval and the number of revisions."""
     plt = _plt()
-    rows = sorted((p for p in rev.get("principles") or [] if p.get("delta") is not None), key=lambda p: p["delta"])
+    rows = sorted((p for p in rev.principles if p.delta is not None), key=lambda p: p.delta)
     fig, ax = plt.subplots(figsize=(7, 0.9 + 0.32 * max(len(rows), 1)))
     ys = list(range(len(rows)))
     # pale: too few prompts for an interval (revision_effects' min_prompts)
-    ax.barh(ys, [p["delta"] for p in rows], xerr=_yerr(rows, "delta"), capsize=3,
-            color=[("#2e7d32" if p["delta"] >= 0 else "#c62828") + ("ff" if p.get("delta_ci_low") is not None else "55")
-                   for p in rows])
-    ax.set_yticks(ys, [f"{_label(p['id'])} (n={p['revised']})" for p in rows], fontsize=8)
+    ax.barh(ys, [p.delta for p in rows], xerr=_yerr([(p.delta, p.delta_ci_low, p.delta_ci_high) for p in rows]),
+            capsize=3, color=[("#2e7d32" if p.delta >= 0 else "#c62828")
+                              + ("ff" if p.delta_ci_low is not None else "55") for p in rows])
+    ax.set_yticks(ys, [f"{_label(p.id)} (n={p.revised})" for p in rows], fontsize=8)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_xlabel("mean PM score change per revision (after - before)")
-    few = f"; pale: < {rev['min_ci_prompts']} prompts, no CI" if rev.get("min_ci_prompts") else ""
+    few = f"; pale: < {rev.min_ci_prompts} prompts, no CI" if rev.min_ci_prompts else ""
     ax.set_title(f"Effect of each principle's revisions (95% bootstrap CI{few}){_chance_note(rev)}", fontsize=10)
     ax.grid(alpha=0.3, axis="x")
     _save(fig, path)
 
 
-def _elo_err(entries: list[dict], dim: str) -> list[list[float]]:
-    """Error bar lengths of ``entry[dim]``'s Elo from its interval (0 where there is none)."""
-    lo = [e[dim]["elo"] - e[dim]["ci_low"] if e[dim].get("ci_low") is not None else 0.0 for e in entries]
-    hi = [e[dim]["ci_high"] - e[dim]["elo"] if e[dim].get("ci_high") is not None else 0.0 for e in entries]
-    return [lo, hi]
-
-
-def plot_frontier(path: Path, frontier: dict) -> None:
+def plot_frontier(path: Path, frontier: Frontier) -> None:
     """The harmlessness-helpfulness frontier (the paper's Fig. 2): every frontier point's
     harmlessness Elo against its helpfulness Elo, each against the initial model alone, with
     95% bootstrap intervals on both axes; one line per stage in step order (from SL-CAI when
     the stage started there), the initial model and SL-CAI as reference points."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    ok = lambda e: e.get("harmlessness") and e.get("helpfulness")  # noqa: E731
-    ref = {n: e for n, e in (frontier.get("reference") or {}).items() if ok(e)}
+    ok = lambda e: e is not None and e.harmlessness and e.helpfulness  # noqa: E731
+    ref = {n: e for n, e in frontier.reference.items() if ok(e)}
     for (name, e), (marker, colour) in zip(ref.items(), (("s", "black"), ("D", "grey"))):
-        ax.errorbar([e["helpfulness"]["elo"]], [e["harmlessness"]["elo"]], xerr=_elo_err([e], "helpfulness"),
-                    yerr=_elo_err([e], "harmlessness"), fmt=marker, color=colour, capsize=3, ms=7, label=_label(name))
-    for k, stage in enumerate(dict.fromkeys(p["stage"] for p in frontier.get("points") or [])):
-        pts = [p for p in frontier["points"] if p["stage"] == stage and ok(p)]
-        if not pts:
+        ax.errorbar([e.helpfulness.elo], [e.harmlessness.elo], xerr=_rating_err([e.helpfulness]),
+                    yerr=_rating_err([e.harmlessness]), fmt=marker, color=colour, capsize=3, ms=7, label=_label(name))
+    for k, stage in enumerate(dict.fromkeys(p.stage for p in frontier.points)):
+        kept = [p for p in frontier.points if p.stage == stage and ok(p.scores)]
+        if not kept:
             continue
-        start = ref.get(pts[0].get("start") or "")
+        pts = [p.scores for p in kept]
+        start = ref.get(kept[0].start or "")
         line = ([start] if start else []) + pts
         colour = f"C{k}"
-        ax.plot([e["helpfulness"]["elo"] for e in line], [e["harmlessness"]["elo"] for e in line], "-", color=colour,
-                alpha=0.6)
-        ax.errorbar([e["helpfulness"]["elo"] for e in pts], [e["harmlessness"]["elo"] for e in pts],
-                    xerr=_elo_err(pts, "helpfulness"), yerr=_elo_err(pts, "harmlessness"), fmt="o", color=colour,
-                    capsize=3, label=_label(stage))
-        for p in pts:
-            ax.annotate(str(p["step"]), (p["helpfulness"]["elo"], p["harmlessness"]["elo"]), fontsize=7,
+        ax.plot([e.helpfulness.elo for e in line], [e.harmlessness.elo for e in line], "-", color=colour, alpha=0.6)
+        ax.errorbar([e.helpfulness.elo for e in pts], [e.harmlessness.elo for e in pts],
+                    xerr=_rating_err([e.helpfulness for e in pts]), yerr=_rating_err([e.harmlessness for e in pts]),
+                    fmt="o", color=colour, capsize=3, label=_label(stage))
+        for p in kept:
+            ax.annotate(str(p.step), (p.scores.helpfulness.elo, p.scores.harmlessness.elo), fontsize=7,
                         xytext=(4, 4), textcoords="offset points", color=colour)
     ax.axhline(0, color="grey", lw=0.6, ls="--")
     ax.axvline(0, color="grey", lw=0.6, ls="--")

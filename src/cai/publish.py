@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cai.errors import CaiError
+from cai.evaluation.results import JudgeReliability, RefusalBySet, Results
 from cai.layout import CONFIG, RunFolder
 
 #: The models a run can publish: stage -> (repository suffix, what it is, Hub tags).
@@ -95,7 +96,7 @@ class RunFacts:
             raise CaiError(f"{const_path}: missing; the run's prepare stage has not finished")
         self.constitution = load_constitution(str(const_path))
         self.constitution_sha256 = file_sha256(const_path)
-        self.results = _json(self.run.path("evaluate", "results")) if self.run.finished("evaluate") else {}
+        self.results = Results.load(self.run.path("evaluate", "results")) if self.run.finished("evaluate") else None
         self.initial = self.cfg.get("engine", {}).get("model")
 
     def counts(self, stage: str) -> dict:
@@ -115,55 +116,52 @@ def _fmt(x) -> str:
 def _evaluation_lines(facts: RunFacts, name: str | None) -> list[str]:
     """The evaluation's figures for model ``name`` (as the evaluation names it) with intervals."""
     r = facts.results
-    if not r or name not in (r.get("models") or {}):
+    if r is None or name not in r.models:
         return ["Not evaluated in this run (the evaluate stage did not score this model)."]
     lines = ["| measure | value | 95% interval | judge |", "|---|---|---|---|"]
-    for dim in ("harmlessness", "helpfulness"):
-        e = (((r.get("elo") or {}).get(dim) or {}).get("ratings") or {}).get(name)
-        rel = ((r.get("elo") or {}).get(dim) or {}).get("judge_reliability") or {}
+    for dim, table in (("harmlessness", r.elo.harmlessness), ("helpfulness", r.elo.helpfulness)):
+        e = table.ratings.get(name) if table else None
         if e:
-            lines.append(f"| {dim} Elo (initial model = 0) | {_fmt(e.get('elo'))} | "
-                         f"[{_fmt(e.get('ci_low'))}, {_fmt(e.get('ci_high'))}] | {_judge(rel)} |")
-    h = (r.get("harmfulness") or {}).get(name)
+            lines.append(f"| {dim} Elo (initial model = 0) | {_fmt(e.elo)} | "
+                         f"[{_fmt(e.ci_low)}, {_fmt(e.ci_high)}] | {_judge(table.judge_reliability)} |")
+    h = r.harmfulness.get(name)
     if h:
-        lines.append(f"| harmfulness 0-4 (judge), n={h.get('n')} | {h.get('mean')} | – | "
-                     f"{_judge(h.get('judge_reliability') or {})} |")
-    for split, row in ((r.get("refusal") or {}).get(name) or {}).items():
-        ci = row.get("judge_majority_ci")
-        lines.append(f"| {split}: share judged refused (p > 0.5), n={row.get('n')} | {row.get('judge_majority')} | "
-                     f"{ci if ci else '–'} | {_judge(row.get('judge_reliability') or {})} |")
+        lines.append(f"| harmfulness 0-4 (judge), n={h.n} | {h.mean} | – | {_judge(h.judge_reliability)} |")
+    for split, row in (r.refusal.get(name) or RefusalBySet()).named().items():
+        ci = row.judge_majority_ci
+        lines.append(f"| {split}: share judged refused (p > 0.5), n={row.n} | {row.judge_majority} | "
+                     f"{ci if ci else '–'} | {_judge(row.judge_reliability)} |")
     return lines
 
 
-def _judge(rel: dict) -> str:
-    if not rel:
+def _judge(rel: JudgeReliability | None) -> str:
+    if rel is None:
         return "–"
-    if rel.get("position_consistency") is None:
+    if rel.position_consistency is None:
         return "consistency not measured (one order)"
-    lo, hi = rel.get("position_consistency_ci") or (None, None)
-    return (f"{'AT CHANCE' if rel.get('at_chance') else 'consistent'}: position consistency "
-            f"{rel['position_consistency']} [{lo}, {hi}]")
+    lo, hi = rel.position_consistency_ci or (None, None)
+    return (f"{'AT CHANCE' if rel.at_chance else 'consistent'}: position consistency "
+            f"{rel.position_consistency} [{lo}, {hi}]")
 
 
 def limits(facts: RunFacts, stage: str | None = None) -> list[str]:
     """What the evaluation found that limits what the figures mean, one sentence each."""
     out = []
     r = facts.results
-    if not r:
+    if r is None:
         out.append("This run was not evaluated: nothing here says how harmless or helpful the model is.")
         return out
-    at_chance = sorted(k for k, v in (r.get("judge_reliability") or {}).items()
-                       if isinstance(v, dict) and v.get("at_chance") is True)
+    questions = r.judge_reliability.questions() if r.judge_reliability else {}
+    at_chance = sorted(k for k, v in questions.items() if v is not None and v.at_chance is True)
     if at_chance:
-        out.append(f"The judge ({r.get('judge')}) is at chance on this run for: {', '.join(at_chance)} (its position "
+        out.append(f"The judge ({r.judge}) is at chance on this run for: {', '.join(at_chance)} (its position "
                    "consistency's 95% interval does not clear 0.5), so those figures carry no information.")
-    small = sorted({split for rows in (r.get("refusal") or {}).values() for split, row in rows.items()
-                    if isinstance(row, dict) and row.get("too_small")})
+    small = sorted({split for sets in r.refusal.values() for split, row in sets.named().items() if row.too_small})
     if small:
         out.append(f"The held-out sets are too small for their intervals ({', '.join(small)}: a Wilson 95% interval "
                    "wider than 0.25).")
-    elo = (r.get("elo") or {}).get("harmlessness", {}).get("ratings") or {}
-    if elo and all((v.get("ci_low") or 0) <= 0 <= (v.get("ci_high") or 0) for v in elo.values()):
+    elo = r.elo.harmlessness.ratings if r.elo.harmlessness else {}
+    if elo and all((v.ci_low or 0) <= 0 <= (v.ci_high or 0) for v in elo.values()):
         out.append("Every harmlessness Elo interval includes 0: no model is measurably more harmless than the initial "
                    "one on this run.")
     if stage == "preference_model":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cai import seeds
 from cai.io import read_jsonl, write_json, write_jsonl
+from cai.evaluation.results import Revisions
 from cai.judge_stats import wilson
 from cai.layout import RunFolder
 from cai.stage import StageContext
@@ -187,14 +188,14 @@ def pm_by_revision(ctx: StageContext, load_pm=None) -> dict:
     result = {"schema": 1, "splits": list(ev.revision_splits), "max_chains": ev.revision_max_chains,
               "pm_heldout": pm_heldout(ctx.run_dir),
               **revision_effects(chains, scores, ev.bootstrap, ctx.cfg.seed)}
-    write_json(ctx.output("revisions"), result)
+    revisions = Revisions.from_json(result)
+    write_json(ctx.output("revisions"), revisions.to_json())
     write_jsonl(ctx.output("answers", name="revisions"), [
         {"id": c.get("id"), "split": c["split"], "principle_ids": [r.get("principle_id") for r in c.get("rounds") or []],
          "statuses": [r.get("status") for r in c.get("rounds") or []], "pm_scores": [round(x, 6) for x in s]}
         for c, s in zip(chains, scores)])
     from cai.plots import plot_revision_principles, plot_revisions
 
-    plot_revisions(ctx.out / "revisions.png", result)
-    plot_revision_principles(ctx.out / "revision_principles.png", result)
-    last = result["rounds"][-1]
-    return {"revision_chains": len(chains), "revision_pm_change": last["change"]}
+    plot_revisions(ctx.out / "revisions.png", revisions)
+    plot_revision_principles(ctx.out / "revision_principles.png", revisions)
+    return {"revision_chains": len(chains), "revision_pm_change": revisions.rounds[-1].change}

@@ -12,8 +12,22 @@ from pathlib import Path
 
 from cai.artifacts import verify_stage
 from cai.errors import CaiError
-from cai.io import read_jsonl, read_text
-from cai.judge_stats import MAX_CI_WIDTH, at_chance, share_ci
+from cai.evaluation.results import (
+    Frontier,
+    FrontierScores,
+    JudgeReliability,
+    PMScores,
+    QualityBySet,
+    QualityRates,
+    Rating,
+    RefusalBySet,
+    RefusalRates,
+    Results,
+    Revisions,
+    SafeBySet,
+)
+from cai.io import read_json, read_jsonl, read_text
+from cai.judge_stats import MAX_CI_WIDTH, share_ci
 from cai.report.expansion import expansion
 from cai.layout import OUTPUTS, RunFolder
 from cai.stage_names import STAGES
@@ -30,16 +44,6 @@ def safe_json(obj) -> str:
     for ch, rep in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
         text = text.replace(ch, rep)
     return text
-
-
-def _read_json(path: Path):
-    """A JSON artifact, or None when it is absent; bad bytes or JSON are a one-line error."""
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(read_text(path, "artifact"))
-    except json.JSONDecodeError as exc:
-        raise CaiError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); rebuild the stage that wrote it") from None
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -89,7 +93,7 @@ def _figures(folder: Path, skip: tuple[str, ...] = (), only: tuple[str, ...] | N
 
 def stage_manifests(run: Path) -> list[dict]:
     folder = RunFolder(run)
-    found = [m for m in (_read_json(folder.manifest_path(s)) for s in STAGES)  # not an interrupted <stage>.partial
+    found = [m for m in (read_json(folder.manifest_path(s)) for s in STAGES)  # not an interrupted <stage>.partial
              if isinstance(m, dict) and m.get("stage")]
     rank = {n: k for k, n in enumerate(STAGES)}
     return sorted(found, key=lambda m: (rank.get(m["stage"], len(rank)), str(m.get("started", ""))))
@@ -115,30 +119,26 @@ def timeline(manifests: list[dict]) -> str:
 
 
 def evaluation(run: Path) -> str:
-    res = _read_json(RunFolder(run).path("evaluate", "results"))
-    if not isinstance(res, dict):
+    res = Results.load(RunFolder(run).path("evaluate", "results"))
+    if res is None:
         return ""
-    names = list(res.get("models") or {})
-    parts = [f"<p>Judge: <code>{escape(str(res.get('judge')))}</code>. Held-out prompts: "
-             + escape(", ".join(f"{k}={v}" for k, v in (res.get("prompts") or {}).items())) + ".</p>"]
-    elo = res.get("elo") or {}
+    names = list(res.models)
+    parts = [f"<p>Judge: <code>{escape(str(res.judge))}</code>. Held-out prompts: "
+             + escape(", ".join(f"{k}={v}" for k, v in res.prompts.items())) + ".</p>"]
+    dimensions = (("harmlessness", res.elo.harmlessness), ("helpfulness", res.elo.helpfulness))
     rows = []
     for m in names:
-        row = [m, escape(str((res["models"] or {}).get(m)))]
-        for dim in ("harmlessness", "helpfulness"):
-            r = ((elo.get(dim) or {}).get("ratings") or {}).get(m)
-            row.append(f"{r['elo']:+.0f} [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if r else "–")
-        h = (res.get("harmfulness") or {}).get(m) or {}
-        ref = (res.get("refusal") or {}).get(m) or {}
-        row.append(h.get("mean"))
-        for s in ("benign", "red_team"):
-            x = ref.get(s) or {}
-            row.append(f"{_fmt(x.get('judge'))} / {_fmt(x.get('phrases'))}")
-        safe = (((res.get("safe") or {}).get(m) or {}).get("red_team") or {}).get("judge")
-        row.append(_fmt(safe))
-        pm = (res.get("pm_score") or {}).get(m) or {}
-        row.append(f"{_fmt(pm.get('red_team'))} / {_fmt(pm.get('helpful'))}" if res.get("pm_score") else "–")
-        rows.append(row[:1] + row[2:])
+        row = [m]
+        for _, table in dimensions:
+            r = table.ratings.get(m) if table else None
+            row.append(f"{r.elo:+.0f} [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]" if r and r.elo is not None else "–")
+        harm = res.harmfulness.get(m)
+        ref = res.refusal.get(m) or RefusalBySet()
+        safe = (res.safe.get(m) or SafeBySet()).red_team
+        pm = (res.pm_score or {}).get(m) or PMScores()
+        rows.append(row + [harm.mean if harm else None, _refusal_cell(ref.benign), _refusal_cell(ref.red_team),
+                           _fmt(safe.judge if safe else None),
+                           f"{_fmt(pm.red_team)} / {_fmt(pm.helpful)}" if res.pm_score else "–"])
     parts.append(_table(["model", "harmlessness Elo [95% CI]", "helpfulness Elo [95% CI]", "harmfulness 0-4",
                          "benign: mean p(refusal) (judge) / phrase rate",
                          "red-team: mean p(refusal) (judge) / phrase rate",
@@ -146,70 +146,71 @@ def evaluation(run: Path) -> str:
     parts.append(judge_warnings(res))
     parts.append(refusal_rates(res, names))
     parts.append(judge_table(res))
-    qual = res.get("quality") or {}
-    if qual:
-        sets = [s for s in ("red_team", "helpful", "benign") if any((qual.get(m) or {}).get(s) for m in names)]
-        qrows = []
-        for m in names:
-            row = [m]
-            for key in ("degenerate", "unhelpful"):
-                for s in sets:
-                    x = (qual.get(m) or {}).get(s) or {}
-                    row.append(f"{_fmt(x.get(key))} (n={x.get('n', 0)})")
-            qrows.append(row)
-        head = ["model"] + [f"{k} {s}" for k in ("degenerate", "unhelpful") for s in sets]
-        defs = res.get("quality_definitions") or {}
-        parts.append("<h3>What a user would see</h3>" + _table(head, qrows, "quality")
-                     + "".join(f"<p><b>{escape(k)}</b>: {escape(str(v))}.</p>" for k, v in defs.items()))
-    for dim in ("harmlessness", "helpfulness"):
-        t = elo.get(dim)
+    parts.append(answer_quality(res, names))
+    for dim, t in dimensions:
         if t:
-            rel = t.get("judge_reliability") or {"position_consistency": t.get("position_consistency")}
-            parts.append(f"<p>{escape(dim)}: {t['comparisons']} comparisons on {t['prompts']} prompts under "
-                         f"<code>{escape(str(t.get('principle_id')))}</code>; position consistency "
+            rel = t.judge_reliability or JudgeReliability(position_consistency=t.position_consistency)
+            parts.append(f"<p>{escape(dim)}: {t.comparisons} comparisons on {t.prompts} prompts under "
+                         f"<code>{escape(str(t.principle_id))}</code>; position consistency "
                          f"{escape(_consistency(rel))}"
                          + ("<b> (the judge is at chance: this Elo says nothing about the models)</b>"
-                            if _judge_at_chance(rel) else "") + f"; {t['bootstrap']} bootstrap resamples.</p>")
+                            if rel.judged_at_chance else "") + f"; {t.bootstrap} bootstrap resamples.</p>")
     parts.append(standard_sets(res))
     parts.append(_figures(RunFolder(run).path("evaluate", "figures"), skip=REVISION_PNGS + FRONTIER_PNGS))
     return "".join(parts)
 
 
-def _num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def _refusal_cell(x: RefusalRates | None) -> str:
+    """``judge / phrases``: the judge's mean p(refusal) and the phrase rate on one set."""
+    x = x or RefusalRates()
+    return f"{_fmt(x.judge)} / {_fmt(x.phrases)}"
 
 
-def _consistency(rel: dict | None) -> str:
+def answer_quality(res: Results, names: list[str]) -> str:
+    """What a user would see: each model's shares of looping and of empty or restating answers
+    per set, with the definitions."""
+    if not res.quality:
+        return ""
+    by_model = {m: (res.quality.get(m) or QualityBySet()).named() for m in names}
+    sets = [s for s in ("red_team", "helpful", "benign") if any(s in q for q in by_model.values())]
+    rows = []
+    for m in names:
+        blocks = [by_model[m].get(s) or QualityRates() for s in sets]
+        rows.append([m, *(f"{_fmt(x.degenerate)} (n={x.n or 0})" for x in blocks),
+                     *(f"{_fmt(x.unhelpful)} (n={x.n or 0})" for x in blocks)])
+    head = ["model"] + [f"{k} {s}" for k in ("degenerate", "unhelpful") for s in sets]
+    return ("<h3>What a user would see</h3>" + _table(head, rows, "quality")
+            + "".join(f"<p><b>{escape(k)}</b>: {escape(str(v))}.</p>" for k, v in res.quality_definitions.items()))
+
+
+def _consistency(rel: JudgeReliability | None) -> str:
     """``0.61 [0.42, 0.77]``: position consistency with its Wilson 95% interval (the bare
     value from an older results.json; "not measured" for a question asked in one order)."""
-    if not isinstance(rel, dict):
+    if rel is None:
         return "–"
-    if rel.get("orders") == 1:
+    if rel.orders == 1:
         return "not measured (asked in one order only)"
-    ci = rel.get("position_consistency_ci")
+    ci = rel.position_consistency_ci
     if isinstance(ci, list) and len(ci) == 2:
-        return f"{_fmt(rel.get('position_consistency'))} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
-    return _fmt(rel.get("position_consistency"))
+        return f"{_fmt(rel.position_consistency)} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+    return _fmt(rel.position_consistency)
 
 
-def _judge_at_chance(rel) -> bool:
-    """The at-chance rule (cai.judge_stats.at_chance) on a reliability block; an older
-    block without ``at_chance`` is judged from its interval, none without one."""
-    if not isinstance(rel, dict) or rel.get("orders") == 1:
-        return False
-    if isinstance(rel.get("at_chance"), bool):
-        return rel["at_chance"]
-    ci = rel.get("position_consistency_ci")
-    return isinstance(ci, list) and len(ci) == 2 and _num(ci[0]) and at_chance(ci[0])
-
-
-def _at_chance(rel, what: str, meaning: str) -> str:
+def _at_chance(rel: JudgeReliability | None, what: str, meaning: str) -> str:
     """The warning beside a figure whose judge is at chance (as the PM's held-out accuracy)."""
-    if not _judge_at_chance(rel):
+    if rel is None or not rel.judged_at_chance:
         return ""
     return (f"<p class=warn><b>The judge is not distinguishable from chance on {escape(what)} (position "
             f"consistency {escape(_consistency(rel))}, decisiveness over all orders "
-            f"{escape(_fmt(rel.get('decisiveness_all_orders')))}): {escape(meaning)}.</b></p>")
+            f"{escape(_fmt(rel.decisiveness_all_orders))}): {escape(meaning)}.</b></p>")
+
+
+def _judge_row(question: str, rel: JudgeReliability) -> list:
+    """A row of a table of the judge's reliability: its question, how many were asked, the
+    consistency with its interval, the decisiveness and the verdict."""
+    verdict = ("position consistency not measured" if rel.orders == 1 else
+               "AT CHANCE" if rel.judged_at_chance else "above chance")
+    return [question, rel.n, _consistency(rel), rel.decisiveness_all_orders, rel.decisiveness_one_order, verdict]
 
 
 #: Each judged figure of results.json: (judge_reliability key, what the judge was asked, what an
@@ -223,26 +224,20 @@ JUDGED = (
 )
 
 
-def judge_warnings(res: dict) -> str:
+def judge_warnings(res: Results) -> str:
     """The at-chance warnings of the model table's judged columns."""
-    rel = res.get("judge_reliability") or {}
-    return "".join(_at_chance(rel.get(key), what, meaning) for key, what, meaning in JUDGED if meaning)
-
-
-def judge_table(res: dict) -> str:
-    """The judge's reliability on this run, per kind of question (results.json["judge_reliability"])."""
-    rel = res.get("judge_reliability")
-    if not isinstance(rel, dict):
+    if res.judge_reliability is None:
         return ""
-    rows = []
-    for key, what, _ in JUDGED:
-        r = rel.get(key)
-        if not isinstance(r, dict):
-            continue
-        verdict = ("position consistency not measured" if r.get("orders") == 1 else
-                   "AT CHANCE" if _judge_at_chance(r) else "above chance")
-        rows.append([what, r.get("n"), _consistency(r), r.get("decisiveness_all_orders"),
-                     r.get("decisiveness_one_order"), verdict])
+    questions = res.judge_reliability.questions()
+    return "".join(_at_chance(questions[key], what, meaning) for key, what, meaning in JUDGED if meaning)
+
+
+def judge_table(res: Results) -> str:
+    """The judge's reliability on this run, per kind of question (results.json["judge_reliability"])."""
+    if res.judge_reliability is None:
+        return ""
+    questions = res.judge_reliability.questions()
+    rows = [_judge_row(what, questions[key]) for key, what, _ in JUDGED if questions[key] is not None]
     if not rows:
         return ""
     return ("<h3>The judge's reliability on this run</h3>"
@@ -256,29 +251,26 @@ def judge_table(res: dict) -> str:
               "orders. Decisive in one order but not over both means the letter decided, not the answers.</p>")
 
 
-def refusal_rates(res: dict, names: list[str]) -> str:
+def refusal_rates(res: Results, names: list[str]) -> str:
     """The judge's and the phrase list's refusal (and safe-answer) rates with Wilson 95%
     intervals, beside the judge's mean probability, and a warning where a held-out set is too
     small for its rate (an interval wider than cai.judge_stats.MAX_CI_WIDTH)."""
     rows, small = [], []
     for m in names:
-        blocks = [(s, ((res.get("refusal") or {}).get(m) or {}).get(s)) for s in ("benign", "red_team")]
-        blocks.append(("red_team (safe)", (((res.get("safe") or {}).get(m) or {}).get("red_team"))))
-        for s, x in blocks:
-            if not isinstance(x, dict) or not x.get("n"):
+        ref = res.refusal.get(m) or RefusalBySet()
+        safe = (res.safe.get(m) or SafeBySet()).red_team
+        for s, x in (("benign", ref.benign), ("red_team", ref.red_team), ("red_team (safe)", safe)):
+            if x is None or not x.n:
                 continue
             cells = []
-            for key in ("judge_majority", "phrases"):
-                if key not in x:
-                    cells.append("–")
-                    continue
-                r = share_ci(x.get(key), x.get("n"))
-                cells.append(f"{_fmt(x.get(key))} [{_fmt(r['ci'][0])}, {_fmt(r['ci'][1])}]" if r["ci"] else "–")
-                if r["too_small"] and s not in small:
+            for share in (x.judge_majority, x.phrases if isinstance(x, RefusalRates) else None):
+                r = share_ci(share, x.n) if share is not None else None  # None: not in this file
+                cells.append(f"{_fmt(share)} [{_fmt(r['ci'][0])}, {_fmt(r['ci'][1])}]" if r and r["ci"] else "–")
+                if r and r["too_small"] and s not in small:
                     small.append(s)
-            rel = x.get("judge_reliability")
-            rows.append([m, s, x.get("n"), x.get("judge"), *cells, _consistency(rel),
-                         "AT CHANCE" if _judge_at_chance(rel) else ("–" if not rel else "above chance")])
+            rel = x.judge_reliability
+            rows.append([m, s, x.n, x.judge, *cells, _consistency(rel),
+                         "–" if rel is None else "AT CHANCE" if rel.judged_at_chance else "above chance"])
     if not rows:
         return ""
     warn = (f"<p class=warn><b>Too few held-out answers for these rates ({escape(', '.join(small))}): a Wilson 95% "
@@ -292,37 +284,31 @@ def refusal_rates(res: dict, names: list[str]) -> str:
               "refused or safely redirected.</p>")
 
 
-def standard_sets(res: dict) -> str:
+def standard_sets(res: Results) -> str:
     """The standard evaluation sets (results.json["standard_sets"]): each set's headline
     figures per model, its convention, source and split, and the comparability note."""
-    from cai.evaluation.sets import HEADLINES, RATES, SETS, headline
+    from cai.evaluation.sets import SETS
 
-    sets = res.get("standard_sets") or {}
     parts = []
-    for name, entry in sets.items():
-        if name not in SETS or not isinstance(entry, dict):
+    for name, entry in (res.standard_sets or {}).items():
+        if name not in SETS:
             continue
-        models = entry.get("models") or {}
-        labels = [label for label, _ in headline(name, next(iter(models.values()), {}))]
+        es = SETS[name]
         rows, small = [], False
-        for m, summary in models.items():
+        for m, summary in entry.models.items():  # a set's own summary: a dict its StandardSet reads
             cells = []
-            for (_, v), path in zip(headline(name, summary), HEADLINES[SETS[name].scoring]):
-                block = summary
-                for k in path[1][:-1]:
-                    block = (block or {}).get(k)
-                r = share_ci(v, (block or {}).get("n")) if path[1][-1] in RATES else None
-                cells.append(f"{_fmt(v)} [{_fmt(r['ci'][0])}, {_fmt(r['ci'][1])}]" if r and r["ci"] else _fmt(v))
+            for f in es.figures(summary):
+                r = share_ci(f.value, f.n) if f.rate else None
+                cells.append(f"{_fmt(f.value)} [{_fmt(r['ci'][0])}, {_fmt(r['ci'][1])}]" if r and r["ci"]
+                             else _fmt(f.value))
                 small = small or bool(r and r["too_small"])
             rows.append([m, *cells, summary.get("n")])
-        rel = entry.get("judge_reliability") or {}
-        jrows = [[q, r.get("n"), _consistency(r), r.get("decisiveness_all_orders"), r.get("decisiveness_one_order"),
-                  "position consistency not measured" if r.get("orders") == 1 else
-                  "AT CHANCE" if _judge_at_chance(r) else "above chance"]
-                 for q, r in rel.items() if isinstance(r, dict)]
-        parts.append(f"<h4>{escape(str(entry.get('title', name)))} (<code>eval:{escape(name)}</code>)</h4>"
-                     + _table(["model", *(f"{x} [Wilson 95%]" if p[1][-1] in RATES else x
-                                          for x, p in zip(labels, HEADLINES[SETS[name].scoring])), "n"], rows)
+        rel = entry.judge_reliability
+        jrows = [_judge_row(q, r) for q, r in rel.items() if r is not None]
+        parts.append(f"<h4>{escape(entry.title if entry.title is not None else name)} "
+                     f"(<code>eval:{escape(name)}</code>)</h4>"
+                     + _table(["model", *(f"{label} [Wilson 95%]" if path[-1] in es.rates else label
+                                          for label, path in es.headlines), "n"], rows)
                      + (f"<p class=warn><b>Too few held-out answers for these rates: a Wilson 95% interval is wider "
                         f"than {MAX_CI_WIDTH:g}.</b></p>" if small else "")
                      + (_table(["judge's question", "asked", "position consistency [Wilson 95%]",
@@ -330,46 +316,46 @@ def standard_sets(res: dict) -> str:
                         if jrows else "")
                      + "".join(_at_chance(r, f"this set's question '{q}'", "the figures read from it say nothing")
                                for q, r in rel.items())
-                     + f"<p>{escape(str(entry.get('convention', '')))}. Source: <code>{escape(str(entry.get('source')))}"
-                     f"</code>; {escape(str(entry.get('split', '')))}.</p>"
-                     f"<p><b>{escape(str(entry.get('note', '')))}</b></p>")
+                     + f"<p>{escape(entry.convention or '')}. Source: <code>{escape(str(entry.source))}"
+                     f"</code>; {escape(entry.split or '')}.</p>"
+                     f"<p><b>{escape(entry.note or '')}</b></p>")
     return ("<h3>Standard evaluation sets</h3>" + "".join(parts)) if parts else ""
 
 
-def _ci(row: dict, key: str) -> str:
-    """``mean [low, high]`` of ``key`` in a revisions.json row (the mean alone without an interval)."""
-    if row.get(key + "_ci_low") is None or row.get(key + "_ci_high") is None:
-        return _fmt(row.get(key))
-    return f"{_fmt(row.get(key))} [{_fmt(row.get(key + '_ci_low'))}, {_fmt(row.get(key + '_ci_high'))}]"
+def _ci(value, low, high) -> str:
+    """``value [low, high]`` of a revisions.json figure (the value alone without an interval)."""
+    if low is None or high is None:
+        return _fmt(value)
+    return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]"
 
 
 def revisions(run: Path) -> str:
     """The PM score of the SL-CAI chains' answers against the number of revision rounds,
     and each principle's effect (evaluate/revisions.json, the paper's Fig. 5)."""
-    rev = _read_json(RunFolder(run).path("evaluate", "revisions"))
-    if not isinstance(rev, dict) or not rev.get("rounds"):
+    rev = Revisions.load(RunFolder(run).path("evaluate", "revisions"))
+    if rev is None or not rev.rounds:
         return ""
     parts = [f"<p>The run's preference model scored the first answer and the answer in effect after each "
-             f"critique/revision round of {escape(_fmt(rev.get('chains')))} chains "
-             f"(split: {escape(', '.join(map(str, rev.get('splits') or [])))}; at most "
-             f"{escape(_fmt(rev.get('max_chains')))} per split). A round that did not revise (no issue found, "
+             f"critique/revision round of {escape(_fmt(rev.chains))} chains "
+             f"(split: {escape(', '.join(rev.splits))}; at most "
+             f"{escape(_fmt(rev.max_chains))} per split). A round that did not revise (no issue found, "
              "empty, or rejected by the quality gates) keeps the previous answer. Intervals: 95% bootstrap over "
-             f"prompts, {escape(_fmt(rev.get('bootstrap')))} resamples; none (–) for a number with fewer than "
-             f"{escape(_fmt(rev.get('min_ci_prompts')))} prompts behind it.</p>"]
-    h = rev.get("pm_heldout")
-    if isinstance(h, dict):
+             f"prompts, {escape(_fmt(rev.bootstrap))} resamples; none (–) for a number with fewer than "
+             f"{escape(_fmt(rev.min_ci_prompts))} prompts behind it.</p>"]
+    h = rev.pm_heldout
+    if h is not None:
         verdict = ("<b>not distinguishable from chance: these scores say nothing about harmlessness</b>"
-                   if h.get("at_chance") else "above chance")
-        parts.append(f"<p>The PM agrees with the held-out AI labels on {escape(_fmt(h.get('accuracy')))} of "
-                     f"{escape(_fmt(h.get('pairs')))} pairs (Wilson 95% [{escape(_fmt(h.get('ci_low')))}, "
-                     f"{escape(_fmt(h.get('ci_high')))}]): {verdict}.</p>")
-    rows = [[r.get("round"), r.get("chains"), r.get("revised") if r.get("round") else "–", _ci(r, "mean"),
-             _ci(r, "change")] for r in rev["rounds"]]
+                   if h.at_chance else "above chance")
+        parts.append(f"<p>The PM agrees with the held-out AI labels on {escape(_fmt(h.accuracy))} of "
+                     f"{escape(_fmt(h.pairs))} pairs (Wilson 95% [{escape(_fmt(h.ci_low))}, "
+                     f"{escape(_fmt(h.ci_high))}]): {verdict}.</p>")
+    rows = [[r.round, r.chains, r.revised if r.round else "–", _ci(r.mean, r.mean_ci_low, r.mean_ci_high),
+             _ci(r.change, r.change_ci_low, r.change_ci_high)] for r in rev.rounds]
     parts.append(_table(["rounds", "chains", "revised in this round", "mean PM score [95% CI]",
                          "change from the first answer [95% CI]"], rows, "revision-rounds"))
     parts.append(_figures(RunFolder(run).path("evaluate", "figures"), only=REVISION_PNGS))
-    prow = [[p.get("id"), p.get("sampled"), p.get("revised"), p.get("prompts"), _ci(p, "delta")]
-            for p in rev.get("principles") or []]
+    prow = [[p.id, p.sampled, p.revised, p.prompts, _ci(p.delta, p.delta_ci_low, p.delta_ci_high)]
+            for p in rev.principles]
     if prow:
         parts.append(_table(["principle", "rounds sampled", "revisions", "prompts",
                              "mean PM change per revision [95% CI]"], prow, "revision-principles")
@@ -378,53 +364,47 @@ def revisions(run: Path) -> str:
     return "".join(parts)
 
 
-def _elo_ci(e) -> str:
+def _elo_ci(e: Rating | None) -> str:
     """``+12 [-40, 61]`` from a frontier entry's Elo (``–`` when it has none)."""
-    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    if not isinstance(e, dict) or not num(e.get("elo")):
+    if e is None or e.elo is None:
         return "–"
-    if not (num(e.get("ci_low")) and num(e.get("ci_high"))):
-        return f"{e['elo']:+.0f}"
-    return f"{e['elo']:+.0f} [{e['ci_low']:+.0f}, {e['ci_high']:+.0f}]"
+    if e.ci_low is None or e.ci_high is None:
+        return f"{e.elo:+.0f}"
+    return f"{e.elo:+.0f} [{e.ci_low:+.0f}, {e.ci_high:+.0f}]"
 
 
-def _holds_zero(e) -> bool:
-    return (isinstance(e, dict) and isinstance(e.get("ci_low"), (int, float)) and isinstance(e.get("ci_high"), (int, float))
-            and e["ci_low"] <= 0 <= e["ci_high"])
+def _holds_zero(e: Rating | None) -> bool:
+    return e is not None and e.ci_low is not None and e.ci_high is not None and e.ci_low <= 0 <= e.ci_high
 
 
 def frontier(run: Path) -> str:
     """The policies rl and dpo kept along training, each scored against the initial model
     alone (evaluate/frontier.json, the paper's Fig. 2)."""
-    fr = _read_json(RunFolder(run).path("evaluate", "frontier"))
-    if not isinstance(fr, dict) or not fr.get("points"):
+    fr = Frontier.load(RunFolder(run).path("evaluate", "frontier"))
+    if fr is None or not fr.points:
         return ""
     parts = ["<p>Each policy that rl and dpo kept along training answered the held-out prompts and was compared "
              "with the initial model alone by the judge (both orders): its harmlessness and helpfulness Elo come "
              "from a two-model Bradley-Terry fit against the initial model (0), with 95% bootstrap intervals over "
-             f"prompts ({escape(_fmt(fr.get('bootstrap')))} resamples). A stage's last point is its final model; "
+             f"prompts ({escape(_fmt(fr.bootstrap))} resamples). A stage's last point is its final model; "
              "the Elo columns can differ from the evaluation table above, which fits all models together.</p>"]
 
-    def refusal(e, s):
-        x = ((e or {}).get("refusal") or {}).get(s) or {}
-        return f"{_fmt(x.get('judge'))} / {_fmt(x.get('phrases'))}"
+    def scores(e: FrontierScores) -> list:
+        ref = e.refusal or RefusalBySet()
+        return [_elo_ci(e.harmlessness), _elo_ci(e.helpfulness), e.harmfulness, _refusal_cell(ref.benign),
+                _refusal_cell(ref.red_team)]
 
-    rows = [[name, "–", "–", "–", _elo_ci(e.get("harmlessness")), _elo_ci(e.get("helpfulness")), e.get("harmfulness"),
-             refusal(e, "benign"), refusal(e, "red_team"), "reference"]
-            for name, e in (fr.get("reference") or {}).items() if isinstance(e, dict)]
+    rows = [[name, "–", "–", "–", *scores(e), "reference"] for name, e in fr.reference.items()]
     scored = []
-    for p in fr["points"]:
-        if not isinstance(p, dict):
-            continue
-        if p.get("harmlessness") or p.get("helpfulness"):
-            scored.append(p)
-        status = str(p.get("status"))
-        if p.get("weights_deleted") and status != "weights deleted":
+    for p in fr.points:
+        e = p.scores or FrontierScores()
+        if e.harmlessness or e.helpfulness:
+            scored.append(e)
+        status = str(p.status)
+        if p.weights_deleted and status != "weights deleted":
             status += " (weights deleted)"
-        rows.append([p.get("stage"), p.get("step"), p.get("samples"), p.get("kl"), _elo_ci(p.get("harmlessness")),
-                     _elo_ci(p.get("helpfulness")), p.get("harmfulness"), refusal(p, "benign"),
-                     refusal(p, "red_team"), status])
-    if scored and all(_holds_zero(p.get("harmlessness")) and _holds_zero(p.get("helpfulness")) for p in scored):
+        rows.append([p.stage, p.step, p.samples, p.kl, *scores(e), status])
+    if scored and all(_holds_zero(e.harmlessness) and _holds_zero(e.helpfulness) for e in scored):
         parts.append("<p><b>Every point's intervals hold 0 on both axes: no policy kept along training is "
                      "distinguishable from the initial model at this sample size. The figure shows noise, not a "
                      "frontier.</b></p>")
@@ -440,7 +420,7 @@ def frontier(run: Path) -> str:
 def quality_gates(run: Path) -> str:
     """The critique_revision stage's quality gates: what was rejected, why, and what
     happened to it (from its manifest counts)."""
-    m = _read_json(RunFolder(run).manifest_path("critique_revision"))
+    m = read_json(RunFolder(run).manifest_path("critique_revision"))
     counts = (m or {}).get("counts") or {} if isinstance(m, dict) else {}
     gate = {k: v for k, v in counts.items() if k.startswith("gate_")}
     if not gate:
@@ -481,7 +461,7 @@ def stage_details(run: Path) -> str:
         outputs = OUTPUTS.get(stage, {})
         if stage in ("evaluate", "report") or not folder.finished(stage):
             continue
-        metrics = _read_json(folder.path(stage, "metrics")) if "metrics" in outputs else None
+        metrics = read_json(folder.path(stage, "metrics")) if "metrics" in outputs else None
         figs = _figures(folder.path(stage, "figures")) if "figures" in outputs else ""
         if not figs and not isinstance(metrics, dict):
             continue
@@ -541,11 +521,12 @@ def feedback_judge(stats) -> str:
     ``mean_abs_p_minus_half``."""
     if not isinstance(stats, dict) or stats.get("position_consistency") is None:
         return ""
-    rel = {"position_consistency": stats.get("position_consistency"),
-           "position_consistency_ci": stats.get("position_consistency_ci"),
-           "decisiveness_all_orders": stats.get("decisiveness_all_orders", stats.get("mean_abs_p_minus_half"))}
+    rel = JudgeReliability(position_consistency=stats.get("position_consistency"),
+                           position_consistency_ci=stats.get("position_consistency_ci"),
+                           decisiveness_all_orders=stats.get("decisiveness_all_orders",
+                                                             stats.get("mean_abs_p_minus_half")))
     return (f"<p>Feedback model over all its comparisons: position consistency {escape(_consistency(rel))}, "
-            f"decisiveness over both orders {escape(_fmt(rel['decisiveness_all_orders']))}.</p>"
+            f"decisiveness over both orders {escape(_fmt(rel.decisiveness_all_orders))}.</p>"
             + _at_chance(rel, "the feedback comparisons", "its preference labels carry no signal, and neither does "
                          "a PM trained on them"))
 
@@ -580,7 +561,7 @@ def build_report(run_dir: str | Path) -> str:
         verify_stage(run, m["stage"], only=REPORTED)
     chains = _splits(run, "critique_revision", "chains")
     comparisons = _splits(run, "feedback", "comparisons")
-    fb_stats = _read_json(RunFolder(run).path("feedback", "stats"))
+    fb_stats = read_json(RunFolder(run).path("feedback", "stats"))
     constitution = _load_constitution(run)
     pstats = principle_stats(chains, fb_stats if isinstance(fb_stats, dict) else None, constitution)
     data = {
@@ -594,10 +575,14 @@ def build_report(run_dir: str | Path) -> str:
     blob = safe_json(data)
     script = (HERE / "report.js").read_text(encoding="utf-8")
     nonce = hashlib.sha256((blob + script).encode()).hexdigest()[:24]
-    prow = [[p["id"], p["kind"], p["sampled"], p["revised"], p["mean_change"], p["feedback_questions"],
-             _consistency(p), p["decisiveness_one_order"], p["decisiveness_all_orders"],
-             "AT CHANCE" if _judge_at_chance(p) else "–" if not p["position_consistency_ci"] else "above chance"]
-            for p in pstats]
+    prow = []
+    for p in pstats:
+        rel = JudgeReliability(position_consistency=p["position_consistency"],
+                               position_consistency_ci=p["position_consistency_ci"])
+        prow.append([p["id"], p["kind"], p["sampled"], p["revised"], p["mean_change"], p["feedback_questions"],
+                     _consistency(rel), p["decisiveness_one_order"], p["decisiveness_all_orders"],
+                     "AT CHANCE" if rel.judged_at_chance else "–" if not p["position_consistency_ci"] else
+                     "above chance"])
     sections = [
         ("timeline", "Stage timeline", timeline(manifests)),
         ("expand", "Red-team prompt expansion", expansion(run)),

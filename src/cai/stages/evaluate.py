@@ -55,6 +55,7 @@ from cai.evaluation.measures import (
     summarise,
 )
 from cai.evaluation.pairwise import comparison_items, pairwise
+from cai.evaluation.results import Frontier, Results
 from cai.evaluation.revisions import pm_by_revision, pm_loader
 from cai.inputs import PROMPT_SETS
 from cai.io import write_json, write_jsonl
@@ -309,12 +310,13 @@ def run(ctx: StageContext) -> dict:
     for name in names:
         write_jsonl(ctx.output("answers", name=name), [r for r in rows if r["model"] == name])
     write_jsonl(ctx.output("answers", name="comparisons"), comparisons)
-    write_json(ctx.output("results"), results)
+    record = Results.from_json(results)
+    write_json(ctx.output("results"), record.to_json())
     from cai.plots import plot_elo, plot_harmfulness, plot_refusals
 
-    plot_elo(ctx.out / "elo.png", results)
-    plot_harmfulness(ctx.out / "harmfulness.png", results)
-    plot_refusals(ctx.out / "refusal.png", results)
+    plot_elo(ctx.out / "elo.png", record)
+    plot_harmfulness(ctx.out / "harmfulness.png", record)
+    plot_refusals(ctx.out / "refusal.png", record)
     counts = {"models": len(names), "answers": len(rows), "comparisons": len(comparisons), **revision_counts}
     if points:
         counts.update(write_frontier(ctx, points, point_rows, point_records, comparisons, results, names))
@@ -326,9 +328,9 @@ def write_frontier(ctx: StageContext, points: list[dict], point_rows: list[dict]
     """``frontier.json``, its answers, comparisons and plot; then the scored points' weights
     go unless ``evaluate.frontier_keep_weights``. Returns the manifest counts."""
     ev = ctx.cfg.evaluate
-    frontier = frontier_result(points, point_rows, point_records, comparisons, results, names, ev.bootstrap,
-                               ctx.cfg.seed, ev.frontier_keep_weights)
-    write_json(ctx.output("frontier"), frontier)
+    frontier = Frontier.from_json(frontier_result(points, point_rows, point_records, comparisons, results, names,
+                                                  ev.bootstrap, ctx.cfg.seed, ev.frontier_keep_weights))
+    write_json(ctx.output("frontier"), frontier.to_json())
     write_jsonl(ctx.output("answers", name="frontier"), point_rows)
     write_jsonl(ctx.output("answers", name="frontier_comparisons"), point_records)
     from cai.plots import plot_frontier

@@ -49,14 +49,6 @@ NOT_COMPARABLE = (
     "answers and judgements are far from the models those figures describe."
 )
 
-#: Each set's headline figures, for the manifest counts and the report: (label, path into
-#: a model's summary).
-HEADLINES = {name: list(s.headlines) for name, s in SETS.items()}
-
-#: The headline figures that are shares of answers (shown with a Wilson interval).
-RATES = set().union(*(s.rates for s in SETS.values()))
-
-
 def parse_spec(spec: str) -> tuple[StandardSet, str | None]:
     """``eval:NAME`` or ``eval:NAME:PATH`` -> (the set, PATH or None)."""
     if not spec.startswith(PREFIX):
@@ -154,13 +146,7 @@ def summarise_set(name: str, rows: list[dict]) -> dict:
 
 def headline(name: str, summary: dict) -> list[tuple[str, float | None]]:
     """The set's headline figures, (label, value), read from one model's summary."""
-    out = []
-    for label, path in HEADLINES[name]:
-        x = summary
-        for k in path:
-            x = (x or {}).get(k)
-        out.append((label, x))
-    return out
+    return [(f.label, f.value) for f in SETS[name].figures(summary)]
 
 
 def results_entry(loaded: LoadedSet, used: int, names: list[str], rows: list[dict], test_fraction: float,

@@ -53,6 +53,16 @@ class LoadedSet:
                 f"{n} of {self.total} prompts held out and evaluated; the other {self.total - n} are not evaluated")
 
 
+@dataclass(frozen=True)
+class Figure:
+    """One headline figure of a set for one model."""
+
+    label: str
+    value: float | None
+    n: int | None  # answers behind it
+    rate: bool  # a share of the n answers (else a score)
+
+
 class StandardSet:
     """One published evaluation set: where a copy of it lives, how its rows become prompts,
     what the judge is asked about each answer and how the answers add up to its figure.
@@ -74,13 +84,6 @@ class StandardSet:
 
     def __repr__(self) -> str:
         return f"<standard set {self.name}>"
-
-    @property
-    def scoring(self) -> str:
-        """The key of this set's headline figures in :data:`cai.evaluation.sets.HEADLINES`: its
-        name. The report looks them up as ``HEADLINES[SETS[name].scoring]``; once it reads
-        :attr:`headlines` itself, this property can go."""
-        return self.name
 
     # -- what each set says ---------------------------------------------------------------
 
@@ -117,6 +120,19 @@ class StandardSet:
         if root.is_file():
             return [root]
         return next(([root / rel] for rel in self.files if (root / rel).is_file()), [])
+
+    def figures(self, summary: dict) -> list[Figure]:
+        """The headline figures read from one model's summary (:attr:`headlines`), each a
+        share of answers (:attr:`rates`, shown with a Wilson interval over the ``n`` beside
+        it) or a score. A figure missing from an older summary reads as None."""
+        out = []
+        for label, path in self.headlines:
+            block = summary
+            for key in path[:-1]:
+                block = (block or {}).get(key)
+            block = block or {}
+            out.append(Figure(label, block.get(path[-1]), block.get("n"), path[-1] in self.rates))
+        return out
 
     def questions_per_answer(self) -> int:
         """Judge requests per answer (for ``cai plan``), counted from :meth:`questions`."""
