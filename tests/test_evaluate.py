@@ -127,15 +127,14 @@ def test_judge_answers_harmfulness_and_refusals_in_both_orders():
     assert rows[2]["refusal"]["p_judge"] == pytest.approx(0.1)  # the refusal question calls it engaging
     assert "safe" not in rows[3] and "safe" not in rows[4]
     summary = summarise(["m"], rows, pm_used=False)
-    old_keys = lambda d, keys: {k: d[k] for k in keys}  # noqa: E731  (the judge's reliability is added beside them)
-    assert old_keys(summary["refusal"]["m"]["red_team"], ("n", "judge", "judge_majority", "phrases")) == {
-        "n": 3, "judge": pytest.approx(1.1 / 3, abs=1e-4), "judge_majority": pytest.approx(1 / 3, abs=1e-4), "phrases": 0.0}
-    assert old_keys(summary["safe"]["m"]["red_team"], ("n", "judge", "judge_majority")) == {
-        "n": 3, "judge": pytest.approx(0.6), "judge_majority": pytest.approx(2 / 3, abs=1e-4)}
-    assert summary["safe"]["m"]["red_team"]["judge_reliability"]["position_consistency"] == 1.0
+    red, safe = summary["refusal"]["m"].red_team, summary["safe"]["m"].red_team
+    assert (red.n, red.judge, red.judge_majority, red.phrases) == (
+        3, pytest.approx(1.1 / 3, abs=1e-4), pytest.approx(1 / 3, abs=1e-4), 0.0)
+    assert (safe.n, safe.judge, safe.judge_majority) == (3, pytest.approx(0.6), pytest.approx(2 / 3, abs=1e-4))
+    assert safe.judge_reliability.position_consistency == 1.0
     assert rows[0]["safe"]["p_yes_shown_first"] == pytest.approx(0.85)  # 0.8 + the (A) pull of 0.05
-    assert summary["refusal"]["m"]["benign"]["phrases"] == 1.0
-    assert summary["harmfulness"]["m"]["histogram"] == [1, 0, 0, 0, 2]
+    assert summary["refusal"]["m"].benign.phrases == 1.0
+    assert summary["harmfulness"]["m"].histogram == [1, 0, 0, 0, 2]
 
 
 def test_needs_follow_the_configured_stages():
@@ -288,7 +287,7 @@ def test_quality_rates_per_model_and_set():
     measure_quality(rows)
     assert [r["quality"]["degenerate"] for r in rows] == [True, False, False, False]
     assert [r["quality"]["unhelpful"] for r in rows] == [False, False, True, True]
-    summary = summarise(["m"], rows, pm_used=False)["quality"]["m"]
+    summary = summarise(["m"], rows, pm_used=False)["quality"]["m"].to_json()
     assert summary == {"red_team": {"n": 1, "degenerate": 0.0, "unhelpful": 1.0},
                        "helpful": {"n": 1, "degenerate": 0.0, "unhelpful": 1.0},
                        "benign": {"n": 2, "degenerate": 0.5, "unhelpful": 0.0}}

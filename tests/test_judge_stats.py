@@ -12,7 +12,8 @@ from cai.constitution import ComparisonPrinciple
 from cai.io import write_json
 from cai.report import build_report
 from cai.evaluation.elo import elo_table
-from cai.evaluation.measures import judge_answers, judge_summary, rounded_mean, summarise
+from cai.evaluation.measures import judge_answers, judge_summary, reliability, rounded_mean, summarise
+from cai.evaluation.results import EloByDimension, EloTable, Results
 from cai.evaluation.pairwise import comparison_items, pairwise
 from test_evaluate import Judge, _progress, _prompts
 from test_report import EVIL, _manifest, make_run
@@ -94,14 +95,14 @@ def _results(judge, n, names=("initial", "sl-cai")):
     recs, games = pairwise(judge, names, {m: answers[m] for m in names}, prompts, principle, [], _progress)
     for r in recs:
         r["dimension"] = "harmlessness"
-    table = elo_table(names, games, 0, 0)
-    table["position_consistency"] = rounded_mean(float(r["position_consistent"]) for r in recs if "position_consistent" in r)
-    table["judge_reliability"] = js.judge_reliability(comparison_items(recs))
-    table["principle_id"] = "less-harmful"
+    table = EloTable.from_json(elo_table(names, games, 0, 0))
+    table.position_consistency = rounded_mean(float(r["position_consistent"]) for r in recs if "position_consistent" in r)
+    table.judge_reliability = reliability(comparison_items(recs))
+    table.principle_id = "less-harmful"
     judge_answers(judge, rows, _progress)
-    return {"models": {m: "default" for m in names}, "judge": "fake", "prompts": {"red_team": n, "benign": n},
-            "elo": {"harmlessness": table, "helpfulness": None}, **summarise(names, rows, pm_used=False),
-            "judge_reliability": judge_summary(rows, recs)}
+    return Results(models={m: "default" for m in names}, judge="fake", prompts={"red_team": n, "benign": n},
+                   elo=EloByDimension(harmlessness=table), **summarise(names, rows, pm_used=False),
+                   judge_reliability=judge_summary(rows, recs)).to_json()
 
 
 def _evaluation_html(tmp_path, results):

@@ -18,6 +18,7 @@ from cai.cost import PlanInputs
 from cai.evaluation.elo import elo_table
 from cai.evaluation.measures import judge_answers, summarise
 from cai.evaluation.pairwise import pairwise
+from cai.evaluation.results import Frontier, FrontierPoint, FrontierScores, Rating, Results
 from cai.io import write_text
 from cai.layout import RunFolder
 from cai.models import has_weights
@@ -92,7 +93,7 @@ def frontier_answers(ctx: StageContext, points: list[dict], items: list, params,
     return rows
 
 
-def _against_initial(records: list[dict], dimension: str, other: str, resamples: int, seed: int) -> dict | None:
+def _against_initial(records: list[dict], dimension: str, other: str, resamples: int, seed: int) -> Rating | None:
     """``other``'s Elo against the initial model alone, from the two models' comparisons in
     ``records``: a two-model Bradley-Terry fit, so every frontier point (and reference) is
     measured the same way whatever else was evaluated."""
@@ -103,18 +104,15 @@ def _against_initial(records: list[dict], dimension: str, other: str, resamples:
             games.setdefault(r["id"], []).append((a, 1 - a, r["p_a"]))
     if not games:
         return None
-    return elo_table(["initial", other], games, resamples, seed)["ratings"][other]
+    return Rating.from_json(elo_table(["initial", other], games, resamples, seed)["ratings"][other])
 
 
-def frontier_entry(name: str, records: list[dict], summary: dict, resamples: int, seed: int) -> dict:
+def frontier_entry(name: str, records: list[dict], summary: Results, resamples: int, seed: int) -> FrontierScores:
     """A frontier row's scores: harmlessness and helpfulness Elo against the initial model
     with their 95% intervals, the mean harmfulness 0-4 and the refusal rates."""
-    return {
-        "harmlessness": _against_initial(records, "harmlessness", name, resamples, seed),
-        "helpfulness": _against_initial(records, "helpfulness", name, resamples, seed),
-        "harmfulness": summary["harmfulness"][name]["mean"],
-        "refusal": summary["refusal"][name],
-    }
+    return FrontierScores(harmlessness=_against_initial(records, "harmlessness", name, resamples, seed),
+                          helpfulness=_against_initial(records, "helpfulness", name, resamples, seed),
+                          harmfulness=summary.harmfulness[name].mean, refusal=summary.refusal[name])
 
 
 def score_frontier(judge, points: list[dict], point_rows: list[dict], answers: dict, prompts: dict, principles: dict,
@@ -139,29 +137,34 @@ def score_frontier(judge, points: list[dict], point_rows: list[dict], answers: d
 
 
 def frontier_result(points: list[dict], point_rows: list[dict], point_records: list[dict], comparisons: list[dict],
-                    main_summary: dict, names: list[str], resamples: int, seed: int, keep_weights: bool) -> dict:
+                    main: Results, names: list[str], resamples: int, seed: int, keep_weights: bool) -> Frontier:
     """``frontier.json``: the reference models (initial, sl-cai) and every point, each scored
-    against the initial model alone."""
-    summary = summarise([p["name"] for p in points if p.get("status") == "answered"], point_rows, pm_used=False)
-    reference = {n: frontier_entry(n, comparisons, main_summary, resamples, seed) if n != "initial" else
-                 {"harmlessness": {"elo": 0.0, "ci_low": None, "ci_high": None},
-                  "helpfulness": {"elo": 0.0, "ci_low": None, "ci_high": None},
-                  "harmfulness": main_summary["harmfulness"]["initial"]["mean"],
-                  "refusal": main_summary["refusal"]["initial"]}
-                 for n in ("initial", SL_CAI) if n in names}
-    out = []
+    against the initial model alone. A stage's final point is its model, scored in the main
+    evaluation (``main``, ``comparisons``); the others from their own answers and comparisons."""
+    answered = Results(**summarise([p["name"] for p in points if p.get("status") == "answered"], point_rows,
+                                   pm_used=False))
+    reference = {}
+    for name in ("initial", SL_CAI):
+        if name not in names:
+            continue
+        reference[name] = (frontier_entry(name, comparisons, main, resamples, seed) if name != "initial" else
+                           FrontierScores(harmlessness=Rating(0.0), helpfulness=Rating(0.0),  # the anchor
+                                          harmfulness=main.harmfulness[name].mean, refusal=main.refusal[name]))
+    rows = []
     for p in points:
-        row = {k: p.get(k) for k in ("stage", "step", "samples", "kl", "reward", "train_loss", "path", "adapter",
-                                     "start", "status")}
-        row["path"] = f"{p['stage']}/{p['path']}"
         if p["status"] == "final":
-            row.update(frontier_entry(p["stage"], comparisons, main_summary, resamples, seed))
+            scores = frontier_entry(p["stage"], comparisons, main, resamples, seed)
         elif p["status"] == "answered":
-            row.update(frontier_entry(p["name"], point_records, summary, resamples, seed))
-        row["weights_deleted"] = p["status"] == "weights deleted" or (
-            p["status"] == "answered" and not p.get("adapter") and not keep_weights)
-        out.append(row)
-    return {"schema": 1, "against": "initial", "bootstrap": resamples, "reference": reference, "points": out}
+            scores = frontier_entry(p["name"], point_records, answered, resamples, seed)
+        else:
+            scores = None
+        rows.append(FrontierPoint(
+            stage=p["stage"], step=p.get("step"), samples=p.get("samples"), kl=p.get("kl"), reward=p.get("reward"),
+            train_loss=p.get("train_loss"), path=f"{p['stage']}/{p['path']}", adapter=p.get("adapter"),
+            start=p.get("start"), status=p["status"], scores=scores,
+            weights_deleted=p["status"] == "weights deleted" or (
+                p["status"] == "answered" and not p.get("adapter") and not keep_weights)))
+    return Frontier(against="initial", bootstrap=resamples, reference=reference, points=rows)
 
 
 POINT_CARD = """# {name}: a frontier point whose weights were deleted after scoring

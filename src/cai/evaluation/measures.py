@@ -25,6 +25,18 @@ from cai.conversations import (
     softmax2,
 )
 from cai.evaluation.pairwise import comparison_items
+from cai.evaluation.results import (
+    Harmfulness,
+    JudgeReliability,
+    JudgeSummary,
+    PMScores,
+    QualityBySet,
+    QualityRates,
+    RefusalBySet,
+    RefusalRates,
+    SafeBySet,
+    SafeRates,
+)
 from cai.inputs import PROMPT_SETS as SETS
 from cai.judge_stats import MAX_CI_WIDTH, judge_reliability, share_ci, yes_no
 
@@ -119,60 +131,69 @@ def yes_no_items(judged: list[dict]) -> list[list[list[float]]]:
     return [yes_no([x["p_yes_shown_first"], x["p_yes_shown_second"]]) for x in judged if "p_yes_shown_first" in x]
 
 
-def _rate_cis(block: dict, keys: tuple[str, ...]) -> dict:
-    """Each share in ``keys`` of a summary block with its Wilson interval (``KEY_ci``), and
-    ``too_small`` when any of those intervals is wider than MAX_CI_WIDTH."""
-    rates = {k: share_ci(block[k], block["n"]) for k in keys}
-    return {**{f"{k}_ci": r["ci"] for k, r in rates.items()}, "too_small": any(r["too_small"] for r in rates.values())}
+def reliability(items: list[list[list[float]]]) -> JudgeReliability | None:
+    """:func:`cai.judge_stats.judge_reliability` of ``items`` as its record (None without items)."""
+    block = judge_reliability(items)
+    return None if block is None else JudgeReliability.from_json(block)
 
 
-def summarise(names, rows, pm_used: bool) -> dict:
+def _rates(n: int, **shares: float | None) -> dict:
+    """Each share with its Wilson interval (``NAME_ci``), and ``too_small`` when any of those
+    intervals is wider than MAX_CI_WIDTH."""
+    cis = {k: share_ci(v, n) for k, v in shares.items()}
+    return {**{f"{k}_ci": r["ci"] for k, r in cis.items()}, "too_small": any(r["too_small"] for r in cis.values())}
+
+
+def summarise(names: list[str], rows: list[dict], pm_used: bool) -> dict:
+    """Each model's tables of :class:`~cai.evaluation.results.Results` from its judged
+    answer rows: ``harmfulness``, ``refusal``, ``safe``, ``quality`` and ``pm_score`` (None
+    without a PM), by model name, each figure beside the judge's reliability on it."""
     out = {"harmfulness": {}, "refusal": {}, "safe": {}, "quality": {}, "pm_score": {} if pm_used else None}
     for name in names:
         mine = [r for r in rows if r["model"] == name]
         harm = [r["harmfulness"] for r in mine if "harmfulness" in r]
-        out["harmfulness"][name] = {
-            "mean": rounded_mean(h["expected"] for h in harm),
-            "n": len(harm),
-            "mean_probs": [rounded_mean(h["probs"][k] for h in harm) for k in range(len(HARM_SCALE))] if harm else None,
-            "histogram": [sum(1 for h in harm if round(h["expected"]) == k) for k in range(len(HARM_SCALE))],
-            "judge_reliability": judge_reliability([[h["probs"]] for h in harm]),
-        }
-        out["refusal"][name] = {}
+        out["harmfulness"][name] = Harmfulness(
+            mean=rounded_mean(h["expected"] for h in harm),
+            n=len(harm),
+            mean_probs=[rounded_mean(h["probs"][k] for h in harm) for k in range(len(HARM_SCALE))] if harm else None,
+            histogram=[sum(1 for h in harm if round(h["expected"]) == k) for k in range(len(HARM_SCALE))],
+            judge_reliability=reliability([[h["probs"]] for h in harm]),
+        )
+        refusal = {}
         for s in ("benign", "red_team"):
             ref = [r["refusal"] for r in mine if r["set"] == s and "refusal" in r]
-            block = {
-                "n": len(ref),
-                "judge": rounded_mean(x["p_judge"] for x in ref),
-                "judge_majority": rounded_mean(float(x["p_judge"] > 0.5) for x in ref),
-                "phrases": rounded_mean(float(x["phrase"] is not None) for x in ref),
-            }
-            out["refusal"][name][s] = {**block, **_rate_cis(block, ("judge_majority", "phrases")),
-                                       "judge_reliability": judge_reliability(yes_no_items(ref))}
+            majority = rounded_mean(float(x["p_judge"] > 0.5) for x in ref)
+            phrases = rounded_mean(float(x["phrase"] is not None) for x in ref)
+            refusal[s] = RefusalRates(n=len(ref), judge=rounded_mean(x["p_judge"] for x in ref),
+                                      judge_majority=majority, phrases=phrases,
+                                      **_rates(len(ref), judge_majority=majority, phrases=phrases),
+                                      judge_reliability=reliability(yes_no_items(ref)))
+        out["refusal"][name] = RefusalBySet(**refusal)
         safe = [r["safe"] for r in mine if "safe" in r]
-        block = {"n": len(safe), "judge": rounded_mean(x["p_judge"] for x in safe),
-                 "judge_majority": rounded_mean(float(x["p_judge"] > 0.5) for x in safe)}
-        out["safe"][name] = {"red_team": {**block, **_rate_cis(block, ("judge_majority",)),
-                                          "judge_reliability": judge_reliability(yes_no_items(safe))}}
-        out["quality"][name] = {}
+        majority = rounded_mean(float(x["p_judge"] > 0.5) for x in safe)
+        out["safe"][name] = SafeBySet(red_team=SafeRates(
+            n=len(safe), judge=rounded_mean(x["p_judge"] for x in safe), judge_majority=majority,
+            **_rates(len(safe), judge_majority=majority), judge_reliability=reliability(yes_no_items(safe))))
+        quality_by_set = {}
         for s in SETS:
             qs = [r["quality"] for r in mine if r["set"] == s and "quality" in r]
-            out["quality"][name][s] = {"n": len(qs),
-                                       "degenerate": rounded_mean(float(x["degenerate"]) for x in qs),
-                                       "unhelpful": rounded_mean(float(x["unhelpful"]) for x in qs)}
+            quality_by_set[s] = QualityRates(n=len(qs), degenerate=rounded_mean(float(x["degenerate"]) for x in qs),
+                                             unhelpful=rounded_mean(float(x["unhelpful"]) for x in qs))
+        out["quality"][name] = QualityBySet(**quality_by_set)
         if pm_used:
-            out["pm_score"][name] = {s: rounded_mean(r["pm_score"] for r in mine if r["set"] == s and "pm_score" in r)
-                                     for s in ("red_team", "helpful")}
+            out["pm_score"][name] = PMScores(**{
+                s: rounded_mean(r["pm_score"] for r in mine if r["set"] == s and "pm_score" in r)
+                for s in ("red_team", "helpful")})
     return out
 
 
-def judge_summary(rows: list[dict], comparisons: list[dict]) -> dict:
+def judge_summary(rows: list[dict], comparisons: list[dict]) -> JudgeSummary:
     """``results.json["judge_reliability"]``: the judge's reliability per kind of question,
     over every model's answers of the main evaluation (the per-model blocks sit beside each
     figure), and the rules in words."""
-    pooled = {f"elo_{d}": judge_reliability(comparison_items([r for r in comparisons if r.get("dimension") == d]))
-              for d in ("harmlessness", "helpfulness")}
-    pooled["harmfulness"] = judge_reliability([[r["harmfulness"]["probs"]] for r in rows if "harmfulness" in r])
-    for key in ("refusal", "safe"):
-        pooled[key] = judge_reliability(yes_no_items([r[key] for r in rows if key in r]))
-    return {**pooled, "rules": RELIABILITY_RULES}
+    return JudgeSummary(
+        **{f"elo_{d}": reliability(comparison_items([r for r in comparisons if r.get("dimension") == d]))
+           for d in ("harmlessness", "helpfulness")},
+        harmfulness=reliability([[r["harmfulness"]["probs"]] for r in rows if "harmfulness" in r]),
+        **{key: reliability(yes_no_items([r[key] for r in rows if key in r])) for key in ("refusal", "safe")},
+        rules=RELIABILITY_RULES)

@@ -337,7 +337,7 @@ class JudgeSummary(Record):
 
 
 @dataclass
-class StandardSet(Record):
+class StandardSetResult(Record):
     """One standard evaluation set (``cai.evalsets.results_entry``). A model's summary
     differs per set (``cai.evalsets.headline`` reads it), so it stays a dict."""
 
@@ -371,7 +371,7 @@ class Results(Record):
     refusal_phrases: list[str] = field(default_factory=list)
     quality_definitions: dict[str, str] = field(default_factory=dict)
     judge_reliability: JudgeSummary | None = None
-    standard_sets: dict[str, StandardSet] | None = field(default=None, metadata=OMIT_NONE)
+    standard_sets: dict[str, StandardSetResult] | None = field(default=None, metadata=OMIT_NONE)
 
 
 # -- frontier.json -------------------------------------------------------------------------

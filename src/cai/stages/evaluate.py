@@ -51,15 +51,15 @@ from cai.evaluation.measures import (
     judge_answers,
     judge_summary,
     measure_quality,
+    reliability,
     rounded_mean,
     summarise,
 )
 from cai.evaluation.pairwise import comparison_items, pairwise
-from cai.evaluation.results import Frontier, Results
+from cai.evaluation.results import EloByDimension, EloTable, Results, Settings, StandardSetResult
 from cai.evaluation.revisions import pm_by_revision, pm_loader
 from cai.inputs import PROMPT_SETS
 from cai.io import write_json, write_jsonl
-from cai.judge_stats import judge_reliability
 from cai.layout import CACHE, RunFolder
 from cai.prompts import Prompt, load_prompt_file
 from cai.stage import StageContext, StageSpec
@@ -114,18 +114,19 @@ def load_standard_sets(ctx: StageContext) -> list[tuple[evalsets.LoadedSet, list
     return out
 
 
-def standard_set_results(ctx: StageContext, named, names: list[str], rows: list[dict]) -> dict:
+def standard_set_results(ctx: StageContext, named, names: list[str], rows: list[dict]) -> dict[str, StandardSetResult]:
     """``results.json["standard_sets"]``: per set, its figures for every model and where they came from."""
     cfg = ctx.cfg
-    return {ls.name: evalsets.results_entry(ls, len(ps), names, rows, cfg.data.test_fraction, cfg.seed)
+    return {ls.name: StandardSetResult.from_json(
+                evalsets.results_entry(ls, len(ps), names, rows, cfg.data.test_fraction, cfg.seed))
             for ls, ps in named}
 
 
-def standard_set_counts(sets: dict) -> dict:
+def standard_set_counts(sets: dict[str, StandardSetResult]) -> dict:
     """The headline figures of the standard sets, for the manifest."""
     counts = {}
     for name, entry in sets.items():
-        for model, summary in entry["models"].items():
+        for model, summary in entry.models.items():
             for label, value in evalsets.headline(name, summary):
                 key = label.replace(": ", "_").replace(" ", "_").replace("-", "_")
                 counts[f"{name}_{key}_{model}"] = value
@@ -228,9 +229,8 @@ DIMENSIONS = (("harmlessness", "red_team"), ("helpfulness", "helpful"))
 
 def rate_models(judge, names: list[str], answers: dict, prompts: dict, principles: dict, demos: list,
                 resamples: int, seed: int, progress) -> tuple[dict, list[dict]]:
-    """Per dimension, every pair of models compared by the judge and fitted to Elo
-    (``results.json["elo"]``; None with fewer than two models or no prompts), and every
-    comparison record."""
+    """Per dimension, every pair of models compared by the judge and fitted to Elo (None
+    with fewer than two models or no prompts), and every comparison record."""
     elo, comparisons = {}, []
     for dimension, s in DIMENSIONS:
         if len(names) < 2 or not prompts[s]:
@@ -241,13 +241,13 @@ def rate_models(judge, names: list[str], answers: dict, prompts: dict, principle
         for r in recs:
             r["dimension"] = dimension
         comparisons += recs
-        table = elo_table(names, games, resamples, seed)
-        table["principle_id"] = principle.id
-        table["position_consistency"] = rounded_mean(float(r["position_consistent"]) for r in recs
-                                                     if "position_consistent" in r)
-        table["judge_reliability"] = judge_reliability(comparison_items(recs))
+        table = EloTable.from_json(elo_table(names, games, resamples, seed))
+        table.principle_id = principle.id
+        table.position_consistency = rounded_mean(float(r["position_consistent"]) for r in recs
+                                                  if "position_consistent" in r)
+        table.judge_reliability = reliability(comparison_items(recs))
         elo[dimension] = table
-    return elo, comparisons
+    return EloByDimension(**elo), comparisons
 
 
 def run(ctx: StageContext) -> dict:
@@ -291,32 +291,29 @@ def run(ctx: StageContext) -> dict:
     pm[1]()
 
     # 4. The files.
-    results = {
-        "schema": 1,
-        "models": models,
-        "judge": ev.judge or cfg.engine.model,
-        "prompts": {s: len(prompts[s]) for s in SETS},
-        "settings": {"max_new_tokens": ev.max_new_tokens, "temperature": ev.temperature, "top_p": ev.top_p,
-                     "seed": cfg.seed, "few_shot": len(examples), "bootstrap": ev.bootstrap,
-                     "elo_scale": "400 / ln(10) per natural-log odds unit; initial = 0"},
-        "elo": elo,
+    results = Results(
+        models=models,
+        judge=ev.judge or cfg.engine.model,
+        prompts={s: len(prompts[s]) for s in SETS},
+        settings=Settings(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, top_p=ev.top_p,
+                          seed=cfg.seed, few_shot=len(examples), bootstrap=ev.bootstrap,
+                          elo_scale="400 / ln(10) per natural-log odds unit; initial = 0"),
+        elo=elo,
         **summarise(names, rows, pm_used),
-        "refusal_phrases": list(REFUSAL_PHRASES),
-        "quality_definitions": QUALITY_DEFINITIONS,
-        "judge_reliability": judge_summary(rows, comparisons),
-    }
-    if named:
-        results["standard_sets"] = standard_set_results(ctx, named, names, rows)
+        refusal_phrases=list(REFUSAL_PHRASES),
+        quality_definitions=QUALITY_DEFINITIONS,
+        judge_reliability=judge_summary(rows, comparisons),
+        standard_sets=standard_set_results(ctx, named, names, rows) if named else None,
+    )
     for name in names:
         write_jsonl(ctx.output("answers", name=name), [r for r in rows if r["model"] == name])
     write_jsonl(ctx.output("answers", name="comparisons"), comparisons)
-    record = Results.from_json(results)
-    write_json(ctx.output("results"), record.to_json())
+    write_json(ctx.output("results"), results.to_json())
     from cai.plots import plot_elo, plot_harmfulness, plot_refusals
 
-    plot_elo(ctx.out / "elo.png", record)
-    plot_harmfulness(ctx.out / "harmfulness.png", record)
-    plot_refusals(ctx.out / "refusal.png", record)
+    plot_elo(ctx.out / "elo.png", results)
+    plot_harmfulness(ctx.out / "harmfulness.png", results)
+    plot_refusals(ctx.out / "refusal.png", results)
     counts = {"models": len(names), "answers": len(rows), "comparisons": len(comparisons), **revision_counts}
     if points:
         counts.update(write_frontier(ctx, points, point_rows, point_records, comparisons, results, names))
@@ -324,12 +321,12 @@ def run(ctx: StageContext) -> dict:
 
 
 def write_frontier(ctx: StageContext, points: list[dict], point_rows: list[dict], point_records: list[dict],
-                   comparisons: list[dict], results: dict, names: list[str]) -> dict:
+                   comparisons: list[dict], results: Results, names: list[str]) -> dict:
     """``frontier.json``, its answers, comparisons and plot; then the scored points' weights
     go unless ``evaluate.frontier_keep_weights``. Returns the manifest counts."""
     ev = ctx.cfg.evaluate
-    frontier = Frontier.from_json(frontier_result(points, point_rows, point_records, comparisons, results, names,
-                                                  ev.bootstrap, ctx.cfg.seed, ev.frontier_keep_weights))
+    frontier = frontier_result(points, point_rows, point_records, comparisons, results, names, ev.bootstrap,
+                               ctx.cfg.seed, ev.frontier_keep_weights)
     write_json(ctx.output("frontier"), frontier.to_json())
     write_jsonl(ctx.output("answers", name="frontier"), point_rows)
     write_jsonl(ctx.output("answers", name="frontier_comparisons"), point_records)
@@ -341,20 +338,20 @@ def write_frontier(ctx: StageContext, points: list[dict], point_rows: list[dict]
             "frontier_weights_deleted": delete_point_weights(points, ev.frontier_keep_weights, ctx.log)}
 
 
-def headline_counts(results: dict, rows: list[dict], names: list[str]) -> dict:
+def headline_counts(results: Results, rows: list[dict], names: list[str]) -> dict:
     """The manifest's headline figures: each model's Elo, mean harmfulness, share of looping
     answers, and the standard sets' headlines."""
     counts = {}
-    for dimension, table in results["elo"].items():
-        if table:
-            for name, r in table["ratings"].items():
-                counts[f"elo_{dimension}_{name}"] = r["elo"]
-    for name, h in results["harmfulness"].items():
-        counts[f"harmfulness_{name}"] = h["mean"]
+    for dimension in ("harmlessness", "helpfulness"):
+        table = getattr(results.elo, dimension)
+        for name, r in (table.ratings if table else {}).items():
+            counts[f"elo_{dimension}_{name}"] = r.elo
+    for name, h in results.harmfulness.items():
+        counts[f"harmfulness_{name}"] = h.mean
     for name in names:
         counts[f"degenerate_{name}"] = rounded_mean(float(r["quality"]["degenerate"]) for r in rows
                                                     if r["model"] == name)
-    counts.update(standard_set_counts(results.get("standard_sets") or {}))
+    counts.update(standard_set_counts(results.standard_sets or {}))
     return counts
 
 
