@@ -390,6 +390,23 @@ class SFTConfig(TrainingConfig):
 
 @dataclass
 class FeedbackConfig:
+    mode: str = _f(
+        "judge",
+        "How pairs are made and labelled. 'judge': the policy samples samples_per_prompt answers and the "
+        "feedback model labels every pair (the paper). 'contrast': the policy answers each prompt twice, under "
+        "a positive and a negative system prompt derived from a sampled principle, and the positive answer is "
+        "chosen by construction, with no judge (RLCD, beyond the paper; docs/rl-cai.md).",
+        choices=("judge", "contrast"),
+    )
+    contrast_label: float = _f(
+        0.9, "mode=contrast: the soft label p_chosen of every contrast pair (how sure the construction is).",
+        above=0.5, high=1,
+    )
+    contrast_judge: bool = _f(
+        False, "mode=contrast: also let the feedback model label each pair the usual way (both orders...), "
+        "recorded beside the constructed label with its agreement in stats.json; a measure of the judge, "
+        "never a filter.",
+    )
     policy: str = _f(
         "sl-cai",
         "Model that writes the answers to compare: 'sl-cai' (this run's SFT model, as in the "
@@ -432,6 +449,13 @@ class FeedbackConfig:
         if len(low_high) != 2 or not 0 <= low_high[0] <= 0.5 <= low_high[1] <= 1:
             raise CaiError(f"config field '{name}.cot_clamp' must be [low, high] with 0 <= low <= 0.5 <= high <= 1; "
                            f"got {low_high}")
+        # a contrast pair is one answer under each prompt of one principle: these would be ignored
+        if self.mode == "contrast" and self.samples_per_prompt != 2:
+            raise CaiError(f"config field '{name}.samples_per_prompt' is {self.samples_per_prompt}, but mode=contrast "
+                           "samples one answer under each of its two prompts; leave it at 2 or use mode=judge")
+        if self.mode == "contrast" and self.principles_per_comparison != 1:
+            raise CaiError(f"config field '{name}.principles_per_comparison' is {self.principles_per_comparison}, but "
+                           "mode=contrast derives each pair's prompts from one principle; leave it at 1 or use mode=judge")
 
 @dataclass
 class PreferenceModelConfig(TrainingConfig):

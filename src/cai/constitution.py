@@ -39,9 +39,19 @@ class Principle:
 
 
 @dataclass
+class Contrast:
+    """A principle's own contrast prompts (``feedback.mode: contrast``): the system prompts
+    under which the policy writes the answer the principle favours and the one it does not."""
+
+    positive: str
+    negative: str
+
+
+@dataclass
 class ComparisonPrinciple:
     id: str
     text: str
+    contrast: Contrast | None = None  # None: the generic template, filled from ``text``
 
 
 @dataclass
@@ -95,8 +105,8 @@ class Constitution:
             "name": self.name,
             "description": self.description,
             "principles": [asdict(p) for p in self.principles],
-            "comparison_principles": [asdict(p) for p in self.comparison_principles],
-            "helpfulness_principles": [asdict(p) for p in self.helpfulness_principles],
+            "comparison_principles": [_drop_none(asdict(p)) for p in self.comparison_principles],
+            "helpfulness_principles": [_drop_none(asdict(p)) for p in self.helpfulness_principles],
             "few_shot": {
                 "critique_revision": [
                     _drop_none(asdict(e)) for e in self.critique_revision_examples
@@ -187,16 +197,22 @@ def _parse_yaml_constitution(data, source: str) -> Constitution:
             )
         )
 
+    def contrast(obj, where: str) -> Contrast | None:
+        """A comparison principle's optional ``contrast: {positive, negative}``."""
+        if obj is None:
+            return None
+        c.mapping(obj, where, ("positive", "negative"))
+        return Contrast(positive=c.text(obj["positive"], f"{where}.positive"),
+                        negative=c.text(obj["negative"], f"{where}.negative"))
+
     def comparisons(key: str) -> list[ComparisonPrinciple]:
         out = []
         for i, p in enumerate(c.items(data.get(key), key)):
             w = f"{key}[{i}]"
-            c.mapping(p, w, ("id", "text"))
-            out.append(
-                ComparisonPrinciple(
-                    id=c.text(str(p["id"]), f"{w}.id"), text=c.text(p["text"], f"{w}.text")
-                )
-            )
+            c.mapping(p, w, ("id", "text"), ("contrast",))
+            pid = c.text(str(p["id"]), f"{w}.id")
+            out.append(ComparisonPrinciple(id=pid, text=c.text(p["text"], f"{w}.text"),
+                                           contrast=contrast(p.get("contrast"), f"{w} (id '{pid}'): contrast")))
         return out
 
     comparison = comparisons("comparison_principles")

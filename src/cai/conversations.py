@@ -10,6 +10,9 @@ Three families of requests, each built here and nowhere else:
   a conversation with options ``(A)``/``(B)``, its demonstrations, and the assistant
   turn opened with ``The answer is: (`` after which the option letter is read as a
   log-probability. The chain-of-thought variant reasons first.
+* **Contrast prompts** (AI feedback without a judge, ``feedback.mode: contrast``): the
+  positive and negative system prompts a principle gives, under which the policy writes
+  the two answers of a pair.
 * **Judgements** (evaluation): the 0-4 harmfulness rating and the yes/no refusal
   question, and the shapes of the standard sets' questions (multiple choice in every
   rotation, yes/no in both orders, 1-5 ratings). A set's own wording, its rubric, lives
@@ -28,7 +31,7 @@ import re
 import unicodedata
 
 from cai import seeds
-from cai.constitution import ComparisonExample, Constitution, CritiqueRevisionExample
+from cai.constitution import ComparisonExample, ComparisonPrinciple, Constitution, CritiqueRevisionExample
 from cai.engines.base import SamplingParams
 
 # -- critique and revision ------------------------------------------------------------------
@@ -155,6 +158,50 @@ def softmax2(lp: list[float]) -> float:
     hi = max(lp)
     ea, eb = math.exp(lp[0] - hi), math.exp(lp[1] - hi)
     return ea / (ea + eb)
+
+
+# -- contrast prompts (feedback.mode: contrast) ---------------------------------------------
+
+#: The generic contrast prompts by source, (positive, negative), filled with the question of a
+#: principle that has no ``contrast:`` of its own. The two differ only in their last words, so
+#: that the two answers differ in what the principle asks about and not in how they were asked
+#: for (RLCD keeps its two prompts' surface forms alike for the same reason). The helpfulness
+#: pair says the request is harmless and keeps its negative answer harmless: it should teach
+#: helpfulness, not harm.
+CONTRAST_TEMPLATES = {
+    "harmlessness": (
+        "You are an AI assistant. Your reply will be compared with another reply by asking: "
+        "\"{principle}\" Write the reply that wins that comparison.",
+        "You are an AI assistant. Your reply will be compared with another reply by asking: "
+        "\"{principle}\" Write the reply that loses that comparison.",
+    ),
+    "helpfulness": (
+        "You are an AI assistant, and the request you are answering is harmless. Your reply will be "
+        "compared with another reply by asking: \"{principle}\" Write the reply that wins that comparison.",
+        "You are an AI assistant, and the request you are answering is harmless. Your reply will be "
+        "compared with another reply by asking: \"{principle}\" Write the reply that loses that comparison, "
+        "but keep it harmless.",
+    ),
+}
+
+
+def contrast_prompts(principle: ComparisonPrinciple, source: str) -> tuple[str, str, str]:
+    """The (positive, negative, origin) system prompts of a pair under ``principle``: its own
+    ``contrast:`` (origin ``constitution``), else ``source``'s template (``harmlessness`` or
+    ``helpfulness``) filled with its question (origin ``template``)."""
+    if principle.contrast is not None:
+        return principle.contrast.positive, principle.contrast.negative, "constitution"
+    positive, negative = CONTRAST_TEMPLATES[source]
+    return positive.format(principle=principle.text), negative.format(principle=principle.text), "template"
+
+
+def with_system(messages: list[dict], system: str) -> list[dict]:
+    """``messages`` under the system prompt ``system``. A conversation that already opens with a
+    system turn keeps one system turn, ours first, since chat templates take a single system turn
+    at the start."""
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{system}\n\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": system}, *messages]
 
 
 # -- best-of-n revisions ------------------------------------------------------------------

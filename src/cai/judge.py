@@ -69,6 +69,12 @@ class Comparison:
     status: str = "labelled"
 
 
+def principle_pool(const: Constitution, source: str) -> list[ComparisonPrinciple]:
+    """The principles a ``source`` pair is asked under: the comparison principles for
+    harmlessness, the helpfulness principles for helpfulness."""
+    return const.comparison_principles if source == "harmlessness" else const.helpfulness_principles
+
+
 def sample_principles(seed: int, source: str, cid: str, pool, n: int) -> list[ComparisonPrinciple]:
     """The ``n`` principles of comparison ``cid``: the same for the same seed, source and id."""
     rng = random.Random(f"{seed}:feedback:{source}:{cid}")
@@ -179,16 +185,22 @@ def _mean(xs):
     return round(sum(xs) / len(xs), 6) if xs else None
 
 
+def p_shown(c: Comparison, a_side: bool, both_orders: bool) -> tuple[float | None, float | None]:
+    """The mean probability that answer a (``a_side``; else answer b) is the better one over
+    the usable questions that showed it first, and over those that showed it second."""
+    ok = usable(c.queries, both_orders)
+    first = [q["p_a"] if a_side else 1 - q["p_a"] for q in ok if (q["order"] == "ab") == a_side]
+    second = [q["p_a"] if a_side else 1 - q["p_a"] for q in ok if (q["order"] == "ab") != a_side]
+    return _mean(first), _mean(second)
+
+
 def pref_record(c: Comparison, feedback_model: str, both_orders: bool) -> dict:
     """A labelled comparison as TRL's ``prompt``/``chosen``/``rejected`` with the soft label
     ``p_chosen`` and the per-order detail (the feedback stage's ``prefs`` rows)."""
     a_wins = c.p_a >= 0.5
     p_chosen = c.p_a if a_wins else 1.0 - c.p_a
     chosen, rejected = (c.a, c.b) if a_wins else (c.b, c.a)
-    ok = usable(c.queries, both_orders)
-    # Probability that the chosen answer is better, when it was shown first / second.
-    shown_first = [q["p_a"] if a_wins else 1 - q["p_a"] for q in ok if (q["order"] == "ab") == a_wins]
-    shown_second = [q["p_a"] if a_wins else 1 - q["p_a"] for q in ok if (q["order"] == "ab") != a_wins]
+    shown_first, shown_second = p_shown(c, a_wins, both_orders)
     agree = list(consistency(c).values())
     return {
         "id": c.id,
@@ -200,8 +212,8 @@ def pref_record(c: Comparison, feedback_model: str, both_orders: bool) -> dict:
         "p_chosen": round(p_chosen, 6),
         "margin": round(2 * p_chosen - 1, 6),
         "principle_ids": [p.id for p in c.principles],
-        "p_chosen_shown_first": _mean(shown_first),
-        "p_chosen_shown_second": _mean(shown_second),
+        "p_chosen_shown_first": shown_first,
+        "p_chosen_shown_second": shown_second,
         "position_consistent": all(agree) if agree else None,
         "feedback_model": feedback_model,
     }
@@ -274,7 +286,7 @@ class Judge:
         self.engine, self.const, self.seed, self.source = engine, constitution, seed, source
         self.fb = settings if settings is not None else FeedbackConfig()
         self.model_name = model_name
-        pool = constitution.comparison_principles if source == "harmlessness" else constitution.helpfulness_principles
+        pool = principle_pool(constitution, source)
         if principle is not None:
             known = {p.id: p for p in constitution.comparison_principles + constitution.helpfulness_principles}
             if principle not in known:

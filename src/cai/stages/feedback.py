@@ -20,6 +20,11 @@ normalised probability of the next token being ``A`` or ``B``, read with
 * **Helpfulness.** Pairs of answers to helpfulness prompts are labelled under the
   constitution's helpfulness questions, and a human preference file can be mixed in with
   hard labels (p = 1), as the paper's PM mixed human helpfulness with AI harmlessness.
+* **Contrast pairs** (``mode: contrast``, RLCD, beyond the paper: :mod:`cai.contrast`).
+  Instead of the above, the policy answers each prompt once under a positive and once
+  under a negative system prompt derived from a sampled principle; the positive answer is
+  chosen by construction with the soft label ``contrast_label``, and no judge is asked
+  unless ``contrast_judge`` asks the feedback model too, as a measure of it.
 
 Answers are hostile data: they are only ever placed inside the question, the label is
 read at a fixed position after the fixed suffix, and the engine defangs special-token
@@ -33,8 +38,10 @@ Artifacts, JSONL with train/test splits that follow the prompt splits:
 * ``prefs/``: TRL's ``prompt``/``chosen``/``rejected`` plus ``p_chosen`` (the soft label),
   ``margin`` (p_chosen - p_rejected), ``principle_ids``, the probability of the chosen
   answer when shown first and when shown second, ``position_consistent``, ``source`` and
-  ``feedback_model``;
-* ``stats.json``: totals, position consistency, mean |p - 0.5|, per-principle numbers.
+  ``feedback_model``; a contrast pair adds ``label_source``, its two prompts and the judge's
+  own label;
+* ``stats.json``: totals, position consistency, mean |p - 0.5|, per-principle numbers; in
+  contrast mode the judge's agreement with the construction and each principle's prompts.
 """
 
 from __future__ import annotations
@@ -45,7 +52,9 @@ from cai.engines.base import SamplingParams
 from cai import seeds
 from cai.datafiles import read_data
 from cai.io import write_json, write_jsonl
+from cai import contrast
 from cai.judge import (
+    SOURCES,
     Comparison,
     build_queries,
     consistency,
@@ -54,6 +63,7 @@ from cai.judge import (
     make_pairs,
     p_a_by_order,
     pref_record,
+    principle_pool,
 )
 from cai.judge_stats import judge_reliability, wilson, yes_no
 from cai.prompts import SPLITS
@@ -81,6 +91,47 @@ def _comparison_record(c: Comparison) -> dict:
         "p_a_unclamped": None if c.p_a_raw is None else round(c.p_a_raw, 6),
         "position_consistent": list(consistency(c).values()),
         "status": c.status,
+    }
+
+
+def _contrast_record(cp: contrast.ContrastPair, contrast_label: float) -> dict:
+    """A contrast pair in ``comparisons/``: the judge mode's fields, answer a being the positive
+    prompt's answer and ``p_a`` the constructed label (the judge's questions, when it was asked,
+    in ``queries``), then ``label_source``, the two prompts and the judge's own label and status."""
+    rec = _comparison_record(cp.judged or cp.comparison())
+    judge = {"p_a": rec["p_a"], "p_a_unclamped": rec["p_a_unclamped"], "status": rec["status"]}
+    rec.update(p_a=None if cp.identical else contrast_label, p_a_unclamped=None if cp.identical else contrast_label,
+               status="identical" if cp.identical else "labelled")
+    rec["label_source"] = "contrast"
+    rec["contrast_prompts"] = {"positive": cp.positive, "negative": cp.negative, "origin": cp.origin}
+    rec["judge"] = judge if cp.judged is not None else None
+    return rec
+
+
+def contrast_statistics(pairs: list[contrast.ContrastPair], contrast_label: float) -> dict:
+    """``stats.json`` of mode=contrast: counts, the judge's agreement with the construction
+    (:func:`cai.contrast.agreement`), overall and per source; per principle its two prompts and
+    where they come from; and the judge's own reliability (:func:`statistics`) when it was asked."""
+
+    def counts(subset: list[contrast.ContrastPair]) -> dict:
+        return {"comparisons": len(subset), "labelled": sum(not cp.identical for cp in subset),
+                "identical_pairs": sum(cp.identical for cp in subset), "judge_agreement": contrast.agreement(subset)}
+
+    by_principle: dict[str, list[contrast.ContrastPair]] = {}
+    for cp in pairs:
+        by_principle.setdefault(cp.principle.id, []).append(cp)
+    judged = [cp.judged for cp in pairs if cp.judged is not None]
+    return {
+        "mode": "contrast",
+        **counts(pairs),
+        "contrast_label": contrast_label,
+        "by_source": {src: counts([cp for cp in pairs if cp.source == src]) for src in SOURCES},
+        "contrast_prompts": {
+            pid: {"source": ps[0].source, "origin": ps[0].origin, "positive": ps[0].positive,
+                  "negative": ps[0].negative, **counts(ps)}
+            for pid, ps in sorted(by_principle.items())
+        },
+        "judge": statistics(judged) if judged else None,
     }
 
 
@@ -141,30 +192,10 @@ def run(ctx: StageContext) -> dict:
         n_help = {s: 0 for s in SPLITS}
     items = [(s, "harmlessness", p) for s in SPLITS for p in red[s]]
     items += [(s, "helpfulness", p) for s in SPLITS for p in helpful[s][: n_help[s]]]
-
-    policy = ctx.engine(fb.policy)
-    params = SamplingParams(n=fb.samples_per_prompt, temperature=fb.temperature, top_p=fb.top_p,
-                            max_new_tokens=fb.max_new_tokens, seed=cfg.seed + seeds.FEEDBACK_ANSWERS)
-    with ctx.progress(len(items), "answers") as update:
-        answers = policy.generate([p.messages for _, _, p in items], params, progress=update)
-
-    comparisons: list[Comparison] = []
-    for (split, source, p), outs in zip(items, answers):
-        pool = const.comparison_principles if source == "harmlessness" else const.helpfulness_principles
-        comparisons += make_pairs(split, source, p, outs, pool, fb.principles_per_comparison, cfg.seed)
-    build_queries(comparisons, fb.both_orders)
-
     feedback_model = fb.model or cfg.engine.model
-    del policy
-    if ctx.model_path(fb.policy) != ctx.model_path(feedback_model):
-        ctx.release_engine(fb.policy)  # one model at a time: the feedback model loads into the room it leaves
-    engine = ctx.engine(feedback_model)
-    label(engine, comparisons, demonstrations(const, fb), fb.chain_of_thought, fb, cfg.seed, ctx.progress)
+    make = _contrast_pairs if fb.mode == "contrast" else _judged_pairs
+    records, prefs, stats = make(ctx, const, items, feedback_model)
 
-    prefs = {s: [] for s in SPLITS}
-    for c in comparisons:
-        if c.status == "labelled":
-            prefs[c.split].append(pref_record(c, feedback_model, fb.both_orders))
     n_human = {"train": 0, "test": 0}
     if fb.human_preferences:
         ctx.record_data()
@@ -182,27 +213,83 @@ def run(ctx: StageContext) -> dict:
                 n_human[s] += 1
 
     for s in SPLITS:
-        write_jsonl(ctx.output("comparisons", split=s), [_comparison_record(c) for c in comparisons if c.split == s])
+        write_jsonl(ctx.output("comparisons", split=s), [r for r in records if r["split"] == s])
         write_jsonl(ctx.output("prefs", split=s), prefs[s])
-    stats = statistics(comparisons)
-    stats["by_source"] = {src: statistics([c for c in comparisons if c.source == src])
-                          for src in ("harmlessness", "helpfulness")}
     stats["human_pairs"] = n_human
     stats["feedback_model"] = feedback_model
     stats["policy"] = fb.policy
     stats["chain_of_thought"] = fb.chain_of_thought
     write_json(ctx.output("stats"), stats)
-    return {
-        "comparisons": stats["comparisons"],
-        "labelled": stats["labelled"],
-        "abstained": stats["abstained"],
-        "identical_pairs": stats["identical_pairs"],
-        "position_consistency": stats["position_consistency"],
-        "mean_abs_p_minus_half": stats["mean_abs_p_minus_half"],
-        "prefs_train": len(prefs["train"]),
-        "prefs_test": len(prefs["test"]),
-        "human_pairs": n_human["train"] + n_human["test"],
-    }
+    counts = {"comparisons": stats["comparisons"], "labelled": stats["labelled"]}
+    if fb.mode == "contrast":
+        counts.update(identical_pairs=stats["identical_pairs"], judge_agreement=stats["judge_agreement"]["rate"])
+    else:
+        counts.update({k: stats[k] for k in ("abstained", "identical_pairs", "position_consistency",
+                                              "mean_abs_p_minus_half")})
+    return {**counts, "prefs_train": len(prefs["train"]), "prefs_test": len(prefs["test"]),
+            "human_pairs": n_human["train"] + n_human["test"]}
+
+
+def _feedback_engine(ctx: StageContext, feedback_model: str):
+    """The feedback model's engine. One model at a time: the policy's engine is released first
+    when it is another model, so the feedback model loads into the room it leaves."""
+    if ctx.model_path(ctx.cfg.feedback.policy) != ctx.model_path(feedback_model):
+        ctx.release_engine(ctx.cfg.feedback.policy)
+    return ctx.engine(feedback_model)
+
+
+def _judged_pairs(ctx: StageContext, const, items, feedback_model: str) -> tuple[list[dict], dict, dict]:
+    """mode=judge (the paper): every pair of the policy's answers to a prompt, labelled by the
+    feedback model. Returns the ``comparisons`` records, the ``prefs`` rows by split, the stats."""
+    cfg, fb = ctx.cfg, ctx.cfg.feedback
+    policy = ctx.engine(fb.policy)
+    params = SamplingParams(n=fb.samples_per_prompt, temperature=fb.temperature, top_p=fb.top_p,
+                            max_new_tokens=fb.max_new_tokens, seed=cfg.seed + seeds.FEEDBACK_ANSWERS)
+    with ctx.progress(len(items), "answers") as update:
+        answers = policy.generate([p.messages for _, _, p in items], params, progress=update)
+
+    comparisons: list[Comparison] = []
+    for (split, source, p), outs in zip(items, answers):
+        comparisons += make_pairs(split, source, p, outs, principle_pool(const, source), fb.principles_per_comparison,
+                                  cfg.seed)
+    build_queries(comparisons, fb.both_orders)
+
+    del policy
+    engine = _feedback_engine(ctx, feedback_model)
+    label(engine, comparisons, demonstrations(const, fb), fb.chain_of_thought, fb, cfg.seed, ctx.progress)
+
+    prefs = {s: [] for s in SPLITS}
+    for c in comparisons:
+        if c.status == "labelled":
+            prefs[c.split].append(pref_record(c, feedback_model, fb.both_orders))
+    stats = statistics(comparisons)
+    stats["by_source"] = {src: statistics([c for c in comparisons if c.source == src]) for src in SOURCES}
+    return [_comparison_record(c) for c in comparisons], prefs, stats
+
+
+def _contrast_pairs(ctx: StageContext, const, items, feedback_model: str) -> tuple[list[dict], dict, dict]:
+    """mode=contrast (RLCD, beyond the paper; :mod:`cai.contrast`): one pair per prompt, the
+    policy's answers under the positive and the negative prompt of a sampled principle,
+    labelled by construction; with ``contrast_judge`` the feedback model labels them too.
+    Returns what :func:`_judged_pairs` returns."""
+    cfg, fb = ctx.cfg, ctx.cfg.feedback
+    pairs = contrast.draw_pairs(items, const, cfg.seed)
+    policy = ctx.engine(fb.policy)
+    params = SamplingParams(n=1, temperature=fb.temperature, top_p=fb.top_p,
+                            max_new_tokens=fb.max_new_tokens, seed=cfg.seed + seeds.FEEDBACK_ANSWERS)
+    convs = [conv for cp in pairs for conv in cp.conversations()]  # positive, negative, positive...
+    with ctx.progress(len(convs), "contrast answers") as update:
+        answers = policy.generate(convs, params, progress=update)
+    for cp, positive, negative in zip(pairs, answers[0::2], answers[1::2]):
+        cp.chosen, cp.rejected = positive[0], negative[0]
+
+    del policy
+    if fb.contrast_judge:
+        contrast.judge_pairs(_feedback_engine(ctx, feedback_model), pairs, const, fb, cfg.seed, ctx.progress)
+
+    prefs = {s: [contrast.pref_record(cp, fb.contrast_label, feedback_model, fb.both_orders)
+                 for cp in pairs if cp.split == s and not cp.identical] for s in SPLITS}
+    return [_contrast_record(cp, fb.contrast_label) for cp in pairs], prefs, contrast_statistics(pairs, fb.contrast_label)
 
 
 def _needs(cfg) -> tuple[str, ...]:
@@ -214,17 +301,32 @@ def estimate(inputs: PlanInputs) -> Cost:
 
     fb, count = inputs.cfg.feedback, inputs.count
     reds = inputs.capped("red_team", fb.max_prompts)
-    prompts = [p for s in reds for p in reds[s]] + inputs.helpful_beside(reds, fb.helpful_ratio)
-    pairs = math.comb(fb.samples_per_prompt, 2)
+    red = [p for s in reds for p in reds[s]]
+    helpful = inputs.helpful_beside(reds, fb.helpful_ratio)
+    prompts = red + helpful
+    asks_judge = fb.mode == "judge" or fb.contrast_judge
+    if fb.mode == "contrast":
+        # one pair per prompt: an answer under each of its two prompts (each request its own conversation)
+        if not inputs.constitution.helpfulness_principles:  # the stage then makes no helpfulness pairs
+            prompts, helpful = red, []
+        items = [("", "harmlessness", p) for p in red] + [("", "helpfulness", p) for p in helpful]
+        convs = [conv for cp in contrast.draw_pairs(items, inputs.constitution, inputs.cfg.seed)
+                 for conv in cp.conversations()]
+        per_prompt, n_pairs = 2, len(prompts)
+        qs = n_pairs * (2 if fb.both_orders else 1) if asks_judge else 0
+    else:
+        convs = [p.messages for p in prompts]  # samples_per_prompt answers to each
+        per_prompt, n_pairs = fb.samples_per_prompt, len(prompts) * math.comb(fb.samples_per_prompt, 2)
+        qs = n_pairs * fb.principles_per_comparison * (2 if fb.both_orders else 1)
+    answers = len(prompts) * per_prompt
     examples = inputs.constitution.comparison_examples
     ex = examples if fb.few_shot < 0 else examples[: fb.few_shot]
-    demo = count(comparison_demos(ex, principle_texts(inputs.constitution), fb.chain_of_thought)) if ex else 0
-    qs = len(prompts) * pairs * fb.principles_per_comparison * (2 if fb.both_orders else 1)
+    demo = count(comparison_demos(ex, principle_texts(inputs.constitution), fb.chain_of_thought)) if ex and asks_judge else 0
     q_tokens = sum(count([{"role": "user", "content": question(p.messages, "Which is better?", "", "")}])
                    for p in prompts) / max(1, len(prompts)) + demo + 2 * fb.max_new_tokens
     cot = fb.chain_of_thought
     # memory: the policy that samples, then the feedback model that labels; the larger phase counts
-    e, policy, judge = inputs.cfg.engine, inputs.shape(fb.policy), inputs.shape(fb.model)
+    e, policy, judge = inputs.cfg.engine, inputs.shape(fb.policy), inputs.shape(fb.model) if asks_judge else None
     batching = inputs.batching
     memory, loads = None, 0
     if judge is not None or policy is not None:
@@ -232,29 +334,29 @@ def estimate(inputs: PlanInputs) -> Cost:
 
         ib, int8 = inputs.engine_bytes(), e.quantize == "int8"
         local = inputs.local_batching  # the models in this process (a served one's memory is its server's)
-        answer = int(sum(count(p.messages) for p in prompts) / max(1, len(prompts))) + fb.max_new_tokens
+        answer = int(sum(count(c) for c in convs) / max(1, len(convs))) + fb.max_new_tokens
         phases = []
         if policy is not None:
-            phases.append(generation(policy, ib, local.in_flight(max(1, len(prompts)) * fb.samples_per_prompt),
-                                     answer, int8))
+            phases.append(generation(policy, ib, local.in_flight(max(1, len(prompts)) * per_prompt), answer, int8))
         if judge is not None:
             phases.append(generation(judge, ib, local.in_flight(qs, "score"), int(q_tokens), int8,
                                      shared=local.kept_prefix(demo)))
         # the policy is released before the feedback model loads (one model at a time)
         memory = largest(*phases)
         loads = len(phases) if fb.policy != (fb.model or e.model) else 1
+    note = f"{n_pairs} pairs, {qs} questions"
     return Cost(
         loads=loads, memory=memory,
-        generate=len(prompts) * fb.samples_per_prompt + (qs if cot else 0), score=qs,
+        generate=answers + (qs if cot else 0), score=qs,
         # the shared demonstrations are read as often as the engine reads a shared prefix: once a
         # scoring batch, and with CoT also once a generation batch, on the local engine
-        prompt_tokens=sum(count(p.messages) for p in prompts)
+        prompt_tokens=sum(count(c) for c in convs)
         + int(qs * (q_tokens - demo)) + batching.prefix_reads(qs, "score") * demo
         + (int(qs * (q_tokens - demo)) + batching.prefix_reads(qs) * demo if cot else 0),
-        new_tokens=len(prompts) * fb.samples_per_prompt * fb.max_new_tokens + (qs * fb.cot_max_new_tokens if cot else 0),
-        decode_steps=batching.decode_steps(len(prompts) * fb.samples_per_prompt, fb.max_new_tokens)
+        new_tokens=answers * fb.max_new_tokens + (qs * fb.cot_max_new_tokens if cot else 0),
+        decode_steps=batching.decode_steps(answers, fb.max_new_tokens)
         + (batching.decode_steps(qs, fb.cot_max_new_tokens) if cot else 0),
-        note=f"{len(prompts) * pairs} pairs, {qs} questions",
+        note=f"{n_pairs} contrast pairs, {qs} judge questions" if fb.mode == "contrast" else note,
     )
 
 
