@@ -303,6 +303,11 @@ def _feedback_seeded(tiny_model):
             "feedback.max_new_tokens=12", "feedback.helpful_ratio=0.5"]
 
 
+def _contrast_seeded(tiny_model):
+    """feedback.mode=contrast with the judge: the answers under both prompts, then the judge's questions."""
+    return [*_feedback_seeded(tiny_model), "feedback.mode=contrast", "feedback.contrast_judge=true"]
+
+
 @pytest.fixture(scope="module")
 def cr_reference(tmp_path_factory, tiny_model):
     return _reference(tmp_path_factory, tiny_model, CR_SEEDED)
@@ -313,17 +318,28 @@ def feedback_reference(tmp_path_factory, tiny_model):
     return _reference(tmp_path_factory, tiny_model, _feedback_seeded(tiny_model))
 
 
-# about 15 s each on 2 cores (two `cai run`): the third seed of each stage runs with --slow only
+@pytest.fixture(scope="module")
+def contrast_reference(tmp_path_factory, tiny_model):
+    return _reference(tmp_path_factory, tiny_model, _contrast_seeded(tiny_model))
+
+
+# about 15 s each on 2 cores (two `cai run`): the third seed of each stage runs with --slow only;
+# "feedback-contrast" is the feedback stage in mode=contrast (seed 2 kills it among the judge's
+# questions, seed 4 among the answers)
 @pytest.mark.parametrize("stage,seed", [("critique_revision", 1), ("critique_revision", 6),
                                         pytest.param("critique_revision", 9, marks=pytest.mark.slow),
                                         ("feedback", 3), ("feedback", 0),
-                                        pytest.param("feedback", 10, marks=pytest.mark.slow)])
+                                        pytest.param("feedback", 10, marks=pytest.mark.slow),
+                                        ("feedback-contrast", 2), pytest.param("feedback-contrast", 4,
+                                                                               marks=pytest.mark.slow)])
 def test_kill_a_data_stage_at_a_seeded_point_then_resume(stage, seed, tmp_path, tiny_model, request):
-    reference = request.getfixturevalue("cr_reference" if stage == "critique_revision" else "feedback_reference")
-    extra = CR_SEEDED if stage == "critique_revision" else _feedback_seeded(tiny_model)
+    fixture, extra = {"critique_revision": ("cr_reference", CR_SEEDED),
+                      "feedback": ("feedback_reference", _feedback_seeded(tiny_model)),
+                      "feedback-contrast": ("contrast_reference", _contrast_seeded(tiny_model))}[stage]
+    reference = request.getfixturevalue(fixture)
     total = cached_rows(reference / "cache.sqlite")  # every request the uninterrupted run made
     target = max(1, int(random.Random(seed).uniform(0.05, 0.85) * total))
-    out, saved = _seeded_kill(tmp_path, tiny_model, extra, stage, reference, ["prepare"],
+    out, saved = _seeded_kill(tmp_path, tiny_model, extra, stage.split("-")[0], reference, ["prepare"],
                                  lambda run: cached_rows(run / "cache.sqlite") >= target)
     hits, new = _cache_line(out)
     assert saved >= target and hits == saved  # every answer received before the kill was reused
