@@ -124,6 +124,15 @@ def test_dataset_card_lists_configs_that_load_dataset_reads(run, tmp_path):
     assert set(ds) == {"train"} and ds["train"][0]["p_chosen"] == 0.6
 
 
+def test_dataset_card_says_contrast_pairs_were_labelled_by_construction(run):
+    (run / "feedback" / "stats.json").write_text(json.dumps(
+        {"mode": "contrast", "contrast_label": 0.9, "judge_agreement": {"k": 3, "n": 4, "rate": 0.75, "ci": [0.3, 0.95]}}))
+    card = {u.repo_id: u for u in plan_uploads(run, "me/tiny")}["me/tiny-data"].card
+    assert "contrast pairs (RLCD)" in card and "p_chosen = 0.9; no judge labelled them" in card
+    assert "agreed with the construction on 0.75 [0.3, 0.95] of 4 pairs" in card
+    assert "position consistency on these pairs" not in card
+
+
 @pytest.mark.parametrize("args, message", [
     (["--repo", "no-slash"], "is not a Hub repository id"),
     (["--repo", "me/x", "--models", "sft,nope"], "unknown model 'nope'"),

@@ -93,6 +93,35 @@ def test_page_source_has_no_live_payload(tmp_path):
     assert 'id="gates"' in html and "rejected texts: loops" in html
 
 
+def test_contrast_prompts_show_per_principle_escaped_and_the_judge_from_its_own_figures(tmp_path):
+    """feedback.mode=contrast: a table of each principle's two prompts (from a constitution
+    file: hostile), its pairs and the judge's agreement; the judge's reliability comes from
+    stats.json's "judge"."""
+    run = make_run(tmp_path / "run")
+    agreement = {"k": 3, "n": 4, "rate": 0.75, "ci": [0.3, 0.95], "too_small": True}
+    write_json(run / "feedback" / "stats.json", {
+        "mode": "contrast", "comparisons": 4, "labelled": 4, "identical_pairs": 0, "contrast_label": 0.85,
+        "judge_agreement": agreement,
+        "contrast_prompts": {"evil<b>id</b>": {
+            "source": "harmlessness", "origin": "constitution", "positive": f"Be kind {EVIL}",
+            "negative": f"Be cruel {EVIL}", "comparisons": 4, "identical_pairs": 0, "judge_agreement": agreement}},
+        "judge": {"position_consistency": 0.25, "position_consistency_ci": [0.05, 0.7], "decisiveness_all_orders": 0.02,
+                  "per_principle": {"less-harmful": {"questions": 8, "position_consistency": 0.25,
+                                                     "position_consistency_ci": [0.05, 0.7]}}},
+    })
+    html = build_report(run)
+    assert html.count("<script") == 2 and "<img src=x" not in html and "evil<b>" not in html
+    assert "Be kind &lt;script&gt;window.__pwned = 1" in html and "Be cruel &lt;script&gt;window.__pwned = 1" in html
+    assert "Contrast pairs (RLCD, beyond the paper)" in html and "p_chosen = 0.85" in html
+    assert html.count("0.75 [0.3, 0.95] of 4") == 2  # overall and the principle's row
+    assert "Feedback model over all its comparisons: position consistency 0.25 [0.05, 0.7]" in html
+    without_judge = json.loads((run / "feedback" / "stats.json").read_text()) | {"judge": None}
+    without_judge["judge_agreement"] = {"k": 0, "n": 0, "rate": None, "ci": None, "too_small": True}
+    write_json(run / "feedback" / "stats.json", without_judge)
+    html = build_report(run)
+    assert "overall not asked" in html and "Feedback model over all its comparisons" not in html
+
+
 def test_a_run_with_only_prepare_and_critique_revision_gets_a_report(tmp_path, capsys):
     run = make_run(tmp_path / "run", comparisons=0, evil=False)
     assert main(["report", str(run)]) == 0

@@ -236,7 +236,13 @@ def dataset_card(facts: RunFacts, repo: str, configs: dict[str, dict[str, Path]]
         body.append(f"| `{name}` | {what} | {columns} | {rows} |")
     body += ["", "## Constitution", "", *_constitution_lines(facts), "", "## Limits", ""]
     fb = _json(facts.run.path("feedback", "stats")) if facts.run.finished("feedback") else {}
-    if fb:
+    if fb.get("mode") == "contrast":
+        agree = fb.get("judge_agreement") or {}
+        body.append(f"- The preference pairs are contrast pairs (RLCD): the answer written under a principle's positive "
+                    f"prompt is chosen by construction, with p_chosen = {fb.get('contrast_label')}; no judge labelled "
+                    "them." + (f" The feedback model, asked too, agreed with the construction on {agree.get('rate')} "
+                               f"{agree.get('ci')} of {agree.get('n')} pairs." if agree.get("n") else ""))
+    elif fb:
         ci = fb.get("position_consistency_ci")
         body.append(f"- The feedback model's position consistency on these pairs: {fb.get('position_consistency')} "
                     f"{ci if ci else ''} (at chance unless the interval's lower bound is above 0.5); decisiveness "

@@ -531,6 +531,37 @@ def feedback_judge(stats) -> str:
                          "a PM trained on them"))
 
 
+def _agreement(rate) -> str:
+    """``0.75 [0.53, 0.89] of 20``: the judge's agreement with the contrast pairs' construction
+    (a :func:`cai.judge_stats.rate` record); "not asked" without one."""
+    if not isinstance(rate, dict) or not rate.get("n"):
+        return "not asked"
+    ci = rate.get("ci")
+    low, high = ci if isinstance(ci, list) and len(ci) == 2 else (None, None)
+    return f"{_ci(rate.get('rate'), low, high)} of {_fmt(rate.get('n'))}"
+
+
+def contrast_section(stats) -> str:
+    """The contrast prompts each principle gave (feedback.mode=contrast: feedback/stats.json),
+    how many pairs it made and how often the feedback model, when asked, preferred the
+    constructed chosen answer. Every cell is escaped: the prompts come from a constitution file."""
+    if not isinstance(stats, dict) or stats.get("mode") != "contrast":
+        return ""
+    per = stats.get("contrast_prompts") if isinstance(stats.get("contrast_prompts"), dict) else {}
+    rows = [[pid, d.get("source"), d.get("origin"), d.get("positive"), d.get("negative"), d.get("comparisons"),
+             d.get("identical_pairs"), _agreement(d.get("judge_agreement"))]
+            for pid, d in per.items() if isinstance(d, dict)]
+    return ("<h3>Contrast pairs (RLCD, beyond the paper)</h3>"
+            f"<p>feedback.mode=contrast: each pair is the policy's answers to one prompt under the principle's "
+            f"positive and negative system prompt; the positive answer is chosen by construction with "
+            f"p_chosen = {escape(_fmt(stats.get('contrast_label')))}. Pairs whose two answers are the same text are "
+            f"left out. Judge agreement: how often the feedback model (feedback.contrast_judge) gave the "
+            f"constructed chosen answer p &gt; 0.5, with its Wilson 95% interval; overall "
+            f"{escape(_agreement(stats.get('judge_agreement')))}. It measures the judge and filters nothing.</p>"
+            + _table(["principle", "source", "prompts from", "positive prompt", "negative prompt", "pairs",
+                      "identical answers", "judge agreement [Wilson 95%]"], rows, "contrast"))
+
+
 def _splits(run: Path, stage: str, name: str) -> list[dict]:
     """Both splits of a per-split output (``chains``, ``comparisons``), each record with its split."""
     out = []
@@ -562,8 +593,12 @@ def build_report(run_dir: str | Path) -> str:
     chains = _splits(run, "critique_revision", "chains")
     comparisons = _splits(run, "feedback", "comparisons")
     fb_stats = read_json(RunFolder(run).path("feedback", "stats"))
+    fb_stats = fb_stats if isinstance(fb_stats, dict) else None
+    # in contrast mode the feedback model's own figures, when it was asked, are under "judge"
+    judge_stats = fb_stats.get("judge") if fb_stats and fb_stats.get("mode") == "contrast" else fb_stats
     constitution = _load_constitution(run)
-    pstats = principle_stats(chains, fb_stats if isinstance(fb_stats, dict) else None, constitution)
+    pstats = principle_stats(chains, judge_stats if isinstance(judge_stats, dict) else None, constitution)
+    contrast = contrast_section(fb_stats)
     data = {
         "chains": [{k: c.get(k) for k in ("id", "split", "category", "messages", "initial_response", "rounds",
                                           "final_response", "revised", "trained_on")} for c in chains],
@@ -583,6 +618,15 @@ def build_report(run_dir: str | Path) -> str:
                      _consistency(rel), p["decisiveness_one_order"], p["decisiveness_all_orders"],
                      "AT CHANCE" if rel.judged_at_chance else "–" if not p["position_consistency_ci"] else
                      "above chance"])
+    principles = (_table(["principle", "kind", "sampled (rounds)", "revised", "mean change (1 − difflib ratio)",
+                          "feedback questions", "position consistency [Wilson 95%]", "decisiveness, one order",
+                          "decisiveness over both orders", "feedback judge"], prow, "principles")
+                  + feedback_judge(judge_stats)
+                  + "<p>Change is 1 − <code>difflib.SequenceMatcher.ratio()</code> between the answer before and "
+                    "after each revision under the principle. Position consistency: how often the feedback model "
+                    "preferred the same answer in both orders (feedback/stats.json); at chance unless its interval's "
+                    "lower bound is above 0.5. Decisiveness, one order: mean |p − 0.5| of each question on its own; "
+                    "over both orders: |p − 0.5| of p averaged over the two orders.</p>") if pstats else ""
     sections = [
         ("timeline", "Stage timeline", timeline(manifests)),
         ("expand", "Red-team prompt expansion", expansion(run)),
@@ -591,16 +635,7 @@ def build_report(run_dir: str | Path) -> str:
         ("revisions", "PM score vs revisions", revisions(run)),
         ("gates", "SL-CAI quality gates", quality_gates(run)),
         ("training", "Training stages", stage_details(run)),
-        ("principles", "Principles",
-         (_table(["principle", "kind", "sampled (rounds)", "revised", "mean change (1 − difflib ratio)",
-                  "feedback questions", "position consistency [Wilson 95%]", "decisiveness, one order",
-                  "decisiveness over both orders", "feedback judge"], prow, "principles")
-          + feedback_judge(fb_stats)
-          + "<p>Change is 1 − <code>difflib.SequenceMatcher.ratio()</code> between the answer before and after "
-            "each revision under the principle. Position consistency: how often the feedback model preferred the "
-            "same answer in both orders (feedback/stats.json); at chance unless its interval's lower bound is "
-            "above 0.5. Decisiveness, one order: mean |p − 0.5| of each question on its own; over both orders: "
-            "|p − 0.5| of p averaged over the two orders.</p>") if pstats else ""),
+        ("principles", "Principles", contrast + principles),
         ("chains", f"Critique/revision chains ({len(chains)})", _browser("chains") if chains else ""),
         ("comparisons", f"AI comparisons ({len(comparisons)})", _browser("comparisons") if comparisons else ""),
     ]
