@@ -16,7 +16,7 @@ CRITIQUE = 1000
 REVISION = 1001
 #: A request retried after the quality gates rejected its text adds this per attempt (a prime).
 RETRY_STEP = 7919
-#: feedback: the answers sampled to make pairs.
+#: feedback: the answers sampled to make pairs (in contrast mode too: each under its own system prompt).
 FEEDBACK_ANSWERS = 2000
 #: feedback: the chains of thought before the options are read.
 FEEDBACK_COT = 3000

@@ -182,6 +182,7 @@ def statistics(comparisons: list[Comparison]) -> dict:
 
 
 def run(ctx: StageContext) -> dict:
+    """The prompts, their pairs as ``feedback.mode`` makes them, the human pairs mixed in, the files."""
     cfg, fb = ctx.cfg, ctx.cfg.feedback
     const = load_constitution(ctx.artifact("prepare", "constitution"))
     red = red_team_prompts(ctx, fb.max_prompts)  # with the expand stage's prompts in train
@@ -365,6 +366,7 @@ STAGE = StageSpec(
     run=run,
     config_keys=("seed", "engine", "feedback", "data"),
     needs=_needs,
-    help="AI feedback: sample answer pairs, label them with option log-probabilities in both orders.",
+    help="AI feedback: sample answer pairs, label them with option log-probabilities in both orders "
+         "(mode=contrast: answers under a principle's positive and negative prompt, labelled by construction).",
     estimate=estimate,
 )
