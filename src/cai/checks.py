@@ -59,7 +59,12 @@ def check_config(cfg: RunConfig) -> None:
 
 
 def check_inputs(cfg: RunConfig, constitution) -> None:
-    """What the config asks of its inputs: the principles it names are in the constitution."""
+    """What the config asks of its inputs: the principles it names are in the constitution, and
+    it has the system prompt ``critique_revision.system_prompt=constitution`` asks for."""
+    from cai.conversations import answer_system_prompt
+
+    if "critique_revision" in cfg.stages:
+        answer_system_prompt(constitution, cfg.critique_revision.system_prompt)
     ev = cfg.evaluate
     for field, wanted, pool in (("harmlessness_principle", ev.harmlessness_principle, constitution.comparison_principles),
                                 ("helpfulness_principle", ev.helpfulness_principle, constitution.helpfulness_principles)):

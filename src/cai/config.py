@@ -202,7 +202,19 @@ class DataConfig:
 
 @dataclass
 class CritiqueRevisionConfig:
-    rounds: int = _f(4, "Critique/revision rounds per prompt, each under a freshly sampled principle (paper: 4).", low=1)
+    rounds: int = _f(
+        4, "Critique/revision rounds per prompt, each under a freshly sampled principle (paper: 4). 0: no "
+        "critique or revision; the first answers are the SFT data (with system_prompt=constitution: context "
+        "distillation).", low=0,
+    )
+    system_prompt: str = _f(
+        "none",
+        "Beyond the paper's SL-CAI (its context-distillation baseline; Askell et al. 2021): 'constitution' samples "
+        "the first answers (red-team and helpful) under a system prompt written from the constitution (its "
+        "system_prompt), while the chains' messages and the SFT data hold the plain conversation, so SFT teaches "
+        "the model to answer that way without the prompt. 'none': no system prompt, as in the paper.",
+        choices=("none", "constitution"),
+    )
     critique: bool = _f(
         True, "Ask for a critique before each revision. false: direct revision (the paper found critiques helped "
         "its smaller models most; for the largest, direct revision did about as well)."
@@ -254,6 +266,11 @@ class CritiqueRevisionConfig:
         if self.best_of > 1 and self.temperature <= 0:
             raise CaiError(f"config field '{name}.best_of' > 1 needs {name}.temperature > 0 "
                            "(greedy decoding gives the same revision every time)")
+        if self.rounds == 0:  # settings of the rounds that would be silently ignored without any
+            for field_name, on in (("best_of", self.best_of > 1), ("sft_all_revisions", self.sft_all_revisions)):
+                if on:
+                    raise CaiError(f"config field '{name}.{field_name}' is about revisions, but {name}.rounds is 0 "
+                                   f"(no revision): set {name}.rounds >= 1 or leave {field_name} at its default")
 
 @dataclass
 class ExpandConfig:

@@ -377,8 +377,8 @@ def estimate(inputs: PlanInputs) -> Cost:
     pair_q += points * (r + h) * 2
     judge_q += points * (r + (r + b) * 2 + r * 2)
     pm = models * (r + h) if ev.preference_model and "preference_model" in cfg.stages else 0
-    if pm and "critique_revision" in cfg.stages:  # at most rounds + 1 texts per scored chain
-        cr = cfg.critique_revision
+    cr = cfg.critique_revision
+    if pm and "critique_revision" in cfg.stages and cr.rounds:  # at most rounds + 1 texts per scored chain
         chains = sum(min(len(inputs.capped("red_team", cr.max_prompts).get(s, [])),
                          ev.revision_max_chains or 1 << 30) for s in ev.revision_splits)
         pm += chains * (cr.rounds + 1)
