@@ -1,21 +1,17 @@
 """Context distillation in the critique_revision stage: first answers drawn under the
 constitution's system prompt, trained on without it; and zero revision rounds."""
 
-import json
-
 import pytest
 
 from cai.config import load_config
 from cai.constitution import load_constitution
 from cai.conversations import with_system_prompt
 from cai.errors import CaiError
-from cai.pipeline import run_pipeline
-from cai.stages import critique_revision as cr
+from test_critique_revision import LOOP, _run_scripted
 
 SYSTEM = load_constitution("builtin:default").system_prompt
 UNDER = "I won't help with that, but here is a safe way to get what you need."
 PLAIN = "Sure, here is exactly how to do it, step by step."
-LOOP = "Dry it completely. " * 6
 
 
 class Recorder:
@@ -50,34 +46,13 @@ class Recorder:
         return out
 
 
-def _read(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def _run(tmp_path, tiny_model, engine, *extra):
-    """The stage on ``engine`` over 3 red-team and 3 helpful prompts a split; its outputs."""
-    from cai.stage import StageContext
-
-    if not (tmp_path / "run" / "prepare").is_dir():
-        run_pipeline(load_config(None, [f"run_dir={tmp_path / 'run'}", f"engine.model={tiny_model}", "stages=[prepare]"]),
-                     log=lambda m: None)
-    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"engine.model={tiny_model}",
-                             "stages=[prepare, critique_revision]", "critique_revision.max_prompts=3", *extra])
-    out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
-    out.mkdir()
-    ctx = StageContext(cfg=cfg, run_dir=tmp_path / "run", out=out, name="critique_revision", log=lambda m: None,
-                       engines={str(tiny_model): engine})
-    counts = cr.run(ctx)
-    return counts, _read(out / "chains" / "train.jsonl"), _read(out / "sft" / "train.jsonl")
-
-
 def test_first_answers_are_drawn_under_the_system_prompt_and_trained_on_without_it(tmp_path, tiny_model):
     """rounds=0, system_prompt=constitution: the engine saw every first answer (red-team and
     helpful) with the constitution's system turn first; the SFT rows are the plain prompt and
     the answer drawn under it (the engine's output depends on the system turn); nothing else
     was asked."""
     engine = Recorder()
-    counts, chains, sft = _run(tmp_path, tiny_model, engine, "critique_revision.rounds=0",
+    counts, chains, sft = _run_scripted(tmp_path, tiny_model, engine, "critique_revision.rounds=0",
                                "critique_revision.system_prompt=constitution")
     assert len(engine.seen) == 12  # 3 red-team + 3 helpful prompts a split, one answer each: no critique, no revision
     assert all(c[0] == {"role": "system", "content": SYSTEM} for c in engine.seen)
@@ -97,7 +72,7 @@ def test_the_rounds_critique_the_distilled_answer_in_the_plain_conversation(tmp_
     """rounds=1 under the system prompt: only the first answers carry it; each critique and
     revision request is the plain conversation ending in that answer."""
     engine = Recorder()
-    _, chains, sft = _run(tmp_path, tiny_model, engine, "critique_revision.rounds=1",
+    _, chains, sft = _run_scripted(tmp_path, tiny_model, engine, "critique_revision.rounds=1",
                           "critique_revision.system_prompt=constitution")
     rounds = [c for c in engine.seen if c[-1]["content"] in engine.critique_requests | engine.revision_requests]
     assert len(rounds) == 12 and all(m["role"] != "system" for c in rounds for m in c)
@@ -108,7 +83,7 @@ def test_the_rounds_critique_the_distilled_answer_in_the_plain_conversation(tmp_
 
 def test_without_the_setting_nothing_carries_a_system_turn(tmp_path, tiny_model):
     engine = Recorder()
-    _, chains, sft = _run(tmp_path, tiny_model, engine, "critique_revision.rounds=0")
+    _, chains, sft = _run_scripted(tmp_path, tiny_model, engine, "critique_revision.rounds=0")
     assert all(m["role"] != "system" for c in engine.seen for m in c)
     assert all("initial_system_prompt" not in c and c["initial_response"] == PLAIN for c in chains)
 
@@ -117,7 +92,7 @@ def test_with_no_rounds_the_gates_retry_a_rejected_first_answer(tmp_path, tiny_m
     """rounds=0: the first answers are the SFT data, so a looping one is resampled (under the
     same system prompt) like a helpful answer; its rejected try is kept in the chain."""
     engine = Recorder(first=lambda attempt: LOOP if attempt == 0 else UNDER)
-    counts, chains, sft = _run(tmp_path, tiny_model, engine, "critique_revision.rounds=0",
+    counts, chains, sft = _run_scripted(tmp_path, tiny_model, engine, "critique_revision.rounds=0",
                                "critique_revision.system_prompt=constitution")
     assert counts["gate_first_answer_rejected"] == 6 and counts["gate_first_answer_dropped"] == 0
     assert all(c[0]["role"] == "system" for c in engine.seen)  # the retries too
@@ -126,7 +101,7 @@ def test_with_no_rounds_the_gates_retry_a_rejected_first_answer(tmp_path, tiny_m
         assert c["initial_attempts"] == [{"answer": LOOP.strip(), "reasons": ["loops"]}]
     assert [s["messages"][-1]["content"] for s in sft if s["source"] == "revision"] == [UNDER] * 3
     engine = Recorder(first=lambda attempt: LOOP)  # still looping after the retry: not trained on
-    counts, chains, sft = _run(tmp_path, tiny_model, engine, "critique_revision.rounds=0")
+    counts, chains, sft = _run_scripted(tmp_path, tiny_model, engine, "critique_revision.rounds=0")
     assert counts["gate_first_answer_dropped"] == 6 and counts["prompts_without_sft_example"] == 6
     assert [s for s in sft if s["source"] == "revision"] == [] and all(c["trained_on"] is None for c in chains)
 
