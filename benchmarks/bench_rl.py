@@ -9,12 +9,18 @@ own functions (``cai.stages.rl.train_step`` pieces), each split into:
 * ``pm``: scoring every answer with the PM;
 * ``ref``: the reference's log-probs of the sampled tokens (one no-grad pass);
 * ``policy_fwd_bwd``: the policy's forward pass with grad, the RLOO loss, backward,
-  clipping and the AdamW step.
+  clipping and the AdamW step;
+* with ``--judge``, ``judge``: the same answers scored as ``rl.reward=judge`` scores them
+  (``cai.judge.Judge.group_scores`` over each prompt's k answers: k(k-1)/2 pairs, both
+  orders, the default feedback settings, the embedded model as the judge on a local
+  engine). A PM step is generate + pm + ref + update, a judge step generate + judge + ref
+  + update: both from the same rollouts of the same run, and their ratio is reported.
 
-Writes ``benchmarks/results/rl.json``.
+Writes ``benchmarks/results/rl.json`` (``rl-judge.json`` with ``--judge``).
 
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/bench_rl.py            # 4 prompts x 4, 128 tokens
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_rl.py --quick    # 2 prompts x 4, 16 tokens
+    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/bench_rl.py --judge    # judge reward against PM reward
 """
 
 from __future__ import annotations
@@ -46,8 +52,10 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "rl.json"))
+    ap.add_argument("--judge", action="store_true", help="also time the judge reward (rl.reward=judge) on the same answers")
+    ap.add_argument("--out", default=None, help="default: results/rl.json (rl-judge.json with --judge)")
     args = ap.parse_args()
+    args.out = args.out or str(Path(__file__).parent / "results" / ("rl-judge.json" if args.judge else "rl.json"))
     if args.quick:
         args.prompts, args.max_new_tokens, args.steps = 2, 16, 1
     import torch
@@ -63,6 +71,14 @@ def main() -> None:
                                                    model_cls=AutoModelForSequenceClassification, num_labels=1)
     pm = RewardModel(pm_model, pm_tok, "cpu")
     engine = LocalEngine(path, model=policy, tokenizer=tok, batch_size=64)
+    judge = None
+    if args.judge:  # what rl.reward=judge builds: a second copy of the model on the run's (local) engine
+        from cai.config import FeedbackConfig
+        from cai.constitution import load_constitution
+        from cai.judge import Judge
+
+        judge = Judge(LocalEngine(path, device="cpu", dtype="float32"), load_constitution("builtin:default"),
+                      FeedbackConfig(), seed=0)
     prompts = [p.to_record() for p in load_prompt_set("builtin:red_team", 0.25, 0)["train"]]
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
 
@@ -72,8 +88,11 @@ def main() -> None:
         sp = SamplingParams(n=args.k, temperature=1.0, max_new_tokens=args.max_new_tokens, seed=step)
         t = {}
         (examples, texts), t["generate"], b1 = _common.timed(lambda: rollout(engine, batch, sp))
-        scores, t["pm"], b2 = _common.timed(lambda: torch.tensor(
-            pm.score_many([p["messages"] for p in batch for _ in range(args.k)], texts, batch_size=16)))
+        messages = [p["messages"] for p in batch for _ in range(args.k)]
+        scores, t["pm"], b2 = _common.timed(lambda: torch.tensor(pm.score_many(messages, texts, batch_size=16)))
+        if judge is not None:
+            groups = [i // args.k for i in range(len(texts))]
+            _, t["judge"], b5 = _common.timed(lambda: judge.group_scores(messages, texts, groups))
         padded = pad_batch(examples, tok.pad_token_id, "cpu")
 
         def ref_pass():
@@ -93,29 +112,42 @@ def main() -> None:
         _, t["policy_fwd_bwd"], b4 = _common.timed(update)
         new_tokens = sum(sum(1 for x in e["labels"] if x != -100) for e in examples)
         tokens = sum(len(e["input_ids"]) for e in examples)
+        pm_step = sum(v for k, v in t.items() if k != "judge")
         row = {"step": step, "warmup": step == 0, "sequences": len(examples), "new_tokens": new_tokens,
                "tokens": tokens, "seconds": {k: round(v, 2) for k, v in t.items()},
-               "total_seconds": round(sum(t.values()), 2)}
+               "total_seconds": round(pm_step, 2)}  # a PM step: the judge's part is another reward's
         _common.log(json.dumps(row))
         rows.append(row)
         if step:
-            busy += [("generate", b1), ("pm", b2), ("ref", b3), ("update", b4)]
+            busy += [("generate", b1), ("pm", b2), ("ref", b3), ("update", b4)] + ([("judge", b5)] if judge else [])
     timed_rows = [r for r in rows if not r["warmup"]]
     parts = {k: sum(r["seconds"][k] for r in timed_rows) / len(timed_rows) for k in timed_rows[0]["seconds"]}
-    total = sum(parts.values())
+    total = sum(v for k, v in parts.items() if k != "judge")  # a PM step
     summary = {
         "mean_step_seconds": round(total, 2),
-        "share": {k: round(v / total, 3) for k, v in parts.items()},
+        "share": {k: round(v / total, 3) for k, v in parts.items() if k != "judge"},
         "mean_seconds": {k: round(v, 2) for k, v in parts.items()},
         "generated_tokens_per_s": round(sum(r["new_tokens"] for r in timed_rows) / sum(r["seconds"]["generate"] for r in timed_rows), 1),
     }
+    if judge is not None:
+        judge_step = total - parts["pm"] + parts["judge"]
+        summary["judge"] = {
+            "questions_per_step": args.prompts * args.k * (args.k - 1),  # k(k-1)/2 pairs a prompt, both orders
+            "mean_step_seconds_pm": round(total, 2), "mean_step_seconds_judge": round(judge_step, 2),
+            "judge_step_over_pm_step": round(judge_step / total, 2),
+            "judge_scoring_over_pm_scoring": round(parts["judge"] / parts["pm"], 1),
+        }
     warning = _common.starved_warning(_common.usable_cores(), busy)
     if warning:
         summary["warning"] = warning
         _common.log(warning)
-    print("| part | seconds per step | share |\n|---|---|---|")
+    print("| part | seconds per step | share of a PM step |\n|---|---|---|")
     for k, v in parts.items():
         print(f"| {k} | {v:.2f} | {v / total:.0%} |")
+    if judge is not None:
+        j = summary["judge"]
+        print(f"PM step {j['mean_step_seconds_pm']} s, judge step {j['mean_step_seconds_judge']} s: "
+              f"x{j['judge_step_over_pm_step']} ({j['questions_per_step']} judge questions a step)")
     report = {
         "model": {"name": "default", "path": path}, "settings": vars(args),
         "machine": {**_common.machine_info(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},

@@ -26,13 +26,14 @@ def check_config(cfg: RunConfig) -> None:
         from cai.engines.serve import check_template
 
         check_template(cfg.engine.serve)
-    if cfg.evaluate.judge_endpoints:
-        from cai.engines.openai import check_openai_config
+    for section in ("evaluate", "rl"):  # the judges served beside the run's engine
+        if getattr(cfg, section).judge_endpoints:
+            from cai.engines.openai import check_openai_config
 
-        try:
-            check_openai_config(judge_engine_config(cfg))
-        except CaiError as exc:
-            raise CaiError(str(exc).replace("engine.endpoints", "evaluate.judge_endpoints")) from None
+            try:
+                check_openai_config(judge_engine_config(cfg, section))
+            except CaiError as exc:
+                raise CaiError(str(exc).replace("engine.endpoints", f"{section}.judge_endpoints")) from None
     if cfg.evaluate.sets:
         from cai.evaluation.sets import parse_spec
 
@@ -59,7 +60,12 @@ def check_config(cfg: RunConfig) -> None:
 
 
 def check_inputs(cfg: RunConfig, constitution) -> None:
-    """What the config asks of its inputs: the principles it names are in the constitution."""
+    """What the config asks of its inputs: the principles it names are in the constitution, and
+    it has the system prompt ``critique_revision.system_prompt=constitution`` asks for."""
+    from cai.conversations import answer_system_prompt
+
+    if "critique_revision" in cfg.stages:
+        answer_system_prompt(constitution, cfg.critique_revision.system_prompt)
     ev = cfg.evaluate
     for field, wanted, pool in (("harmlessness_principle", ev.harmlessness_principle, constitution.comparison_principles),
                                 ("helpfulness_principle", ev.helpfulness_principle, constitution.helpfulness_principles)):
@@ -304,8 +310,10 @@ def check_endpoints(cfg: RunConfig, longest: int, timeout_s: float = 5.0) -> lis
     groups = []
     if cfg.engine.kind == "openai" and cfg.engine.serve == "none":
         groups.append(("engine.endpoints", cfg.engine.endpoints, cfg.engine.model))
-    if cfg.evaluate.judge_endpoints:
-        groups.append(("evaluate.judge_endpoints", cfg.evaluate.judge_endpoints, cfg.evaluate.judge))
+    for section in ("evaluate", "rl"):
+        settings = getattr(cfg, section)
+        if settings.judge_endpoints:
+            groups.append((f"{section}.judge_endpoints", settings.judge_endpoints, settings.judge))
     key = os.environ.get(cfg.engine.api_key_env) or None
     out = []
     for field, urls, model in groups:
@@ -425,7 +433,8 @@ def preflight(cfg: RunConfig, rows: list[dict] | None, world: int, longest: int 
 def longest_request(cfg: RunConfig, constitution, sets: dict) -> int:
     """About the longest request the run sends a model (tokens at four characters each): a
     critique/revision round (demonstrations, prompt, answer, critique, revision) or a
-    comparison question (demonstrations, prompt, two answers, a chain of thought)."""
+    comparison question (demonstrations, prompt, two answers, a chain of thought: the
+    feedback stage's, the evaluation's, the rl stage's judge reward's)."""
     from cai.conversations import comparison_demos, principle_texts, revision_demos
 
     def count(conv) -> int:
@@ -442,4 +451,6 @@ def longest_request(cfg: RunConfig, constitution, sets: dict) -> int:
     question = fb_demos + prompt + 2 * fb.max_new_tokens + (fb.cot_max_new_tokens if fb.chain_of_thought else 0) + 64
     ev_demos = count(comparison_demos(cx if ev.few_shot < 0 else cx[: ev.few_shot], texts, False)) if cx else 0
     judged = ev_demos + prompt + 2 * ev.max_new_tokens + 64
-    return max(rounds, question, judged)
+    # rl.reward=judge asks the feedback question about two rollouts
+    rewarded = question - 2 * fb.max_new_tokens + 2 * cfg.rl.max_new_tokens if cfg.rl.reward == "judge" else 0
+    return max(rounds, question, judged, rewarded)

@@ -202,7 +202,19 @@ class DataConfig:
 
 @dataclass
 class CritiqueRevisionConfig:
-    rounds: int = _f(4, "Critique/revision rounds per prompt, each under a freshly sampled principle (paper: 4).", low=1)
+    rounds: int = _f(
+        4, "Critique/revision rounds per prompt, each under a freshly sampled principle (paper: 4). 0: no "
+        "critique or revision; the first answers are the SFT data (with system_prompt=constitution: context "
+        "distillation).", low=0,
+    )
+    system_prompt: str = _f(
+        "none",
+        "Beyond the paper's SL-CAI (its context-distillation baseline; Askell et al. 2021): 'constitution' samples "
+        "the first answers (red-team and helpful) under a system prompt written from the constitution (its "
+        "system_prompt), while the chains' messages and the SFT data hold the plain conversation, so SFT teaches "
+        "the model to answer that way without the prompt. 'none': no system prompt, as in the paper.",
+        choices=("none", "constitution"),
+    )
     critique: bool = _f(
         True, "Ask for a critique before each revision. false: direct revision (the paper found critiques helped "
         "its smaller models most; for the largest, direct revision did about as well)."
@@ -254,6 +266,11 @@ class CritiqueRevisionConfig:
         if self.best_of > 1 and self.temperature <= 0:
             raise CaiError(f"config field '{name}.best_of' > 1 needs {name}.temperature > 0 "
                            "(greedy decoding gives the same revision every time)")
+        if self.rounds == 0:  # settings of the rounds that would be silently ignored without any
+            for field_name, on in (("best_of", self.best_of > 1), ("sft_all_revisions", self.sft_all_revisions)):
+                if on:
+                    raise CaiError(f"config field '{name}.{field_name}' is about revisions, but {name}.rounds is 0 "
+                                   f"(no revision): set {name}.rounds >= 1 or leave {field_name} at its default")
 
 @dataclass
 class ExpandConfig:
@@ -593,10 +610,30 @@ class RLConfig(OptimizerConfig):
         "have unit scale. Same loss, KL in the reward, one update per batch either way.",
         choices=("rloo", "grpo"),
     )
-    kl_coef: float = _f(0.05, "Weight of the sequence KL(policy || reference) subtracted from the PM reward.", low=0)
+    reward: str = _f(
+        "pm",
+        "What scores the rollouts: 'pm', the run's preference model (the paper); 'judge', beyond the paper (direct "
+        "RLAIF, Lee et al. 2023, here with cai's soft pairwise judgement): the judge compares every two answers of a "
+        "prompt under a sampled comparison principle in both orders (the feedback.* settings), and an answer's "
+        "reward is its mean probability of being the better one. No preference model is trained or loaded.",
+        choices=("pm", "judge"),
+    )
+    judge: str | None = _f(
+        None, "With reward=judge: the model that judges; None uses feedback.model, else engine.model.",
+    )
+    judge_endpoints: list[str] = _f(
+        [], "With reward=judge: OpenAI-compatible server URLs that serve rl.judge, so a larger served model judges "
+        "while the policy trains here (the other engine.* server settings apply). []: the judge runs on the run's "
+        "engine.", fingerprint=False,
+    )
+    judge_tokenizer: str | None = _f(
+        None, "With judge_endpoints: a local tokenizer whose chat template is applied here (requests go to "
+        "/completions, as llama.cpp servers need). None: /chat/completions, the server's template.",
+    )
+    kl_coef: float = _f(0.05, "Weight of the sequence KL(policy || reference) subtracted from the reward.", low=0)
     whiten: bool = _f(
-        True, "Divide the step's rewards (PM score - KL penalty) by their standard deviation before the "
-        "baseline (makes the learning rate independent of the PM's scale). With advantage=grpo the group "
+        True, "Divide the step's rewards (PM or judge score - KL penalty) by their standard deviation before the "
+        "baseline (makes the learning rate independent of the reward's scale). With advantage=grpo the group "
         "normalisation already does that; whitening then only measures grpo's 1e-4 in step-std units.",
     )
     max_new_tokens: int = _f(256, "Token budget per sampled answer.", low=1)
@@ -611,7 +648,10 @@ class RLConfig(OptimizerConfig):
         "N), i = 1..N; the last is model/ itself, the others go to points/step-NNNNNN/ (adapters with LoRA, whole "
         "models otherwise). The evaluate stage scores them (evaluate.frontier). 0: keep none.", low=0
     )
-    eval_prompts: int = _f(32, "Held-out red-team test prompts scored by the PM before and after RL.", low=0)
+    eval_prompts: int = _f(
+        32, "Held-out red-team test prompts answered before and after RL and scored: by the PM, or with reward=judge "
+        "by the judge's probability that the answer beats the starting policy's.", low=0,
+    )
     offload: str = _f(
         "auto",
         "Move what a phase of the step does not use (the PM; the reference copy in full fine-tuning) to the CPU "
@@ -620,6 +660,15 @@ class RLConfig(OptimizerConfig):
         "(nothing to move). 'always' / 'never' force it.",
         choices=("auto", "always", "never"),
     )
+
+    def rules(self, name: str) -> None:
+        judge_fields = [f for f in ("judge", "judge_endpoints", "judge_tokenizer") if getattr(self, f)]
+        if self.reward == "pm" and judge_fields:
+            raise CaiError(f"config field '{name}.{judge_fields[0]}' is set but {name}.reward is pm, which does not "
+                           f"use a judge; set {name}.reward=judge or leave it out")
+        if self.judge_endpoints and not self.judge:
+            raise CaiError(f"config field '{name}.judge_endpoints' needs {name}.judge: the model name the servers "
+                           f"serve (e.g. {name}.judge=Qwen/Qwen2.5-7B-Instruct)")
 
 
 @dataclass
@@ -929,15 +978,23 @@ def load_config(config: str | None = None, overrides: list[str] = (), cls=RunCon
     return from_dict(cls, data, source if not overrides else f"{source} + overrides")
 
 
-def judge_engine_config(cfg) -> EngineConfig:
-    """The engine settings of the evaluation judge: the run's, or with
-    ``evaluate.judge_endpoints`` an OpenAI-compatible engine on those servers."""
-    ev = cfg.evaluate
-    model = ev.judge or cfg.engine.model
-    if not ev.judge_endpoints:
+def judge_model(cfg, section: str = "evaluate") -> str:
+    """The model a judge runs: ``<section>.judge``; else, for the rl stage's judge reward, the
+    feedback model (``feedback.model``); else ``engine.model``."""
+    own = getattr(cfg, section).judge
+    return own or (cfg.feedback.model if section == "rl" else None) or cfg.engine.model
+
+
+def judge_engine_config(cfg, section: str = "evaluate") -> EngineConfig:
+    """The engine settings of a judge (``section``: 'evaluate', the evaluation's, or 'rl', the
+    judge reward's): the run's engine on :func:`judge_model`, or with
+    ``<section>.judge_endpoints`` an OpenAI-compatible engine on those servers."""
+    s = getattr(cfg, section)
+    model = judge_model(cfg, section)
+    if not s.judge_endpoints:
         return dataclasses.replace(cfg.engine, model=model)
-    return dataclasses.replace(cfg.engine, kind="openai", model=model, endpoints=list(ev.judge_endpoints),
-                               tokenizer=ev.judge_tokenizer, revision=None)
+    return dataclasses.replace(cfg.engine, kind="openai", model=model, endpoints=list(s.judge_endpoints),
+                               tokenizer=s.judge_tokenizer, revision=None)
 
 
 def results_dict(cfg) -> dict:

@@ -8,9 +8,9 @@ Three formats load as-is:
 * the Hugging Face recipe's JSON: ``{"constitutions": [{"critic", "revision"}],
   "system_chat": [[{"role", "content"}, ...], ...]}``.
 
-Neither public format carries comparison principles; an imported constitution takes
-the default constitution's comparison principles and comparison demonstrations, and
-says so in ``notes``.
+Neither public format carries comparison principles or a system prompt; an imported
+constitution takes the default constitution's comparison principles, comparison
+demonstrations and system prompt, and says so in ``notes``.
 """
 
 from __future__ import annotations
@@ -84,6 +84,10 @@ class Constitution:
     critique_revision_examples: list[CritiqueRevisionExample] = field(default_factory=list)
     comparison_examples: list[ComparisonExample] = field(default_factory=list)
     description: str = ""
+    #: Its principles as a short system prompt in the assistant's own voice: what
+    #: ``critique_revision.system_prompt=constitution`` samples the first answers under
+    #: (context distillation). Empty: the constitution has none.
+    system_prompt: str = ""
     source: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -104,6 +108,7 @@ class Constitution:
         out = {
             "name": self.name,
             "description": self.description,
+            **({"system_prompt": self.system_prompt} if self.system_prompt else {}),
             "principles": [asdict(p) for p in self.principles],
             "comparison_principles": [_drop_none(asdict(p)) for p in self.comparison_principles],
             "helpfulness_principles": [_drop_none(asdict(p)) for p in self.helpfulness_principles],
@@ -182,7 +187,7 @@ def _parse_yaml_constitution(data, source: str) -> Constitution:
         data,
         "top level",
         ("name", "principles"),
-        ("description", "comparison_principles", "helpfulness_principles", "few_shot"),
+        ("description", "system_prompt", "comparison_principles", "helpfulness_principles", "few_shot"),
     )
     name = c.text(data["name"], "name")
     principles = []
@@ -253,6 +258,7 @@ def _parse_yaml_constitution(data, source: str) -> Constitution:
     const = Constitution(
         name=name,
         description=data.get("description") or "",
+        system_prompt=c.text(data["system_prompt"], "system_prompt") if "system_prompt" in data else "",
         principles=principles,
         comparison_principles=comparison,
         helpfulness_principles=helpfulness,
@@ -380,9 +386,10 @@ def _with_default_comparisons(const: Constitution, fmt: str) -> Constitution:
     const.comparison_principles = default.comparison_principles
     const.helpfulness_principles = default.helpfulness_principles
     const.comparison_examples = default.comparison_examples
+    const.system_prompt = default.system_prompt
     const.notes.append(
-        f"imported from {fmt}; comparison principles and demonstrations come from the "
-        "default constitution"
+        f"imported from {fmt}; comparison principles and demonstrations and the system prompt come "
+        "from the default constitution"
     )
     if not const.critique_revision_examples:
         const.critique_revision_examples = default.critique_revision_examples

@@ -33,6 +33,7 @@ import unicodedata
 from cai import seeds
 from cai.constitution import ComparisonExample, ComparisonPrinciple, Constitution, CritiqueRevisionExample
 from cai.engines.base import SamplingParams
+from cai.errors import CaiError
 
 # -- critique and revision ------------------------------------------------------------------
 
@@ -61,6 +62,29 @@ def sample_principle(const: Constitution, seed: int, prompt_id: str, round_: int
     key = f"{seed}:{prompt_id}:{round_}" + (f":retry{attempt}" if attempt else "")
     rng = random.Random(key)  # str seeds are stable across runs
     return const.sample_principle(rng)
+
+
+def answer_system_prompt(const: Constitution, setting: str) -> str | None:
+    """The system prompt the first answers are sampled under (``critique_revision.system_prompt``):
+    None for 'none'; for 'constitution' the constitution's own ``system_prompt``, which it must have."""
+    if setting == "none":
+        return None
+    if not const.system_prompt:
+        raise CaiError(f"config field 'critique_revision.system_prompt' is 'constitution', but constitution "
+                       f"'{const.name}' has no system_prompt; add a short 'system_prompt:' to it (builtin:default has "
+                       "one) or set critique_revision.system_prompt=none")
+    return const.system_prompt
+
+
+def with_system_prompt(messages: list[dict], text: str | None) -> list[dict]:
+    """``messages`` with ``text`` as their system turn (None: as they are). A conversation that
+    opens with its own system turn keeps it, after ``text``: one system turn, which every chat
+    template accepts."""
+    if text is None:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{text}\n\n{messages[0]['content']}"}] + messages[1:]
+    return [{"role": "system", "content": text}] + messages
 
 
 def revision_sampling(cr, seed: int, step: str, round_: int = 0, attempt: int = 0, n: int = 1) -> SamplingParams:

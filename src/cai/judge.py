@@ -343,25 +343,33 @@ class Judge:
         """The probability that ``a`` is the better answer to ``prompt``, with per-order detail."""
         return self.compare_many([(prompt, a, b)], None if id is None else [id])[0]
 
-    def group_scores(self, prompts, completions) -> list[float]:
+    def group_scores(self, prompts, completions, groups=None) -> list[float]:
         """Each completion's mean probability of being judged better than each other
-        completion of the same prompt (0.5 when its prompt has no other completion, and for
-        an identical or abstained pair). Completions of one prompt are compared pairwise in
-        one batch: n completions ask n(n-1)/2 comparisons."""
-        if len(prompts) != len(completions):
-            raise CaiError(f"{len(prompts)} prompts for {len(completions)} completions")
-        groups: dict[str, list[int]] = {}
+        completion of its group (0.5 when its group has no other completion, and for an
+        identical or abstained pair). A group is the completions of one prompt, or with
+        ``groups`` (a key per completion) the completions that share a key. Every group's
+        pairs are compared in one batch: n completions ask n(n-1)/2 comparisons."""
+        return self.group_verdicts(prompts, completions, groups)[0]
+
+    def group_verdicts(self, prompts, completions, groups=None) -> tuple[list[float], list[Verdict]]:
+        """:meth:`group_scores`, with the verdict of every pair asked (each group's pairs in
+        ``itertools.combinations`` order, the groups in order of first appearance)."""
+        if len(prompts) != len(completions) or (groups is not None and len(groups) != len(prompts)):
+            raise CaiError(f"{len(prompts)} prompts for {len(completions)} completions"
+                           + ("" if groups is None else f" and {len(groups)} group keys"))
+        members_of: dict = {}
         for i, p in enumerate(prompts):
-            groups.setdefault(json.dumps(as_messages(p), sort_keys=True), []).append(i)
-        pairs = [(i, j) for members in groups.values() for i, j in itertools.combinations(members, 2)]
+            key = json.dumps(as_messages(p), sort_keys=True) if groups is None else groups[i]
+            members_of.setdefault(key, []).append(i)
+        pairs = [(i, j) for members in members_of.values() for i, j in itertools.combinations(members, 2)]
         verdicts = self.compare_many([(prompts[i], completions[i], completions[j]) for i, j in pairs])
         wins = [0.0] * len(prompts)
         for (i, j), v in zip(pairs, verdicts):
             p = 0.5 if v.p_a is None else v.p_a
             wins[i] += p
             wins[j] += 1.0 - p
-        sizes = {i: len(members) for members in groups.values() for i in members}
-        return [wins[i] / (sizes[i] - 1) if sizes[i] > 1 else 0.5 for i in range(len(prompts))]
+        sizes = {i: len(members) for members in members_of.values() for i in members}
+        return [wins[i] / (sizes[i] - 1) if sizes[i] > 1 else 0.5 for i in range(len(prompts))], verdicts
 
     def reward_function(self):
         """A TRL reward function (``reward_funcs=`` of GRPOTrainer or RLOOTrainer):

@@ -251,11 +251,12 @@ def model_settings(cfg) -> list[tuple[str, str]]:
     inference = [("engine.model", e.model), ("engine.tokenizer", e.tokenizer), ("feedback.policy", cfg.feedback.policy),
                  ("feedback.model", cfg.feedback.model), ("evaluate.judge", cfg.evaluate.judge),
                  ("critique_revision.best_of_model", cfg.critique_revision.best_of_model),
+                 ("rl.judge", cfg.rl.judge),
                  ("expand.filter_model", cfg.expand.filter_model), ("expand.embed_model", cfg.expand.embed_model)]
     training = [("sft.model", cfg.sft.model), ("preference_model.model", cfg.preference_model.model),
                 ("rl.policy", cfg.rl.policy), ("dpo.policy", cfg.dpo.policy)]
-    out = [(f, n) for f, n in inference if n and not served(n) and not (f == "evaluate.judge" and
-                                                                        cfg.evaluate.judge_endpoints)]
+    on_servers = {"evaluate.judge": cfg.evaluate.judge_endpoints, "rl.judge": cfg.rl.judge_endpoints}
+    out = [(f, n) for f, n in inference if n and not served(n) and not on_servers.get(f)]
     out += [(f, n) for f, n in training if n]
     for key, model in cfg.evaluate.extra_models.items():  # a run directory stands for its final model
         if not (Path(model).expanduser().is_dir() and RunFolder(Path(model).expanduser()).looks_like_run()):

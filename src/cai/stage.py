@@ -142,6 +142,25 @@ class StageContext:
                                               server_dir=self.run_dir / SERVERS)
         return self.engines[path]
 
+    def judge_engine(self, section: str):
+        """A judge's engine and how to release it (``section``: 'evaluate' or 'rl', whose
+        ``judge`` settings it reads): the run's engine on the judge's model
+        (:func:`cai.config.judge_model`), shared with the other stages; or with
+        ``<section>.judge_endpoints`` an OpenAI-compatible engine on those servers (a larger
+        served model, failing over between them), through the run's request cache, closed on
+        release."""
+        from cai.config import judge_engine_config, judge_model
+
+        settings = getattr(self.cfg, section)
+        if not settings.judge_endpoints:
+            model = judge_model(self.cfg, section)
+            return self.engine(model), lambda: self.release_engine(model)
+        from cai.engines import build_engine
+
+        engine = build_engine(judge_engine_config(self.cfg, section), self.run_dir / CACHE, progress=self.log)
+        self.log(f"[{self.name}] judge: {settings.judge} on {', '.join(settings.judge_endpoints)}")
+        return engine, engine.close
+
     def release_engine(self, model: str | None = None) -> None:
         """Close the engine on ``model`` (default: ``engine.model``) and free its memory, so
         that the next model loads into the room it leaves."""

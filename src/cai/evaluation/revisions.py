@@ -165,7 +165,8 @@ def pm_by_revision(ctx: StageContext, load_pm=None) -> dict:
     ``revision_max_chains`` per split), and each principle's effect. Writes
     ``revisions.json``, ``answers/revisions.jsonl``, ``revisions.png`` and
     ``revision_principles.png``; returns counts for the manifest (none without a PM, a
-    finished critique_revision stage or chains)."""
+    finished critique_revision stage or chains, nor when no chain has a round:
+    ``critique_revision.rounds=0`` leaves nothing to plot against the first answer)."""
     ev = ctx.cfg.evaluate
     pm_dir = ctx.artifact("preference_model", "model", required=False)
     if not (ev.preference_model and ev.revision_splits and (pm_dir / "config.json").is_file()
@@ -177,7 +178,10 @@ def pm_by_revision(ctx: StageContext, load_pm=None) -> dict:
         if path.is_file():
             ctx.record_input(f"critique_revision/chains/{split}", path)
             chains += [{**c, "split": split} for c in read_jsonl(path)[: ev.revision_max_chains]]
-    if not chains:
+    if not any(c.get("rounds") for c in chains):
+        if chains:
+            ctx.log("[evaluate] the SL-CAI chains have no revision rounds (critique_revision.rounds=0): "
+                    "no PM score by revision")
         return {}
     load_pm = (load_pm or pm_loader(ctx))[0]
     pm = load_pm()

@@ -430,6 +430,8 @@ def quality_gates(run: Path) -> str:
         "gate_rejected": "revision attempts rejected", "gate_retries": "retries asked for",
         "gate_replaced": "rounds accepted on a retry", "gate_helpful_rejected": "helpful answers rejected",
         "gate_helpful_dropped": "helpful answers left out after retries",
+        "gate_first_answer_rejected": "first answers rejected (rounds: 0, they are the SFT data)",
+        "gate_first_answer_dropped": "first answers still rejected after retries (not trained on)",
     }
     rows = [[labels.get(k, "rejected texts: " + k[len("gate_"):].replace("_", " ")), v] for k, v in gate.items()]
     for k, label in (("rejected_rounds", "rounds rejected (previous answer kept)"),
@@ -600,8 +602,9 @@ def build_report(run_dir: str | Path) -> str:
     pstats = principle_stats(chains, judge_stats if isinstance(judge_stats, dict) else None, constitution)
     contrast = contrast_section(fb_stats)
     data = {
-        "chains": [{k: c.get(k) for k in ("id", "split", "category", "messages", "initial_response", "rounds",
-                                          "final_response", "revised", "trained_on")} for c in chains],
+        "chains": [{k: c.get(k) for k in ("id", "split", "category", "messages", "initial_system_prompt",
+                                          "initial_response", "rounds", "final_response", "revised", "trained_on")}
+                   for c in chains],
         "comparisons": [{k: c.get(k) for k in ("id", "split", "source", "category", "prompt", "response_a",
                                                "response_b", "principle_ids", "queries", "p_a", "p_a_unclamped",
                                                "position_consistent", "status")} for c in comparisons],

@@ -49,6 +49,8 @@
     d.appendChild(h);
     d.appendChild(el("div", "label", "prompt"));
     d.appendChild(conversation(c.messages));
+    if (c.initial_system_prompt)
+      d.appendChild(block("system prompt the first answer was sampled under (not in the SFT data)", c.initial_system_prompt));
     var g = el("div", "grid");
     g.appendChild(block("first answer", c.initial_response));
     g.appendChild(block("final answer", c.final_response));

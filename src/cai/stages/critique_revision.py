@@ -4,6 +4,12 @@ For every red-team prompt the model answers; then, for each round, a principle i
 sampled (seeded per prompt and round), the model critiques its latest answer under it
 and revises the answer to address the critique. The next round critiques that revision.
 
+Context distillation (``system_prompt: constitution``, beyond the paper's SL-CAI: its
+baseline) samples the first answers under a system prompt written from the constitution;
+the chains' messages, the critiques, the revisions and the SFT data hold the plain
+conversation, so SFT teaches the model to answer that way without the prompt. With
+``rounds: 0`` the first answers are the SFT data.
+
 Work goes round by round across all prompts, in batches, through the engine protocol:
 one engine call for all first answers, then per round one call for all critiques and
 one for all revisions. Every request goes through the run's request cache, so a
@@ -28,6 +34,7 @@ from collections import Counter
 from cai.constitution import load_constitution
 from cai.conversations import (
     OPTIONS,
+    answer_system_prompt,
     best_of_conversations,
     clean,
     critique_conversation,
@@ -37,6 +44,7 @@ from cai.conversations import (
     sample_principle,
     says_no_issue,
     softmax2,
+    with_system_prompt,
 )
 from cai.io import write_jsonl
 from cai.prompts import SPLITS
@@ -58,6 +66,7 @@ def run(ctx: StageContext) -> dict:
     demo_text = "\n".join(t for e in examples for t in (e.critique, e.revision) if t)
     engine = ctx.engine()
     attempts = 1 + (cr.gate_retries if cr.quality_gates else 0)
+    system = answer_system_prompt(const, cr.system_prompt)  # None, or the prompt the first answers are drawn under
 
     items = [(s, p) for s in SPLITS for p in prompts[s]]
     n_helpful = {s: min(len(helpful[s]), round(cr.helpful_ratio * len(prompts[s]))) for s in SPLITS}
@@ -69,14 +78,21 @@ def run(ctx: StageContext) -> dict:
         with ctx.progress(len(convs), desc) as update:
             return [[clean(o) for o in outs] for outs in engine.generate(convs, sp, progress=update)]
 
-    answers = [outs[0] for outs in generate([p.messages for _, p in items] + [p.messages for _, p in helpful_items],
+    answers = [outs[0] for outs in generate([with_system_prompt(p.messages, system) for _, p in items + helpful_items],
                                             revision_sampling(cr, cfg.seed, "answer"), "first answers")]
     first = answers[: len(items)]
     helpful_answers = answers[len(items):]
     stats = Counter(empty_critiques=0, empty_revisions=0, skipped_revisions=0)
     stats["empty_first_answers"] = sum(1 for a in first if not a)
+    first_tries: list[list[dict]] = [[] for _ in items]
     if cr.quality_gates:
-        helpful_answers = gate_helpful(helpful_items, helpful_answers, attempts, generate, cr, cfg.seed, stats)
+        helpful_answers, _, left_out = gate_answers(helpful_items, helpful_answers, system, attempts, generate, cr,
+                                                    cfg.seed, stats, "helpful", "helpful answers")
+        for k in left_out:  # still rejected after the retries: left out of the SFT data
+            helpful_answers[k] = ""
+        if cr.rounds == 0:  # the first answers are what SFT learns: gated (and retried) as helpful answers are
+            first, first_tries, _ = gate_answers(items, first, system, attempts, generate, cr, cfg.seed, stats,
+                                                 "first_answer", "first answers")
     latest = list(first)
     rounds: list[list[dict]] = [[] for _ in items]
     for r in range(cr.rounds):
@@ -151,7 +167,8 @@ def run(ctx: StageContext) -> dict:
                 stats["rejected_rounds"] += 1
             rounds[i].append(record)
 
-    counts = write_artifacts(ctx, cr, items, first, latest, rounds, helpful_items, helpful_answers)
+    counts = write_artifacts(ctx, cr, items, first, latest, rounds, helpful_items, helpful_answers, system,
+                             first_tries)
     counts.update(stats)
     counts["rounds"] = cr.rounds
     return counts
@@ -172,24 +189,31 @@ def answer_problems(text: str, messages: list[dict], cr) -> list[str]:
     return problems(text, messages, repeat_share=cr.gate_repeat_share)
 
 
-def gate_helpful(helpful_items, helpful_answers, attempts, generate, cr, seed, stats) -> list[str]:
-    """Resample helpful answers the gates reject (empty, looping, restating the prompt);
-    one still rejected after the retries is left out of the SFT data (returned as "")."""
-    answers = list(helpful_answers)
-    bad = [k for k, a in enumerate(answers) if answer_problems(a, helpful_items[k][1].messages, cr)]
-    stats["gate_helpful_rejected"] = len(bad)
+def gate_answers(items, answers, system, attempts, generate, cr, seed, stats, kind: str,
+                 desc: str) -> tuple[list[str], list[list[dict]], list[int]]:
+    """Resample the answers (not revisions: helpful answers, and the first answers when there
+    are no rounds) that the gates reject (empty, looping, restating the prompt), under the same
+    system prompt, up to the retries. Returns the answers (one still rejected keeps its last
+    try), each answer's rejected tries with their reasons, and the indices still rejected;
+    counts ``gate_<kind>_rejected`` and ``gate_<kind>_dropped`` in ``stats``."""
+    answers = list(answers)
+    tries: list[list[dict]] = [[] for _ in answers]
+    reasons = {k: answer_problems(a, items[k][1].messages, cr) for k, a in enumerate(answers)}
+    bad = [k for k, why in reasons.items() if why]
+    stats[f"gate_{kind}_rejected"] = len(bad)
     for attempt in range(1, attempts):
         if not bad:
             break
-        outs = generate([helpful_items[k][1].messages for k in bad],
-                        revision_sampling(cr, seed, "answer", attempt=attempt), f"helpful answers retry {attempt}")
+        for k in bad:
+            tries[k].append({"answer": answers[k], "reasons": reasons[k]})
+        outs = generate([with_system_prompt(items[k][1].messages, system) for k in bad],
+                        revision_sampling(cr, seed, "answer", attempt=attempt), f"{desc} retry {attempt}")
         for k, o in zip(bad, outs):
             answers[k] = o[0]
-        bad = [k for k in bad if answer_problems(answers[k], helpful_items[k][1].messages, cr)]
-    for k in bad:
-        answers[k] = ""
-    stats["gate_helpful_dropped"] = len(bad)
-    return answers
+            reasons[k] = answer_problems(answers[k], items[k][1].messages, cr)
+        bad = [k for k in bad if reasons[k]]
+    stats[f"gate_{kind}_dropped"] = len(bad)
+    return answers, tries, bad
 
 
 def pick_best(ctx, cr, items, latest, principles, candidates) -> None:
@@ -233,12 +257,15 @@ def sft_target(cr, init: str, final: str, rs: list[dict], prompt_messages: list[
     return init or None
 
 
-def write_artifacts(ctx, cr, items, first, latest, rounds, helpful_items, helpful_answers) -> dict:
+def write_artifacts(ctx, cr, items, first, latest, rounds, helpful_items, helpful_answers, system, first_tries) -> dict:
+    """The chains, the SFT data and the pairs of both splits. Every conversation written is the
+    prompt's own ``messages``: a system prompt the first answers were drawn under is recorded in
+    the chain (``initial_system_prompt``), never trained on."""
     chains = {s: [] for s in SPLITS}
     sft = {s: [] for s in SPLITS}
     prefs = {s: [] for s in SPLITS}
     dropped = 0
-    for (split, p), init, final, rs in zip(items, first, latest, rounds):
+    for (split, p), init, final, rs, tries in zip(items, first, latest, rounds, first_tries):
         last = next((x for x in reversed(rs) if x["status"] == "revised"), rs[-1] if rs else None)
         target = sft_target(cr, init, final, rs, p.messages)
         chains[split].append({
@@ -246,7 +273,9 @@ def write_artifacts(ctx, cr, items, first, latest, rounds, helpful_items, helpfu
             "category": p.category,
             "prompt": p.text,
             "messages": p.messages,
+            **({"initial_system_prompt": system} if system else {}),
             "initial_response": init,
+            **({"initial_attempts": tries} if tries else {}),
             "rounds": rs,
             "final_response": final,
             "revised": final != init,
@@ -302,10 +331,13 @@ def estimate(inputs: PlanInputs) -> Cost:
     examples = inputs.constitution.critique_revision_examples
     ex = examples if cr.few_shot < 0 else examples[: cr.few_shot]
     demo = count(revision_demos(ex, cr.critique)) if ex else 0
-    first = sum(count(p.messages) for p in ps + hs)
+    batching = inputs.batching
+    # the first answers' system prompt, when they are drawn under one, is a prefix they all share
+    system = answer_system_prompt(inputs.constitution, cr.system_prompt)
+    shared = count(with_system_prompt([], system)) if system else 0
+    first = sum(count(p.messages) for p in ps + hs) + shared * batching.prefix_reads(len(ps + hs))
     per_round = sum(count(p.messages) + demo + cr.max_new_tokens + 40 for p in ps)
     # what a round's call reads: the engine may read the demonstrations once a batch, not once a row
-    batching = inputs.batching
     read_round = per_round - demo * (len(ps) - batching.prefix_reads(len(ps)))
     calls = 2 if cr.critique else 1
     # a rejected revision is retried (a new critique and revision) up to gate_retries times; counted
@@ -316,6 +348,8 @@ def estimate(inputs: PlanInputs) -> Cost:
         cr.best_of * cr.max_new_tokens + (cr.critique_max_new_tokens if cr.critique else 0))
     score = tries * cr.rounds * len(ps) * cr.best_of * 2 if cr.best_of > 1 else 0
     note = f"{len(ps)} red-team + {len(hs)} helpful prompts, rounds: {cr.rounds}"
+    if system:
+        note += ", first answers under the constitution's system prompt"
     if cr.best_of > 1:
         note += f", {cr.best_of} revisions per request"
     if tries > 1:

@@ -60,7 +60,7 @@ from cai.evaluation.results import EloByDimension, EloTable, Results, Settings, 
 from cai.evaluation.revisions import pm_by_revision, pm_loader
 from cai.inputs import PROMPT_SETS
 from cai.io import write_json, write_jsonl
-from cai.layout import CACHE, RunFolder
+from cai.layout import RunFolder
 from cai.prompts import Prompt, load_prompt_file
 from cai.stage import StageContext, StageSpec
 from cai.stage_names import SL_CAI, TRAINED_POLICIES
@@ -76,16 +76,7 @@ def open_judge(ctx: StageContext):
     """The evaluation judge and how to release it: the run's engine on ``evaluate.judge``
     (default ``engine.model``), or with ``evaluate.judge_endpoints`` an OpenAI-compatible
     engine on those servers (a larger served model), through the run's request cache."""
-    ev = ctx.cfg.evaluate
-    if not ev.judge_endpoints:
-        model = ev.judge or ctx.cfg.engine.model
-        return ctx.engine(model), lambda: ctx.release_engine(model)
-    from cai.config import judge_engine_config
-    from cai.engines import build_engine
-
-    engine = build_engine(judge_engine_config(ctx.cfg), ctx.run_dir / CACHE, progress=ctx.log)
-    ctx.log(f"[evaluate] judge: {ev.judge} on {', '.join(ev.judge_endpoints)}")
-    return engine, engine.close
+    return ctx.judge_engine("evaluate")
 
 
 # -- the standard evaluation sets (cai.evaluation.sets) ----------------------------------------
@@ -377,8 +368,8 @@ def estimate(inputs: PlanInputs) -> Cost:
     pair_q += points * (r + h) * 2
     judge_q += points * (r + (r + b) * 2 + r * 2)
     pm = models * (r + h) if ev.preference_model and "preference_model" in cfg.stages else 0
-    if pm and "critique_revision" in cfg.stages:  # at most rounds + 1 texts per scored chain
-        cr = cfg.critique_revision
+    cr = cfg.critique_revision
+    if pm and "critique_revision" in cfg.stages and cr.rounds:  # at most rounds + 1 texts per scored chain
         chains = sum(min(len(inputs.capped("red_team", cr.max_prompts).get(s, [])),
                          ev.revision_max_chains or 1 << 30) for s in ev.revision_splits)
         pm += chains * (cr.rounds + 1)

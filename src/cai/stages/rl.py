@@ -1,7 +1,8 @@
-"""RL-CAI (Bai et al. 2022, §4): optimise the policy against the preference model, with a
-KL penalty to the SL-CAI model. The algorithm is RLOO (REINFORCE leave-one-out,
-Ahmadian et al. 2024) instead of the paper's PPO: no value model, one update per batch
-of rollouts, and on this scale it matches PPO at a fraction of the memory and code.
+"""RL-CAI (Bai et al. 2022, §4): optimise the policy against the preference model (or, with
+``reward: judge``, against the AI judge itself), with a KL penalty to the SL-CAI model. The
+algorithm is RLOO (REINFORCE leave-one-out, Ahmadian et al. 2024) instead of the paper's
+PPO: no value model, one update per batch of rollouts, and on this scale it matches PPO at a
+fraction of the memory and code.
 
 Each step:
 
@@ -11,12 +12,15 @@ Each step:
    ``seed + step``; no request cache, the weights change every step). The engine hands
    back the sampled token ids, end-of-turn token included, so the update scores exactly
    what was sampled.
-2. **Reward.** The PM scores every answer (``RUN_DIR/preference_model/model``). The KL
-   term is the sequence-level log-ratio of the sampled tokens,
+2. **Reward.** The PM scores every answer (``RUN_DIR/preference_model/model``); or with
+   ``reward: judge`` (direct RLAIF, beyond the paper) the judge (:class:`cai.judge.Judge`,
+   the feedback settings) compares every two answers of a prompt in both orders, and an
+   answer's score is its mean probability of being the better one (:func:`rollout_rewards`).
+   The KL term is the sequence-level log-ratio of the sampled tokens,
    ``KL_i = sum_t [log pi(y_t) - log pi_ref(y_t)]`` (the k1 estimator: unbiased for
-   KL(pi || pi_ref) when sampling at temperature 1). ``reward_i = PM_i - kl_coef * KL_i``.
+   KL(pi || pi_ref) when sampling at temperature 1). ``reward_i = score_i - kl_coef * KL_i``.
    With ``whiten`` the step's rewards are divided by their standard deviation (over all
-   processes), so the learning rate does not depend on the PM's scale.
+   processes), so the learning rate does not depend on the reward's scale.
 3. **Advantage.** Leave-one-out baseline within each prompt's k answers:
    ``A_i = r_i - mean_{j != i} r_j = k/(k-1) (r_i - mean_j r_j)``; or, with
    ``advantage: grpo``, group-normalised: ``(r_i - mean_j r_j) / (std_j r_j + eps)``
@@ -44,10 +48,13 @@ Log-probabilities of the sampled tokens come from one padded forward pass per mo
 ``micro_batch_size``, the policy's graph from that pass is reused for the update;
 otherwise a no-grad pass gives the KL and a second pass per micro-batch the gradient.
 
-Logged per step: mean PM reward, total reward, KL, answer length, mean token entropy
-of the policy on the sampled tokens, loss. Evaluation: the mean PM reward (and the KL to
-the reference) of answers sampled with a fixed seed to ``eval_prompts`` held-out
-red-team test prompts, for the starting policy (before) and the trained one (after).
+Logged per step: mean reward (the PM's or the judge's), total reward, KL, answer length,
+mean token entropy of the policy on the sampled tokens, loss; with the judge also how
+decisive and how position-consistent its judgements were; and each step's seconds.
+Evaluation: the mean reward (and the KL to the reference) of answers sampled with a fixed
+seed to ``eval_prompts`` held-out red-team test prompts, for the starting policy (before)
+and the trained one (after); with the judge, an answer's reward is its probability of
+beating the starting policy's answer to the same prompt (0.5 before, by construction).
 
 Outputs in ``rl/``: ``model/`` (``save_pretrained`` + ``cai_training.json``; merged with
 LoRA, whose adapter is also in ``adapter/``),
@@ -62,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import random
 import shutil
 import time
@@ -106,7 +114,8 @@ class Learner:
     model: Any  # the policy as accelerate prepared it (DDP-wrapped in several processes)
     policy: Any  # the same weights, unwrapped (generation, no-grad passes, saving)
     ref: Any  # frozen copy of the starting policy; None with LoRA (the policy, adapters off)
-    pm: Any  # cai.reward.RewardModel
+    pm: Any  # cai.reward.RewardModel; None with the judge reward
+    judge: Any  # cai.judge.Judge with rl.reward=judge; else None
     engine: Any  # LocalEngine around ``policy``
     optimizer: Any
     scaler: Any  # the fp16 gradient scaler (disabled in other precisions)
@@ -120,6 +129,11 @@ class Learner:
     @property
     def micro(self) -> int:
         return max(1, self.rc.micro_batch_size)
+
+    @property
+    def reward_name(self) -> str:
+        """What scores the answers, in logs, plots and errors: 'PM' or 'judge'."""
+        return "PM" if self.judge is None else "judge"
 
 
 # -- the estimator (pure functions, unit-tested against hand-worked values) -----------------
@@ -268,6 +282,42 @@ def pm_scores(ln: Learner, prompts: list, texts: list[str]) -> list[float]:
         return ln.pm.score_many(prompts, texts, batch_size=ln.micro)
 
 
+def rollout_rewards(ln: Learner, prompts: list[dict], texts: list[str], k: int) -> tuple[list[float], dict]:
+    """The score of each of a step's answers (``k`` a prompt, prompt-major), and the judge's
+    tallies for the step's log (empty with the PM).
+
+    The PM scores each answer on its own. The judge compares every two answers of a prompt's
+    group (k(k-1)/2 pairs, each under its sampled principles in both orders, all in one
+    batch): an answer's score is its mean probability of being judged better than each other
+    answer of its group (:meth:`cai.judge.Judge.group_verdicts`; the groups are the rollout
+    groups, not the prompts' texts, since a step may draw one prompt twice). The scores of a
+    group then average 0.5: what moves the policy is how they differ, which is what the
+    leave-one-out baseline keeps. The tallies: the pairs labelled and their summed
+    |p - 0.5| (decisiveness), and the pairs asked in both orders and how many of them both
+    orders preferred the same answer (position consistency)."""
+    messages = [p["messages"] for p in prompts for _ in range(k)]
+    if ln.judge is None:
+        return pm_scores(ln, messages, texts), {}
+    scores, verdicts = ln.judge.group_verdicts(messages, texts, groups=[i // k for i in range(len(texts))])
+    labelled = [v for v in verdicts if v.p_a is not None]
+    orders = [v for v in labelled if v.position_consistent is not None]
+    return scores, {"labelled": len(labelled), "distance": sum(abs(v.p_a - 0.5) for v in labelled),
+                    "both_orders": len(orders), "consistent": sum(v.position_consistent for v in orders)}
+
+
+def heldout_rewards(ln: Learner, prompts: list[dict], texts: list[str], baseline: dict | None) -> list[float]:
+    """The held-out answers' rewards: the PM's scores, or the judge's probability that each
+    answer beats ``baseline``'s answer to the same prompt (the starting policy's, by prompt
+    id; None: the answer itself, which is identical, so 0.5 and nothing asked). Each prompt
+    is asked under the principles its id draws, the same before and after."""
+    if ln.judge is None:
+        return pm_scores(ln, [p["messages"] for p in prompts], texts)
+    against = [baseline[p["id"]] if baseline is not None else t for p, t in zip(prompts, texts)]
+    verdicts = ln.judge.compare_many([(p["messages"], t, b) for p, t, b in zip(prompts, texts, against)],
+                                     ids=[f"rl-eval/{p['id']}" for p in prompts])
+    return [0.5 if v.p_a is None else v.p_a for v in verdicts]
+
+
 def use_offload(setting: str, device, policy, ref, pm_model) -> bool:
     """``rl.offload``: 'always', 'never', or 'auto': on an accelerator, offload when the
     weights of the policy, reference copy and PM plus the policy's gradients and AdamW
@@ -290,14 +340,15 @@ def gather(rows: list, world: int) -> list:
     return gather_object(rows) if world > 1 else rows
 
 
-def evaluate(ln: Learner, prompts: list[dict], params) -> tuple[dict, list[dict]]:
-    """Mean PM reward and KL to the reference of fixed-seed answers to held-out prompts."""
+def evaluate(ln: Learner, prompts: list[dict], params, baseline: dict | None = None) -> tuple[dict, list[dict]]:
+    """Mean reward (:func:`heldout_rewards`, against ``baseline``'s answers with the judge) and
+    KL to the reference of fixed-seed answers to held-out prompts."""
     world, device = ln.accelerator.num_processes, ln.accelerator.device
     mine = prompts[ln.accelerator.process_index::world]
     rows = []
     if mine:
         examples, texts = rollout(ln.engine, mine, params)
-        scores = pm_scores(ln, [p["messages"] for p in mine], texts)
+        scores = heldout_rewards(ln, mine, texts, baseline)
         kl = (logprobs(ln.policy, examples, ln.pad_id, device, ln.micro, ln.prec)
               - reference_logprobs(ln, examples)).tolist()
         rows = [{"id": p["id"], "prompt": p["prompt"], "answer": t, "reward": s, "kl": k}
@@ -308,6 +359,30 @@ def evaluate(ln: Learner, prompts: list[dict], params) -> tuple[dict, list[dict]
             "kl": round(sum(r["kl"] for r in rows) / n, 4)}, rows
 
 
+def load_reward(ctx: StageContext, prec, device) -> tuple[Any, Any, Any]:
+    """What scores the rollouts (``rl.reward``): ``(pm, None, None)``, the run's preference
+    model (on the CPU in the frozen dtype; :func:`on_device` moves it where it scores), or
+    ``(None, judge, release)``: the judge, built once for the stage on the run's engine on
+    the judge's model or on ``rl.judge_endpoints``' servers (:meth:`StageContext.judge_engine`),
+    with the run's frozen constitution and the feedback settings, and how to release it."""
+    cfg = ctx.cfg
+    if cfg.rl.reward == "pm":
+        from cai.reward import RewardModel
+
+        pm_dir = ctx.artifact("preference_model", "model")
+        pm = RewardModel.load(str(pm_dir), device="cpu", dtype=prec.frozen, trust_remote_code=cfg.engine.trust_remote_code)
+        pm.device = str(device)  # its inputs go where it scores; on_device moves it there
+        ctx.record_input("preference_model", pm_dir / "model.safetensors")
+        return pm, None, None
+    from cai.config import judge_model
+    from cai.constitution import load_constitution
+    from cai.judge import Judge
+
+    engine, release = ctx.judge_engine("rl")
+    const = load_constitution(ctx.artifact("prepare", "constitution"))
+    return None, Judge(engine, const, cfg.feedback, cfg.seed, model_name=judge_model(cfg, "rl")), release
+
+
 def run(ctx: StageContext) -> dict:
     import torch
     from accelerate import Accelerator
@@ -316,7 +391,6 @@ def run(ctx: StageContext) -> dict:
     from cai.engines.base import SamplingParams
     from cai.engines.local import LocalEngine
     from cai.models import resolve_model
-    from cai.reward import RewardModel
 
     cfg, rc = ctx.cfg, ctx.cfg.rl
     accelerator = Accelerator(cpu=cfg.engine.device == "cpu")
@@ -328,18 +402,16 @@ def run(ctx: StageContext) -> dict:
     model, tok, prec = load_trainable(base, rc, device, cfg.engine.trust_remote_code, AutoModelForCausalLM, "rl", ctx.log)
     # The KL reference: with LoRA the policy itself with its adapters off, else a frozen copy.
     ref = None if is_lora(model) else copy.deepcopy(model).eval().requires_grad_(False)
-    pm_dir = ctx.artifact("preference_model", "model")
-    pm = RewardModel.load(str(pm_dir), device="cpu", dtype=prec.frozen, trust_remote_code=cfg.engine.trust_remote_code)
-    pm.device = str(device)  # its inputs go where it scores; on_device moves it there
-    offload = use_offload(rc.offload, device, model, ref, pm.model)
-    for frozen in (ref, pm.model):
+    # The reward: the run's PM, or the judge, built once for the stage (the feedback settings)
+    pm, judge, release_judge = load_reward(ctx, prec, device)
+    offload = use_offload(rc.offload, device, model, ref, pm.model if pm else None)
+    for frozen in (ref, pm.model if pm else None):
         if frozen is not None and not offload:
             frozen.to(device)
     prompts = lambda name, split: ctx.artifact("prepare", "prompts", set=name, split=split)  # noqa: E731
     pool = prompt_pool(prompts("red_team", "train"), prompts("helpful", "train"), rc.max_prompts, rc.helpful_ratio,
                        cfg.seed, expanded_prompts(ctx))
     eval_set = read_jsonl(prompts("red_team", "test"))[: rc.eval_prompts]
-    ctx.record_input("preference_model", pm_dir / "model.safetensors")
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -352,8 +424,8 @@ def run(ctx: StageContext) -> dict:
     engine = LocalEngine.for_model(policy.get_base_model() if is_lora(policy) else policy, tok,
                                    batch_size=cfg.engine.batch_size, name=base)
     ckpt = ctx.out / "checkpoint"
-    ln = Learner(rc, model, policy, ref, pm, engine, optimizer, scaler, accelerator, params, tok.pad_token_id, ckpt,
-                 prec, offload)
+    ln = Learner(rc, model, policy, ref, pm, judge, engine, optimizer, scaler, accelerator, params, tok.pad_token_id,
+                 ckpt, prec, offload)
     k = rc.samples_per_prompt
 
     def sampling(seed: int, n: int) -> SamplingParams:
@@ -361,9 +433,10 @@ def run(ctx: StageContext) -> dict:
 
     eval_params = sampling(cfg.seed + seeds.RL_EVAL, 1)
     start, state = resume(ckpt, policy, optimizer, rc.steps, ctx.log, "rl", scaler)
-    history, samples = [], []
+    history, samples, step_seconds = [], [], []
     if state is not None:
         history, samples, before = state["history"], state["samples"], state["before"]
+        step_seconds = state.get("step_seconds", [])
     else:
         before, before_rows = evaluate(ln, eval_set, eval_params)
         before["rows"] = before_rows
@@ -379,8 +452,10 @@ def run(ctx: StageContext) -> dict:
             everyone = step_prompts(pool, step, rc.prompts_per_step)
             mine = everyone[rank::world]
             n_total = len(everyone) * k
+            began = time.time()
             row = train_step(ln, mine, sampling(cfg.seed + step, k), n_total, step, samples)
             history.append(row)
+            step_seconds.append(round(time.time() - began, 3))
             update(1)
             done = step + 1
             if accelerator.is_main_process and done in points and done < rc.steps:
@@ -388,29 +463,37 @@ def run(ctx: StageContext) -> dict:
             if accelerator.is_main_process and done % rc.checkpoint_every == 0 and done < rc.steps:
                 save_checkpoint(ckpt, policy, optimizer, done, {
                     "history": history, "total_steps": rc.steps, "samples": samples, "before": before,
+                    "step_seconds": step_seconds,
                 }, scaler)
     seconds = time.time() - t0
-    after, after_rows = evaluate(ln, eval_set, eval_params)
-    accelerator.wait_for_everyone()
     before_rows = before.pop("rows")
+    # with the judge, each held-out answer is judged against the starting policy's to the same prompt
+    after, after_rows = evaluate(ln, eval_set, eval_params, baseline={r["id"]: r["answer"] for r in before_rows})
+    if release_judge is not None:
+        release_judge()
+    accelerator.wait_for_everyone()
     counts = {
         "prompt_pool": len(pool), "steps": rc.steps, "rollouts": len(samples), "train_seconds": round(seconds, 1),
         "eval_reward_before": before["reward"], "eval_reward_after": after["reward"], "eval_kl_after": after["kl"],
         "final_kl": round(history[-1]["kl"], 4) if history else None,
+        "mean_step_seconds": round(sum(step_seconds) / len(step_seconds), 2) if step_seconds else None,
     }
     if accelerator.is_main_process:
         write_points_index(ctx.out, ctx.run_dir, "rl", base, is_lora(policy), [
             {"step": s, "samples": s * rc.prompts_per_step * k, "kl": round(history[s - 1]["kl"], 4),
              "reward": round(history[s - 1]["reward"], 4)} for s in points], rc.policy)
         save_trained_model(ctx.out, policy, tok, "rl", base, rc, cfg.seed, prec)
-        write_json(ctx.output("metrics"), {"history": history, "eval_before": before, "eval_after": after, **counts})
+        write_json(ctx.output("metrics"), {"history": history, "step_seconds": step_seconds, "eval_before": before,
+                                           "eval_after": after, **counts})
         write_jsonl(ctx.out / "rollouts.jsonl", samples)
         write_jsonl(ctx.out / "eval_samples.jsonl", [
             {**{k2: v for k2, v in b.items()}, "answer_after": a["answer"], "reward_after": a["reward"], "kl_after": a["kl"]}
             for b, a in zip(before_rows, after_rows)
         ])
         curve = lambda key: [(h["step"], h[key]) for h in history]  # noqa: E731
-        plot_curve(ctx.out / "reward.png", {"PM reward": curve("reward"), "PM reward - kl_coef * KL": curve("total_reward")},
+        source = ln.reward_name
+        plot_curve(ctx.out / "reward.png", {f"{source} reward": curve("reward"),
+                                            f"{source} reward - kl_coef * KL": curve("total_reward")},
                    f"RL-CAI ({name}): mean reward per step", ylabel="reward")
         plot_curve(ctx.out / "kl.png", {"KL(policy || SL-CAI)": curve("kl")}, "KL to the reference", ylabel="nats per answer")
         plot_curve(ctx.out / "loss.png", {f"{name} loss": curve("loss")}, f"RL-CAI ({name})")
@@ -431,8 +514,9 @@ def train_step(ln: Learner, prompts: list[dict], sp, n_total: int, step: int, sa
     kl_coef, whiten = ln.rc.kl_coef, ln.rc.whiten
     examples, texts = rollout(ln.engine, prompts, sp)  # in the weights' own dtype (see the docstring)
     n = len(examples)
-    scores = torch.tensor(pm_scores(ln, [p["messages"] for p in prompts for _ in range(k)], texts))
-    check_finite(scores, step, ckpt, what="PM reward")
+    scores, tallies = rollout_rewards(ln, prompts, texts, k)
+    scores = torch.tensor(scores)
+    check_finite(scores, step, ckpt, what=f"{ln.reward_name} reward")
     ref_lp = reference_logprobs(ln, examples).cpu()
     one_pass = n <= micro
     if one_pass:  # the update reuses this forward pass's graph
@@ -463,8 +547,9 @@ def train_step(ln: Learner, prompts: list[dict], sp, n_total: int, step: int, sa
         loss_sum += float(loss.detach()) / world
     optimizer_step(accelerator, ln.optimizer, ln.scaler, ln.params, ln.rc.max_grad_norm)
     lengths = [sum(1 for x in e["labels"] if x != IGNORE) for e in examples]
+    key = f"{ln.reward_name.lower()}_reward"  # pm_reward | judge_reward
     mine = [{"step": step + 1, "id": prompts[i // k]["id"], "set": prompts[i // k]["set"], "answer": texts[i],
-             "pm_reward": round(float(scores[i]), 4), "kl": round(float(kl[i]), 4), "advantage": round(float(adv[i]), 4),
+             key: round(float(scores[i]), 4), "kl": round(float(kl[i]), 4), "advantage": round(float(adv[i]), 4),
              "tokens": lengths[i]} for i in range(n)]
     everyone = gather(mine, world)
     samples += everyone
@@ -472,39 +557,85 @@ def train_step(ln: Learner, prompts: list[dict], sp, n_total: int, step: int, sa
     if world > 1:
         totals = accelerator.reduce(totals.to(device), "sum").cpu()
     m_all = max(len(everyone), 1)
-    return {
+    row = {
         "step": step + 1,
-        "reward": sum(r["pm_reward"] for r in everyone) / m_all,
-        "total_reward": sum(r["pm_reward"] - kl_coef * r["kl"] for r in everyone) / m_all,
+        "reward": sum(r[key] for r in everyone) / m_all,
+        "total_reward": sum(r[key] - kl_coef * r["kl"] for r in everyone) / m_all,
         "kl": sum(r["kl"] for r in everyone) / m_all,
         "length": sum(r["tokens"] for r in everyone) / m_all,
         "entropy": float(totals[1]) / max(float(totals[2]), 1.0),
         "loss": float(totals[0]),
     }
+    if ln.judge is not None:  # the mean judge reward is 0.5 by construction: say how much the judge told apart
+        t = {name: sum(x[name] for x in gather([tallies], world)) for name in tallies}
+        row["judge_decisiveness"] = t["distance"] / t["labelled"] if t["labelled"] else None
+        row["judge_consistency"] = t["consistent"] / t["both_orders"] if t["both_orders"] else None
+    return row
 
 
 def _needs(cfg) -> tuple[str, ...]:
-    return with_expansion(cfg, ("prepare", "preference_model") + (("sft",) if cfg.rl.policy == SL_CAI else ()))
+    reward = ("preference_model",) if cfg.rl.reward == "pm" else ()  # the judge needs no trained model
+    return with_expansion(cfg, ("prepare",) + reward + (("sft",) if cfg.rl.policy == SL_CAI else ()))
+
+
+def judge_cost(inputs: PlanInputs, avg: float) -> Cost:
+    """The engine work of the judge reward. Each step asks k(k-1)/2 pairs a prompt, and each
+    pair under ``feedback.principles_per_comparison`` principles in both orders
+    (``feedback.both_orders``); after training each held-out prompt asks one pair (the trained
+    policy's answer against the starting one's; before training the two are the same answer
+    and nothing is asked). With a chain of thought every question first generates its
+    reasoning. Counted on the judge's engine (served with ``rl.judge_endpoints``): its shared
+    demonstrations are read once a batch where it keeps a shared prefix, and a pair of
+    identical answers, which is not asked, is counted all the same."""
+    from cai.config import judge_engine_config
+    from cai.conversations import question
+    from cai.engines import batching
+    from cai.judge import demonstrations
+
+    rc, fb, count = inputs.cfg.rl, inputs.cfg.feedback, inputs.count
+    per_pair = fb.principles_per_comparison * (2 if fb.both_orders else 1)
+    per_step = rc.prompts_per_step * math.comb(rc.samples_per_prompt, 2) * per_pair
+    held_out = rc.eval_prompts * per_pair
+    questions = rc.steps * per_step + held_out
+    demo = count(demonstrations(inputs.constitution, fb))
+    principle = inputs.constitution.comparison_principles[0].text  # one principle's length stands for all
+    # a question: the prompt, its two answers at their whole budget, the principle, the options
+    own = avg + 2 * rc.max_new_tokens + count([{"role": "user", "content": question([], principle, "", "")}])
+    b = batching(judge_engine_config(inputs.cfg, "rl"))
+    reads = lambda kind: rc.steps * b.prefix_reads(per_step, kind) + b.prefix_reads(held_out, kind)  # noqa: E731
+    cost = Cost(score=questions, prompt_tokens=int(questions * own) + reads("score") * demo,
+                note=f", {per_step} judge questions a step ({questions} with the held-out ones)")
+    if fb.chain_of_thought:
+        cost.generate, cost.new_tokens = questions, questions * fb.cot_max_new_tokens
+        cost.prompt_tokens += int(questions * own) + reads("generate") * demo
+        cost.decode_steps = rc.steps * b.decode_steps(per_step, fb.cot_max_new_tokens) + b.decode_steps(
+            held_out, fb.cot_max_new_tokens)
+    return cost
 
 
 def estimate(inputs: PlanInputs) -> Cost:
-    import math
-
+    from cai.config import judge_model
     from cai.memory import DTYPE_BYTES, Memory, frozen_model, training
     from cai.training import point_saves, resolve_precision
 
     cfg, rc, count = inputs.cfg, inputs.cfg.rl, inputs.count
+    pm = rc.reward == "pm"
     train = inputs.sets["red_team"].get("train", [])
     avg = sum(count(p.messages) for p in train) / max(1, len(train))
     rollouts = rc.steps * rc.prompts_per_step * rc.samples_per_prompt
     asked = rc.steps * rc.prompts_per_step + 2 * rc.eval_prompts
     length = int(avg + rc.max_new_tokens)
+    # the judge on this machine (not on rl.judge_endpoints' servers) is held beside the policy, as the PM is
+    judge_shape = None if pm or rc.judge_endpoints else inputs.shape(judge_model(cfg, "rl"))
     shape, memory, disk = inputs.shape(rc.policy), None, 0
     if shape is not None:
         prec = resolve_precision(rc.dtype, inputs.device, "rl.dtype", lambda _m: None, planning=True)
         mine = math.ceil(rc.prompts_per_step / inputs.world) * rc.samples_per_prompt  # this process's rollouts
         memory = training(shape, prec, rc, min(mine, rc.micro_batch_size), length, inputs.world, reference_copy=True)
-        memory += frozen_model(shape.pm_params, DTYPE_BYTES[prec.frozen])
+        if pm:
+            memory += frozen_model(shape.pm_params, DTYPE_BYTES[prec.frozen])
+        elif judge_shape is not None:
+            memory += frozen_model(judge_shape.params, inputs.engine_bytes(), "judge")
         disk = training_disk(shape.params, prec, rc, 1 + point_saves(rc.steps, rc.frontier_points, rc.method),
                              (rc.steps - 1) // rc.checkpoint_every)
         # the rollouts' KV cache (weights as stored: float32 masters, or LoRA's compute-dtype base) and the
@@ -516,17 +647,23 @@ def estimate(inputs: PlanInputs) -> Cost:
             memory = Memory({**{k: v for k, v in memory.parts.items() if k != "activations"}, "kv cache": kv},
                             f"{rollouts_at_once} rollouts x {length} tokens")
     # the rollouts are sampled by the training policy itself (not the engine); the update; no-grad
-    # passes: reference and PM over every rollout (and the policy too when a step's rollouts take
-    # more than one micro-batch), and policy, reference and PM over the held-out answers before and after
+    # passes: the reference and the PM over every rollout (and the policy too when a step's rollouts take
+    # more than one micro-batch), and policy, reference and PM over the held-out answers before and after;
+    # the judge's questions go to its engine instead (judge_cost)
     micro, rows = max(1, rc.micro_batch_size), math.ceil(rc.prompts_per_step / inputs.world) * rc.samples_per_prompt
     per_step = passes(rows, micro)
-    no_grad_step = (2 + (rows > micro)) * per_step
-    held_out = 2 * 3 * passes(rc.eval_prompts, micro, inputs.world)
-    return Cost(generate=asked, policy_tokens=rollouts * rc.max_new_tokens + 2 * rc.eval_prompts * rc.max_new_tokens,
+    frozen = 1 + pm  # the reference, and the PM
+    no_grad_step = (frozen + (rows > micro)) * per_step
+    held_out = 2 * (frozen + 1) * passes(rc.eval_prompts, micro, inputs.world)
+    judge = Cost() if pm else judge_cost(inputs, avg)
+    return Cost(generate=asked + judge.generate, score=judge.score, prompt_tokens=judge.prompt_tokens,
+                new_tokens=judge.new_tokens, decode_steps=judge.decode_steps,
+                policy_tokens=rollouts * rc.max_new_tokens + 2 * rc.eval_prompts * rc.max_new_tokens,
                 train_tokens=int(rollouts * length), train_passes=rc.steps * per_step, steps=rc.steps,
-                note=f"{rc.steps} steps x {rc.prompts_per_step} prompts x {rc.samples_per_prompt} samples",
-                loads=2, eval_tokens=int(asked * avg + (2 + (rows > micro)) * rollouts * length
-                                         + 3 * 2 * rc.eval_prompts * length),
+                note=f"{rc.steps} steps x {rc.prompts_per_step} prompts x {rc.samples_per_prompt} samples" + judge.note,
+                loads=1 + (pm or judge_shape is not None),
+                eval_tokens=int(asked * avg + (frozen + (rows > micro)) * rollouts * length
+                                + (frozen + 1) * 2 * rc.eval_prompts * length),
                 eval_passes=rc.steps * no_grad_step + held_out, figures=3,
                 saves=1 + point_saves(rc.steps, rc.frontier_points, rc.method),
                 checkpoints=(rc.steps - 1) // rc.checkpoint_every, memory=memory, disk_bytes=disk)
@@ -535,9 +672,9 @@ def estimate(inputs: PlanInputs) -> Cost:
 STAGE = StageSpec(
     name="rl",
     run=run,
-    config_keys=("seed", "engine", "rl"),
+    config_keys=("seed", "engine", "rl", "feedback"),  # feedback: the judge's settings with reward=judge
     needs=_needs,
-    help="RL-CAI: RLOO (or GRPO) against the preference model with a KL penalty to the SL-CAI model.",
+    help="RL-CAI: RLOO (or GRPO) against the preference model (or the judge) with a KL penalty to the SL-CAI model.",
     distributed=True,
     estimate=estimate,
 )
