@@ -10,7 +10,7 @@ import pytest
 
 from cai.config import load_config
 from cai.constitution import ComparisonPrinciple, Contrast, load_constitution
-from cai.conversations import CONTRAST_TEMPLATES, contrast_prompts, with_system
+from cai.conversations import CONTRAST_TEMPLATES, contrast_prompts, with_system_prompt
 from cai.engines.base import Engine
 from cai.errors import CaiError
 from cai.judge_stats import wilson
@@ -211,9 +211,9 @@ def test_a_principle_without_contrast_uses_its_sources_template():
 
 def test_the_system_prompt_goes_first_and_joins_a_system_turn_already_there():
     user = [{"role": "user", "content": "hi"}]
-    assert with_system(user, "S") == [{"role": "system", "content": "S"}, *user]
+    assert with_system_prompt(user, "S") == [{"role": "system", "content": "S"}, *user]
     own = [{"role": "system", "content": "Be brief."}, *user]
-    assert with_system(own, "S") == [{"role": "system", "content": "S\n\nBe brief."}, *user]
+    assert with_system_prompt(own, "S") == [{"role": "system", "content": "S\n\nBe brief."}, *user]
 
 
 def test_contrast_fields_round_trip_and_are_left_out_where_absent(tmp_path):

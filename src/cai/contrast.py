@@ -13,7 +13,7 @@ no signal (docs/method-study.md).
 * **The prompts.** The principle's own ``contrast: {positive, negative}`` in the
   constitution, else a generic template filled with its question
   (:func:`cai.conversations.contrast_prompts`). They are system prompts
-  (:func:`cai.conversations.with_system`); the pair's ``prompt`` is the plain conversation,
+  (:func:`cai.conversations.with_system_prompt`); the pair's ``prompt`` is the plain conversation,
   which is what the preference model and DPO train on.
 * **The label** is ``feedback.contrast_label`` for every pair; a pair whose two answers are
   the same text says nothing and is left out, as in the judge mode.
@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cai.constitution import ComparisonPrinciple, Constitution
-from cai.conversations import contrast_prompts, with_system
+from cai.conversations import contrast_prompts, with_system_prompt
 from cai.judge import (
     Comparison,
     build_queries,
@@ -65,7 +65,8 @@ class ContrastPair:
 
     def conversations(self) -> list[list[dict]]:
         """The two requests to the policy: the conversation under the positive, then the negative prompt."""
-        return [with_system(self.prompt.messages, self.positive), with_system(self.prompt.messages, self.negative)]
+        return [with_system_prompt(self.prompt.messages, self.positive),
+                with_system_prompt(self.prompt.messages, self.negative)]
 
     def comparison(self) -> Comparison:
         """The pair as the judge sees it: answer a is the chosen one, b the rejected one, under

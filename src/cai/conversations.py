@@ -219,15 +219,6 @@ def contrast_prompts(principle: ComparisonPrinciple, source: str) -> tuple[str, 
     return positive.format(principle=principle.text), negative.format(principle=principle.text), "template"
 
 
-def with_system(messages: list[dict], system: str) -> list[dict]:
-    """``messages`` under the system prompt ``system``. A conversation that already opens with a
-    system turn keeps one system turn, ours first, since chat templates take a single system turn
-    at the start."""
-    if messages and messages[0]["role"] == "system":
-        return [{"role": "system", "content": f"{system}\n\n{messages[0]['content']}"}, *messages[1:]]
-    return [{"role": "system", "content": system}, *messages]
-
-
 # -- best-of-n revisions ------------------------------------------------------------------
 
 BEST_OF_QUESTION = "Which of these assistant responses better does what this request asks? Request: {request}"
