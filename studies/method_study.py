@@ -77,6 +77,18 @@ ROWS = [
     Row("direct-1e-dpo", "direct-1e, then DPO on revision > first answer",
         ["stages=[prepare, critique_revision, sft, dpo]", "critique_revision.critique=false", "sft.epochs=1"],
         parent="direct-1e"),
+    # Feedback without a capable judge (issue 34): levers that do not ask the 135M model to judge.
+    Row("contrast-dpo", "sl-2r-2e, then DPO on contrast pairs (RLCD: labelled by construction, judge agreement kept)",
+        ["stages=[prepare, critique_revision, sft, feedback, dpo]", "dpo.data=feedback", "feedback.mode=contrast",
+         "feedback.contrast_judge=true"], parent="sl-2r-2e"),
+    Row("contrast-rloo", "contrast-dpo's pairs, then a PM and RLOO 24 steps against it",
+        ["stages=[prepare, critique_revision, sft, feedback, preference_model, rl]", "feedback.mode=contrast",
+         "feedback.contrast_judge=true"], parent="contrast-dpo"),
+    Row("context-distill", "context distillation: first answers under the constitution's system prompt, SFT "
+        "without it, no revisions", [SL, "critique_revision.system_prompt=constitution", "critique_revision.rounds=0"],
+        cache_from="sl-2r-2e"),
+    Row("judge-rloo", "sl-2r-2e, then RLOO 24 steps with the judge as the reward (direct RLAIF), no PM",
+        ["stages=[prepare, critique_revision, sft, rl]", "rl.reward=judge"], parent="sl-2r-2e"),
 ]
 BY_NAME = {r.name: r for r in ROWS}
 
