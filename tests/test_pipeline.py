@@ -91,6 +91,25 @@ def test_an_interrupted_stage_resumes_only_under_the_same_configuration(tmp_path
     assert any("another configuration" in m for m in logs)
 
 
+def test_a_checkpoint_stays_until_the_finished_stage_is_in_place(tmp_path):
+    """A training stage leaves its checkpoint in ``<stage>.partial/`` when it returns, so a run
+    killed while the pipeline hashes the outputs resumes from it; the checkpoint is not an
+    artifact (no hash in the manifest) and is gone once the folder is promoted."""
+    from cai.artifacts import hash_outputs
+    from cai.pipeline import PARTIAL_STAMP, _promote
+
+    partial, final = tmp_path / "sft.partial", tmp_path / "sft"
+    (partial / "model").mkdir(parents=True)
+    (partial / "model" / "weights.bin").write_bytes(b"w")
+    (partial / "checkpoint").mkdir()
+    (partial / "checkpoint" / "trainer_state.json").write_text("{}")
+    (partial / PARTIAL_STAMP).write_text("f\n")
+    assert list(hash_outputs(partial)) == ["model/weights.bin"]
+    _promote(partial, final)
+    assert (final / "model" / "weights.bin").is_file()
+    assert not (final / "checkpoint").exists() and not (final / PARTIAL_STAMP).exists() and not partial.exists()
+
+
 def test_speed_only_settings_change_no_fingerprint():
     """Changing a batch size, a timeout or the endpoint list (after an out-of-memory error,
     or to replace a dead server) must not rerun anything; a result-changing field must."""

@@ -18,6 +18,10 @@ from cai.layout import MANIFEST
 
 #: The file in ``<stage>.partial/`` that says which configuration an interrupted run had.
 PARTIAL_STAMP = ".fingerprint"
+#: A training stage's resumable state in ``<stage>.partial/``: not an artifact (no hash in the
+#: manifest), kept until the finished folder is in place and removed then, so a run killed
+#: after training but before that (while the weights are hashed, say) resumes from it.
+CHECKPOINT = "checkpoint"
 #: Files a later stage may delete from a finished stage's folder: the files of the frontier
 #: points of rl and dpo (``points/step-NNNNNN/...``: weights, config, tokenizer), which the
 #: evaluate stage removes once it has scored them (``evaluate.frontier_keep_weights=false``),
@@ -50,7 +54,7 @@ def hash_outputs(folder: Path) -> dict[str, dict]:
     out = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = str(path.relative_to(folder))
-        if rel in ("manifest.json", PARTIAL_STAMP):
+        if rel in ("manifest.json", PARTIAL_STAMP) or path.relative_to(folder).parts[0] == CHECKPOINT:
             continue
         out[rel] = {"sha256": file_sha256(path, sync=True), "bytes": path.stat().st_size}
     return out

@@ -37,7 +37,7 @@ from cai.checks import check_config, check_device_here, check_inputs, check_run_
 from cai.config import RunConfig, config_hash, results_dict, to_dict
 from cai.distributed import MainGate, broadcast_on_main, launch_token, process_state, world_size
 from cai.errors import CaiError
-from cai.artifacts import PARTIAL_STAMP, hash_outputs, read_manifest, verify_stage
+from cai.artifacts import CHECKPOINT, PARTIAL_STAMP, hash_outputs, read_manifest, verify_stage
 from cai.io import write_json, write_text
 from cai.hardware import return_free_memory
 from cai.runlock import RunLock
@@ -119,8 +119,15 @@ def _promote(partial: Path, final: Path) -> None:
         os.replace(final, old)
     os.replace(partial, final)
     _sync_dir(final.parent)
-    (final / PARTIAL_STAMP).unlink(missing_ok=True)
+    _drop_run_state(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _drop_run_state(final: Path) -> None:
+    """Remove what only an interrupted run needed from a finished stage folder: the stamp and
+    a training stage's checkpoint (neither is an artifact)."""
+    (final / PARTIAL_STAMP).unlink(missing_ok=True)
+    shutil.rmtree(final / CHECKPOINT, ignore_errors=True)
 
 
 def _recover(run_dir: Path, name: str, fingerprint: str, log: Callable[[str], None]) -> None:
@@ -140,7 +147,7 @@ def _recover(run_dir: Path, name: str, fingerprint: str, log: Callable[[str], No
         else:
             os.replace(old, final)  # the new folder never arrived: keep the previous result
     if final.exists():
-        (final / PARTIAL_STAMP).unlink(missing_ok=True)  # renamed, then the crash: the stamp is not an artifact
+        _drop_run_state(final)  # renamed, then the crash: neither the stamp nor a checkpoint is an artifact
 
 
 def distributed_state(cfg: RunConfig):

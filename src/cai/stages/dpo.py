@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import time
 
 from cai.datafiles import DPO_PAIRS
@@ -282,7 +281,6 @@ def run(ctx: StageContext) -> dict:
         plot_curve(ctx.out / "loss.png", {"train DPO loss": [(s, l) for s, l, _, _ in history],
                                           "log 2 (start)": [(0, math.log(2)), (total_steps, math.log(2))]},
                    "DPO" + (" (label-smoothed by the soft labels)" if dc.soft_labels else ""))
-        shutil.rmtree(ckpt, ignore_errors=True)
     return counts
 
 

@@ -25,7 +25,6 @@ rewards), ``loss.png``, ``calibration.png`` (reliability diagram) and ``scores.p
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 
 from cai.errors import CaiError
@@ -177,7 +176,6 @@ def run(ctx: StageContext) -> dict:
             q = [sigmoid(c - r) for c, r in scores]
             plot_calibration(ctx.out / "calibration.png", q, [x["p"] for x in test], "PM calibration (held out)")
             plot_scores(ctx.out / "scores.png", scores, "Held-out rewards")
-        shutil.rmtree(ckpt, ignore_errors=True)
     return counts
 
 

@@ -71,7 +71,6 @@ import contextlib
 import copy
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -497,7 +496,6 @@ def run(ctx: StageContext) -> dict:
                    f"RL-CAI ({name}): mean reward per step", ylabel="reward")
         plot_curve(ctx.out / "kl.png", {"KL(policy || SL-CAI)": curve("kl")}, "KL to the reference", ylabel="nats per answer")
         plot_curve(ctx.out / "loss.png", {f"{name} loss": curve("loss")}, f"RL-CAI ({name})")
-        shutil.rmtree(ckpt, ignore_errors=True)
     return counts
 
 

@@ -23,7 +23,6 @@ kept in ``sft.partial/checkpoint`` while training; a rerun after a crash continu
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from pathlib import Path
 
@@ -163,7 +162,6 @@ def run(ctx: StageContext) -> dict:
         write_json(ctx.output("metrics"), {"loss": history, **counts})
         plot_curve(ctx.out / "loss.png", {"train loss": [tuple(h) for h in history]},
                    f"SFT on {Path(sc.data).name}" if sc.data else "SFT on critique/revision data")
-        shutil.rmtree(ckpt, ignore_errors=True)
     return counts
 
 
