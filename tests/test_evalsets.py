@@ -495,7 +495,6 @@ def test_a_served_judge_beside_a_local_run_engine(tmp_path, monkeypatch):
     servers, while the run's engine stays local; bad settings are one-line errors."""
     from cai.config import judge_engine_config
     from cai.stage import StageContext
-    from cai.stages import evaluate as ev
 
     cfg = load_config(None, ["evaluate.judge=big/judge", "evaluate.judge_endpoints=[http://127.0.0.1:9/v1]"])
     check_config(cfg)
@@ -518,7 +517,7 @@ def test_a_served_judge_beside_a_local_run_engine(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cai.engines, "build_engine", lambda c, cache, progress=None: built.append((c, cache)) or Closing())
     ctx = StageContext(cfg=cfg, run_dir=tmp_path, out=tmp_path / "evaluate", name="evaluate", log=lambda m: None)
-    judge, release = ev.open_judge(ctx)
+    judge, release = ctx.judge_engine("evaluate")
     assert built[0][0].kind == "openai" and built[0][1] == tmp_path / "cache.sqlite"
     release()
     assert judge.closed and not ctx.engines  # not one of the run's engines

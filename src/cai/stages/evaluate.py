@@ -30,6 +30,7 @@ import math
 from pathlib import Path
 
 from cai import seeds
+from cai.config import judge_model
 from cai.constitution import ComparisonPrinciple, load_constitution
 from cai.conversations import comparison_demos, principle_texts
 from cai.cost import Cost, PlanInputs
@@ -70,13 +71,6 @@ from cai.stage_names import SL_CAI, TRAINED_POLICIES
 FINAL_MODEL_ORDER = ("rl", "dpo", "sft")
 
 SETS = PROMPT_SETS
-
-
-def open_judge(ctx: StageContext):
-    """The evaluation judge and how to release it: the run's engine on ``evaluate.judge``
-    (default ``engine.model``), or with ``evaluate.judge_endpoints`` an OpenAI-compatible
-    engine on those servers (a larger served model), through the run's request cache."""
-    return ctx.judge_engine("evaluate")
 
 
 # -- the standard evaluation sets (cai.evaluation.sets) ----------------------------------------
@@ -263,7 +257,8 @@ def run(ctx: StageContext) -> dict:
     point_rows = frontier_answers(ctx, points, items, params, names)
 
     # 2. The judge reads every answer: pairs for Elo, each answer's own questions, the sets' rubrics.
-    judge, release_judge = open_judge(ctx)
+    # evaluate.judge (default engine.model), or a served judge on evaluate.judge_endpoints
+    judge, release_judge = ctx.judge_engine("evaluate")
     examples = const.comparison_examples if ev.few_shot < 0 else const.comparison_examples[: ev.few_shot]
     demos = comparison_demos(examples, principle_texts(const), cot=False)
     elo, comparisons = rate_models(judge, names, answers, prompts, principles, demos, ev.bootstrap, cfg.seed,
@@ -284,7 +279,7 @@ def run(ctx: StageContext) -> dict:
     # 4. The files.
     results = Results(
         models=models,
-        judge=ev.judge or cfg.engine.model,
+        judge=judge_model(cfg, "evaluate"),
         prompts={s: len(prompts[s]) for s in SETS},
         settings=Settings(max_new_tokens=ev.max_new_tokens, temperature=ev.temperature, top_p=ev.top_p,
                           seed=cfg.seed, few_shot=len(examples), bootstrap=ev.bootstrap,
@@ -333,7 +328,7 @@ def headline_counts(results: Results, rows: list[dict], names: list[str]) -> dic
     """The manifest's headline figures: each model's Elo, mean harmfulness, share of looping
     answers, and the standard sets' headlines."""
     counts = {}
-    for dimension in ("harmlessness", "helpfulness"):
+    for dimension, _ in DIMENSIONS:
         table = getattr(results.elo, dimension)
         for name, r in (table.ratings if table else {}).items():
             counts[f"elo_{dimension}_{name}"] = r.elo

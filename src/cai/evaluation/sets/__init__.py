@@ -49,6 +49,7 @@ NOT_COMPARABLE = (
     "answers and judgements are far from the models those figures describe."
 )
 
+
 def parse_spec(spec: str) -> tuple[StandardSet, str | None]:
     """``eval:NAME`` or ``eval:NAME:PATH`` -> (the set, PATH or None)."""
     if not spec.startswith(PREFIX):
