@@ -327,6 +327,41 @@ def test_int8_answers_do_not_depend_on_their_batch(tiny_model):
     assert parts.choice_logprobs(convs[5:], opts[5:]) == whole.choice_logprobs(convs, opts)[5:]
 
 
+def test_a_batch_invariant_engine_answers_each_request_as_it_would_alone(tiny_model):
+    """engine.batch_invariant: a request's tokens and scores are bitwise those it gets alone
+    in a fresh engine, whatever shared its call, a few-shot prefix every row shares, or rows the
+    engine kept from its last call (batched, none of that holds to the last bit: docs/engine.md)."""
+    from cai.engines.local import LocalEngine
+
+    convs = [FEW_SHOT + c for c in CONVS] + [FEW_SHOT + CONVS[2] + [{"role": "user", "content": "Again."}]]
+    params = SamplingParams(temperature=1.0, max_new_tokens=10, seed=5)
+    engine = LocalEngine(tiny_model, batch_size=4, score_batch_size=4, min_shared_prefix=1, batch_invariant=True)
+    assert (engine.batch_size, engine.score_batch_size, engine.batching.shared_prefix_once) == (1, 1, False)
+    together = engine.generate_ids(convs, params)
+    follow = [convs[0] + [{"role": "assistant", "content": engine.tok.decode(together[0][0])},
+                          {"role": "user", "content": "Shorter."}]]
+    after = engine.generate_ids(follow, params)  # extends a row the engine generated last
+    opts = [["(A)", "(B)"]] * len(convs)
+    scores = engine.choice_logprobs(convs, opts)
+    assert engine.reused_tokens == 0
+    for i, conv in enumerate(convs):
+        alone = LocalEngine(tiny_model, batch_invariant=True)
+        assert alone.generate_ids([conv], params) == [together[i]]
+        assert alone.choice_logprobs([conv], opts[:1]) == [scores[i]]
+    assert LocalEngine(tiny_model, batch_invariant=True).generate_ids(follow, params) == after
+
+
+def test_batch_invariant_is_refused_for_a_server(tmp_path):
+    from cai.checks import check_config
+    from cai.config import load_config
+    from cai.errors import CaiError
+
+    cfg = load_config(None, ["engine.kind=openai", "engine.endpoints=[http://127.0.0.1:9/v1]",
+                             "engine.batch_invariant=true", f"run_dir={tmp_path}"])
+    with pytest.raises(CaiError, match="engine.batch_invariant"):
+        check_config(cfg)
+
+
 def test_int8_engines_keep_the_shared_prefix_once(tiny_model, monkeypatch):
     """The shared-prefix check compares two ways of computing attention. On a real int8
     model the comparison fails by itself: per-token rounding blows the two paths' last-bit

@@ -48,6 +48,11 @@ def check_config(cfg: RunConfig) -> None:
     # the users' own data files (sft.data, preference_model.data, dpo.data, feedback.human_preferences),
     # every row: a bad row is one line now, not when its stage starts
     check_data(cfg)
+    if cfg.engine.batch_invariant and (cfg.engine.kind == "openai" or cfg.engine.serve != "none"):
+        raise CaiError(
+            "config field 'engine.batch_invariant' is for engine.kind=local without engine.serve: a server "
+            "batches as it likes (start vLLM with VLLM_BATCH_INVARIANT=1 for the same), so set it to false"
+        )
     if cfg.engine.kind == "openai":
         from cai.engines.openai import check_openai_config
 

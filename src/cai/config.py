@@ -103,6 +103,13 @@ class EngineConfig:
     )
     batch_size: int = _f(32, "Sequences per generation batch (batches are length-sorted).", fingerprint=False, low=1)
     score_batch_size: int = _f(16, "Sequences per forward pass when scoring options.", fingerprint=False, low=1)
+    batch_invariant: bool = _f(
+        False,
+        "Compute every request alone (batch 1, no shared prefix, no reused KV cache), so an answer is "
+        "bitwise the same in a fresh and in a resumed run. Slower. Batched (the default), last-bit float "
+        "differences between batches can change a sampled token (docs/engine.md). kind=local only; a "
+        "vLLM server has its own (VLLM_BATCH_INVARIANT=1).", fingerprint=False,
+    )
     trust_remote_code: bool = _f(
         False, "Run model code shipped with a checkpoint. Only for checkpoints you trust."
     )

@@ -16,6 +16,8 @@ def batching(cfg) -> Batching:
         return OpenAIEngine.batching_for(cfg.max_concurrency)
     from cai.engines.local import LocalEngine
 
+    if cfg.batch_invariant:
+        return LocalEngine.batching_for(1, 1, shared_prefix_once=False)
     return LocalEngine.batching_for(cfg.batch_size, cfg.score_batch_size)
 
 
@@ -58,6 +60,7 @@ def build_engine(cfg, cache_path=None, progress=print, server_dir=None) -> Engin
         score_batch_size=cfg.score_batch_size,
         trust_remote_code=cfg.trust_remote_code,
         quantize=cfg.quantize,
+        batch_invariant=cfg.batch_invariant,
     )
     if cfg.cache and cache_path is not None:
         engine = CachedEngine(engine, RequestCache(cache_path), chunk_size=max(4 * cfg.batch_size, 64))

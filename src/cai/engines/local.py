@@ -113,6 +113,7 @@ class LocalEngine(Engine):
         min_shared_prefix: int = 16,
         model=None,
         tokenizer=None,
+        batch_invariant: bool = False,
     ):
         import torch
 
@@ -123,9 +124,12 @@ class LocalEngine(Engine):
         self.model = model.eval()
         self.tok = tokenizer
         self.device = device
-        self.batch_size = batch_size
+        # batch_invariant: each request runs alone, its prompt prefilled whole (no shared
+        # prefix, no kept rows), so its float path never depends on the other requests
+        self.batch_invariant = batch_invariant
+        self.batch_size = 1 if batch_invariant else batch_size
         self.min_shared_prefix = min_shared_prefix
-        self.score_batch_size = score_batch_size
+        self.score_batch_size = 1 if batch_invariant else score_batch_size
         self._shared_ok: bool | None = None  # set by _shared_prefix_ok on first use
         self._continuations = shared_prefix.Continuations()  # the last generated rows' KV caches
         self.reused_tokens = 0  # prompt tokens taken from kept rows instead of prefilled
@@ -162,14 +166,14 @@ class LocalEngine(Engine):
             self.identity += f":{SCHEME}"
 
     @staticmethod
-    def batching_for(batch_size: int, score_batch_size: int) -> Batching:
+    def batching_for(batch_size: int, score_batch_size: int, shared_prefix_once: bool = True) -> Batching:
         """Length-sorted batches of ``batch_size`` rows to generate and ``score_batch_size``
         questions to score; a prefix every row of a batch shares runs once (shared_prefix)."""
-        return Batching(generate=batch_size, score=score_batch_size, shared_prefix_once=True)
+        return Batching(generate=batch_size, score=score_batch_size, shared_prefix_once=shared_prefix_once)
 
     @property
     def batching(self) -> Batching:
-        return self.batching_for(self.batch_size, self.score_batch_size)
+        return self.batching_for(self.batch_size, self.score_batch_size, not self.batch_invariant)
 
     @classmethod
     def for_model(cls, model, tokenizer, batch_size: int = 32, name: str = "in-memory") -> "LocalEngine":
@@ -282,6 +286,8 @@ class LocalEngine(Engine):
         computed).
         """
         torch = self.torch
+        if self.batch_invariant and share == "auto":
+            share = "none"
         cache = hf_compat.growing_cache()
         own = own or [1] * len(seqs)
         limits = [len(s) - o for s, o in zip(seqs, own)]
