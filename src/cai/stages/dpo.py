@@ -28,8 +28,8 @@ checkpoint, so a resumed run does not need the reference again. It also means th
 held-out numbers *before* training are exact without a forward pass: h = 0 for every
 pair (loss log 2, accuracy 0, margin 0).
 
-The loop is the same accelerate loop as ``sft``: each process takes its share of every
-batch of pairs, and its loss is scaled so that the averaged gradient is that of the
+Training runs the one loop of :mod:`cai.loop` with the objective :class:`PreferencePairs`:
+each process takes its share of every batch of pairs, and its loss is scaled so that the averaged gradient is that of the
 mean over the whole batch (identical to one process up to float summation order; a
 process left without a pair in a small last batch runs one with weight 0).
 
@@ -43,7 +43,6 @@ loss; no KL is measured here), which the evaluate stage scores.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
@@ -54,25 +53,21 @@ from cai.plots import plot_curve
 from cai.cost import Cost, PlanInputs, passes, training_disk
 from cai.stage import StageContext, StageSpec
 from cai.stage_names import SL_CAI
+from cai import loop
+from cai.loop import ShareOfBatches, Trainee
 from cai.training import (
     adapters_off,
     answer_logprobs,
     is_lora,
-    check_finite,
     encode_chat,
     full_state_dict,
     is_sharded,
     load_trainable,
     optimizer_and_batches,
-    optimizer_step,
     pad_batch,
-    process_share,
     resume,
-    save_checkpoint,
     point_steps,
-    save_point,
     save_trained_model,
-    warmup_lr,
     write_points_index,
 )
 
@@ -174,8 +169,44 @@ def evaluate(model, pairs, ref: dict, pad_id, device, batch_size, rank, world, b
     return pair_metrics([h for _, h in rows], [pairs[j]["p"] for j, _ in rows], beta, soft)
 
 
+class PreferencePairs(ShareOfBatches):
+    """The DPO objective (:mod:`cai.loop`): :func:`dpo_loss` of each pair's log-ratio
+    difference ``h`` against the reference, averaged over the step's whole batch. A step
+    logs its mean loss, reward accuracy (h > 0) and margin (beta * h)."""
+
+    def __init__(self, model, train: list[dict], batches: list[list[int]], pad_id, accelerator, prec, ref: dict,
+                 beta: float, soft: bool):
+        super().__init__(batches, accelerator)
+        self.model, self.train, self.pad_id, self.prec = model, train, pad_id, prec
+        self.ref, self.beta, self.soft = ref, beta, soft  # ref: {"train"/"test": {pair index: (log pi_ref(c), (r))}}
+
+    def loss(self, items: list[int], step: int):
+        import torch
+
+        device = self.accelerator.device
+        with self.prec.autocast():
+            c, r = pair_logprobs(self.model, [self.train[i] for i in items], self.pad_id, device)
+        rc = torch.tensor([self.ref["train"][i][0] for i in items], device=device)
+        rr = torch.tensor([self.ref["train"][i][1] for i in items], device=device)
+        h = (c - rc) - (r - rr)
+        p = torch.tensor([self.train[i]["p"] for i in items], device=device)
+        per_pair = dpo_loss(h, p, self.beta, self.soft)
+        # sum over my pairs / whole batch * world: the processes' averaged gradient is
+        # exactly the gradient of the batch mean.
+        loss = per_pair.sum() * (self.weight * self.world / len(self.batch))
+        sums = self.weight * torch.tensor([float(per_pair.detach().sum()), float((h > 0).sum()),
+                                           float(self.beta * h.detach().sum())])  # loss, correct, margin
+        return loss, sums
+
+    def log_row(self, step: int, stats) -> list:
+        n = len(self.batches[step])
+        return [step + 1, float(stats[0]) / n, float(stats[1]) / n, float(stats[2]) / n]
+
+    def state(self) -> dict:
+        return {"ref": self.ref}
+
+
 def run(ctx: StageContext) -> dict:
-    import torch
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
@@ -194,8 +225,8 @@ def run(ctx: StageContext) -> dict:
     if not train:
         raise CaiError(f"{source}: no pairs to train on (dropped: {dropped}; lower dpo.min_confidence?)")
     model, optimizer, params, batches = optimizer_and_batches(accelerator, model, dc, len(train), cfg.seed)
-    scaler = prec.grad_scaler()
-    plain = accelerator.unwrap_model(model)
+    trainee = Trainee(accelerator, model, optimizer, prec.grad_scaler(), params, prec, tok, ctx.out)
+    plain = trainee.plain
     micro = max(1, dc.batch_size // dc.grad_accum)
     total_steps = len(batches)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -204,9 +235,7 @@ def run(ctx: StageContext) -> dict:
     # pair (the same passes in lockstep) instead of its share.
     split = (0, 1) if is_sharded(plain) else (rank, world)
 
-    ckpt = ctx.out / "checkpoint"
-    start, state = resume(ckpt, plain, optimizer, total_steps, ctx.log, "dpo", scaler)
-    history = state["history"] if state else []
+    start, state = resume(trainee.checkpoint, plain, optimizer, total_steps, ctx.log, "dpo", trainee.scaler)
     if state is not None:  # JSON made the pair indices strings and the pairs lists
         ref = {split: {int(i): tuple(lp) for i, lp in rows.items()} for split, rows in state["ref"].items()}
     else:
@@ -215,49 +244,13 @@ def run(ctx: StageContext) -> dict:
                "test": shared_reference(plain, test, list(range(len(test))), pad_id, device, micro, *split, prec)}
     # The policy starts at the reference: h = 0 for every held-out pair (see the docstring).
     before = pair_metrics([0.0] * len(test), [x["p"] for x in test], dc.beta, dc.soft_labels)
+    objective = PreferencePairs(model, train, batches, pad_id, accelerator, prec, ref, dc.beta, dc.soft_labels)
 
     t0 = time.time()
     points = point_steps(total_steps, dc.frontier_points)
-    with ctx.progress(total_steps, "training", unit="step") as update:
-        update(start)
-        for step in range(start, total_steps):
-            for g in optimizer.param_groups:
-                g["lr"] = warmup_lr(dc.learning_rate, dc.warmup_steps, step)
-            mine, weight = process_share(batches[step], rank, world)
-            # sum over my pairs / whole batch * world: the processes' averaged gradient is
-            # exactly the gradient of the batch mean.
-            scale = weight * world / len(batches[step])
-            stats = torch.zeros(3)  # loss, correct, margin (sums over my pairs)
-            for m in range(0, len(mine), micro):
-                idx = mine[m:m + micro]
-                sync = contextlib.nullcontext() if m + micro >= len(mine) else accelerator.no_sync(model)
-                with sync:
-                    with prec.autocast():
-                        c, r = pair_logprobs(model, [train[i] for i in idx], pad_id, device)
-                    rc = torch.tensor([ref["train"][i][0] for i in idx], device=device)
-                    rr = torch.tensor([ref["train"][i][1] for i in idx], device=device)
-                    h = (c - rc) - (r - rr)
-                    p = torch.tensor([train[i]["p"] for i in idx], device=device)
-                    per_pair = dpo_loss(h, p, dc.beta, dc.soft_labels)
-                    loss = per_pair.sum() * scale
-                    check_finite(loss, step, ckpt)
-                    accelerator.backward(scaler.scale(loss))
-                stats += weight * torch.tensor([float(per_pair.detach().sum()), float((h > 0).sum()),
-                                                float(dc.beta * h.detach().sum())])
-            optimizer_step(accelerator, optimizer, scaler, params, dc.max_grad_norm)
-            if world > 1:
-                stats = accelerator.reduce(stats.to(device), "sum").cpu()
-            n = len(batches[step])
-            history.append([step + 1, float(stats[0]) / n, float(stats[1]) / n, float(stats[2]) / n])
-            update(1)
-            done = step + 1
-            if done in points and done < total_steps:  # every process: a sharded model gathers
-                point_state = full_state_dict(plain)
-                if accelerator.is_main_process:
-                    save_point(ctx.out, done, plain, tok, prec, state_dict=point_state)
-            if done % dc.checkpoint_every == 0 and done < total_steps:  # every process: a sharded model gathers
-                save_checkpoint(ckpt, plain, optimizer, done, {"history": history, "total_steps": total_steps, "ref": ref},
-                                scaler, main=accelerator.is_main_process)
+    history = loop.train(trainee, objective, dc, total_steps=total_steps, start=start,
+                         history=state["history"] if state else [], micro=micro, progress=ctx.progress,
+                         points=points)
     seconds = time.time() - t0
     after = evaluate(plain, test, ref["test"], pad_id, device, micro, *split, dc.beta, dc.soft_labels, prec)
     accelerator.wait_for_everyone()

@@ -9,9 +9,10 @@ paper found soft labels better.
 ``preference_model.data`` trains on the user's own file of TRL pairs instead (read by
 :mod:`cai.datafiles`, with its ``p_chosen`` where given), with no feedback stage.
 
-The loop is the same short accelerate loop as ``sft`` (so ``accelerate launch`` runs it
-in several processes, each taking its share of every batch, weighted so that the step is
-the whole batch's mean): both answers of a pair go through the model in one padded batch.
+Training runs the one loop of :mod:`cai.loop`, as ``sft`` does (so ``accelerate launch``
+runs it in several processes, each taking its share of every batch, weighted so that the
+step is the whole batch's mean), with the objective :class:`SoftPreferences`: both answers
+of a pair go through the model in one padded batch.
 With ``preference_model.method=lora`` the body gets LoRA adapters and the score head is
 trained in full (peft's ``modules_to_save``).
 
@@ -24,7 +25,6 @@ rewards), ``loss.png``, ``calibration.png`` (reliability diagram) and ``scores.p
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 from cai.errors import CaiError
@@ -34,17 +34,9 @@ from cai.reward import encode_answer, pair_metrics, preference_loss, prepare_for
 from cai.cost import Cost, PlanInputs, passes, training_disk
 from cai.stage import StageContext, StageSpec
 from cai.stage_names import SL_CAI
-from cai.training import (
-    check_finite,
-    load_trainable,
-    optimizer_and_batches,
-    optimizer_step,
-    process_share,
-    resume,
-    save_checkpoint,
-    save_trained_model,
-    warmup_lr,
-)
+from cai import loop
+from cai.loop import ShareOfBatches, Trainee
+from cai.training import load_trainable, optimizer_and_batches, resume, save_trained_model
 
 
 def load_pairs(tok, rows: list[dict], max_length: int, where) -> list[dict]:
@@ -85,8 +77,37 @@ def evaluate(model, pairs, pad_id, device, batch_size: int, prec) -> tuple[dict,
     return pair_metrics(deltas, [x["p"] for x in pairs], [x["source"] for x in pairs]), scores
 
 
+class SoftPreferences(ShareOfBatches):
+    """The preference model's objective (:mod:`cai.loop`): the cross-entropy of
+    ``sigmoid(r_chosen - r_rejected)`` against the soft label (``preference_loss``), averaged
+    over the step's whole batch. Both answers of a micro-batch's pairs go through the model
+    in one padded batch."""
+
+    def __init__(self, model, train: list[dict], batches: list[list[int]], pad_id, accelerator, prec, kind: str,
+                 before: dict):
+        super().__init__(batches, accelerator)
+        self.model, self.train, self.pad_id, self.prec, self.kind, self.before = model, train, pad_id, prec, kind, before
+
+    def loss(self, items: list[int], step: int):
+        import torch
+
+        pairs = [self.train[i] for i in items]
+        device = self.accelerator.device
+        with self.prec.autocast():
+            rc, rr = pair_deltas(self.model, pairs, self.pad_id, device)
+        p = torch.tensor([x["p"] for x in pairs], device=device)
+        # its part of the whole batch's mean loss
+        loss = preference_loss(rc - rr, p, self.kind) * (self.weight * len(pairs) / len(self.batch))
+        return loss * self.world, torch.tensor(float(loss.detach()), dtype=torch.float64)  # DDP averages
+
+    def log_row(self, step: int, stats) -> list:
+        return [step + 1, float(stats)]
+
+    def state(self) -> dict:
+        return {"before": self.before}
+
+
 def run(ctx: StageContext) -> dict:
-    import torch
     import transformers
     from accelerate import Accelerator
     from transformers import AutoModelForSequenceClassification
@@ -112,46 +133,18 @@ def run(ctx: StageContext) -> dict:
     if not train:
         raise CaiError(f"{source}: no comparisons to train on (did the feedback stage label any?)")
     model, optimizer, params, batches = optimizer_and_batches(accelerator, model, pc, len(train), cfg.seed)
-    scaler = prec.grad_scaler()
+    trainee = Trainee(accelerator, model, optimizer, prec.grad_scaler(), params, prec, tok, ctx.out)
     micro = max(1, pc.batch_size // pc.grad_accum)
     total_steps = len(batches)
-    rank, world = accelerator.process_index, accelerator.num_processes
     pad_id, device = tok.pad_token_id, accelerator.device
-
-    ckpt = ctx.out / "checkpoint"
-    start, state = resume(ckpt, accelerator.unwrap_model(model), optimizer, total_steps, ctx.log, "preference_model", scaler)
-    history = state["history"] if state else []
+    start, state = resume(trainee.checkpoint, trainee.plain, optimizer, total_steps, ctx.log, "preference_model",
+                          trainee.scaler)
     before = state.get("before") if state else evaluate(model, test, pad_id, device, micro, prec)[0]
+    objective = SoftPreferences(model, train, batches, pad_id, accelerator, prec, pc.loss, before)
 
     t0 = time.time()
-    with ctx.progress(total_steps, "training", unit="step") as update:
-        update(start)
-        for step in range(start, total_steps):
-            for g in optimizer.param_groups:
-                g["lr"] = warmup_lr(pc.learning_rate, pc.warmup_steps, step)
-            mine, weight = process_share(batches[step], rank, world)
-            step_loss = torch.zeros((), dtype=torch.float64)
-            for m in range(0, len(mine), micro):
-                chunk = [train[i] for i in mine[m:m + micro]]
-                sync = contextlib.nullcontext() if m + micro >= len(mine) else accelerator.no_sync(model)
-                with sync:
-                    with prec.autocast():
-                        rc, rr = pair_deltas(model, chunk, pad_id, device)
-                    p = torch.tensor([x["p"] for x in chunk], device=device)
-                    # its part of the whole batch's mean loss
-                    loss = preference_loss(rc - rr, p, pc.loss) * (weight * len(chunk) / len(batches[step]))
-                    check_finite(loss, step, ckpt)
-                    accelerator.backward(scaler.scale(loss * world))  # DDP averages over the processes
-                step_loss += float(loss.detach())
-            optimizer_step(accelerator, optimizer, scaler, params, pc.max_grad_norm)
-            if world > 1:
-                step_loss = accelerator.reduce(step_loss.to(device), "sum").cpu()
-            history.append([step + 1, float(step_loss)])
-            update(1)
-            done = step + 1
-            if accelerator.is_main_process and done % pc.checkpoint_every == 0 and done < total_steps:
-                save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, done,
-                                {"history": history, "total_steps": total_steps, "before": before}, scaler)
+    history = loop.train(trainee, objective, pc, total_steps=total_steps, start=start,
+                         history=state["history"] if state else [], micro=micro, progress=ctx.progress)
     seconds = time.time() - t0
     after, scores = evaluate(model, test, pad_id, device, micro, prec)
     accelerator.wait_for_everyone()
@@ -163,7 +156,7 @@ def run(ctx: StageContext) -> dict:
         "test_ece_before": before.get("ece"), "test_ece": after.get("ece"),
     }
     if accelerator.is_main_process:
-        save_trained_model(ctx.out, accelerator.unwrap_model(model), tok, "preference_model", base, pc, cfg.seed, prec)
+        save_trained_model(ctx.out, trainee.plain, tok, "preference_model", base, pc, cfg.seed, prec)
         write_json(ctx.output("metrics"), {
             "loss_history": history, "test_before": before, "test_after": after, **counts,
         })

@@ -22,7 +22,6 @@ kept in ``sft.partial/checkpoint`` while training; a rerun after a crash continu
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -31,21 +30,18 @@ from cai.io import write_json
 from cai.plots import plot_curve
 from cai.cost import Cost, PlanInputs, passes, training_disk
 from cai.stage import StageContext, StageSpec
+from cai import loop
+from cai.loop import ShareOfBatches, Trainee
 from cai.training import (
     IGNORE,
-    check_finite,
     encode_chat,
     full_state_dict,
     load_trainable,
     optimizer_and_batches,
-    optimizer_step,
     pad_batch,
-    process_share,
     resume,
-    save_checkpoint,
     save_trained_model,
     token_loss,
-    warmup_lr,
 )
 
 
@@ -78,6 +74,37 @@ def load_examples(tok, rows: list[dict], max_length: int) -> tuple[list[dict], i
     return examples, dropped
 
 
+class NextTokens(ShareOfBatches):
+    """The SFT objective (:mod:`cai.loop`): the mean next-token loss over the answer tokens
+    of the step's whole batch. Each process takes its share of the batch; a micro-batch's
+    loss is its tokens' part of the batch's token mean, times the process count."""
+
+    def __init__(self, model, train: list[dict], batches: list[list[int]], pad_id, accelerator, prec, eval_before):
+        super().__init__(batches, accelerator)
+        self.model, self.train, self.pad_id, self.prec, self.eval_before = model, train, pad_id, prec, eval_before
+        self.learned = [sum(1 for x in e["labels"][1:] if x != IGNORE) for e in train]  # answer tokens per example
+        self.tokens_seen = 0  # this process's, for the tokens/s figure
+
+    def loss(self, items: list[int], step: int):
+        import torch
+
+        batch = pad_batch([self.train[i] for i in items], self.pad_id, self.accelerator.device)
+        batch_labels = sum(self.learned[i] for i in self.batch) or 1  # the whole batch's, over all processes
+        with self.prec.autocast():
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            share = self.weight * sum(self.learned[i] for i in items) / batch_labels
+            loss = token_loss(logits, batch["labels"]) * share  # its part of the batch's token mean
+        self.tokens_seen += int(self.weight) * sum(len(self.train[i]["input_ids"]) for i in items)
+        logged = torch.tensor(float(loss.detach()), dtype=torch.float64)
+        return loss * self.world, logged  # DDP averages over the processes
+
+    def log_row(self, step: int, stats) -> list:
+        return [step + 1, float(stats)]
+
+    def state(self) -> dict:
+        return {"eval_before": self.eval_before}
+
+
 def run(ctx: StageContext) -> dict:
     import torch
     from accelerate import Accelerator
@@ -99,54 +126,19 @@ def run(ctx: StageContext) -> dict:
         raise CaiError(f"{source}: no usable SFT examples ({dropped} longer than sft.max_length={sc.max_length}"
                        f"{'' if sc.data else '; is the critique_revision output empty?'})")
     model, optimizer, params, batches = optimizer_and_batches(accelerator, model, sc, len(train), cfg.seed)
-    scaler = prec.grad_scaler()
+    trainee = Trainee(accelerator, model, optimizer, prec.grad_scaler(), params, prec, tok, ctx.out)
     micro = max(1, sc.batch_size // sc.grad_accum)
-    n_learned = [sum(1 for x in e["labels"][1:] if x != IGNORE) for e in train]
     total_steps = len(batches)
-    # Each process takes its share of every batch (plain data parallelism).
-    rank, world = accelerator.process_index, accelerator.num_processes
-
-    ckpt = ctx.out / "checkpoint"
-    start, state = resume(ckpt, accelerator.unwrap_model(model), optimizer, total_steps, ctx.log, "sft", scaler)
-    history = state["history"] if state else []
+    start, state = resume(trainee.checkpoint, trainee.plain, optimizer, total_steps, ctx.log, "sft", trainee.scaler)
     pad_id = tok.pad_token_id
     eval_before = state.get("eval_before") if state else evaluate_loss(model, test, pad_id, accelerator.device, micro, prec)
+    objective = NextTokens(model, train, batches, pad_id, accelerator, prec, eval_before)
 
-    tokens_seen, t0 = 0, time.time()
-    with ctx.progress(total_steps, "training", unit="step") as update:
-        update(start)
-        for step in range(start, total_steps):
-            for g in optimizer.param_groups:
-                g["lr"] = warmup_lr(sc.learning_rate, sc.warmup_steps, step)
-            mine, weight = process_share(batches[step], rank, world)
-            n_labels = sum(n_learned[i] for i in batches[step]) or 1  # the whole batch's, over all processes
-            step_loss = torch.zeros((), dtype=torch.float64)
-            for m in range(0, len(mine), micro):
-                chunk = mine[m:m + micro]
-                batch = pad_batch([train[i] for i in chunk], pad_id, accelerator.device)
-                # Sync gradients across processes once per optimizer step, not per micro-batch.
-                sync = contextlib.nullcontext() if m + micro >= len(mine) else accelerator.no_sync(model)
-                with sync:
-                    with prec.autocast():
-                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                        share = weight * sum(n_learned[i] for i in chunk) / n_labels
-                        loss = token_loss(logits, batch["labels"]) * share  # its part of the batch's token mean
-                    check_finite(loss, step, ckpt)
-                    accelerator.backward(scaler.scale(loss * world))  # DDP averages over the processes
-                step_loss += float(loss.detach())
-                tokens_seen += int(weight) * sum(len(train[i]["input_ids"]) for i in chunk)
-            optimizer_step(accelerator, optimizer, scaler, params, sc.max_grad_norm)
-            if world > 1:
-                step_loss = accelerator.reduce(step_loss.to(accelerator.device), "sum").cpu()
-            history.append([step + 1, float(step_loss)])
-            update(1)
-            done = step + 1
-            if done % sc.checkpoint_every == 0 and done < total_steps:  # every process: a sharded model gathers
-                save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, done,
-                                {"history": history, "total_steps": total_steps, "eval_before": eval_before}, scaler,
-                                main=accelerator.is_main_process)
+    t0 = time.time()
+    history = loop.train(trainee, objective, sc, total_steps=total_steps, start=start,
+                         history=state["history"] if state else [], micro=micro, progress=ctx.progress)
     seconds = time.time() - t0
-    tokens_seen = int(accelerator.reduce(torch.tensor(tokens_seen, device=accelerator.device), "sum"))
+    tokens_seen = int(accelerator.reduce(torch.tensor(objective.tokens_seen, device=accelerator.device), "sum"))
     eval_after = evaluate_loss(model, test, pad_id, accelerator.device, micro, prec)
     accelerator.wait_for_everyone()
     counts = {
@@ -156,9 +148,9 @@ def run(ctx: StageContext) -> dict:
         "test_loss_before": round(eval_before, 4) if eval_before is not None else None,
         "test_loss_after": round(eval_after, 4) if eval_after is not None else None,
     }
-    gathered = full_state_dict(accelerator.unwrap_model(model))  # sharded: every process takes part; else None
+    gathered = full_state_dict(trainee.plain)  # sharded: every process takes part; else None
     if accelerator.is_main_process:
-        save_trained_model(ctx.out, accelerator.unwrap_model(model), tok, "sft", base, sc, cfg.seed, prec, gathered)
+        save_trained_model(ctx.out, trainee.plain, tok, "sft", base, sc, cfg.seed, prec, gathered)
         write_json(ctx.output("metrics"), {"loss": history, **counts})
         plot_curve(ctx.out / "loss.png", {"train loss": [tuple(h) for h in history]},
                    f"SFT on {Path(sc.data).name}" if sc.data else "SFT on critique/revision data")
