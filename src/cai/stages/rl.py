@@ -85,6 +85,8 @@ from cai.cost import Cost, PlanInputs, passes, training_disk
 from cai.inputs import expanded_prompts, with_expansion
 from cai.stage import StageContext, StageSpec
 from cai.stage_names import SL_CAI
+from cai import loop
+from cai.loop import Trainee
 from cai.training import (
     IGNORE,
     adapters_off,
@@ -92,14 +94,10 @@ from cai.training import (
     check_finite,
     is_lora,
     load_trainable,
-    optimizer_step,
     pad_batch,
     point_steps,
     resume,
-    save_checkpoint,
-    save_point,
     save_trained_model,
-    warmup_lr,
     write_points_index,
 )
 
@@ -393,7 +391,7 @@ def run(ctx: StageContext) -> dict:
 
     cfg, rc = ctx.cfg, ctx.cfg.rl
     accelerator = Accelerator(cpu=cfg.engine.device == "cpu")
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    world, device = accelerator.num_processes, accelerator.device
     if rc.prompts_per_step < world:
         raise CaiError(f"config field 'rl.prompts_per_step' is {rc.prompts_per_step} but there are {world} processes; "
                        f"each needs at least one prompt per step (set it to {world} or more)")
@@ -431,39 +429,20 @@ def run(ctx: StageContext) -> dict:
         return SamplingParams(n=n, temperature=rc.temperature, top_p=rc.top_p, max_new_tokens=rc.max_new_tokens, seed=seed)
 
     eval_params = sampling(cfg.seed + seeds.RL_EVAL, 1)
+    trainee = Trainee(accelerator, model, optimizer, scaler, params, prec, tok, ctx.out)
     start, state = resume(ckpt, policy, optimizer, rc.steps, ctx.log, "rl", scaler)
-    history, samples, step_seconds = [], [], []
-    if state is not None:
-        history, samples, before = state["history"], state["samples"], state["before"]
-        step_seconds = state.get("step_seconds", [])
-    else:
+    if state is None:
         before, before_rows = evaluate(ln, eval_set, eval_params)
         before["rows"] = before_rows
+        state = {"history": [], "samples": [], "before": before}
+    objective = PolicyGradient(ln, pool, sampling, cfg.seed, state)
 
     t0 = time.time()
     name = ADVANTAGES[rc.advantage][1]
     points = point_steps(rc.steps, rc.frontier_points)
-    with ctx.progress(rc.steps, name, unit="step") as update:
-        update(start)
-        for step in range(start, rc.steps):
-            for g in optimizer.param_groups:
-                g["lr"] = warmup_lr(rc.learning_rate, rc.warmup_steps, step)
-            everyone = step_prompts(pool, step, rc.prompts_per_step)
-            mine = everyone[rank::world]
-            n_total = len(everyone) * k
-            began = time.time()
-            row = train_step(ln, mine, sampling(cfg.seed + step, k), n_total, step, samples)
-            history.append(row)
-            step_seconds.append(round(time.time() - began, 3))
-            update(1)
-            done = step + 1
-            if accelerator.is_main_process and done in points and done < rc.steps:
-                save_point(ctx.out, done, policy, tok, prec)
-            if accelerator.is_main_process and done % rc.checkpoint_every == 0 and done < rc.steps:
-                save_checkpoint(ckpt, policy, optimizer, done, {
-                    "history": history, "total_steps": rc.steps, "samples": samples, "before": before,
-                    "step_seconds": step_seconds,
-                }, scaler)
+    history = loop.train(trainee, objective, rc, total_steps=rc.steps, start=start, history=state["history"],
+                         micro=ln.micro, progress=ctx.progress, desc=name, points=points)
+    samples, step_seconds, before = objective.samples, objective.step_seconds, objective.before
     seconds = time.time() - t0
     before_rows = before.pop("rows")
     # with the judge, each held-out answer is judged against the starting policy's to the same prompt
@@ -499,76 +478,104 @@ def run(ctx: StageContext) -> dict:
     return counts
 
 
-def train_step(ln: Learner, prompts: list[dict], sp, n_total: int, step: int, samples: list) -> dict:
-    """Rollouts, rewards, advantages (``rl.advantage``) and one optimizer step; returns the step's log row.
+class PolicyGradient:
+    """The RL objective (:mod:`cai.loop`): each step samples ``k`` answers to each of its
+    prompts from the live policy (the rollout phase, here in this file), scores them (PM or
+    judge), shapes the rewards with the KL penalty, turns them into advantages
+    (``rl.advantage``) and trains on the policy-gradient loss :func:`rloo_loss`.
 
-    ``n_total`` is the step's number of sequences over all processes; this process's
-    loss is its share of the mean, times the process count (DDP averages gradients).
-    """
-    import torch
+    Each process takes its share of the step's prompts; its loss is its share of the mean
+    over the step's sequences, times the process count (DDP averages gradients)."""
 
-    k, accelerator, model, micro, pad_id, ckpt = sp.n, ln.accelerator, ln.model, ln.micro, ln.pad_id, ln.ckpt
-    world, device = accelerator.num_processes, accelerator.device
-    kl_coef, whiten = ln.rc.kl_coef, ln.rc.whiten
-    examples, texts = rollout(ln.engine, prompts, sp)  # in the weights' own dtype (see the docstring)
-    n = len(examples)
-    scores, tallies = rollout_rewards(ln, prompts, texts, k)
-    scores = torch.tensor(scores)
-    check_finite(scores, step, ckpt, what=f"{ln.reward_name} reward")
-    ref_lp = reference_logprobs(ln, examples).cpu()
-    one_pass = n <= micro
-    if one_pass:  # the update reuses this forward pass's graph
-        with ln.prec.autocast():
-            lp_graph, ent, count = answer_logprobs(model, pad_batch(examples, pad_id, device), entropy=True)
-        lp = lp_graph.detach().float().cpu()
-    else:
-        lp, ent, count = logprobs(ln.policy, examples, pad_id, device, micro, ln.prec, entropy=True)
-        lp = lp.cpu()
-    kl = lp - ref_lp
-    raw = scores - kl_coef * kl
-    std = torch.tensor(gather(raw.tolist(), world)).std(unbiased=False) if whiten else None
-    rewards = shaped_rewards(scores, kl, kl_coef, whiten, std)
-    check_finite(rewards, step, ckpt, what="reward")
-    adv = ADVANTAGES[ln.rc.advantage][0](rewards.view(-1, k)).reshape(-1)
-    loss_sum = 0.0
-    for m in range(0, n, micro):
-        sync = contextlib.nullcontext() if m + micro >= n else accelerator.no_sync(model)
-        with sync:
-            if one_pass:
-                lp_m = lp_graph
-            else:
-                with ln.prec.autocast():
-                    lp_m = answer_logprobs(model, pad_batch(examples[m:m + micro], pad_id, device))
-            loss = rloo_loss(adv[m:m + micro].to(lp_m.device), lp_m, n_total) * world
-            check_finite(loss, step, ckpt)
-            accelerator.backward(ln.scaler.scale(loss))
-        loss_sum += float(loss.detach()) / world
-    optimizer_step(accelerator, ln.optimizer, ln.scaler, ln.params, ln.rc.max_grad_norm)
-    lengths = [sum(1 for x in e["labels"] if x != IGNORE) for e in examples]
-    key = f"{ln.reward_name.lower()}_reward"  # pm_reward | judge_reward
-    mine = [{"step": step + 1, "id": prompts[i // k]["id"], "set": prompts[i // k]["set"], "answer": texts[i],
-             key: round(float(scores[i]), 4), "kl": round(float(kl[i]), 4), "advantage": round(float(adv[i]), 4),
-             "tokens": lengths[i]} for i in range(n)]
-    everyone = gather(mine, world)
-    samples += everyone
-    totals = torch.tensor([loss_sum, ent, count], dtype=torch.float64)
-    if world > 1:
-        totals = accelerator.reduce(totals.to(device), "sum").cpu()
-    m_all = max(len(everyone), 1)
-    row = {
-        "step": step + 1,
-        "reward": sum(r[key] for r in everyone) / m_all,
-        "total_reward": sum(r[key] - kl_coef * r["kl"] for r in everyone) / m_all,
-        "kl": sum(r["kl"] for r in everyone) / m_all,
-        "length": sum(r["tokens"] for r in everyone) / m_all,
-        "entropy": float(totals[1]) / max(float(totals[2]), 1.0),
-        "loss": float(totals[0]),
-    }
-    if ln.judge is not None:  # the mean judge reward is 0.5 by construction: say how much the judge told apart
-        t = {name: sum(x[name] for x in gather([tallies], world)) for name in tallies}
-        row["judge_decisiveness"] = t["distance"] / t["labelled"] if t["labelled"] else None
-        row["judge_consistency"] = t["consistent"] / t["both_orders"] if t["both_orders"] else None
-    return row
+    def __init__(self, ln: Learner, pool: list[dict], sampling, seed: int, state: dict):
+        self.ln, self.pool, self.sampling, self.seed = ln, pool, sampling, seed
+        self.samples: list[dict] = state["samples"]  # every rollout so far, all processes'
+        self.before = state["before"]
+        self.step_seconds: list[float] = state.get("step_seconds", [])
+
+    def begin_step(self, step: int) -> list[int]:
+        """Rollouts, rewards and advantages of this process's prompts; its items are the
+        indices of their sampled answers."""
+        import torch
+
+        ln, k = self.ln, self.ln.rc.samples_per_prompt
+        acc = ln.accelerator
+        self.began = time.time()
+        everyone = step_prompts(self.pool, step, ln.rc.prompts_per_step)
+        self.prompts = everyone[acc.process_index::acc.num_processes]
+        self.n_total = len(everyone) * k  # the step's sequences over all processes
+        examples, self.texts = rollout(ln.engine, self.prompts, self.sampling(self.seed + step, k))
+        self.examples = examples  # in the weights' own dtype (see the module's docstring)
+        scores, self.tallies = rollout_rewards(ln, self.prompts, self.texts, k)
+        self.scores = torch.tensor(scores)
+        check_finite(self.scores, step, ln.ckpt, what=f"{ln.reward_name} reward")
+        ref_lp = reference_logprobs(ln, examples).cpu()
+        # With one micro-batch, the update reuses this forward pass's graph.
+        self.one_pass = len(examples) <= ln.micro
+        if self.one_pass:
+            with ln.prec.autocast():
+                self.lp_graph, self.entropy, self.tokens = answer_logprobs(
+                    ln.model, pad_batch(examples, ln.pad_id, acc.device), entropy=True)
+            lp = self.lp_graph.detach().float().cpu()
+        else:
+            lp, self.entropy, self.tokens = logprobs(ln.policy, examples, ln.pad_id, acc.device, ln.micro, ln.prec,
+                                                     entropy=True)
+            lp = lp.cpu()
+        self.kl = lp - ref_lp
+        raw = self.scores - ln.rc.kl_coef * self.kl
+        std = torch.tensor(gather(raw.tolist(), acc.num_processes)).std(unbiased=False) if ln.rc.whiten else None
+        rewards = shaped_rewards(self.scores, self.kl, ln.rc.kl_coef, ln.rc.whiten, std)
+        check_finite(rewards, step, ln.ckpt, what="reward")
+        self.advantages = ADVANTAGES[ln.rc.advantage][0](rewards.view(-1, k)).reshape(-1)
+        return list(range(len(examples)))
+
+    def loss(self, items: list[int], step: int):
+        import torch
+
+        ln, world = self.ln, self.ln.accelerator.num_processes
+        first, end = items[0], items[-1] + 1
+        if self.one_pass:
+            lp = self.lp_graph
+        else:
+            with ln.prec.autocast():
+                lp = answer_logprobs(ln.model, pad_batch(self.examples[first:end], ln.pad_id, ln.accelerator.device))
+        loss = rloo_loss(self.advantages[first:end].to(lp.device), lp, self.n_total) * world
+        # sums: the loss (as one process would see it), and the entropy and token count of the
+        # step's answers (counted once, with the first micro-batch)
+        seen = [self.entropy, self.tokens] if first == 0 else [0.0, 0]
+        return loss, torch.tensor([float(loss.detach()) / world, *seen], dtype=torch.float64)
+
+    def log_row(self, step: int, totals) -> dict:
+        """The step's row (means over all processes' rollouts); its rollouts join ``samples``."""
+        ln, k, world = self.ln, self.ln.rc.samples_per_prompt, self.ln.accelerator.num_processes
+        kl_coef, prompts = ln.rc.kl_coef, self.prompts
+        lengths = [sum(1 for x in e["labels"] if x != IGNORE) for e in self.examples]
+        key = f"{ln.reward_name.lower()}_reward"  # pm_reward | judge_reward
+        mine = [{"step": step + 1, "id": prompts[i // k]["id"], "set": prompts[i // k]["set"], "answer": self.texts[i],
+                 key: round(float(self.scores[i]), 4), "kl": round(float(self.kl[i]), 4),
+                 "advantage": round(float(self.advantages[i]), 4), "tokens": lengths[i]}
+                for i in range(len(self.examples))]
+        everyone = gather(mine, world)
+        self.samples += everyone
+        m_all = max(len(everyone), 1)
+        row = {
+            "step": step + 1,
+            "reward": sum(r[key] for r in everyone) / m_all,
+            "total_reward": sum(r[key] - kl_coef * r["kl"] for r in everyone) / m_all,
+            "kl": sum(r["kl"] for r in everyone) / m_all,
+            "length": sum(r["tokens"] for r in everyone) / m_all,
+            "entropy": float(totals[1]) / max(float(totals[2]), 1.0),
+            "loss": float(totals[0]),
+        }
+        if ln.judge is not None:  # the mean judge reward is 0.5 by construction: say how much the judge told apart
+            t = {name: sum(x[name] for x in gather([self.tallies], world)) for name in self.tallies}
+            row["judge_decisiveness"] = t["distance"] / t["labelled"] if t["labelled"] else None
+            row["judge_consistency"] = t["consistent"] / t["both_orders"] if t["both_orders"] else None
+        self.step_seconds.append(round(time.time() - self.began, 3))
+        return row
+
+    def state(self) -> dict:
+        return {"samples": self.samples, "before": self.before, "step_seconds": self.step_seconds}
 
 
 def _needs(cfg) -> tuple[str, ...]:
