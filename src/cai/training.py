@@ -322,16 +322,24 @@ def resolve_precision(setting: str, device, field: str, log=print, planning: boo
 HEAD_NAMES = ("score", "classifier")
 
 
-def load_trainable(path: str, tc, device, trust_remote_code: bool, model_cls, stage: str, log=print, **kwargs):
+def load_trainable(path: str, tc, device, trust_remote_code: bool, model_cls, stage: str, log=print,
+                   seed: int | None = None, **kwargs):
     """The starting model of a training loop (on the CPU: accelerate moves it), its tokenizer
     and the run's :class:`Precision` (from ``tc.dtype``; ``tc`` is the stage's config).
 
     Full fine-tuning loads the weights in ``Precision.weights`` (float32 masters unless pure
     bfloat16). LoRA (``tc.method == 'lora'``) loads the frozen base in the compute dtype and
     trains float32 adapters on it (:func:`add_lora`). ``tc.gradient_checkpointing``
-    recomputes activations in the backward pass instead of keeping them.
+    recomputes activations in the backward pass instead of keeping them. ``seed`` seeds
+    torch, numpy and ``random`` first, so what is drawn here (a new score head, LoRA's
+    adapters) is the same in every run and process, whatever ran before in the process.
     """
     from cai.models import load_model_and_tokenizer
+
+    if seed is not None:
+        import transformers
+
+        transformers.set_seed(seed)
 
     prec = resolve_precision(tc.dtype, device, f"{stage}.dtype", log)
     model, tok, _ = load_model_and_tokenizer(

@@ -219,7 +219,7 @@ def run(ctx: StageContext) -> dict:
     accelerator = Accelerator(cpu=cfg.engine.device == "cpu")
     base = resolve_model(ctx.model_path(dc.policy), cfg.engine.revision, progress=ctx.log)
     model, tok, prec = load_trainable(base, dc, accelerator.device, cfg.engine.trust_remote_code,
-                                      AutoModelForCausalLM, "dpo", ctx.log)
+                                      AutoModelForCausalLM, "dpo", ctx.log, seed=cfg.seed)
     train, dropped = load_pairs(tok, rows["train"], dc.max_length, dc.min_confidence, source)
     test, _ = load_pairs(tok, rows["test"], dc.max_length, dc.min_confidence, source)
     if not train:

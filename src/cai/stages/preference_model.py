@@ -119,12 +119,12 @@ def run(ctx: StageContext) -> dict:
     accelerator = Accelerator(cpu=cfg.engine.device == "cpu")
     start_from = ctx.model_path(pc.model)
     base = resolve_model(start_from, cfg.engine.revision, progress=ctx.log)
-    transformers.set_seed(cfg.seed)  # the new score head's initialisation: same in every run and process
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "score.weight newly initialized" is the point here
     try:
         model, tok, prec = load_trainable(base, pc, accelerator.device, cfg.engine.trust_remote_code,
-                                          AutoModelForSequenceClassification, "preference_model", ctx.log, num_labels=1)
+                                          AutoModelForSequenceClassification, "preference_model", ctx.log, num_labels=1,
+                                          seed=cfg.seed)  # the new score head: the same in every run and process
     finally:
         transformers.logging.set_verbosity(verbosity)
     prepare_for_scoring(model, tok)

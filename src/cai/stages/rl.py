@@ -396,7 +396,8 @@ def run(ctx: StageContext) -> dict:
         raise CaiError(f"config field 'rl.prompts_per_step' is {rc.prompts_per_step} but there are {world} processes; "
                        f"each needs at least one prompt per step (set it to {world} or more)")
     base = resolve_model(ctx.model_path(rc.policy), cfg.engine.revision, progress=ctx.log)
-    model, tok, prec = load_trainable(base, rc, device, cfg.engine.trust_remote_code, AutoModelForCausalLM, "rl", ctx.log)
+    model, tok, prec = load_trainable(base, rc, device, cfg.engine.trust_remote_code, AutoModelForCausalLM, "rl", ctx.log,
+                                      seed=cfg.seed)
     # The KL reference: with LoRA the policy itself with its adapters off, else a frozen copy.
     ref = None if is_lora(model) else copy.deepcopy(model).eval().requires_grad_(False)
     # The reward: the run's PM, or the judge, built once for the stage (the feedback settings)

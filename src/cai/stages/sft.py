@@ -119,7 +119,7 @@ def run(ctx: StageContext) -> dict:
         raise CaiError("config field 'sft.model' is empty; with engine.kind=openai the policy is remote, so name a local checkpoint to fine-tune")
     base = resolve_model(sc.model or cfg.engine.model, cfg.engine.revision, progress=ctx.log)
     model, tok, prec = load_trainable(base, sc, accelerator.device, cfg.engine.trust_remote_code,
-                                      AutoModelForCausalLM, "sft", ctx.log)
+                                      AutoModelForCausalLM, "sft", ctx.log, seed=cfg.seed)
     train, dropped = load_examples(tok, rows["train"], sc.max_length)
     test, _ = load_examples(tok, rows["test"], sc.max_length)
     if not train:
