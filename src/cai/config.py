@@ -700,9 +700,19 @@ class DPOConfig(TrainingConfig):
         "JSONL/JSON/Parquet TRL rows ('prompt', 'chosen', 'rejected', optionally 'p_chosen') or a folder with "
         "train/test files, which the stage reads instead of a stage's pairs (docs/formats.md).",
     )
+    objective: str = _f(
+        "dpo",
+        "'dpo': DPO against the starting policy as reference. 'simpo' (beyond the paper; Meng et al. 2024): no "
+        "reference, each answer's reward is its mean token log-prob times simpo_beta, the chosen one must win by "
+        "simpo_gamma; no reference pass, so cheaper (docs/rl-cai.md).",
+        choices=("dpo", "simpo"),
+    )
     beta: float = _f(0.1, "DPO temperature: how far the policy may move from the reference.", above=0)
+    simpo_beta: float = _f(2.0, "objective=simpo: the scale of the length-normalised reward (2.0-2.5 in the SimPO paper).",
+                           above=0)
+    simpo_gamma: float = _f(0.5, "objective=simpo: the target reward margin the chosen answer must win by.", low=0)
     soft_labels: bool = _f(
-        True, "Label-smoothed (conservative) DPO with per-pair smoothing 1 - p_chosen; false: plain DPO.",
+        True, "Label-smoothed (conservative) DPO or SimPO with per-pair smoothing 1 - p_chosen; false: plain.",
     )
     min_confidence: float = _f(0.5, "Drop pairs whose p_chosen is below this (0.5 keeps every pair).", low=0, high=1)
     sharding: str = _f(

@@ -55,6 +55,7 @@ from cai.stage import StageContext, StageSpec
 from cai.stage_names import SL_CAI
 from cai import loop
 from cai.loop import ShareOfBatches, Trainee
+from cai.simpo import SimPOPairs
 from cai.training import (
     adapters_off,
     answer_logprobs,
@@ -151,8 +152,9 @@ def pair_metrics(h: list[float], p: list[float], beta: float, soft: bool) -> dic
     }
 
 
-def evaluate(model, pairs, ref: dict, pad_id, device, batch_size, rank, world, beta, soft, prec) -> dict:
-    """Held-out metrics; each process scores its share of the pairs."""
+def evaluate(model, pairs, objective, batch_size, rank, world, prec) -> dict:
+    """Held-out metrics of ``objective`` (its ``heldout_h`` and ``metrics``); each process
+    scores its share of the pairs."""
     import torch
     from accelerate.utils import gather_object
 
@@ -162,11 +164,10 @@ def evaluate(model, pairs, ref: dict, pad_id, device, batch_size, rank, world, b
         idx = list(range(len(pairs)))[rank::world]
         for i in range(0, len(idx), batch_size):
             part = idx[i:i + batch_size]
-            c, r = pair_logprobs(model, [pairs[j] for j in part], pad_id, device)
-            rows += [(j, (a - ref[j][0]) - (b - ref[j][1])) for j, a, b in zip(part, c.tolist(), r.tolist())]
+            rows += list(zip(part, objective.heldout_h(model, [pairs[j] for j in part], part)))
     model.train()
     rows = sorted(gather_object(rows) if world > 1 else rows)
-    return pair_metrics([h for _, h in rows], [pairs[j]["p"] for j, _ in rows], beta, soft)
+    return objective.metrics([h for _, h in rows], [pairs[j]["p"] for j, _ in rows])
 
 
 class PreferencePairs(ShareOfBatches):
@@ -205,6 +206,16 @@ class PreferencePairs(ShareOfBatches):
     def state(self) -> dict:
         return {"ref": self.ref}
 
+    # -- held out (evaluate) --
+
+    def heldout_h(self, model, pairs: list[dict], indices: list[int]) -> list[float]:
+        c, r = pair_logprobs(model, pairs, self.pad_id, self.accelerator.device)
+        ref = self.ref["test"]
+        return [(a - ref[j][0]) - (b - ref[j][1]) for j, a, b in zip(indices, c.tolist(), r.tolist())]
+
+    def metrics(self, h: list[float], p: list[float]) -> dict:
+        return pair_metrics(h, p, self.beta, self.soft)
+
 
 def run(ctx: StageContext) -> dict:
     from accelerate import Accelerator
@@ -236,15 +247,21 @@ def run(ctx: StageContext) -> dict:
     split = (0, 1) if is_sharded(plain) else (rank, world)
 
     start, state = resume(trainee.checkpoint, plain, optimizer, total_steps, ctx.log, "dpo", trainee.scaler)
-    if state is not None:  # JSON made the pair indices strings and the pairs lists
-        ref = {split: {int(i): tuple(lp) for i, lp in rows.items()} for split, rows in state["ref"].items()}
+    if dc.objective == "simpo":  # no reference: held-out numbers before training take a pass of the policy
+        objective = SimPOPairs(model, train, batches, pad_id, accelerator, prec, dc.simpo_beta, dc.simpo_gamma,
+                               dc.soft_labels)
+        objective.before = state["before"] if state else evaluate(plain, test, objective, micro, *split, prec)
+        before = objective.before
     else:
-        used = sorted({i for b in batches for i in b})
-        ref = {"train": shared_reference(plain, train, used, pad_id, device, micro, *split, prec),
-               "test": shared_reference(plain, test, list(range(len(test))), pad_id, device, micro, *split, prec)}
-    # The policy starts at the reference: h = 0 for every held-out pair (see the docstring).
-    before = pair_metrics([0.0] * len(test), [x["p"] for x in test], dc.beta, dc.soft_labels)
-    objective = PreferencePairs(model, train, batches, pad_id, accelerator, prec, ref, dc.beta, dc.soft_labels)
+        if state is not None:  # JSON made the pair indices strings and the pairs lists
+            ref = {split: {int(i): tuple(lp) for i, lp in rows.items()} for split, rows in state["ref"].items()}
+        else:
+            used = sorted({i for b in batches for i in b})
+            ref = {"train": shared_reference(plain, train, used, pad_id, device, micro, *split, prec),
+                   "test": shared_reference(plain, test, list(range(len(test))), pad_id, device, micro, *split, prec)}
+        # The policy starts at the reference: h = 0 for every held-out pair (see the docstring).
+        before = pair_metrics([0.0] * len(test), [x["p"] for x in test], dc.beta, dc.soft_labels)
+        objective = PreferencePairs(model, train, batches, pad_id, accelerator, prec, ref, dc.beta, dc.soft_labels)
 
     t0 = time.time()
     points = point_steps(total_steps, dc.frontier_points)
@@ -252,11 +269,12 @@ def run(ctx: StageContext) -> dict:
                          history=state["history"] if state else [], micro=micro, progress=ctx.progress,
                          points=points)
     seconds = time.time() - t0
-    after = evaluate(plain, test, ref["test"], pad_id, device, micro, *split, dc.beta, dc.soft_labels, prec)
+    after = evaluate(plain, test, objective, micro, *split, prec)
     accelerator.wait_for_everyone()
     counts = {
         "train_pairs": len(train), "test_pairs": len(test), "dropped_pairs": sum(dropped.values()),
-        "steps": total_steps, "data": dc.data, "soft_labels": dc.soft_labels, "train_seconds": round(seconds, 1),
+        "steps": total_steps, "data": dc.data, "objective": dc.objective, "soft_labels": dc.soft_labels,
+        "train_seconds": round(seconds, 1),
         "final_loss": round(history[-1][1], 4) if history else None,
         "test_loss_before": before.get("loss"), "test_loss": after.get("loss"),
         "test_reward_accuracy": after.get("reward_accuracy"), "test_margin": after.get("margin"),
@@ -271,9 +289,11 @@ def run(ctx: StageContext) -> dict:
             "history": [{"step": s, "loss": l, "reward_accuracy": a, "margin": mg} for s, l, a, mg in history],
             "dropped": dropped, "test_before": before, "test_after": after, **counts,
         })
-        plot_curve(ctx.out / "loss.png", {"train DPO loss": [(s, l) for s, l, _, _ in history],
-                                          "log 2 (start)": [(0, math.log(2)), (total_steps, math.log(2))]},
-                   "DPO" + (" (label-smoothed by the soft labels)" if dc.soft_labels else ""))
+        name = "SimPO" if dc.objective == "simpo" else "DPO"
+        curves = {f"train {name} loss": [(s, l) for s, l, _, _ in history]}
+        if dc.objective == "dpo":  # the policy starts at the reference: h = 0
+            curves["log 2 (start)"] = [(0, math.log(2)), (total_steps, math.log(2))]
+        plot_curve(ctx.out / "loss.png", curves, name + (" (label-smoothed by the soft labels)" if dc.soft_labels else ""))
     return counts
 
 
@@ -292,7 +312,8 @@ def estimate(inputs: PlanInputs) -> Cost:
     n, n_test, length = inputs.training_pairs("dpo", dc.max_length)
     seqs = 2 * n * dc.epochs if dc.max_steps is None else min(2 * n * dc.epochs, 2 * dc.max_steps * dc.batch_size)
     steps = math.ceil(seqs / 2 / dc.batch_size)
-    used = min(2 * n, seqs)  # the train sequences whose reference log-probs are computed once
+    # the train sequences whose reference log-probs are computed once (SimPO has no reference)
+    used = min(2 * n, seqs) if dc.objective == "dpo" else 0
     shape, memory, disk = inputs.shape(dc.policy), None, 0
     if shape is not None:
         per_pass = math.ceil(2 * max(1, dc.batch_size // dc.grad_accum) / inputs.world)  # chosen and rejected
