@@ -319,3 +319,41 @@ def test_the_elo_fit_is_pure_and_the_evaluation_wing_imports_no_stage():
     for name, deps in _imports().items():
         if name.startswith("cai.evaluation"):
             assert not any(d.startswith("cai.stages") for d in deps), (name, deps)
+
+
+#: What only a training loop does: these belong to cai.loop.train, which every training stage runs.
+LOOP_CALLS = {"backward", "no_sync", "optimizer_step", "save_checkpoint", "warmup_lr", "clip_grad_norm_", "step"}
+
+
+def _loop_calls(path: Path) -> set[str]:
+    """The loop-only calls in a module: ``f(...)`` or ``x.f(...)`` for f in LOOP_CALLS
+    (``x.step()`` only where it is an optimizer's or a scaler's)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+        if name == "step" and not (isinstance(f, ast.Attribute) and "optim" in ast.unparse(f.value).lower()
+                                   or isinstance(f, ast.Attribute) and "scaler" in ast.unparse(f.value).lower()):
+            continue
+        if name in LOOP_CALLS:
+            found.add(name)
+    return found
+
+
+def test_no_stage_holds_a_training_loop_of_its_own():
+    """sft, preference_model, dpo and rl supply an objective to cai.loop.train; none of them (or
+    any other stage) backpropagates, steps an optimizer or saves a checkpoint itself."""
+    stages = SRC / "cai" / "stages"
+    held = {p.name: sorted(_loop_calls(p)) for p in stages.glob("*.py") if _loop_calls(p)}
+    assert not held, held
+    assert {"backward", "no_sync", "optimizer_step", "save_checkpoint", "warmup_lr"} <= _loop_calls(
+        SRC / "cai" / "loop.py")
+
+
+def test_the_loop_check_finds_a_loop_written_in_a_stage(tmp_path):
+    stage = tmp_path / "mine.py"
+    stage.write_text("def run(ctx):\n    for step in range(3):\n        loss = ctx.model(step)\n"
+                     "        ctx.accelerator.backward(loss)\n        ctx.optimizer.step()\n", encoding="utf-8")
+    assert _loop_calls(stage) == {"backward", "step"}
