@@ -1,7 +1,7 @@
 """The training kit shared by ``sft``, ``preference_model``, ``dpo`` and ``rl``.
 
-Each stage's loop stays in its own file and reads top to bottom (torchtune's recipes
-are the model: no trainer class hierarchy). What the loops share lives here, once:
+The four run one loop, :func:`cai.loop.train`, each with its own objective. What else they
+share lives here, once:
 
 * the precision (:func:`resolve_precision`: float32 master weights and a bfloat16
   autocast where the hardware runs bfloat16 fast) and loading the starting model for
