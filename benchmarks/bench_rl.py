@@ -3,7 +3,7 @@
 The policy is the embedded SmolLM2-135M-Instruct, the reference a frozen copy, and the
 PM the same checkpoint with a fresh one-output score head (its scores are meaningless,
 its cost is the real one). One warm-up step, then ``--steps`` timed steps of the stage's
-own functions (``cai.stages.rl.train_step`` pieces), each split into:
+own functions (the pieces of ``cai.stages.rl.PolicyGradient``), each split into:
 
 * ``generate``: the batched rollouts through the local engine (``prompts x k`` answers);
 * ``pm``: scoring every answer with the PM;

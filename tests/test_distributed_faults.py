@@ -252,7 +252,7 @@ def _report(launch: Launch) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target,at", [
-    ("cai.stages.sft:optimizer_step", 2),  # mid-training: process 0 waits in the next gradient all-reduce
+    ("cai.loop:optimizer_step", 2),  # mid-training: process 0 waits in the next gradient all-reduce
     ("cai.stages.sft:STAGE.run", 1),  # at the stage's start: process 0 waits in DDP's first broadcast
 ])
 def test_a_non_main_process_that_raises_in_training_ends_every_process(target, at, tmp_path, tiny_model, sft_data,
@@ -351,7 +351,7 @@ def test_kill_9_of_the_main_process_in_training_leaves_no_process_waiting(with_l
     end by itself (the collective fails on the lost peer, or at worst after
     ``dist_timeout_s``, 120 s here)."""
     args = _sft_run(tmp_path, sft_data, tiny_model)
-    launch = Launch(tmp_path, args, fault="cai.stages.sft:optimizer_step|2|0|hold")
+    launch = Launch(tmp_path, args, fault="cai.loop:optimizer_step|2|0|hold")
     waited, code = _kill_main_then_wait(launch, launches, with_launcher)
     assert launch.exit_code(1) != 0, _report(launch)
     if with_launcher:
