@@ -38,9 +38,12 @@ def _cr(*overrides):
 
 def _loop(engine, cr, const, seed=0):
     demos, demo_text = rl.demonstrations(const, cr)
-    return rl.RevisionLoop(cr, seed, demos, demo_text,
-                           lambda pid, r, a: sample_principle(const, seed, pid, r, a),
-                           lambda convs, sp, what: [[clean(o) for o in s] for s in engine.generate(convs, sp)] if convs else [])
+
+    def generate(convs, sampling, what):
+        return [[clean(o) for o in s] for s in engine.generate(convs, sampling)] if convs else []
+
+    return rl.RevisionLoop(cr, seed, demos, demo_text, lambda pid, r, a: sample_principle(const, seed, pid, r, a),
+                           generate)
 
 
 def _retried_id(const, round_=0):
@@ -102,7 +105,8 @@ def test_fixed_principles_stay_fixed_on_retry():
 def test_gates_off_the_chain_keeps_what_the_model_wrote():
     const = load_constitution("builtin:default")
     engine = ListEngine([ANSWER, "It names no landmark.", META])
-    (rec,) = ConstitutionalChain(engine, const, _cr("critique_revision.quality_gates=false", "critique_revision.rounds=1")).run([PROMPT])
+    cr = _cr("critique_revision.quality_gates=false", "critique_revision.rounds=1")
+    (rec,) = ConstitutionalChain(engine, const, cr).run([PROMPT])
     assert rec["rounds"][0]["status"] == rl.REVISED and rec["final_response"] == META
 
 

@@ -53,7 +53,6 @@ from cai.revision_loop import (
     RevisionLoop,
     demonstrations,
     judge_options_with,
-    revision_problems,  # noqa: F401  (re-exported: the stage's gates are the loop's)
 )
 from cai.cost import Cost, PlanInputs
 from cai.inputs import prepared_prompts, red_team_prompts, with_expansion
@@ -96,12 +95,12 @@ def run(ctx: StageContext) -> dict:
             first, first_tries, _ = gate_answers(items, first, system, attempts, generate, cr, cfg.seed, stats,
                                                  "first_answer", "first answers")
     # the rounds: the shared loop (cai.revision_loop), with a principle sampled per prompt, round and try
-    loop = RevisionLoop(cr, cfg.seed, demos, demo_text,
-                        lambda prompt_id, round_, attempt: sample_principle(const, cfg.seed, prompt_id, round_, attempt),
-                        generate,
-                        judge_options_with(lambda: ctx.engine(cr.best_of_model),
-                                           lambda total: ctx.progress(total, "best-of-n judgements")),
-                        stats)
+    def principle(prompt_id, round_, attempt):
+        return sample_principle(const, cfg.seed, prompt_id, round_, attempt)
+
+    judge = judge_options_with(lambda: ctx.engine(cr.best_of_model),
+                               lambda total: ctx.progress(total, "best-of-n judgements"))
+    loop = RevisionLoop(cr, cfg.seed, demos, demo_text, principle, generate, judge, stats)
     latest, rounds = loop.run([(p.id, p.messages) for _, p in items], first, cr.rounds)
 
     counts = write_artifacts(ctx, cr, items, first, latest, rounds, helpful_items, helpful_answers, system,
