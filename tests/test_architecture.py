@@ -357,3 +357,23 @@ def test_the_loop_check_finds_a_loop_written_in_a_stage(tmp_path):
     stage.write_text("def run(ctx):\n    for step in range(3):\n        loss = ctx.model(step)\n"
                      "        ctx.accelerator.backward(loss)\n        ctx.optimizer.step()\n", encoding="utf-8")
     assert _loop_calls(stage) == {"backward", "step"}
+
+
+ROUND_STEPS = {"critique_conversation", "revision_conversation", "says_no_issue", "best_of_conversations"}
+
+
+@pytest.mark.parametrize("module", ["cai/stages/critique_revision.py", "cai/constitutional.py"])
+def test_the_critique_revision_round_is_written_once(module):
+    """The critique -> revision round lives in cai.revision_loop: the stage and `cai chat` /
+    `cai revise` run it and build no critique or revision request of their own (a second copy
+    of the round drifts from the first)."""
+    tree = ast.parse((SRC / module).read_text(encoding="utf-8"))
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            used.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            used.add(node.attr)
+        elif isinstance(node, ast.ImportFrom):
+            used |= {alias.name for alias in node.names}
+    assert not used & ROUND_STEPS, f"{module} builds its own round: {sorted(used & ROUND_STEPS)}"

@@ -16,6 +16,7 @@ from cai.io import read_jsonl, write_json, write_jsonl
 from cai.evaluation.results import Revisions
 from cai.judge_stats import wilson
 from cai.layout import RunFolder
+from cai.revision_loop import REVISED
 from cai.stage import StageContext
 
 
@@ -28,7 +29,7 @@ def texts_after_rounds(chain: dict) -> list[str]:
     and its ``attempts`` are the texts it did *not* keep)."""
     texts = [chain.get("initial_response") or ""]
     for r in chain.get("rounds") or []:
-        kept = r.get("status") == "revised" and isinstance(r.get("revision"), str)
+        kept = r.get("status") == REVISED and isinstance(r.get("revision"), str)
         texts.append(r["revision"] if kept else texts[-1])
     return texts
 
@@ -104,7 +105,7 @@ def revision_effects(chains: list[dict], scores: list[list[float]], resamples: i
     rounds = []
     for r in range(depth):
         have = [(c, s) for c, s in zip(chains, scores) if len(s) > r]
-        revised = sum(1 for c, _ in have if r and (c.get("rounds") or [])[r - 1].get("status") == "revised")
+        revised = sum(1 for c, _ in have if r and (c.get("rounds") or [])[r - 1].get("status") == REVISED)
         rounds.append({"round": r, "chains": len(have), "revised": revised,
                        **_with_ci("mean", [(s[r], 1) for _, s in have], resamples, seed + r, min_prompts),
                        **_with_ci("change", [(s[r] - s[0], 1) for _, s in have], resamples, seed + r, min_prompts)})
@@ -115,7 +116,7 @@ def revision_effects(chains: list[dict], scores: list[list[float]], resamples: i
             pid = str(rnd.get("principle_id"))
             d = per.setdefault(pid, {"sampled": 0, "clusters": []})
             d["sampled"] += 1
-            if rnd.get("status") == "revised" and i + 1 < len(s):
+            if rnd.get("status") == REVISED and i + 1 < len(s):
                 mine.setdefault(pid, []).append(s[i + 1] - s[i])
         for pid, deltas in mine.items():
             per[pid]["clusters"].append((sum(deltas), len(deltas)))

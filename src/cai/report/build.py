@@ -30,6 +30,7 @@ from cai.io import read_json, read_jsonl, read_text
 from cai.judge_stats import MAX_CI_WIDTH, share_ci
 from cai.report.expansion import expansion
 from cai.layout import OUTPUTS, RunFolder
+from cai.revision_loop import REVISED
 from cai.stage_names import STAGES
 
 HERE = Path(__file__).parent
@@ -495,7 +496,7 @@ def principle_stats(chains: list[dict], feedback_stats: dict | None, constitutio
         for r in c.get("rounds") or []:
             d = per.setdefault(r.get("principle_id"), {"sampled": 0, "revised": 0, "changes": []})
             d["sampled"] += 1
-            if r.get("status") == "revised":
+            if r.get("status") == REVISED:
                 d["revised"] += 1
                 d["changes"].append(change(latest, r.get("revision")))
                 latest = r.get("revision")

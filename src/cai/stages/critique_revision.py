@@ -13,7 +13,10 @@ conversation, so SFT teaches the model to answer that way without the prompt. Wi
 Work goes round by round across all prompts, in batches, through the engine protocol:
 one engine call for all first answers, then per round one call for all critiques and
 one for all revisions. Every request goes through the run's request cache, so a
-killed run resumes without recomputing anything that finished.
+killed run resumes without recomputing anything that finished. The rounds (critique, skip,
+revise, quality gates, retries with a new principle, best-of-n) are
+:class:`cai.revision_loop.RevisionLoop`, the loop ``cai chat`` and ``cai revise`` run too;
+this stage adds the first and helpful answers, their gates, and the artifacts.
 
 The constitution's demonstrations are prepended as conversation turns. They are the
 same for every request of a kind, so the local engine runs that shared prefix once per
@@ -33,22 +36,24 @@ from collections import Counter
 
 from cai.constitution import load_constitution
 from cai.conversations import (
-    OPTIONS,
     answer_system_prompt,
-    best_of_conversations,
     clean,
-    critique_conversation,
-    revision_conversation,
     revision_demos,
     revision_sampling,
     sample_principle,
-    says_no_issue,
-    softmax2,
     with_system_prompt,
 )
 from cai.io import write_jsonl
 from cai.prompts import SPLITS
 from cai.quality import problems
+from cai.revision_loop import (
+    EMPTY_REVISION,
+    REJECTED,
+    REVISED,
+    RevisionLoop,
+    demonstrations,
+    judge_options_with,
+)
 from cai.cost import Cost, PlanInputs
 from cai.inputs import prepared_prompts, red_team_prompts, with_expansion
 from cai.stage import StageContext, StageSpec
@@ -59,11 +64,7 @@ def run(ctx: StageContext) -> dict:
     const = load_constitution(ctx.artifact("prepare", "constitution"))
     prompts = red_team_prompts(ctx, cr.max_prompts)  # with the expand stage's prompts in train
     helpful = prepared_prompts(ctx, "helpful")
-    examples = const.critique_revision_examples
-    if cr.few_shot >= 0:
-        examples = examples[: cr.few_shot]
-    demos = revision_demos(examples, cr.critique)
-    demo_text = "\n".join(t for e in examples for t in (e.critique, e.revision) if t)
+    demos, demo_text = demonstrations(const, cr)
     engine = ctx.engine()
     attempts = 1 + (cr.gate_retries if cr.quality_gates else 0)
     system = answer_system_prompt(const, cr.system_prompt)  # None, or the prompt the first answers are drawn under
@@ -93,94 +94,20 @@ def run(ctx: StageContext) -> dict:
         if cr.rounds == 0:  # the first answers are what SFT learns: gated (and retried) as helpful answers are
             first, first_tries, _ = gate_answers(items, first, system, attempts, generate, cr, cfg.seed, stats,
                                                  "first_answer", "first answers")
-    latest = list(first)
-    rounds: list[list[dict]] = [[] for _ in items]
-    for r in range(cr.rounds):
-        records: list[dict | None] = [None] * len(items)
-        tried: list[list[dict]] = [[] for _ in items]
-        open_ = list(range(len(items)))
-        for attempt in range(attempts):
-            if not open_:
-                break
-            if attempt:
-                stats["gate_retries"] += len(open_)
-            principles = {i: sample_principle(const, cfg.seed, items[i][1].id, r, attempt) for i in open_}
-            critiques: dict[int, str | None] = {i: None for i in open_}
-            tag = f"round {r + 1}" + (f" retry {attempt}" if attempt else "")
-            if cr.critique:
-                convs = [critique_conversation(demos, items[i][1].messages, latest[i], principles[i]) for i in open_]
-                outs = generate(convs, revision_sampling(cr, cfg.seed, "critique", r, attempt), f"{tag} critiques")
-                critiques = {i: o[0] for i, o in zip(open_, outs)}
-            todo = []
-            for i in open_:
-                record = {"round": r + 1, "principle_id": principles[i].id,
-                          "critique_request": principles[i].critique if cr.critique else None,
-                          "critique": critiques[i], "revision_request": principles[i].revision,
-                          "revision": None, "status": "revised", "reasons": [], "attempts": tried[i]}
-                if cr.critique and not critiques[i]:
-                    record["status"] = "empty_critique"
-                elif cr.critique and cr.skip_if_no_issue and says_no_issue(critiques[i]):
-                    record["status"] = "skipped_no_issue"
-                else:
-                    todo.append(i)
-                records[i] = record
-            convs = [revision_conversation(demos, items[i][1].messages, latest[i], principles[i], critiques[i])
-                     for i in todo]
-            outs = generate(convs, revision_sampling(cr, cfg.seed, "revision", r, attempt, n=cr.best_of),
-                            f"{tag} revisions")
-            candidates = {}
-            for i, cands in zip(todo, outs):
-                checks = [revision_problems(c, items[i][1].messages, critiques[i], principles[i], cr, demo_text)
-                          for c in cands]
-                candidates[i] = [{"revision": c, "reasons": why} for c, why in zip(cands, checks)]
-                if cr.quality_gates:
-                    stats.update(f"gate_{w}" for why in checks for w in why)
-            if cr.best_of > 1:
-                pick_best(ctx, cr, items, latest, principles, candidates)
-            still_open = []
-            for i in todo:
-                record, cands = records[i], candidates[i]
-                ok = [c for c in cands if not c["reasons"]]
-                if cr.best_of > 1:
-                    record["candidates"] = cands
-                chosen = max(ok, key=lambda c: c.get("p_better", 0.0)) if ok else cands[0]
-                record["revision"], record["reasons"] = chosen["revision"], chosen["reasons"]
-                if ok:
-                    if attempt:
-                        stats["gate_replaced"] += 1
-                    continue
-                if cr.quality_gates:
-                    stats["gate_rejected"] += 1
-                if attempt + 1 < attempts:
-                    tried[i].append({k: record[k] for k in ("principle_id", "critique", "revision", "reasons")})
-                    still_open.append(i)
-                else:
-                    record["status"] = "empty_revision" if record["reasons"] == ["empty"] else "rejected"
-            open_ = still_open
-        for i, record in enumerate(records):
-            if record["status"] == "revised":
-                latest[i] = record["revision"]
-            stats["empty_critiques"] += record["status"] == "empty_critique"
-            stats["empty_revisions"] += record["status"] == "empty_revision"
-            stats["skipped_revisions"] += record["status"] == "skipped_no_issue"
-            if record["status"] == "rejected":
-                stats["rejected_rounds"] += 1
-            rounds[i].append(record)
+    # the rounds: the shared loop (cai.revision_loop), with a principle sampled per prompt, round and try
+    def principle(prompt_id, round_, attempt):
+        return sample_principle(const, cfg.seed, prompt_id, round_, attempt)
+
+    judge = judge_options_with(lambda: ctx.engine(cr.best_of_model),
+                               lambda total: ctx.progress(total, "best-of-n judgements"))
+    loop = RevisionLoop(cr, cfg.seed, demos, demo_text, principle, generate, judge, stats)
+    latest, rounds = loop.run([(p.id, p.messages) for _, p in items], first, cr.rounds)
 
     counts = write_artifacts(ctx, cr, items, first, latest, rounds, helpful_items, helpful_answers, system,
                              first_tries)
     counts.update(stats)
     counts["rounds"] = cr.rounds
     return counts
-
-
-def revision_problems(text: str, messages: list[dict], critique: str | None, principle, cr,
-                      demos: str | None = None) -> list[str]:
-    """Why a revision is not trained on: the quality gates' reasons, or with the gates off
-    only an empty text (the stage has always kept the previous answer then)."""
-    if not cr.quality_gates:
-        return [] if text else ["empty"]
-    return problems(text, messages, critique, (principle.critique, principle.revision), cr.gate_repeat_share, demos)
 
 
 def answer_problems(text: str, messages: list[dict], cr) -> list[str]:
@@ -216,43 +143,15 @@ def gate_answers(items, answers, system, attempts, generate, cr, seed, stats, ki
     return answers, tries, bad
 
 
-def pick_best(ctx, cr, items, latest, principles, candidates) -> None:
-    """Best-of-n: score every acceptable candidate revision by how likely the judge
-    (``best_of_model``) says it does what the round's revision request asks better than
-    the answer it revises (the comparison question, both orders, option log-probabilities);
-    sets ``p_better`` on each candidate, in place."""
-    queries = []
-    for i, cands in candidates.items():
-        if sum(not c["reasons"] for c in cands) > 1:
-            for c in cands:
-                if not c["reasons"]:
-                    for order, conv in zip(("candidate_first", "candidate_second"),
-                                           best_of_conversations(items[i][1].messages, principles[i],
-                                                                 c["revision"], latest[i])):
-                        queries.append((c, order, conv))
-    if not queries:
-        return
-    judge = ctx.engine(cr.best_of_model)
-    with ctx.progress(len(queries), "best-of-n judgements") as update:
-        lps = judge.choice_logprobs([q[2] for q in queries], [OPTIONS] * len(queries), progress=update)
-    for (c, order, _), lp in zip(queries, lps):
-        p = softmax2(lp) if order == "candidate_first" else 1 - softmax2(lp)
-        c.setdefault("p_orders", []).append(round(p, 6))
-    for cands in candidates.values():
-        for c in cands:
-            if "p_orders" in c:
-                c["p_better"] = round(sum(c["p_orders"]) / len(c["p_orders"]), 6)
-
-
 def sft_target(cr, init: str, final: str, rs: list[dict], prompt_messages: list[dict]) -> str | None:
     """The text a chain teaches: its last accepted revision. Without one, the first answer
     when no round found a problem (every critique said "no issue" or was empty); with the
     quality gates on, a chain whose revisions were all rejected teaches nothing (its first
     answer is what the critique objected to), and neither does a first answer that fails
     the gates itself."""
-    if any(x["status"] == "revised" for x in rs) or not cr.quality_gates:
+    if any(x["status"] == REVISED for x in rs) or not cr.quality_gates:
         return final or None
-    if any(x["status"] in ("rejected", "empty_revision") for x in rs) or answer_problems(init, prompt_messages, cr):
+    if any(x["status"] in (REJECTED, EMPTY_REVISION) for x in rs) or answer_problems(init, prompt_messages, cr):
         return None
     return init or None
 
@@ -266,7 +165,7 @@ def write_artifacts(ctx, cr, items, first, latest, rounds, helpful_items, helpfu
     prefs = {s: [] for s in SPLITS}
     dropped = 0
     for (split, p), init, final, rs, tries in zip(items, first, latest, rounds, first_tries):
-        last = next((x for x in reversed(rs) if x["status"] == "revised"), rs[-1] if rs else None)
+        last = next((x for x in reversed(rs) if x["status"] == REVISED), rs[-1] if rs else None)
         target = sft_target(cr, init, final, rs, p.messages)
         chains[split].append({
             "id": p.id,
@@ -289,7 +188,7 @@ def write_artifacts(ctx, cr, items, first, latest, rounds, helpful_items, helpfu
             "revision_response": final,
         })
         if cr.sft_all_revisions:
-            targets = [x["revision"] for x in rs if x["status"] == "revised"]
+            targets = [x["revision"] for x in rs if x["status"] == REVISED]
         else:
             targets = [target] if target else []
         dropped += not targets
