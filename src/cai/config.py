@@ -743,7 +743,7 @@ class RunConfig:
     report_to: list[str] = _f(
         [], "Experiment trackers that receive the training stages' per-step metrics (sft/loss, dpo/reward_accuracy, "
         "rl/kl...) and evaluate's headline results, through accelerate's tracker classes: any of " + ", ".join(TRACKERS)
-        + ". TensorBoard writes to RUN_DIR/tracking/tensorboard/<id>; the id is kept in RUN_DIR/tracking.json, so a "
+        + ". TensorBoard writes to RUN_DIR/tracking/tensorboard/<id>/<stage>; the id is kept in RUN_DIR/tracking.json, so a "
         "resumed run continues the same experiment. Only the main process logs. [] (default): none (docs/tracking.md).",
         fingerprint=False,
     )

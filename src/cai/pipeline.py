@@ -6,7 +6,7 @@ Layout of a run directory::
       config.yaml          the resolved configuration of the latest `cai run`
       cache.sqlite         every engine request and its answer (resume, reuse)
       tracking.json        the experiment id of the trackers in report_to (cai.tracking)
-      tracking/            their local files (TensorBoard's event files)
+      tracking/            their local files (TensorBoard's event files, tensorboard/<id>/<stage>)
       <stage>/             one folder per finished stage, with manifest.json
       <stage>.partial/     a stage that is running or was interrupted
 

@@ -179,7 +179,7 @@ class StageContext:
             return
         values = {f"{self.name}/{k}": float(v) for k, v in metrics.items() if v is not None}
         if values:
-            self.tracker.log(values, step)
+            self.tracker.log(self.name, values, step)
 
     def progress(self, total: int, desc: str, unit: str = "req"):
         """A progress bar with an ETA; yields ``update(n)``."""
