@@ -120,7 +120,8 @@ def test_speed_only_settings_change_no_fingerprint():
     for override in ("engine.batch_size=4", "engine.score_batch_size=3", "engine.max_concurrency=2",
                      "engine.timeout_s=5", "engine.max_retries=1", "engine.cache=false",
                      "engine.wait_for_endpoints_s=0", "engine.api_key_env=OTHER",
-                     "engine.endpoints=[http://127.0.0.1:9/v1]", "engine.batch_invariant=true"):
+                     "engine.endpoints=[http://127.0.0.1:9/v1]", "engine.batch_invariant=true",
+                     "report_to=[tensorboard, wandb]"):
         assert fingerprints(load_config("cpu-tiny", [override])) == base, override
     changed = fingerprints(load_config("cpu-tiny", ["engine.quantize=none"]))
     assert changed["prepare"] != base["prepare"] and changed["report"] != base["report"]

@@ -22,6 +22,10 @@ from cai.errors import CaiError
 def check_config(cfg: RunConfig) -> None:
     """The config's own checks, then the ones that need engines and evaluation sets."""
     cfg.check()
+    if cfg.report_to:
+        from cai.tracking import check_installed
+
+        check_installed(cfg.report_to)  # a tracker's package is missing: said now, not after the first stage
     if cfg.engine.serve != "none":
         from cai.engines.serve import check_template
 

@@ -24,6 +24,8 @@ from cai.io import load_yaml, read_text
 from cai.stage_names import DEFAULT_STAGES, OPTIONAL_STAGES, SL_CAI, STAGES
 
 PRESET_DIR = Path(__file__).parent / "data" / "presets"
+#: ``report_to``'s choices: the experiment trackers of accelerate's that cai opens (cai.tracking).
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
 #: An ``evaluate.extra_models`` name: it becomes a file name (answers/<name>.jsonl).
 EXTRA_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -738,6 +740,13 @@ class DPOConfig(TrainingConfig):
 class RunConfig:
     run_dir: str = _f("runs/default", "Folder for every artifact of this run.")
     seed: int = _f(0, "Seed for every sampled choice (principles, splits, sampling).")
+    report_to: list[str] = _f(
+        [], "Experiment trackers that receive the training stages' per-step metrics (sft/loss, dpo/reward_accuracy, "
+        "rl/kl...) and evaluate's headline results, through accelerate's tracker classes: any of " + ", ".join(TRACKERS)
+        + ". TensorBoard writes to RUN_DIR/tracking/tensorboard/<id>/<stage>; the id is kept in RUN_DIR/tracking.json, so a "
+        "resumed run continues the same experiment. Only the main process logs. [] (default): none (docs/tracking.md).",
+        fingerprint=False,
+    )
     stages: list[str] = _f(
         list(DEFAULT_STAGES), "Stages to run, in order: " + ", ".join(STAGES) + " (optional, not in the default: "
         + ", ".join(OPTIONAL_STAGES) + ").",
@@ -786,6 +795,10 @@ class RunConfig:
         if not self.run_dir.strip() or "\0" in self.run_dir:
             raise CaiError(f"config field 'run_dir': {self.run_dir!r} is not a folder name; give the folder for the "
                            "run's artifacts (e.g. runs/my-run)")
+        unknown = [t for t in self.report_to if t not in TRACKERS]
+        if unknown:
+            raise CaiError(f"config field 'report_to': unknown tracker '{unknown[0]}'{did_you_mean(unknown[0], TRACKERS)} "
+                           f"(available: {', '.join(TRACKERS)})")
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise CaiError(f"config field 'stages': unknown stage '{unknown[0]}'{did_you_mean(unknown[0], STAGES)} "

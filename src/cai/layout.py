@@ -17,6 +17,8 @@ A path may hold ``{split}`` (``train``/``test``), ``{set}`` (a prompt set) or ``
       config.yaml          the resolved configuration of the latest `cai run`
       cache.sqlite         every engine request and its answer (resume, reuse)
       servers/             managed servers' logs and pid files
+      tracking.json        the experiment id of report_to's trackers (cai.tracking)
+      tracking/            their local files (tensorboard/<id>/<stage>/ event files, wandb's offline runs)
       <stage>/             one folder per finished stage, manifest.json written last
       <stage>.partial/     a stage that is running or was interrupted
 """
@@ -37,6 +39,11 @@ SERVERS = "servers"
 CACHE = "cache.sqlite"
 #: The resolved configuration of the latest ``cai run`` (``RUN_DIR/config.yaml``).
 CONFIG = "config.yaml"
+#: The experiment trackers' local files (``RUN_DIR/tracking/tensorboard/<id>/<stage>``...), see cai.tracking.
+TRACKING = "tracking"
+#: The run's experiment id and the trackers it was sent to (``RUN_DIR/tracking.json``): a
+#: resumed run continues the same experiment.
+TRACKING_RECORD = "tracking.json"
 
 #: Each stage's outputs that something else reads: name -> path inside the stage's folder.
 OUTPUTS: dict[str, dict[str, str]] = {

@@ -8,7 +8,7 @@ micro-batches with gradients synced once per step, the NaN guard, backward throu
 fp16 gradient scaler, clipping and the optimizer step, the step's stats summed over the
 processes, frontier points and resumable checkpoints.
 
-An objective (see :class:`Objective`) has four methods:
+An objective (see :class:`Objective`) has five methods:
 
 * ``begin_step(step)``: this process's items of the step (indices into its data). RL
   samples its rollouts here, in ``stages/rl.py``; the supervised stages take their share
@@ -19,6 +19,8 @@ An objective (see :class:`Objective`) has four methods:
   mean). ``stats`` is a tensor of sums the step logs; the loop adds them up over the
   micro-batches and the processes;
 * ``log_row(step, stats)``: the step's row in the stage's history;
+* ``scalars(row)``: that row as named numbers for the experiment trackers (``report_to``):
+  ``{"loss": ...}``, the step left out. The history itself (``metrics.json``) is unchanged;
 * ``state()``: what a checkpoint keeps besides the weights, optimizer and history
   (plain JSON values).
 
@@ -52,6 +54,8 @@ class Objective(Protocol):
 
     def log_row(self, step: int, stats) -> Any: ...
 
+    def scalars(self, row) -> dict: ...
+
     def state(self) -> dict: ...
 
 
@@ -79,7 +83,8 @@ class Trainee:
 
 
 def train(trainee: Trainee, objective: Objective, tc, *, total_steps: int, start: int, history: list,
-          micro: int, progress: Callable, desc: str = "training", points=()) -> list:
+          micro: int, progress: Callable, desc: str = "training", points=(),
+          track: Callable[[dict, int], None] | None = None) -> list:
     """Run steps ``start`` .. ``total_steps`` of ``objective`` on ``trainee``; returns ``history``
     with a row appended per step.
 
@@ -87,7 +92,8 @@ def train(trainee: Trainee, objective: Objective, tc, *, total_steps: int, start
     ``checkpoint_every``); ``micro`` is how many items go through one forward pass;
     ``points`` are the steps after which a frontier point is kept; ``progress`` is the
     stage's progress bar factory. ``start`` and ``history`` come from
-    :func:`cai.training.resume` (0 and [] for a fresh run).
+    :func:`cai.training.resume` (0 and [] for a fresh run). ``track(metrics, step)``
+    (``StageContext.track``) receives each step's row as scalars (``objective.scalars``).
     """
     acc, model, optimizer = trainee.accelerator, trainee.model, trainee.optimizer
     with progress(total_steps, desc, unit="step") as update:
@@ -114,6 +120,8 @@ def train(trainee: Trainee, objective: Objective, tc, *, total_steps: int, start
             if acc.num_processes > 1:
                 stats = acc.reduce(stats.to(acc.device), "sum").cpu()
             history.append(objective.log_row(step, stats))
+            if track is not None:  # the experiment trackers (report_to): the same row, as named scalars
+                track(objective.scalars(history[-1]), step + 1)
             update(1)
             done = step + 1
             # The last step's weights are the stage's model, saved by the stage: neither a point nor a checkpoint.
@@ -141,6 +149,9 @@ class ShareOfBatches:
     (:func:`cai.training.process_share`). The step's whole batch is ``self.batch``, and
     ``self.weight`` is 0 for a process left with no item of it (it runs one with no gradient)."""
 
+    #: What a history row ``[step, ...]`` holds after its step (``scalars``); dpo adds its reward stats.
+    names: tuple[str, ...] = ("loss",)
+
     def __init__(self, batches: list[list[int]], accelerator):
         self.batches, self.accelerator = batches, accelerator
         self.world = accelerator.num_processes
@@ -151,3 +162,7 @@ class ShareOfBatches:
         self.batch = self.batches[step]
         mine, self.weight = process_share(self.batch, self.accelerator.process_index, self.world)
         return mine
+
+    def scalars(self, row: list) -> dict:
+        """The row ``[step, loss, ...]`` as ``{name: value}`` (``names``), for the experiment trackers."""
+        return dict(zip(self.names, row[1:]))

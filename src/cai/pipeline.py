@@ -5,6 +5,8 @@ Layout of a run directory::
     RUN_DIR/
       config.yaml          the resolved configuration of the latest `cai run`
       cache.sqlite         every engine request and its answer (resume, reuse)
+      tracking.json        the experiment id of the trackers in report_to (cai.tracking)
+      tracking/            their local files (TensorBoard's event files, tensorboard/<id>/<stage>)
       <stage>/             one folder per finished stage, with manifest.json
       <stage>.partial/     a stage that is running or was interrupted
 
@@ -44,6 +46,7 @@ from cai.runlock import RunLock
 from cai.layout import CONFIG, SERVERS
 from cai.stage import Engines, StageContext, StageSpec
 from cai.stage_names import STAGES
+from cai.tracking import open_tracker
 from cai.stages import check_order
 
 
@@ -222,7 +225,7 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
         reap_orphans(run_dir / SERVERS, log)
         return {}
 
-    gate = None
+    gate = tracker = None
     if dist is None:
         claim()
     else:  # every process of one launch is one run: the main process holds the lock for all
@@ -230,14 +233,18 @@ def run_pipeline(cfg: RunConfig, log: Callable[[str], None] = print, force: bool
     try:
         if dist is not None:
             gate = MainGate(dist, run_dir, token)
-        return _run_stages(cfg, specs, dist, gate, is_main, run_dir, log, force)
+        if is_main:  # one tracker per run, in the main process: the others' metrics are summed into its
+            tracker = open_tracker(cfg.report_to, run_dir, log)
+        return _run_stages(cfg, specs, dist, gate, is_main, run_dir, log, force, tracker)
     finally:
+        if tracker is not None:  # closed at the end of the run and on an error
+            tracker.finish(log)
         if gate is not None:
             gate.close()
         lock.release()
 
 
-def _run_stages(cfg, specs, dist, gate, is_main, run_dir: Path, log, force: bool) -> Path:
+def _run_stages(cfg, specs, dist, gate, is_main, run_dir: Path, log, force: bool, tracker=None) -> Path:
     if is_main:
         write_text(run_dir / CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     prints = fingerprints(cfg)
@@ -268,7 +275,8 @@ def _run_stages(cfg, specs, dist, gate, is_main, run_dir: Path, log, force: bool
                 verify_stage(run_dir, need)
         if spec.distributed:
             engines.release()
-        ctx = StageContext(cfg=cfg, run_dir=run_dir, out=partial, name=name, log=log, engines=engines, is_main=is_main)
+        ctx = StageContext(cfg=cfg, run_dir=run_dir, out=partial, name=name, log=log, engines=engines, is_main=is_main,
+                           tracker=tracker)
         log(f"[{name}] running" + (f" in {dist.num_processes} processes" if dist and spec.distributed else ""))
         started = time.time()
         try:

@@ -61,6 +61,8 @@ class SimPOPairs(ShareOfBatches):
     """The SimPO objective (:mod:`cai.loop`): :func:`simpo_loss` averaged over the step's
     whole batch of pairs. A step logs its mean loss, reward accuracy and margin, as DPO's."""
 
+    names = ("loss", "reward_accuracy", "margin")  # the history row [step, loss, accuracy, margin]
+
     def __init__(self, model, train: list[dict], batches: list[list[int]], pad_id, accelerator, prec, beta: float,
                  gamma: float, soft: bool):
         super().__init__(batches, accelerator)

@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from cai.cost import Cost, PlanInputs
 from cai.errors import CaiError
@@ -93,6 +93,7 @@ class StageContext:
     inputs: dict = field(default_factory=dict)  # name -> sha256, recorded in the manifest
     engines: Engines = field(default_factory=Engines)  # model path -> engine, shared across stages
     is_main: bool = True  # the main process (or the only one): it alone shows progress bars
+    tracker: Any = None  # the run's experiment trackers (cai.tracking.RunTracker), main process only; None: off
 
     @property
     def run_folder(self) -> RunFolder:
@@ -169,6 +170,16 @@ class StageContext:
             self.engines.release([path])
         elif path in self.engines:
             self.engines.pop(path).close()
+
+    def track(self, metrics: dict, step: int) -> None:
+        """Send ``metrics`` (name -> number) at ``step`` to the run's experiment trackers
+        (``report_to``), each name prefixed by the stage (``sft/loss``); None values are left
+        out. Does nothing without trackers, and in every process but the main one."""
+        if self.tracker is None:
+            return
+        values = {f"{self.name}/{k}": float(v) for k, v in metrics.items() if v is not None}
+        if values:
+            self.tracker.log(self.name, values, step)
 
     def progress(self, total: int, desc: str, unit: str = "req"):
         """A progress bar with an ETA; yields ``update(n)``."""

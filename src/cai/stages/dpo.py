@@ -175,6 +175,8 @@ class PreferencePairs(ShareOfBatches):
     difference ``h`` against the reference, averaged over the step's whole batch. A step
     logs its mean loss, reward accuracy (h > 0) and margin (beta * h)."""
 
+    names = ("loss", "reward_accuracy", "margin")  # the history row [step, loss, accuracy, margin]
+
     def __init__(self, model, train: list[dict], batches: list[list[int]], pad_id, accelerator, prec, ref: dict,
                  beta: float, soft: bool):
         super().__init__(batches, accelerator)
@@ -267,7 +269,7 @@ def run(ctx: StageContext) -> dict:
     points = point_steps(total_steps, dc.frontier_points)
     history = loop.train(trainee, objective, dc, total_steps=total_steps, start=start,
                          history=state["history"] if state else [], micro=micro, progress=ctx.progress,
-                         points=points)
+                         points=points, track=ctx.track)
     seconds = time.time() - t0
     after = evaluate(plain, test, objective, micro, *split, prec)
     accelerator.wait_for_everyone()

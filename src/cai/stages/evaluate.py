@@ -295,6 +295,7 @@ def run(ctx: StageContext) -> dict:
         write_jsonl(ctx.output("answers", name=name), [r for r in rows if r["model"] == name])
     write_jsonl(ctx.output("answers", name="comparisons"), comparisons)
     write_json(ctx.output("results"), results.to_json())
+    ctx.track(headline_scalars(results), 0)  # the experiment trackers (report_to), once
     from cai.plots import plot_elo, plot_harmfulness, plot_refusals
 
     plot_elo(ctx.out / "elo.png", results)
@@ -339,6 +340,27 @@ def headline_counts(results: Results, rows: list[dict], names: list[str]) -> dic
                                                     if r["model"] == name)
     counts.update(standard_set_counts(results.standard_sets or {}))
     return counts
+
+
+def headline_scalars(results: Results) -> dict[str, float | None]:
+    """A handful of each model's results for the experiment trackers (``report_to``), named
+    ``<model>/<figure>``: its Elo in each dimension, mean harmfulness, the judge's majority
+    refusal rate on the benign and red-team prompts, its mean PM score on each set. None
+    where a figure was not measured (the tracker leaves it out)."""
+    out: dict[str, float | None] = {}
+    for dimension, _ in DIMENSIONS:
+        table = getattr(results.elo, dimension)
+        for name, r in (table.ratings if table else {}).items():
+            out[f"{name}/elo_{dimension}"] = r.elo
+    for name, h in results.harmfulness.items():
+        out[f"{name}/harmfulness"] = h.mean
+    for name, by_set in results.refusal.items():
+        for prompts in ("benign", "red_team"):
+            rates = getattr(by_set, prompts)
+            out[f"{name}/refusal_{prompts}"] = rates.judge_majority if rates else None
+    for name, scores in (results.pm_score or {}).items():
+        out[f"{name}/pm_score_red_team"], out[f"{name}/pm_score_helpful"] = scores.red_team, scores.helpful
+    return out
 
 
 def _needs(cfg) -> tuple[str, ...]:

@@ -144,7 +144,8 @@ def run(ctx: StageContext) -> dict:
 
     t0 = time.time()
     history = loop.train(trainee, objective, pc, total_steps=total_steps, start=start,
-                         history=state["history"] if state else [], micro=micro, progress=ctx.progress)
+                         history=state["history"] if state else [], micro=micro, progress=ctx.progress,
+                         track=ctx.track)
     seconds = time.time() - t0
     after, scores = evaluate(model, test, pad_id, device, micro, prec)
     accelerator.wait_for_everyone()

@@ -442,7 +442,8 @@ def run(ctx: StageContext) -> dict:
     name = ADVANTAGES[rc.advantage][1]
     points = point_steps(rc.steps, rc.frontier_points)
     history = loop.train(trainee, objective, rc, total_steps=rc.steps, start=start, history=state["history"],
-                         micro=ln.micro, progress=ctx.progress, desc=name, points=points)
+                         micro=ln.micro, progress=ctx.progress, desc=name, points=points,
+                         track=ctx.track)
     samples, step_seconds, before = objective.samples, objective.step_seconds, objective.before
     seconds = time.time() - t0
     before_rows = before.pop("rows")
@@ -574,6 +575,11 @@ class PolicyGradient:
             row["judge_consistency"] = t["consistent"] / t["both_orders"] if t["both_orders"] else None
         self.step_seconds.append(round(time.time() - self.began, 3))
         return row
+
+    def scalars(self, row: dict) -> dict:
+        """The row's numbers for the experiment trackers: the step left out, and a judge's
+        figures when it had none to give (None)."""
+        return {k: v for k, v in row.items() if k != "step" and v is not None}
 
     def state(self) -> dict:
         return {"samples": self.samples, "before": self.before, "step_seconds": self.step_seconds}

@@ -136,7 +136,8 @@ def run(ctx: StageContext) -> dict:
 
     t0 = time.time()
     history = loop.train(trainee, objective, sc, total_steps=total_steps, start=start,
-                         history=state["history"] if state else [], micro=micro, progress=ctx.progress)
+                         history=state["history"] if state else [], micro=micro, progress=ctx.progress,
+                         track=ctx.track)
     seconds = time.time() - t0
     tokens_seen = int(accelerator.reduce(torch.tensor(objective.tokens_seen, device=accelerator.device), "sum"))
     eval_after = evaluate_loss(model, test, pad_id, accelerator.device, micro, prec)
