@@ -2,9 +2,9 @@
 the user's own file of TRL rows (``sft.data``, read by :mod:`cai.datafiles`; the stage then
 needs no critique_revision).
 
-A short, readable PyTorch loop driven by ``accelerate`` (so ``accelerate launch`` runs it
-in several processes): forward, loss on the final assistant turn only, backward, clip,
-AdamW step. Defaults follow the paper: one epoch at a constant learning rate. The
+The one training loop (:func:`cai.loop.train`, driven by ``accelerate``, so ``accelerate
+launch`` runs it in several processes) with the objective :class:`NextTokens`: forward,
+loss on the final assistant turn only, backward, clip, AdamW step. Defaults follow the paper: one epoch at a constant learning rate. The
 precision is ``sft.dtype`` (float32 master weights with a bfloat16 autocast where the
 hardware has bfloat16: see ``cai.training.resolve_precision``). LoRA (peft,
 ``sft.method=lora``) is an option; its adapters are merged into the saved model so later
