@@ -56,7 +56,7 @@ def test_the_loop_with_the_sft_objective_is_the_plain_loop(tiny_model, tmp_path,
                           batch["labels"])
         acc.backward(scaler.scale(loss))
         optimizer_step(acc, optimizer, scaler, params, tc.max_grad_norm)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
 
     assert len(batches) > 3 and [h[0] for h in history] == list(range(1, len(batches) + 1))
     assert [h[1] for h in history] == losses
