@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from cai.artifacts import CHECKPOINT
 from cai.training import (
     Precision,
     check_finite,
@@ -79,7 +80,7 @@ class Trainee:
 
     @property
     def checkpoint(self) -> Path:
-        return self.out / "checkpoint"
+        return self.out / CHECKPOINT
 
 
 def train(trainee: Trainee, objective: Objective, tc, *, total_steps: int, start: int, history: list,
@@ -163,6 +164,39 @@ class ShareOfBatches:
         mine, self.weight = process_share(self.batch, self.accelerator.process_index, self.world)
         return mine
 
+    def log_row(self, step: int, stats) -> list:
+        """``[step, loss]``: ``stats`` is the step's loss, its micro-batches' shares of the batch mean summed."""
+        return [step + 1, float(stats)]
+
     def scalars(self, row: list) -> dict:
         """The row ``[step, loss, ...]`` as ``{name: value}`` (``names``), for the experiment trackers."""
         return dict(zip(self.names, row[1:]))
+
+
+class PairedPreferences(ShareOfBatches):
+    """What the objectives on preference pairs share (dpo's :class:`PreferencePairs`, SimPO's
+    :class:`~cai.simpo.SimPOPairs`): a per-pair loss of each pair's margin ``h`` (how much more
+    the policy favours the chosen answer, as the objective measures it) against its label,
+    averaged over the step's whole batch; a step logs the mean loss, reward accuracy (h > 0)
+    and margin (beta * h). An objective supplies ``margins(items)`` (h, with its graph) and
+    ``pair_loss(h, p)``, and sets ``beta``."""
+
+    names = ("loss", "reward_accuracy", "margin")  # the history row [step, loss, accuracy, margin]
+    beta: float
+
+    def loss(self, items: list[int], step: int):
+        import torch
+
+        h = self.margins(items)
+        p = torch.tensor([self.train[i]["p"] for i in items], device=self.accelerator.device)
+        per_pair = self.pair_loss(h, p)
+        # sum over my pairs / whole batch * world: the processes' averaged gradient is
+        # exactly the gradient of the batch mean.
+        loss = per_pair.sum() * (self.weight * self.world / len(self.batch))
+        sums = self.weight * torch.tensor([float(per_pair.detach().sum()), float((h > 0).sum()),
+                                           float(self.beta * h.detach().sum())])  # loss, correct, margin
+        return loss, sums
+
+    def log_row(self, step: int, stats) -> list:
+        n = len(self.batches[step])
+        return [step + 1, float(stats[0]) / n, float(stats[1]) / n, float(stats[2]) / n]

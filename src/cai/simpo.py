@@ -19,7 +19,7 @@ started (SimPO has no KL term): watch the held-out numbers.
 
 from __future__ import annotations
 
-from cai.loop import ShareOfBatches
+from cai.loop import PairedPreferences
 from cai.training import IGNORE, answer_logprobs, pad_batch
 
 
@@ -57,11 +57,9 @@ def simpo_metrics(h: list[float], p: list[float], beta: float, gamma: float, sof
     }
 
 
-class SimPOPairs(ShareOfBatches):
+class SimPOPairs(PairedPreferences):
     """The SimPO objective (:mod:`cai.loop`): :func:`simpo_loss` averaged over the step's
     whole batch of pairs. A step logs its mean loss, reward accuracy and margin, as DPO's."""
-
-    names = ("loss", "reward_accuracy", "margin")  # the history row [step, loss, accuracy, margin]
 
     def __init__(self, model, train: list[dict], batches: list[list[int]], pad_id, accelerator, prec, beta: float,
                  gamma: float, soft: bool):
@@ -70,23 +68,13 @@ class SimPOPairs(ShareOfBatches):
         self.beta, self.gamma, self.soft = beta, gamma, soft
         self.before: dict | None = None  # held-out metrics of the starting policy (a checkpoint keeps them)
 
-    def loss(self, items: list[int], step: int):
-        import torch
-
-        device = self.accelerator.device
+    def margins(self, items: list[int]):
         with self.prec.autocast():
-            c, r = mean_logprobs(self.model, [self.train[i] for i in items], self.pad_id, device)
-        h = c - r
-        p = torch.tensor([self.train[i]["p"] for i in items], device=device)
-        per_pair = simpo_loss(h, p, self.beta, self.gamma, self.soft)
-        loss = per_pair.sum() * (self.weight * self.world / len(self.batch))  # its part of the batch mean, x world
-        sums = self.weight * torch.tensor([float(per_pair.detach().sum()), float((h > 0).sum()),
-                                           float(self.beta * h.detach().sum())])  # loss, correct, margin
-        return loss, sums
+            c, r = mean_logprobs(self.model, [self.train[i] for i in items], self.pad_id, self.accelerator.device)
+        return c - r
 
-    def log_row(self, step: int, stats) -> list:
-        n = len(self.batches[step])
-        return [step + 1] + [float(x) / n for x in stats]
+    def pair_loss(self, h, p):
+        return simpo_loss(h, p, self.beta, self.gamma, self.soft)
 
     def state(self) -> dict:
         return {"before": self.before}

@@ -245,7 +245,8 @@ class LocalEngine(Engine):
             batch = [rows[r] for r in order[start:start + self.batch_size]]
             self._decode_batch(
                 [b[2] for b in batch], [b[3] for b in batch], params,
-                on_done=lambda k, out, batch=batch: row_done(batch[k], out), keep_stop=keep_stop, store=kept,
+                on_done=lambda k, out, batch=batch: row_done(batch[k], out), keep_stop=keep_stop,
+                store=None if self.batch_invariant else kept,  # batch_invariant never continues a kept row
             )
         self._continuations = kept
         return [result(ci) for ci in range(len(conversations))]

@@ -29,9 +29,10 @@ held-out numbers *before* training are exact without a forward pass: h = 0 for e
 pair (loss log 2, accuracy 0, margin 0).
 
 Training runs the one loop of :mod:`cai.loop` with the objective :class:`PreferencePairs`:
-each process takes its share of every batch of pairs, and its loss is scaled so that the averaged gradient is that of the
-mean over the whole batch (identical to one process up to float summation order; a
-process left without a pair in a small last batch runs one with weight 0).
+each process takes its share of every batch of pairs, and its loss is scaled so that the
+averaged gradient is that of the mean over the whole batch (identical to one process up
+to float summation order; a process left without a pair in a small last batch runs one
+with weight 0).
 
 Outputs in ``dpo/``: ``model/`` (``save_pretrained`` + ``cai_training.json``; merged
 with LoRA, whose adapter is also in ``adapter/``),
@@ -54,7 +55,7 @@ from cai.cost import Cost, PlanInputs, passes, training_disk
 from cai.stage import StageContext, StageSpec
 from cai.stage_names import SL_CAI
 from cai import loop
-from cai.loop import ShareOfBatches, Trainee
+from cai.loop import PairedPreferences, Trainee
 from cai.simpo import SimPOPairs
 from cai.training import (
     adapters_off,
@@ -170,12 +171,10 @@ def evaluate(model, pairs, objective, batch_size, rank, world, prec) -> dict:
     return objective.metrics([h for _, h in rows], [pairs[j]["p"] for j, _ in rows])
 
 
-class PreferencePairs(ShareOfBatches):
+class PreferencePairs(PairedPreferences):
     """The DPO objective (:mod:`cai.loop`): :func:`dpo_loss` of each pair's log-ratio
     difference ``h`` against the reference, averaged over the step's whole batch. A step
     logs its mean loss, reward accuracy (h > 0) and margin (beta * h)."""
-
-    names = ("loss", "reward_accuracy", "margin")  # the history row [step, loss, accuracy, margin]
 
     def __init__(self, model, train: list[dict], batches: list[list[int]], pad_id, accelerator, prec, ref: dict,
                  beta: float, soft: bool):
@@ -183,7 +182,7 @@ class PreferencePairs(ShareOfBatches):
         self.model, self.train, self.pad_id, self.prec = model, train, pad_id, prec
         self.ref, self.beta, self.soft = ref, beta, soft  # ref: {"train"/"test": {pair index: (log pi_ref(c), (r))}}
 
-    def loss(self, items: list[int], step: int):
+    def margins(self, items: list[int]):
         import torch
 
         device = self.accelerator.device
@@ -191,19 +190,10 @@ class PreferencePairs(ShareOfBatches):
             c, r = pair_logprobs(self.model, [self.train[i] for i in items], self.pad_id, device)
         rc = torch.tensor([self.ref["train"][i][0] for i in items], device=device)
         rr = torch.tensor([self.ref["train"][i][1] for i in items], device=device)
-        h = (c - rc) - (r - rr)
-        p = torch.tensor([self.train[i]["p"] for i in items], device=device)
-        per_pair = dpo_loss(h, p, self.beta, self.soft)
-        # sum over my pairs / whole batch * world: the processes' averaged gradient is
-        # exactly the gradient of the batch mean.
-        loss = per_pair.sum() * (self.weight * self.world / len(self.batch))
-        sums = self.weight * torch.tensor([float(per_pair.detach().sum()), float((h > 0).sum()),
-                                           float(self.beta * h.detach().sum())])  # loss, correct, margin
-        return loss, sums
+        return (c - rc) - (r - rr)
 
-    def log_row(self, step: int, stats) -> list:
-        n = len(self.batches[step])
-        return [step + 1, float(stats[0]) / n, float(stats[1]) / n, float(stats[2]) / n]
+    def pair_loss(self, h, p):
+        return dpo_loss(h, p, self.beta, self.soft)
 
     def state(self) -> dict:
         return {"ref": self.ref}

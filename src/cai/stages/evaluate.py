@@ -325,16 +325,21 @@ def write_frontier(ctx: StageContext, points: list[dict], point_rows: list[dict]
             "frontier_weights_deleted": delete_point_weights(points, ev.frontier_keep_weights, ctx.log)}
 
 
-def headline_counts(results: Results, rows: list[dict], names: list[str]) -> dict:
-    """The manifest's headline figures: each model's Elo, mean harmfulness, share of looping
-    answers, and the standard sets' headlines."""
-    counts = {}
+def model_figures(results: Results):
+    """(model, figure, value) for each model's Elo in each dimension and its mean harmfulness:
+    what the manifest's headline counts and the experiment trackers both report."""
     for dimension, _ in DIMENSIONS:
         table = getattr(results.elo, dimension)
         for name, r in (table.ratings if table else {}).items():
-            counts[f"elo_{dimension}_{name}"] = r.elo
+            yield name, f"elo_{dimension}", r.elo
     for name, h in results.harmfulness.items():
-        counts[f"harmfulness_{name}"] = h.mean
+        yield name, "harmfulness", h.mean
+
+
+def headline_counts(results: Results, rows: list[dict], names: list[str]) -> dict:
+    """The manifest's headline figures: each model's Elo, mean harmfulness, share of looping
+    answers, and the standard sets' headlines."""
+    counts = {f"{figure}_{name}": value for name, figure, value in model_figures(results)}
     for name in names:
         counts[f"degenerate_{name}"] = rounded_mean(float(r["quality"]["degenerate"]) for r in rows
                                                     if r["model"] == name)
@@ -347,13 +352,7 @@ def headline_scalars(results: Results) -> dict[str, float | None]:
     ``<model>/<figure>``: its Elo in each dimension, mean harmfulness, the judge's majority
     refusal rate on the benign and red-team prompts, its mean PM score on each set. None
     where a figure was not measured (the tracker leaves it out)."""
-    out: dict[str, float | None] = {}
-    for dimension, _ in DIMENSIONS:
-        table = getattr(results.elo, dimension)
-        for name, r in (table.ratings if table else {}).items():
-            out[f"{name}/elo_{dimension}"] = r.elo
-    for name, h in results.harmfulness.items():
-        out[f"{name}/harmfulness"] = h.mean
+    out: dict[str, float | None] = {f"{name}/{figure}": value for name, figure, value in model_figures(results)}
     for name, by_set in results.refusal.items():
         for prompts in ("benign", "red_team"):
             rates = getattr(by_set, prompts)

@@ -100,9 +100,6 @@ class SoftPreferences(ShareOfBatches):
         loss = preference_loss(rc - rr, p, self.kind) * (self.weight * len(pairs) / len(self.batch))
         return loss * self.world, torch.tensor(float(loss.detach()), dtype=torch.float64)  # DDP averages
 
-    def log_row(self, step: int, stats) -> list:
-        return [step + 1, float(stats)]
-
     def state(self) -> dict:
         return {"before": self.before}
 

@@ -421,7 +421,8 @@ def run(ctx: StageContext) -> dict:
     # in its layers): optimizer steps update it in place.
     engine = LocalEngine.for_model(policy.get_base_model() if is_lora(policy) else policy, tok,
                                    batch_size=cfg.engine.batch_size, name=base)
-    ckpt = ctx.out / "checkpoint"
+    trainee = Trainee(accelerator, model, optimizer, scaler, params, prec, tok, ctx.out)
+    ckpt = trainee.checkpoint
     ln = Learner(rc, model, policy, ref, pm, judge, engine, optimizer, scaler, accelerator, params, tok.pad_token_id,
                  ckpt, prec, offload)
     k = rc.samples_per_prompt
@@ -430,7 +431,6 @@ def run(ctx: StageContext) -> dict:
         return SamplingParams(n=n, temperature=rc.temperature, top_p=rc.top_p, max_new_tokens=rc.max_new_tokens, seed=seed)
 
     eval_params = sampling(cfg.seed + seeds.RL_EVAL, 1)
-    trainee = Trainee(accelerator, model, optimizer, scaler, params, prec, tok, ctx.out)
     start, state = resume(ckpt, policy, optimizer, rc.steps, ctx.log, "rl", scaler)
     if state is None:
         before, before_rows = evaluate(ln, eval_set, eval_params)

@@ -4,8 +4,8 @@ needs no critique_revision).
 
 The one training loop (:func:`cai.loop.train`, driven by ``accelerate``, so ``accelerate
 launch`` runs it in several processes) with the objective :class:`NextTokens`: forward,
-loss on the final assistant turn only, backward, clip, AdamW step. Defaults follow the paper: one epoch at a constant learning rate. The
-precision is ``sft.dtype`` (float32 master weights with a bfloat16 autocast where the
+loss on the final assistant turn only, backward, clip, AdamW step. Defaults follow the
+paper: one epoch at a constant learning rate. The precision is ``sft.dtype`` (float32 master weights with a bfloat16 autocast where the
 hardware has bfloat16: see ``cai.training.resolve_precision``). LoRA (peft,
 ``sft.method=lora``) is an option; its adapters are merged into the saved model so later
 stages load an ordinary checkpoint.
@@ -97,9 +97,6 @@ class NextTokens(ShareOfBatches):
         self.tokens_seen += int(self.weight) * sum(len(self.train[i]["input_ids"]) for i in items)
         logged = torch.tensor(float(loss.detach()), dtype=torch.float64)
         return loss * self.world, logged  # DDP averages over the processes
-
-    def log_row(self, step: int, stats) -> list:
-        return [step + 1, float(stats)]
 
     def state(self) -> dict:
         return {"eval_before": self.eval_before}
