@@ -453,6 +453,12 @@ def test_extra_models_are_compared_on_the_same_prompts_with_the_same_judge(eval_
     assert res["judge"] == tiny_model and res["prompts"] == {"red_team": 2, "helpful": 2, "benign": 2}
     for name in ("first-run", "tiny"):
         assert (out / "answers" / f"{name}.jsonl").is_file() and res["quality"][name]["benign"]["n"] == 2
+    # evaluate.anchors=run: this run's own model (initial) is the anchor; the extra models meet it only
+    table = res["elo"]["helpfulness"]
+    assert table["design"] == {"kind": "anchors", "anchors": ["initial"], "pairs": 2}
+    assert table["ratings"]["tiny"]["compared_with"] == ["initial"] and "compared_with" not in table["ratings"]["initial"]
+    comps = [json.loads(line) for line in (out / "answers" / "comparisons.jsonl").read_text().splitlines()]
+    assert len(comps) == 2 * 2 * 2 and all("initial" in (c["model_a"], c["model_b"]) for c in comps)
 
 
 # -- PM score against the number of revisions (the paper's Fig. 5) ---------------------------
