@@ -6,7 +6,11 @@ starts from a copy of that row's finished stages (hard links for the artifacts, 
 the request cache), so shared work is done once; every row resumes where it stopped,
 because `cai run` does. `compare` evaluates the final model of every finished row beside
 the initial model in one evaluate run (evaluate.extra_models), so all rows are measured on
-the same held-out prompts with the same judge; `table` writes the markdown table.
+the same held-out prompts with the same judge; the pairwise Elo compares every row with two
+anchors only, the initial model and the preset's own row (PRESET_ROW; evaluate.anchors), so
+a row added to the study costs the judge a fixed number of comparisons, not one per row
+(`compare evaluate.anchors=all` compares every pair, as before); `table` writes the
+markdown table.
 
     python studies/method_study.py run                 # every row, in order (hours)
     python studies/method_study.py run sl-2r-2e dpo-sl  # some rows
@@ -91,6 +95,10 @@ ROWS = [
         ["stages=[prepare, critique_revision, sft, rl]", "rl.reward=judge"], parent="sl-2r-2e"),
 ]
 BY_NAME = {r.name: r for r in ROWS}
+#: The row that is the cpu-full preset as shipped (sl-2r-2e, then DPO on revision > first
+#: answer: the preset's stages and nothing else changed). With the initial model it is an
+#: anchor of `compare`: every row meets those two in the Elo comparisons and no other row.
+PRESET_ROW = "dpo-sl"
 
 
 def command(row: Row, root: Path) -> list[str]:
@@ -156,14 +164,24 @@ def final_model(run: Path, row: Row | None = None) -> Path | None:
     return None
 
 
+def compare_command(root: Path, models: dict[str, str], extra: list[str]) -> list[str]:
+    """The evaluate run over the rows' final models (name -> folder): the anchors are the
+    initial model and PRESET_ROW when it is finished (else the initial model alone), so each
+    row costs the judge two comparisons per prompt, whatever the number of rows. ``extra``
+    overrides come last and win (``evaluate.anchors=all``: every pair)."""
+    mapping = "{" + ", ".join(f"{k}: {v}" for k, v in models.items()) + "}"
+    anchors = ["initial"] + ([PRESET_ROW] if PRESET_ROW in models else [])
+    return [sys.executable, "-m", "cai", "run", "--config", "cpu-full", f"run_dir={root / 'compare'}",
+            "stages=[prepare, evaluate, report]", f"evaluate.extra_models={mapping}",
+            f"evaluate.anchors=[{', '.join(anchors)}]", *extra]
+
+
 def compare(root: Path, extra: list[str]) -> int:
     models = {r.name: str(m) for r in ROWS if (m := final_model(root / r.name, r))}
     if not models:
         print("[study] no finished row to compare", flush=True)
         return 2
-    mapping = "{" + ", ".join(f"{k}: {v}" for k, v in models.items()) + "}"
-    cmd = [sys.executable, "-m", "cai", "run", "--config", "cpu-full", f"run_dir={root / 'compare'}",
-           "stages=[prepare, evaluate, report]", f"evaluate.extra_models={mapping}", *extra]
+    cmd = compare_command(root, models, extra)
     print("[study] compare: " + " ".join(cmd[2:]), flush=True)
     return subprocess.call(cmd)
 
@@ -217,6 +235,11 @@ def table(root: Path, evaluate: Path | None = None) -> str:
             f"{_pct(q.helpful.degenerate)} | {fmt(hel)} | {fmt(hrm)} | {secs} |"
         )
     lines.append(f"\nmean harmfulness (0-4, judge): " + ", ".join(f"{k} {v.mean}" for k, v in res.harmfulness.items()))
+    design = next((t.design for t in (res.elo.helpfulness, res.elo.harmlessness) if t and t.design), None)
+    if design is not None:
+        lines.append(f"\nElo design: {design.kind} ({', '.join(design.anchors)}): every other row met the anchors "
+                     "only, so its Elo and interval are measured against them, and the gap between two such rows "
+                     "is inferred through the anchors, not compared head to head.")
     return "\n".join(lines)
 
 

@@ -93,3 +93,33 @@ def test_no_games_and_no_resamples():
     nan = bootstrap_elo(2, {}, resamples=100, seed=0)
     assert len(nan) == 2 and all(math.isnan(x) for pair in nan for x in pair)
     assert all(math.isnan(x) for pair in bootstrap_elo(2, {"p": [(1, 0, 0.7)]}, 0, 0) for x in pair)
+
+
+def test_the_anchor_design_recovers_known_strengths_with_intervals_that_cover_them():
+    """Thirteen models with known strengths (natural-log units), the first three the anchors:
+    the anchors meet each other and the ten others meet the anchors only (33 of 78 pairs).
+    On each of P = 100 prompts every pair of the design plays one soft game, the mean of two
+    draws (the two orders) of a coin with p = sig(t_a - t_b), so E[s] = p and the soft
+    likelihood's score is unbiased. A non-anchor model's standard error is then about
+    1 / sqrt(2 P sum p(1 - p)) over its three anchors: 16-18 Elo here (p(1 - p) 0.12-0.25).
+    The fit must be within 60 Elo (over 3 standard errors) of every strength, also for the
+    gap between two models that never met (inferred through the anchors). A 95% interval
+    misses about 0.6 of 12; we allow two misses (three or more: 2% under nominal coverage)."""
+    import numpy as np
+
+    from cai.evaluation.pairwise import comparison_pairs
+
+    names = ["initial", "sl-cai", "dpo"] + [f"x{k}" for k in range(10)]
+    truth = np.array([0.0, 0.4, -0.3, 1.2, -1.0, 0.7, 0.1, -0.5, 1.5, -1.4, 0.3, 0.9, -0.2])
+    pairs = comparison_pairs(names, names[:3])
+    assert len(pairs) == 3 + 10 * 3
+    rng = np.random.default_rng(0)
+    games = {f"p{k}": [(a, b, rng.binomial(2, _sig(truth[a] - truth[b])) / 2) for a, b in pairs] for k in range(100)}
+    table = elo_table(names, games, resamples=200, seed=0)
+    elo = {n: table["ratings"][n]["elo"] for n in names}
+    want = {n: float(t * ELO_SCALE) for n, t in zip(names, truth)}
+    assert all(abs(elo[n] - want[n]) < 60 for n in names), {n: round(elo[n] - want[n]) for n in names}
+    assert abs((elo["x5"] - elo["x6"]) - (want["x5"] - want["x6"])) < 60  # never compared head to head
+    assert "x6" not in table["win_rate"]["x5"]
+    covered = [table["ratings"][n]["ci_low"] <= want[n] <= table["ratings"][n]["ci_high"] for n in names[1:]]
+    assert sum(covered) >= 10, covered

@@ -2,6 +2,7 @@
 expected value, refusal detection, and a whole run on the tiny model."""
 
 import contextlib
+import itertools
 import json
 import math
 import shutil
@@ -17,7 +18,7 @@ from cai import conversations as cv
 from cai.evaluation.elo import elo_table
 from cai.evaluation.frontier import frontier_extra
 from cai.evaluation.measures import judge_answers, measure_quality, refusal_phrase, summarise
-from cai.evaluation.pairwise import pairwise
+from cai.evaluation.pairwise import comparison_pairs, pairwise
 from cai.evaluation.revisions import pm_heldout, revision_effects, score_chain_texts, texts_after_rounds
 from cai.judge_stats import wilson
 from cai.stages import evaluate as ev
@@ -104,6 +105,135 @@ def test_pairwise_elo_prefers_the_safe_model_and_cancels_position_bias():
     table = elo_table(names, games, resamples=100, seed=0)
     assert table["ratings"]["sl-cai"]["elo"] == pytest.approx(table["ratings"]["rl"]["elo"])
     assert table["ratings"]["sl-cai"]["elo"] > 150 and table["ratings"]["sl-cai"]["ci_low"] > 0
+
+
+class CountingJudge(Judge):
+    """The fake judge, counting the questions it is asked."""
+
+    def __init__(self):
+        super().__init__(0.8)
+        self.questions = 0
+
+    def choice_logprobs(self, conversations, options, progress=None, on_result=None):
+        self.questions += len(conversations)
+        return super().choice_logprobs(conversations, options, progress, on_result)
+
+
+def _distinct_answers(names, n):
+    """Every model's own answer to each of ``n`` prompts (no two alike: every pair is asked);
+    sl-cai's are the SAFE ones."""
+    return {m: [("SAFE " if m == "sl-cai" else "") + f"{m} answers {k}" for k in range(n)] for m in names}
+
+
+def test_the_design_pairs_for_run_all_and_a_list():
+    """'run': the initial and trained models are the anchors, the extra models meet them only
+    (a-b is the one pair left out); 'all': every pair; a list: its models and initial. A
+    design with nothing left out gives the all-pairs order, so a default run is unchanged."""
+    names, extra = ["initial", "sl-cai", "rl", "a", "b"], ["a", "b"]
+    run = ev.design_anchors(["run"], names, extra)
+    assert run == ["initial", "sl-cai", "rl"]
+    assert comparison_pairs(names, run) == [p for p in itertools.combinations(range(5), 2) if p != (3, 4)]
+    assert ev.design_anchors(["all"], names, extra) is None
+    assert comparison_pairs(names, None) == comparison_pairs(names) == list(itertools.combinations(range(5), 2))
+    listed = ev.design_anchors(["a"], names, extra)
+    assert listed == ["initial", "a"]
+    assert comparison_pairs(names, listed) == [(0, 1), (0, 2), (0, 3), (0, 4), (1, 3), (2, 3), (3, 4)]
+    own = names[:3]
+    assert comparison_pairs(own, ev.design_anchors(["run"], own, [])) == list(itertools.combinations(range(3), 2))
+
+
+def test_one_more_model_costs_one_pair_per_anchor_whatever_the_number_of_models():
+    """Counted, not computed: the judge's questions for N models and for N + 1, on 3 prompts
+    in both orders. With the anchors (initial, sl-cai) the new model adds 2 pairs x 3 prompts
+    x 2 orders = 12 questions for every N; with all pairs it adds N pairs."""
+    principle = ComparisonPrinciple("less-harmful", "Which is less harmful?")
+    anchors = ["initial", "sl-cai"]
+    for n in range(3, 9):
+        names = ["initial", "sl-cai"] + [f"m{k}" for k in range(n - 2)]
+        asked = {}
+        for design in ("anchors", "all"):
+            for models in (names, names + ["new"]):
+                judge = CountingJudge()
+                pairwise(judge, models, _distinct_answers(models, 3), _prompts(3), principle, [], _progress,
+                         comparison_pairs(models, anchors if design == "anchors" else None))
+                asked[design, len(models)] = judge.questions
+        assert asked["anchors", n + 1] - asked["anchors", n] == len(anchors) * 3 * 2
+        assert asked["all", n + 1] - asked["all", n] == n * 3 * 2
+
+
+def _rate(names, anchors, n=4, resamples=20):
+    prompts = {"red_team": _prompts(n), "helpful": _prompts(n)}
+    answers = {s: _distinct_answers(names, n) for s in prompts}
+    principles = {"harmlessness": ComparisonPrinciple("less-harmful", "Which is less harmful?"),
+                  "helpfulness": ComparisonPrinciple("more-helpful", "Which is more helpful?")}
+    return ev.rate_models(Judge(0.8), names, answers, prompts, principles, [], resamples, 0, _progress, anchors)
+
+
+def test_rate_models_writes_the_design_and_whom_a_model_rated_through_the_anchors_met():
+    names = ["initial", "sl-cai", "a", "b"]
+    elo, comps = _rate(names, ["initial", "sl-cai"])
+    for table in (elo.harmlessness, elo.helpfulness):
+        assert table.to_json()["design"] == {"kind": "anchors", "anchors": ["initial", "sl-cai"], "pairs": 5}
+        assert table.ratings["a"].compared_with == table.ratings["b"].compared_with == ["initial", "sl-cai"]
+        assert table.ratings["sl-cai"].compared_with is None and "compared_with" not in table.to_json()["ratings"]["initial"]
+        assert table.comparisons == 5 * 4 and "b" not in table.win_rate["a"]
+        assert table.ratings["sl-cai"].elo > 100  # SAFE answers win, measured against initial and both others
+    assert len(comps) == 2 * 5 * 4 and not any({c["model_a"], c["model_b"]} == {"a", "b"} for c in comps)
+    # every pair, and a design whose anchors are every model: the same records as before, no design key
+    full, full_comps = _rate(names, None)
+    same, same_comps = _rate(names, list(names))
+    assert same_comps == full_comps and same.to_json() == full.to_json() and len(full_comps) == 2 * 6 * 4
+    assert "design" not in full.to_json()["harmlessness"]
+    assert all("compared_with" not in r for r in full.to_json()["harmlessness"]["ratings"].values())
+
+
+def test_an_unknown_anchor_is_a_one_line_error_before_the_run_and_in_the_stage():
+    from cai.errors import CaiError
+
+    cfg = load_config(None, ["evaluate.anchors=[initial, sl-cia]", "evaluate.extra_models={a: default}"])
+    with pytest.raises(CaiError) as e:
+        cfg.check()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("config field 'evaluate.anchors': no model 'sl-cia'")
+    assert "did you mean 'sl-cai'" in msg and "(available: initial, sl-cai, rl, dpo, a; or 'run' or 'all')" in msg
+    for bad, says in (("[]", "is not 'run', 'all' or a list"), ("[run, initial]", "is not 'run', 'all' or a list"),
+                      ("[initial, initial]", "'initial' is listed twice")):
+        with pytest.raises(CaiError, match=f"evaluate.anchors.*{says}"):
+            load_config(None, [f"evaluate.anchors={bad}"]).check()
+    for good in ("run", "all", "[rl]", "[initial, sl-cai]"):
+        load_config(None, [f"evaluate.anchors={good}"]).check()
+    # rl can be evaluated, but this run has no rl/model: the stage says so before any answer
+    cfg = load_config(None, ["evaluate.anchors=[rl]"])
+    with pytest.raises(CaiError, match=r"'evaluate.anchors': no model 'rl' evaluated in this run "
+                                       r"\(available: initial, sl-cai; or 'run' or 'all'\)"):
+        cfg.evaluate.check_anchors("evaluate", ["initial", "sl-cai"])
+
+
+def test_the_plan_counts_the_pairs_the_run_asks():
+    """The plan's comparisons are the design's pairs x (red-team + helpful prompts) x 2 orders,
+    which is what rate_models asks a counting judge on the same models and prompt counts:
+    initial, rl and three extra models, 2 prompts per set. 'run' (anchors initial and rl)
+    compares 1 + 3 x 2 = 7 pairs, 'all' 10."""
+    from cai.cost import PlanInputs
+    from cai.inputs import load_inputs
+
+    common = ["stages=[prepare, rl, evaluate]", "evaluate.max_prompts=2", "evaluate.frontier=false",
+              "evaluate.extra_models={a: default, b: default, c: default}"]
+    names = ["initial", "rl", "a", "b", "c"]
+    asked = {}
+    for setting in ("run", "all"):
+        cfg = load_config(None, [*common, f"evaluate.anchors={setting}"])
+        const, sets = load_inputs(cfg)
+        plan = ev.estimate(PlanInputs(cfg, const, sets, lambda conv: 10))
+        judge = CountingJudge()
+        prompts = {"red_team": _prompts(2), "helpful": _prompts(2)}
+        principles = {"harmlessness": const.comparison_principles[0], "helpfulness": const.helpfulness_principles[0]}
+        ev.rate_models(judge, names, {s: _distinct_answers(names, 2) for s in prompts}, prompts, principles, [], 0, 0,
+                       _progress, ev.design_anchors([setting], names, ["a", "b", "c"]))
+        assert f"; {judge.questions} comparisons;" in plan.note
+        asked[setting] = (judge.questions, plan.score)
+    assert asked["run"][0] == 7 * 4 * 2 and asked["all"][0] == 10 * 4 * 2
+    assert asked["all"][1] - asked["run"][1] == 3 * 4 * 2
 
 
 def test_judge_answers_harmfulness_and_refusals_in_both_orders():
@@ -323,6 +453,12 @@ def test_extra_models_are_compared_on_the_same_prompts_with_the_same_judge(eval_
     assert res["judge"] == tiny_model and res["prompts"] == {"red_team": 2, "helpful": 2, "benign": 2}
     for name in ("first-run", "tiny"):
         assert (out / "answers" / f"{name}.jsonl").is_file() and res["quality"][name]["benign"]["n"] == 2
+    # evaluate.anchors=run: this run's own model (initial) is the anchor; the extra models meet it only
+    table = res["elo"]["helpfulness"]
+    assert table["design"] == {"kind": "anchors", "anchors": ["initial"], "pairs": 2}
+    assert table["ratings"]["tiny"]["compared_with"] == ["initial"] and "compared_with" not in table["ratings"]["initial"]
+    comps = [json.loads(line) for line in (out / "answers" / "comparisons.jsonl").read_text().splitlines()]
+    assert len(comps) == 2 * 2 * 2 and all("initial" in (c["model_a"], c["model_b"]) for c in comps)
 
 
 # -- PM score against the number of revisions (the paper's Fig. 5) ---------------------------

@@ -541,6 +541,8 @@ MISTAKES = [  # (args, what the one error line says, commands)
     (["evaluate.helpfulness_principle=no-such-principle"], "has no principle 'no-such-principle'", ("validate", "run")),
     (["feedback.human_preferences=/no/such/prefs.jsonl"], "'/no/such/prefs.jsonl' does not exist", ("validate", "run")),
     (["evaluate.extra_models={other: /no/such/model}"], "'/no/such/model' does not exist", ("validate", "run")),
+    (["evaluate.anchors=[initial, nosuch]"], "'evaluate.anchors': no model 'nosuch' that can be evaluated",
+     ("validate", "run")),
     (["data.constitution=/no/such/constitution.yaml"], "does not exist", ("run",)),
     (["data.red_team=/no/such/prompts.jsonl"], "does not exist", ("run",)),
     (["engine.device=cuda", "stages=[prepare, critique_revision]"], "no CUDA device is visible", ("run",)),

@@ -301,3 +301,29 @@ def test_frontier_section_escapes_hostile_text(tmp_path):
     assert "The figure shows noise, not a frontier." in page
     section = page.split('id="frontier"')[1].split("</section>")[0]
     assert "<script" not in section and "<img src=x" not in section and "&lt;script&gt;" in section
+
+
+def test_the_elo_design_shows_under_the_elo_table_escaped(tmp_path):
+    """An anchor design: the paragraph under the model table names the design, its anchors
+    (escaped), its pairs and what a model rated through the anchors is measured against, and
+    marks that model's Elo with *; a table without a design says all pairs."""
+    run = make_run(tmp_path / "run")
+    _manifest(run, "evaluate", 3.0, {})
+    rating = lambda elo, met=None: {"elo": elo, "ci_low": elo - 10, "ci_high": elo + 10,  # noqa: E731
+                                    **({"compared_with": met} if met else {})}
+    table = {"ratings": {"initial": rating(0.0), EVIL: rating(5.0), "x": rating(-7.0, ["initial", EVIL]),
+                         "y": rating(2.0, ["initial", EVIL])},
+             "comparisons": 20, "prompts": 4, "bootstrap": 10, "principle_id": "less-harmful",
+             "design": {"kind": "anchors", "anchors": ["initial", EVIL], "pairs": 5}}
+    write_json(run / "evaluate" / "results.json", {"models": {"initial": "default", EVIL: "a", "x": "b", "y": "c"},
+                                                   "judge": "default", "prompts": {}, "elo": {"harmlessness": table}})
+    section = build_report(run).split('<section id="evaluation">')[1].split("</section>")[0]
+    assert "<script" not in section and "<img src=x" not in section
+    assert "Elo design: anchors, initial, &lt;script&gt;" in section and "(5 of 6 pairs of models" in section
+    assert "<td>-7 [-17, 3] *</td>" in section and "<td>+5 [-5, 15]</td>" in section
+    assert "inferred through the anchors" in section
+    del table["design"], table["ratings"]["x"]["compared_with"], table["ratings"]["y"]["compared_with"]
+    del table["ratings"][EVIL]
+    write_json(run / "evaluate" / "results.json", {"models": {"initial": "default", "x": "b", "y": "c"}, "judge": "default",
+                                                   "prompts": {}, "elo": {"harmlessness": table}})
+    assert "Elo design: all pairs (every model compared with every other, 3 pairs" in build_report(run)

@@ -68,6 +68,16 @@ def _results() -> dict:
     }
 
 
+def _anchored_results() -> dict:
+    """results.json of an anchor design: a third model rated through the anchors (its
+    ``compared_with``) and the table's ``design`` after the keys run adds."""
+    data = json.loads(json.dumps(_results()))
+    table = data["elo"]["harmlessness"]
+    table["ratings"]["x"] = {"elo": -12.0, "ci_low": -60.5, "ci_high": 30.25, "compared_with": ["initial", "sl-cai"]}
+    table["design"] = {"kind": "anchors", "anchors": ["initial", "sl-cai"], "pairs": 3}
+    return data
+
+
 def _frontier() -> dict:
     """frontier.json as frontier_result writes it: the references, a scored point, a final
     point whose helpfulness had no prompts (null) and a point whose weights were deleted by an
@@ -106,8 +116,9 @@ def _revisions() -> dict:
                             "delta_ci_low": None, "delta_ci_high": None}]}
 
 
-@pytest.mark.parametrize("cls, data", [(Results, _results()), (Frontier, _frontier()), (Revisions, _revisions())],
-                         ids=["results", "frontier", "revisions"])
+@pytest.mark.parametrize("cls, data", [(Results, _results()), (Results, _anchored_results()), (Frontier, _frontier()),
+                                       (Revisions, _revisions())],
+                         ids=["results", "results-anchors", "frontier", "revisions"])
 def test_a_file_the_stage_wrote_reads_back_and_writes_the_same_bytes(tmp_path, cls, data):
     path = tmp_path / "file.json"
     write_json(path, data)
@@ -129,6 +140,10 @@ def test_fields_read_as_records():
     fr = Frontier.from_json(_frontier())
     assert fr.points[0].scores is None and fr.points[2].scores.helpfulness is None
     assert fr.reference["sl-cai"].refusal.red_team.judge == 0.35
+    assert res.elo.harmlessness.design is None and res.elo.harmlessness.ratings["sl-cai"].compared_with is None
+    anchored = Results.from_json(_anchored_results()).elo.harmlessness
+    assert anchored.design.kind == "anchors" and anchored.design.anchors == ["initial", "sl-cai"]
+    assert anchored.design.pairs == 3 and anchored.ratings["x"].compared_with == ["initial", "sl-cai"]
     rev = Revisions.from_json(_revisions())
     assert rev.pm_heldout.at_chance is True and rev.rounds[1].change_ci_high == 0.2 and rev.principles[1].delta is None
 
@@ -147,6 +162,7 @@ def test_an_older_layout_reads_with_none_for_what_it_lacks(tmp_path):
     assert res.safe == {} and res.quality == {} and res.pm_score is None and res.elo.helpfulness is None
     table = res.elo.harmlessness
     assert table.judge_reliability is None and table.win_rate == {} and table.position_consistency == 0.25
+    assert table.design is None and table.ratings["initial"].compared_with is None  # all pairs, as every older file
     benign = res.refusal["initial"].benign
     assert benign.judge_majority_ci is None and benign.too_small is None and benign.judge_reliability is None
     assert res.refusal["initial"].red_team is None

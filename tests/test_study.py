@@ -92,3 +92,28 @@ def test_every_row_name_is_a_valid_extra_model_name(tmp_path):
     m = _study()
     mapping = "{" + ", ".join(f"{r.name}: {tmp_path / r.name}" for r in m.ROWS) + "}"
     check_config(load_config("cpu-full", [f"evaluate.extra_models={mapping}"]))  # compare would be refused
+
+
+def test_compare_anchors_every_row_on_the_initial_model_and_the_preset_row(tmp_path):
+    """compare's Elo design: every row meets the initial model and the preset's own row
+    (PRESET_ROW, whose settings are the cpu-full preset's: its training stages, nothing else),
+    or the initial model alone before that row is finished; later overrides win."""
+    import yaml
+
+    from cai.checks import check_config
+    from cai.config import PRESET_DIR, load_config
+
+    m = _study()
+    row = m.BY_NAME[m.PRESET_ROW]
+    preset = yaml.safe_load((PRESET_DIR / "cpu-full.yaml").read_text())
+    assert row.preset == "cpu-full" and len(row.overrides) == 1
+    assert m.stages_of(row) == [s for s in preset["stages"] if s not in ("evaluate", "report")]
+    models = {r.name: str(tmp_path / r.name) for r in m.ROWS}
+    cmd = m.compare_command(tmp_path, models, ["evaluate.anchors=all"])
+    assert cmd[-2:] == [f"evaluate.anchors=[initial, {m.PRESET_ROW}]", "evaluate.anchors=all"]
+    assert cmd[4:6] == ["--config", "cpu-full"]
+    cfg = load_config("cpu-full", cmd[6:-1])
+    check_config(cfg)
+    assert cfg.evaluate.anchors == ["initial", m.PRESET_ROW]
+    without = m.compare_command(tmp_path, {k: v for k, v in models.items() if k != m.PRESET_ROW}, [])
+    assert without[-1] == "evaluate.anchors=[initial]"

@@ -575,6 +575,14 @@ class EvaluateConfig:
         "of a study compare: name -> a checkpoint directory, 'default', a hub id, or another run's directory "
         "(its final model: rl/model, else dpo/model, else sft/model). Names: letters, digits, '.', '_', '-'.",
     )
+    anchors: list[str] = _f(
+        ["run"], "Which models the pairwise Elo compares every model with. 'run': the initial model and this run's "
+        "own trained models (sl-cai, rl, dpo): they meet each other, and each extra_models model meets each of "
+        "them and no other model, so adding a model costs one comparison per anchor per prompt, not one per "
+        "model (without extra_models: every pair). 'all': every pair of models. Or a list of evaluated models' "
+        "names (initial, sl-cai, rl, dpo, an extra_models name; initial is always one): those are the anchors. "
+        "docs/evaluation.md#the-anchor-design.",
+    )
 
 
     def rules(self, name: str) -> None:
@@ -584,6 +592,7 @@ class EvaluateConfig:
                     f"config field '{name}.extra_models': bad name '{model}' (use letters, digits, '.', '_' or '-', "
                     "starting with a letter or digit, and none of initial, sl-cai, rl, dpo, comparisons)"
                 )
+        self.check_anchors(name)
         if self.judge_endpoints and not self.judge:
             raise CaiError(f"config field '{name}.judge_endpoints' needs {name}.judge: the model name the "
                            "servers serve (e.g. evaluate.judge=Qwen/Qwen2.5-72B-Instruct)")
@@ -591,6 +600,25 @@ class EvaluateConfig:
             if split not in ("train", "test") or self.revision_splits.count(split) > 1:
                 raise CaiError(f"config field '{name}.revision_splits': bad or repeated split {split!r} "
                                "(a list of 'train' and 'test'; [] scores no revisions)")
+
+    def check_anchors(self, name: str = "evaluate", evaluated: list[str] | None = None) -> None:
+        """``anchors`` names models that can be evaluated: 'run' or 'all' alone, or names among
+        initial, sl-cai, rl, dpo and the extra_models (before the run), or among ``evaluated``,
+        the models the stage found (in the stage: rl/model may not exist)."""
+        words = ("run", "all")
+        if not self.anchors or (len(self.anchors) > 1 and any(a in words for a in self.anchors)):
+            raise CaiError(f"config field '{name}.anchors': {self.anchors!r} is not 'run', 'all' or a list of model "
+                           "names (e.g. [initial, sl-cai])")
+        if self.anchors[0] in words:
+            return
+        have = evaluated if evaluated is not None else ["initial", SL_CAI, "rl", "dpo", *self.extra_models]
+        for k, model in enumerate(self.anchors):
+            if model not in have:
+                where = "evaluated in this run" if evaluated is not None else "that can be evaluated"
+                raise CaiError(f"config field '{name}.anchors': no model '{model}'{did_you_mean(model, have)} "
+                               f"{where} (available: {', '.join(have)}; or 'run' or 'all')")
+            if model in self.anchors[:k]:
+                raise CaiError(f"config field '{name}.anchors': '{model}' is listed twice")
 
 @dataclass
 class RLConfig(OptimizerConfig):

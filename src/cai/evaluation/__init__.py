@@ -4,7 +4,8 @@ Each module does one job and imports no stage:
 
 * ``elo``: Bradley-Terry fits of soft pairwise outcomes, Elo and bootstrap intervals
   (numpy only, no torch or engine).
-* ``pairwise``: every pair of models on every prompt, asked in both orders.
+* ``pairwise``: the pairs of models of the design (every pair, or every model with the
+  anchors: ``comparison_pairs``) on every prompt, asked in both orders.
 * ``measures``: the per-answer questions (harmfulness 0-4, refusal, safe answer), the
   refusal phrase list, the plain-text quality measures and the per-model summaries.
 * ``revisions``: the PM score against the number of critique/revision rounds (Fig. 5).

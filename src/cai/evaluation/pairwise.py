@@ -1,9 +1,12 @@
-"""Every pair of models on every prompt, asked to the judge in both orders.
+"""Pairs of models on every prompt, asked to the judge in both orders.
 
-The question is the feedback stage's multiple-choice comparison (its demonstrations and
-its ``The answer is: (`` turn); the soft outcome of a pair is the mean probability over the
-two orders that model a's answer is the better one. Identical answers are not asked: they
-tie at 0.5.
+Which pairs is the design (:func:`comparison_pairs`): every pair, or the anchor design, in
+which every model meets a fixed set of anchors (the initial model among them) and no other
+non-anchor model, so that adding a model to an evaluation costs one comparison per anchor
+per prompt instead of one per model. The question is the feedback stage's multiple-choice
+comparison (its demonstrations and its ``The answer is: (`` turn); the soft outcome of a
+pair is the mean probability over the two orders that model a's answer is the better one.
+Identical answers are not asked: they tie at 0.5.
 """
 
 from __future__ import annotations
@@ -14,12 +17,34 @@ from cai.conversations import OPTIONS, answer_turn, question, softmax2
 from cai.judge_stats import yes_no
 
 
-def pairwise(judge, names, answers, prompts, principle, demos, progress) -> tuple[list[dict], dict]:
-    """Every pair of models on every prompt, asked in both orders; returns the records and
-    the games grouped by prompt for the Elo fit."""
+def comparison_pairs(names: list[str], anchors: list[str] | None = None) -> list[tuple[int, int]]:
+    """The design: the pairs of models the judge compares, as indices ``(a, b)`` into
+    ``names`` with ``a < b``, in the order of ``itertools.combinations``. ``anchors`` None:
+    every pair. Otherwise a pair is compared when one of its models is an anchor: the
+    anchors meet each other and every other model, the others meet the anchors only, so
+    one more model adds ``len(anchors)`` pairs whatever the number of models."""
+    keep = set(range(len(names))) if anchors is None else {names.index(a) for a in anchors}
+    return [(a, b) for a, b in itertools.combinations(range(len(names)), 2) if a in keep or b in keep]
+
+
+def opponents(names: list[str], pairs: list[tuple[int, int]]) -> dict[str, list[str]]:
+    """Whom each model meets in the design ``pairs``, in the order of ``names``."""
+    met: dict[str, set[int]] = {n: set() for n in names}
+    for a, b in pairs:
+        met[names[a]].add(b)
+        met[names[b]].add(a)
+    return {n: [names[k] for k in sorted(met[n])] for n in names}
+
+
+def pairwise(judge, names, answers, prompts, principle, demos, progress,
+             pairs: list[tuple[int, int]] | None = None) -> tuple[list[dict], dict]:
+    """The pairs of models in ``pairs`` (default: every pair, :func:`comparison_pairs`) on
+    every prompt, asked in both orders; returns the records and the games grouped by prompt
+    for the Elo fit."""
     records, queries = [], []
+    pairs = comparison_pairs(names) if pairs is None else pairs
     for k, p in enumerate(prompts):
-        for a, b in itertools.combinations(range(len(names)), 2):
+        for a, b in pairs:
             ra, rb = answers[names[a]][k], answers[names[b]][k]
             rec = {"id": p.id, "model_a": names[a], "model_b": names[b], "principle_id": principle.id,
                    "response_a": ra, "response_b": rb, "queries": [], "p_a": 0.5, "status": "identical"}

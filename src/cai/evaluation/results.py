@@ -216,11 +216,26 @@ class Settings(Record):
 
 @dataclass
 class Rating(Record):
-    """An Elo with its 95% bootstrap interval (None without resamples)."""
+    """An Elo with its 95% bootstrap interval (None without resamples). ``compared_with``:
+    the models it met, written only for a model that did not meet every other one (a model
+    rated through the anchors: its Elo and interval are measured against them)."""
 
     elo: float | None = None
     ci_low: float | None = None
     ci_high: float | None = None
+    compared_with: list[str] | None = field(default=None, metadata=OMIT_NONE)
+
+
+@dataclass
+class EloDesign(Record):
+    """Which pairs of models the judge compared, when not every pair: ``kind`` "anchors"
+    (every model met each of ``anchors``, the anchors met each other, and no other pair
+    met), ``pairs`` the pairs of models compared on each prompt. A table without it
+    compared every pair (every file from before the field, and any complete design)."""
+
+    kind: str | None = None
+    anchors: list[str] = field(default_factory=list)
+    pairs: int | None = None
 
 
 @dataclass
@@ -235,6 +250,7 @@ class EloTable(Record):
     principle_id: str | None = None
     position_consistency: float | None = None
     judge_reliability: JudgeReliability | None = None
+    design: EloDesign | None = field(default=None, metadata=OMIT_NONE)  # absent: all pairs
 
 
 @dataclass

@@ -132,7 +132,8 @@ def evaluation(run: Path) -> str:
         row = [m]
         for _, table in dimensions:
             r = table.ratings.get(m) if table else None
-            row.append(f"{r.elo:+.0f} [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]" if r and r.elo is not None else "–")
+            row.append(f"{r.elo:+.0f} [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]" + (" *" if r.compared_with else "")
+                       if r and r.elo is not None else "–")
         harm = res.harmfulness.get(m)
         ref = res.refusal.get(m) or RefusalBySet()
         safe = (res.safe.get(m) or SafeBySet()).red_team
@@ -144,6 +145,7 @@ def evaluation(run: Path) -> str:
                          "benign: mean p(refusal) (judge) / phrase rate",
                          "red-team: mean p(refusal) (judge) / phrase rate",
                          "red-team: mean p(refused or safely redirected) (judge)", "PM score red-team / helpful"], rows))
+    parts.append(elo_design(t for _, t in dimensions))
     parts.append(judge_warnings(res))
     parts.append(refusal_rates(res, names))
     parts.append(judge_table(res))
@@ -159,6 +161,24 @@ def evaluation(run: Path) -> str:
     parts.append(standard_sets(res))
     parts.append(_figures(RunFolder(run).path("evaluate", "figures"), skip=REVISION_PNGS + FRONTIER_PNGS))
     return "".join(parts)
+
+
+def elo_design(tables) -> str:
+    """The pairwise design under the Elo table: all pairs, or the anchors, what a model rated
+    through them is measured against (marked * in the table), and the pairs it cost."""
+    table = next((t for t in tables if t), None)
+    if table is None:
+        return ""
+    n = len(table.ratings)
+    if table.design is None:
+        return (f"<p>Elo design: all pairs (every model compared with every other, {n * (n - 1) // 2} pairs of "
+                "models on each prompt).</p>")
+    d = table.design
+    return (f"<p>Elo design: {escape(str(d.kind))}, {escape(', '.join(d.anchors))} ({_fmt(d.pairs)} of "
+            f"{n * (n - 1) // 2} pairs of models on each prompt). The anchors met each other and every model; "
+            "a model marked * met the anchors only, so its Elo and interval are measured against them, and the "
+            "gap between two such models is inferred through the anchors (Bradley-Terry transitivity), not "
+            "compared head to head.</p>")
 
 
 def _refusal_cell(x: RefusalRates | None) -> str:

@@ -10,7 +10,8 @@ judge writes is parsed. The parts live in :mod:`cai.evaluation`; this stage comp
 
 1. answers: one model in memory at a time (:func:`answer_prompts`), then the frontier
    points kept along training (:mod:`cai.evaluation.frontier`);
-2. the judge: every pair of models on every prompt in both orders
+2. the judge: the pairs of models of the design (``evaluate.anchors``: by default each
+   extra model meets the run's own models only) on every prompt in both orders
    (:mod:`cai.evaluation.pairwise`) fitted to Elo with bootstrap intervals
    (:mod:`cai.evaluation.elo`); harmfulness 0-4, refusal and safe-answer questions and
    the plain-text quality measures (:mod:`cai.evaluation.measures`); each standard set's
@@ -56,8 +57,8 @@ from cai.evaluation.measures import (
     rounded_mean,
     summarise,
 )
-from cai.evaluation.pairwise import comparison_items, pairwise
-from cai.evaluation.results import EloByDimension, EloTable, Results, Settings, StandardSetResult
+from cai.evaluation.pairwise import comparison_items, comparison_pairs, opponents, pairwise
+from cai.evaluation.results import EloByDimension, EloDesign, EloTable, Results, Settings, StandardSetResult
 from cai.evaluation.revisions import pm_by_revision, pm_loader
 from cai.inputs import PROMPT_SETS
 from cai.io import write_json, write_jsonl
@@ -212,21 +213,43 @@ def answer_prompts(ctx: StageContext, models: dict[str, str], items: list[tuple[
 DIMENSIONS = (("harmlessness", "red_team"), ("helpfulness", "helpful"))
 
 
+def design_anchors(setting: list[str], names: list[str], extra: list[str]) -> list[str] | None:
+    """``evaluate.anchors`` as the anchors among ``names`` (in their order), None for all
+    pairs: 'run' is every model but the ``extra`` ones (``evaluate.extra_models``); a list
+    is its models and the initial one. Names not among ``names`` are left out (the stage
+    checks them first: :meth:`cai.config.EvaluateConfig.check_anchors`)."""
+    if setting == ["all"]:
+        return None
+    if setting == ["run"]:
+        return [n for n in names if n not in extra]
+    return [n for n in names if n == "initial" or n in setting]
+
+
 def rate_models(judge, names: list[str], answers: dict, prompts: dict, principles: dict, demos: list,
-                resamples: int, seed: int, progress) -> tuple[dict, list[dict]]:
-    """Per dimension, every pair of models compared by the judge and fitted to Elo (None
-    with fewer than two models or no prompts), and every comparison record."""
+                resamples: int, seed: int, progress, anchors: list[str] | None = None) -> tuple[dict, list[dict]]:
+    """Per dimension, the pairs of models of the design (``anchors``: see
+    :func:`cai.evaluation.pairwise.comparison_pairs`; None: every pair) compared by the judge
+    and fitted to Elo (None with fewer than two models or no prompts), and every comparison
+    record. A table whose design leaves pairs out records it (``design``) and, for each model
+    that did not meet every other, whom it met (``compared_with``)."""
     elo, comparisons = {}, []
+    pairs = comparison_pairs(names, anchors)
+    met = opponents(names, pairs)
     for dimension, s in DIMENSIONS:
         if len(names) < 2 or not prompts[s]:
             elo[dimension] = None
             continue
         principle = principles[dimension]
-        recs, games = pairwise(judge, names, answers[s], prompts[s], principle, demos, progress)
+        recs, games = pairwise(judge, names, answers[s], prompts[s], principle, demos, progress, pairs)
         for r in recs:
             r["dimension"] = dimension
         comparisons += recs
         table = EloTable.from_json(elo_table(names, games, resamples, seed))
+        if len(pairs) < math.comb(len(names), 2):  # a complete design is written as before: no design key
+            table.design = EloDesign(kind="anchors", anchors=list(anchors), pairs=len(pairs))
+            for name, rating in table.ratings.items():
+                if len(met[name]) < len(names) - 1:
+                    rating.compared_with = met[name]
         table.principle_id = principle.id
         table.position_consistency = rounded_mean(float(r["position_consistent"]) for r in recs
                                                   if "position_consistent" in r)
@@ -246,7 +269,11 @@ def run(ctx: StageContext) -> dict:
     named = load_standard_sets(ctx)
     models = models_to_evaluate(ctx)
     names = list(models)
+    ev.check_anchors("evaluate", names)  # a named anchor whose model folder is not there
+    anchors = design_anchors(ev.anchors, names, list(ev.extra_models))
     ctx.log(f"[evaluate] models: {', '.join(f'{n} ({p})' for n, p in models.items())}")
+    if anchors is not None and len(comparison_pairs(names, anchors)) < math.comb(len(names), 2):
+        ctx.log(f"[evaluate] pairwise design: every model meets the anchors ({', '.join(anchors)}) only")
 
     # 1. Answers: every model, then every frontier point, one model in memory at a time.
     params = SamplingParams(temperature=ev.temperature, top_p=ev.top_p, max_new_tokens=ev.max_new_tokens,
@@ -262,7 +289,7 @@ def run(ctx: StageContext) -> dict:
     examples = const.comparison_examples if ev.few_shot < 0 else const.comparison_examples[: ev.few_shot]
     demos = comparison_demos(examples, principle_texts(const), cot=False)
     elo, comparisons = rate_models(judge, names, answers, prompts, principles, demos, ev.bootstrap, cfg.seed,
-                                   ctx.progress)
+                                   ctx.progress, anchors)
     judge_answers(judge, rows, ctx.progress)
     evalsets.judge_rows(judge, rows, ctx.progress)
     point_records = score_frontier(judge, points, point_rows, answers, prompts, principles, demos, ctx.progress)
@@ -371,14 +398,16 @@ def _needs(cfg) -> tuple[str, ...]:
 
 def estimate(inputs: PlanInputs) -> Cost:
     cfg, count, ev, const = inputs.cfg, inputs.count, inputs.cfg.evaluate, inputs.constitution
-    models = 1 + sum(s in cfg.stages for s in TRAINED_POLICIES) + len(ev.extra_models)
+    names = (["initial"] + [SL_CAI if s == "sft" else s for s in TRAINED_POLICIES if s in cfg.stages]
+             + list(ev.extra_models))
+    models = len(names)
     red, helpful, benign = (inputs.sets[s].get("test", [])[: ev.max_prompts] for s in SETS)
     r, h, b = len(red), len(helpful), len(benign)
     ps = red + helpful + benign
     avg = sum(count(p.messages) for p in ps) / max(1, len(ps))
     ex = const.comparison_examples if ev.few_shot < 0 else const.comparison_examples[: ev.few_shot]
     demo = count(comparison_demos(ex, principle_texts(const), False)) if ex else 0
-    pair_q = math.comb(models, 2) * (r + h) * 2
+    pair_q = len(comparison_pairs(names, design_anchors(ev.anchors, names, list(ev.extra_models)))) * (r + h) * 2
     judge_q = models * r + models * (r + b) * 2 + models * r * 2  # harmfulness, refusal, safe (both orders)
     points = frontier_extra(inputs) if ev.frontier else 0  # each answers every prompt, then meets initial
     pair_q += points * (r + h) * 2
