@@ -420,7 +420,8 @@ def test_int8_layer_is_close_to_float_and_row_independent():
 def test_int8_keeps_the_calibrated_outlier_channels_in_float():
     """Real models' layers see a few input channels far above the rest; with one int8 scale
     per token those set the scale. The channels that peak on the calibration input stay in
-    float: the error falls, and rows stay independent of their batch."""
+    float: the error falls. Their float product is one matmul, whose kernel (and so its last
+    bit) depends on the number of rows: a row alone agrees with it in a batch to rounding."""
     import torch
 
     from cai.engines.int8 import Int8Linear, quantize_linear_layers
@@ -441,4 +442,4 @@ def test_int8_keeps_the_calibrated_outlier_channels_in_float():
     small = ref.abs().median()
     assert (plain - ref).abs().mean() > 5 * (out - ref).abs().mean()  # measured ~90x here
     assert (out - ref).abs().mean() < 0.05 * small
-    assert torch.equal(kept(x[1:2, 3:6]), out[1:2, 3:6])
+    assert torch.allclose(kept(x[1:2, 3:6]), out[1:2, 3:6], rtol=1e-5, atol=1e-5 * ref.abs().max())

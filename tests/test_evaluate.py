@@ -567,8 +567,9 @@ def test_pm_heldout_accuracy_says_when_it_is_chance(tmp_path):
     assert pm_heldout(tmp_path / "nothing") is None
 
 def test_one_model_in_memory_at_a_time(tmp_path, eval_run, tiny_model, monkeypatch):
-    """Each model answers, is closed and dropped, then the next loads; the judge comes after
-    them, and the preference model after the judge is gone."""
+    """Each model answers, is closed and dropped, then the next loads; the judge's model (the
+    initial one here) answers last and its engine stays for the judge (one load, not two),
+    and the preference model loads after the judge is gone."""
     import cai.engines
     from cai.reward import RewardModel
 
@@ -597,8 +598,7 @@ def test_one_model_in_memory_at_a_time(tmp_path, eval_run, tiny_model, monkeypat
     ])
     run_pipeline(cfg, log=lambda m: None)
     run = tmp_path / "run"
-    assert seen == [(tiny_model, 0), (str(run / "sft" / "model"), 0), (str(run / "rl" / "model"), 0),
-                    (tiny_model, 0), ("pm", 0)]
+    assert seen == [(str(run / "sft" / "model"), 0), (str(run / "rl" / "model"), 0), (tiny_model, 0), ("pm", 0)]
     assert live == []
 
 

@@ -167,10 +167,15 @@ class RewardModel:
         if len(prompts) != len(responses):
             raise CaiError(f"{len(prompts)} prompts but {len(responses)} responses")
         seqs = [encode_answer(self.tok, p, r, self.max_length, self.specials) for p, r in zip(prompts, responses)]
-        out: list[float] = []
+        # batched longest first, so that each batch pads to lengths close to its own
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        out: list[float] = [0.0] * len(seqs)
         with torch.inference_mode():
-            for i in range(0, len(seqs), batch_size):
-                out += rewards(self.model, seqs[i:i + batch_size], self.tok.pad_token_id, self.device).tolist()
+            for i in range(0, len(order), batch_size):
+                batch = order[i:i + batch_size]
+                scores = rewards(self.model, [seqs[k] for k in batch], self.tok.pad_token_id, self.device).tolist()
+                for k, score in zip(batch, scores):
+                    out[k] = score
         return out
 
     def score(self, prompt, response: str) -> float:

@@ -49,8 +49,9 @@ def score_chain_texts(pm, chains: list[dict], batch_size: int = 8, progress=None
             mine.append(seen[text])
         index.append(mine)
     scores: list[float] = []
-    for k in range(0, len(jobs), batch_size):
-        chunk = jobs[k:k + batch_size]
+    step = 8 * batch_size  # score_many sorts each chunk by length: long chunks pad less
+    for k in range(0, len(jobs), step):
+        chunk = jobs[k:k + step]
         scores += pm.score_many([j[0] for j in chunk], [j[1] for j in chunk], batch_size=batch_size)
         if progress:
             progress(len(chunk))

@@ -169,8 +169,8 @@ def score_with_pm(ctx: StageContext, rows: list[dict], load_pm=None) -> bool:
     todo = [r for r in rows if r["set"] in ("red_team", "helpful")]
     with ctx.progress(len(todo), "PM scores") as update:
         scores = []
-        for k in range(0, len(todo), 8):
-            chunk = todo[k:k + 8]
+        for k in range(0, len(todo), 64):  # score_many sorts each chunk by length: long chunks pad less
+            chunk = todo[k:k + 64]
             scores += pm.score_many([r["prompt"] for r in chunk], [r["answer"] for r in chunk])
             update(len(chunk))
     for r, s in zip(todo, scores):
@@ -189,10 +189,12 @@ def held_out_prompts(ctx: StageContext) -> dict[str, list[Prompt]]:
 
 
 def answer_prompts(ctx: StageContext, models: dict[str, str], items: list[tuple[str, Prompt]],
-                   params: SamplingParams) -> tuple[list[dict], dict[str, dict[str, list[str]]]]:
+                   params: SamplingParams, keep: str | None = None) -> tuple[list[dict], dict[str, dict[str, list[str]]]]:
     """Every model's answer to every ``(set, prompt)`` item: the answer rows (a standard
     set's rows keep the prompt's ``meta``, which its questions read) and the answer texts
-    by set and model, in prompt order, for the pairwise comparisons."""
+    by set and model, in prompt order, for the pairwise comparisons. One model in memory at
+    a time, each released after it answered, except the model setting ``keep`` (the judge's):
+    its engine stays for the judge, so it is not loaded twice."""
     rows: list[dict] = []
     answers: dict[str, dict[str, list[str]]] = {s: {} for s in SETS}
     for name, model in models.items():
@@ -205,8 +207,16 @@ def answer_prompts(ctx: StageContext, models: dict[str, str], items: list[tuple[
             rows.append({"model": name, "set": s, "id": p.id, "category": p.category, "prompt": p.messages,
                          "answer": text, **({"meta": p.meta} if s in evalsets.SETS else {})})
         del engine
-        ctx.release_engine(model)  # one model in memory at a time: the next one (or the judge) loads after
+        if model != keep:
+            ctx.release_engine(model)  # the next one (or the judge) loads into the room it leaves
     return rows, answers
+
+
+def judge_last(models: dict[str, str], judge: str | None) -> tuple[dict[str, str], dict[str, str]]:
+    """``models`` split in two, in their order: those to answer first, and the one (if any)
+    whose model is the judge's, to answer last (after the frontier points) and stay loaded."""
+    first = {n: m for n, m in models.items() if m != judge}
+    return first, {n: m for n, m in models.items() if m == judge}
 
 
 #: What the pairwise comparisons rate: (dimension, the prompt set whose answers are compared).
@@ -279,9 +289,20 @@ def run(ctx: StageContext) -> dict:
     params = SamplingParams(temperature=ev.temperature, top_p=ev.top_p, max_new_tokens=ev.max_new_tokens,
                             seed=cfg.seed + seeds.EVALUATE_ANSWERS)
     items = [(s, p) for s in SETS for p in prompts[s]] + [(ls.name, p) for ls, ps in named for p in ps]
-    rows, answers = answer_prompts(ctx, models, items, params)
+    # The model the judge runs (the initial one by default) answers last and stays loaded
+    # for the judge; a served judge (evaluate.judge_endpoints) keeps nothing.
+    keep = None if ev.judge_endpoints else ctx.model_path(judge_model(cfg, "evaluate"))
+    first, last = judge_last(models, keep)
+    rows, answers = answer_prompts(ctx, first, items, params)
     points = frontier_points(ctx.run_dir) if ev.frontier else []
     point_rows = frontier_answers(ctx, points, items, params, names)
+    if last:
+        more_rows, more = answer_prompts(ctx, last, items, params, keep=keep)
+        rows += more_rows
+        for s, by_model in more.items():
+            answers.setdefault(s, {}).update(by_model)
+    rows.sort(key=lambda r: names.index(r["model"]))  # the models' order (stable: prompts stay in order)
+    answers = {s: {n: by_model[n] for n in names if n in by_model} for s, by_model in answers.items()}
 
     # 2. The judge reads every answer: pairs for Elo, each answer's own questions, the sets' rubrics.
     # evaluate.judge (default engine.model), or a served judge on evaluate.judge_endpoints
