@@ -9,7 +9,8 @@ standard sets in ``evaluate.sets``. A judge model (``evaluate.judge``, default
 judge writes is parsed. The parts live in :mod:`cai.evaluation`; this stage composes them:
 
 1. answers: one model in memory at a time (:func:`answer_prompts`), then the frontier
-   points kept along training (:mod:`cai.evaluation.frontier`);
+   points kept along training (:mod:`cai.evaluation.frontier`); the judge's model (the
+   initial one by default) answers last and stays loaded for step 2, so it loads once;
 2. the judge: the pairs of models of the design (``evaluate.anchors``: by default each
    extra model meets the run's own models only) on every prompt in both orders
    (:mod:`cai.evaluation.pairwise`) fitted to Elo with bootstrap intervals
@@ -461,8 +462,9 @@ def estimate(inputs: PlanInputs) -> Cost:
         if pm:
             phases.append(frozen_model(shape.pm_params, ib))
         memory = largest(*phases)
-        loads = models + 1 + (1 if pm else 0)
-        loads += points
+        # the judge loads apart unless it runs an evaluated model's engine (kept after it answered)
+        judge_apart = not ev.judge_endpoints and judge_model(cfg, "evaluate") != cfg.engine.model
+        loads = models + points + (1 if judge_apart else 0) + (1 if pm else 0)
     prompt += int(points * len(ps) * avg)
     steps = inputs.batching.decode_steps  # one generate call a model, one a frontier point
     decoding = models * steps(len(ps) + std_n, ev.max_new_tokens) + points * steps(len(ps), ev.max_new_tokens)
