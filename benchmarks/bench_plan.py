@@ -14,6 +14,7 @@ and prints both side by side.
 * ``--actual FILE`` reuses the measured rows of an earlier report instead of running
   the stages again (to rerun the plan alone);
 * ``--keep DIR`` runs the stages in DIR and keeps it (each stage's ``metrics.json``);
+* ``--no-caps`` runs the preset as it is (the real default run: cpu-tiny takes ~10 minutes);
 * extra ``KEY=VALUE`` arguments override the config (after the caps).
 
 Writes ``benchmarks/results/plan.json``. The goal of issue 17: within 25% per stage and
@@ -70,12 +71,13 @@ def main() -> None:
     ap.add_argument("--actual", type=Path, help="reuse the measured rows of this earlier report")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--keep", type=Path, help="run the stages in this (new) folder and keep it, to read their metrics")
+    ap.add_argument("--no-caps", action="store_true", help="run the preset as it is, without the caps (CAPS)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     opts = ap.parse_args()
     from cai.config import load_config
     from cai.plan import plan, render
 
-    args = CAPS + opts.overrides
+    args = ([] if opts.no_caps else CAPS) + opts.overrides
     cfg = load_config(opts.preset, args)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
