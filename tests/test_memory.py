@@ -224,3 +224,29 @@ def test_two_point_calibration_and_the_counting_helpers():
     assert local.kept_prefix(100) == 100 and served.kept_prefix(100) == 0
     assert passes(9, 4) == 3 and passes(9, 4, world=2) == 2 and passes(0, 4) == 0
 
+
+def test_sft_plans_memory_for_the_batch_padded_to_its_longest_example(tmp_path):
+    """A batch is padded to its longest sequence, so the plan's peak is the micro-batch that
+    holds the longest example, not one of average length. Without an engine the plan counts
+    (characters + 16) / 4 tokens a conversation, per message: rows of two 20-character
+    messages are (36 + 36) / 4 = 18 tokens, the one of two 384-character messages is 200;
+    their mean, 78, sets the time and 200 the memory."""
+    import json
+
+    from cai.config import load_config
+    from cai.memory import model_config, shape_of, training
+    from cai.plan import counter, estimate
+    from cai.training import resolve_precision
+
+    def row(n: int) -> dict:
+        return {"messages": [{"role": "user", "content": "q" * (n // 2)}, {"role": "assistant", "content": "a" * (n // 2)}]}
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row(n)) + "\n" for n in (40, 40, 768)))
+    (tmp_path / "test.jsonl").write_text(json.dumps(row(40)) + "\n")
+    cfg = load_config("cpu-tiny", ["stages=[sft]", f"sft.data={tmp_path}"])
+    sft = {r["stage"]: r for r in estimate(cfg, counter(None))}["sft"]
+    assert sft["train_tokens"] == 3 * 78
+    assert sft["memory"]["basis"] == "3 sequences x 200 tokens per pass"
+    shape = shape_of(model_config(cfg.engine.model))
+    prec = resolve_precision(cfg.sft.dtype, "cpu", "sft.dtype", planning=True)
+    assert sft["memory"]["stage_bytes"] == training(shape, prec, cfg.sft, 3, 200).total
