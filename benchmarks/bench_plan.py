@@ -14,6 +14,9 @@ and prints both side by side.
 * ``--actual FILE`` reuses the measured rows of an earlier report instead of running
   the stages again (to rerun the plan alone);
 * ``--keep DIR`` runs the stages in DIR and keeps it (each stage's ``metrics.json``);
+* ``--only STAGE`` (repeatable) measures those stages alone, in a ``--keep`` folder that already holds
+  the finished stages before them (an earlier run's, copied);
+* ``--no-caps`` runs the preset as it is (the real default run: cpu-tiny takes ~10 minutes);
 * extra ``KEY=VALUE`` arguments override the config (after the caps).
 
 Writes ``benchmarks/results/plan.json``. The goal of issue 17: within 25% per stage and
@@ -42,11 +45,14 @@ CAPS = ["critique_revision.max_prompts=6", "feedback.max_prompts=6", "rl.steps=3
 
 
 
-def measure_stages(preset: str, args: list[str], run_dir: Path, stages: list[str]) -> list[dict]:
+def measure_stages(preset: str, args: list[str], run_dir: Path, stages: list[str],
+                   only: list[str] | None = None) -> list[dict]:
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": src, "HF_HUB_OFFLINE": "1"}
     rows = []
     for i, stage in enumerate(stages):
+        if only and stage not in only:
+            continue
         todo = f"stages=[{', '.join(stages[: i + 1])}]"
         _common.log(f"running {stage} ...")
         t0 = time.perf_counter()
@@ -70,12 +76,15 @@ def main() -> None:
     ap.add_argument("--actual", type=Path, help="reuse the measured rows of this earlier report")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--keep", type=Path, help="run the stages in this (new) folder and keep it, to read their metrics")
+    ap.add_argument("--only", action="append", metavar="STAGE",
+                    help="measure this stage alone (repeatable); the --keep folder holds the finished stages before it")
+    ap.add_argument("--no-caps", action="store_true", help="run the preset as it is, without the caps (CAPS)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     opts = ap.parse_args()
     from cai.config import load_config
     from cai.plan import plan, render
 
-    args = CAPS + opts.overrides
+    args = ([] if opts.no_caps else CAPS) + opts.overrides
     cfg = load_config(opts.preset, args)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
@@ -83,10 +92,12 @@ def main() -> None:
         actual = json.loads(opts.actual.read_text())["actual"]
     elif opts.keep:
         done = sorted(p.parent.name for p in opts.keep.glob("*/manifest.json"))
+        if opts.only:  # the stages before them are to be there, finished; these are not
+            done = [d for d in done if d in opts.only]
         if done:  # its finished stages would be skipped, and their old seconds reported
             raise SystemExit(f"--keep {opts.keep}: already holds finished stages ({', '.join(done)}); "
                              "give a new or empty folder")
-        actual = measure_stages(opts.preset, args, opts.keep, list(cfg.stages))
+        actual = measure_stages(opts.preset, args, opts.keep, list(cfg.stages), opts.only)
     else:
         with tempfile.TemporaryDirectory(prefix="cai-bench-plan-") as tmp:
             actual = measure_stages(opts.preset, args, Path(tmp) / "run", list(cfg.stages))

@@ -10,10 +10,12 @@ of dim 8 and 2 key/value heads (kv = 16), tied embeddings. Its parameters:
 * LoRA r = 4 on every linear layer: r (in + out) = 4 x (64 + 48 + 48 + 64 + 96 x 3) = 2048
   per layer, 4096 in all.
 
-Activations per layer and token (float32, c = 4): 2h x 4 + (5h + 3kv + 4i) x c
-= 256 + (160 + 48 + 256) x 4 = 2112 bytes. For 2 sequences x 10 tokens: body
-20 x 2 layers x 2112 = 84480, logits 20 x V x (4 + 8) = 24000. With checkpointing the body
-is 20 x (2 layers x h x 4 + 2112) = 20 x 2368 = 47360.
+Activations per layer and token (module docstring of cai.memory; h = 32, kv = 16, i = 64):
+float32 (c = w = 4, no autocast) in a padded batch: norms 2 x (4h + 4h) = 512, the norms'
+outputs 2h x 4 = 256, attention 4h x 4 = 512, MLP 4i x 4 = 1024: 2304 bytes. For 2 sequences
+x 10 tokens: body 20 x 2 layers x 2304 = 92160, the attention mask 2 x 10 x 10 x 4 = 800,
+logits 20 x V x 12 = 24000. With checkpointing the body is 20 x (2 layers x h x 4 + 2304)
+= 20 x 2560 = 51200.
 """
 
 import pytest
@@ -32,7 +34,7 @@ def shape():
 
 
 class TC:
-    method, lora_r, lora_target_modules, gradient_checkpointing = "full", 4, ["all-linear"], False
+    method, lora_r, lora_target_modules, lora_dropout, gradient_checkpointing = "full", 4, ["all-linear"], 0.05, False
 
 
 def test_shape_counts_the_meta_model(shape):
@@ -49,10 +51,11 @@ def test_full_float32_training(shape):
     from cai.training import Precision
 
     m = training(shape, Precision("float32", "cpu"), TC(), seqs=2, tokens=10)
-    assert m.parts == {"weights": 87168, "gradients": 87168, "optimizer": 174336, "activations": 84480 + 24000}
+    assert m.parts == {"weights": 87168, "gradients": 87168, "optimizer": 174336,
+                       "activations": 92160 + 800 + 24000}
     tc = TC()
     tc.gradient_checkpointing = True
-    assert training(shape, Precision("float32", "cpu"), tc, 2, 10).parts["activations"] == 47360 + 24000
+    assert training(shape, Precision("float32", "cpu"), tc, 2, 10).parts["activations"] == 51200 + 800 + 24000
 
 
 def test_lora_bf16_mixed_and_reference(shape):
@@ -66,10 +69,31 @@ def test_lora_bf16_mixed_and_reference(shape):
     assert m.parts["weights"] == 21792 * 2 + 4096 * 4
     assert (m.parts["gradients"], m.parts["optimizer"]) == (4096 * 4, 2 * 4096 * 4)
     assert "reference" not in m.parts and "autocast copies" not in m.parts
-    # activations in bfloat16: 256 + 464 x 2 = 1184 per layer and token; logits 20 x 100 x (2 + 8)
-    assert m.parts["activations"] == 20 * 2 * 1184 + 20 * 100 * 10
+    # per layer and token: the norms' float32 inputs 8h = 256 (their weights are frozen), attention
+    # 4h x 2 = 256, the MLP 3i x 2 = 384 (the frozen down projection keeps no input), and each
+    # adapter d x (4 + 2) + r x 2 (dropout mask in float32, input in bfloat16, the rank-4 middle):
+    # q, k, v, o, gate, up (d = 32) and down (d = 64), 6 x 256 + 7 x 8 = 1592; 2488 in all.
+    # Mask 2 x 10 x 10 x 2, logits 20 x 100 x 12
+    assert m.parts["activations"] == 20 * 2 * 2488 + 400 + 24000
     full = training(shape, Precision("bf16-mixed", "cpu"), TC(), 2, 10, reference_copy=True)
-    assert full.parts["reference"] == 87168 and full.parts["autocast copies"] == 18432 * 2
+    # autocast copies: every linear weight and the (tied) output head, in bfloat16
+    assert full.parts["reference"] == 87168 and full.parts["autocast copies"] == (18432 + 3200) * 2
+
+
+def test_bf16_mixed_activations_padded_or_not(shape):
+    """Full fine-tuning under bf16-mixed (c = 2, float32 masters), per layer and token: the
+    norms 2 x (4h + 4h) = 512; autocast casts the input of each of q, k, v, gate and up itself,
+    5h x 2 = 320; the MLP 4i x 2 = 512. Attention keeps q, k, v and its output: one sequence,
+    no mask, (2h + 2kv) x 2 = 192 (1536 a layer); a padded batch hands the kernel k and v
+    repeated to every head, 4h x 2 = 256 (1600 a layer), plus the mask B x S x S x 2 once.
+    Logits: tokens x V x 12 (the float32 log-softmax, its incoming gradient and its own)."""
+    from cai.memory import training
+    from cai.training import Precision
+
+    one = training(shape, Precision("bf16-mixed", "cpu"), TC(), 1, 10)
+    assert one.parts["activations"] == 10 * 2 * 1536 + 10 * 100 * 12
+    two = training(shape, Precision("bf16-mixed", "cpu"), TC(), 2, 10)
+    assert two.parts["activations"] == 20 * 2 * 1600 + 2 * 10 * 10 * 2 + 20 * 100 * 12
 
 
 def test_sharded_divides_the_training_state(shape):
@@ -199,3 +223,30 @@ def test_two_point_calibration_and_the_counting_helpers():
     assert local.in_flight(5) == 5 and local.in_flight(50, "score") == 8 and local.in_flight(0) == 1
     assert local.kept_prefix(100) == 100 and served.kept_prefix(100) == 0
     assert passes(9, 4) == 3 and passes(9, 4, world=2) == 2 and passes(0, 4) == 0
+
+
+def test_sft_plans_memory_for_the_batch_padded_to_its_longest_example(tmp_path):
+    """A batch is padded to its longest sequence, so the plan's peak is the micro-batch that
+    holds the longest example, not one of average length. Without an engine the plan counts
+    (characters + 16) / 4 tokens a conversation, per message: rows of two 20-character
+    messages are (36 + 36) / 4 = 18 tokens, the one of two 384-character messages is 200;
+    their mean, 78, sets the time and 200 the memory."""
+    import json
+
+    from cai.config import load_config
+    from cai.memory import model_config, shape_of, training
+    from cai.plan import counter, estimate
+    from cai.training import resolve_precision
+
+    def row(n: int) -> dict:
+        return {"messages": [{"role": "user", "content": "q" * (n // 2)}, {"role": "assistant", "content": "a" * (n // 2)}]}
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row(n)) + "\n" for n in (40, 40, 768)))
+    (tmp_path / "test.jsonl").write_text(json.dumps(row(40)) + "\n")
+    cfg = load_config("cpu-tiny", ["stages=[sft]", f"sft.data={tmp_path}"])
+    sft = {r["stage"]: r for r in estimate(cfg, counter(None))}["sft"]
+    assert sft["train_tokens"] == 3 * 78
+    assert sft["memory"]["basis"] == "3 sequences x 200 tokens per pass"
+    shape = shape_of(model_config(cfg.engine.model))
+    prec = resolve_precision(cfg.sft.dtype, "cpu", "sft.dtype", planning=True)
+    assert sft["memory"]["stage_bytes"] == training(shape, prec, cfg.sft, 3, 200).total

@@ -123,16 +123,21 @@ class PlanInputs:
 
         return read_data(self.cfg, stage) if outside_data(self.cfg, stage) else None
 
-    def training_pairs(self, stage: str, max_length: int) -> tuple[float, float, int]:
-        """(train pairs, held-out pairs, tokens a sequence) of a stage that trains on pairs:
-        its own file's when it has one, else about what the feedback stage will write."""
+    def training_pairs(self, stage: str, max_length: int) -> tuple[float, float, int, int]:
+        """(train pairs, held-out pairs, tokens a sequence, tokens of the longest) of a stage that
+        trains on pairs: its own file's when it has one, else about what the feedback stage will
+        write (the longest: its longest prompt with a whole answer; a batch is padded to it)."""
         own = self.own_rows(stage)
         if own is None:
+            fb = self.cfg.feedback
+            reds = self.capped("red_team", fb.max_prompts)
+            prompts = reds.get("train", []) + self.helpful_beside({"train": reds.get("train", [])}, fb.helpful_ratio)
+            longest = max((self.count(p.messages) for p in prompts), default=60) + fb.max_new_tokens
             return (self.feedback_pairs(), self.feedback_pairs("test"),
-                    min(self.cfg.feedback.max_new_tokens + 60, max_length))
-        seqs = [r["prompt"] + r[k] for r in own["train"] for k in ("chosen", "rejected")]
-        length = sum(self.count(c) for c in seqs) / max(1, len(seqs))
-        return len(own["train"]), len(own["test"]), int(min(length, max_length))
+                    min(fb.max_new_tokens + 60, max_length), min(longest, max_length))
+        seqs = [self.count(r["prompt"] + r[k]) for r in own["train"] for k in ("chosen", "rejected")]
+        length = sum(seqs) / max(1, len(seqs))
+        return len(own["train"]), len(own["test"]), int(min(length, max_length)), min(max(seqs, default=0), max_length)
 
     # -- what memory estimates read (cai.memory) --
 

@@ -16,21 +16,41 @@ validate`` / ``cai run`` refuse a plan that cannot fit (:func:`check_fit`).
 * weights: N x b(weights) in full fine-tuning (float32 masters: 4; pure bfloat16: 2);
   with LoRA the frozen base is N x b(compute dtype) and the adapters T x 4. Under
   bf16-mixed autocast also keeps a bfloat16 copy of every linear weight while the
-  forward and backward run: 2 bytes per linear parameter (``autocast copies``);
+  forward and backward run: 2 bytes per linear parameter, the output head's included
+  (``autocast copies``);
 * gradients: T x b(weights); AdamW's state: 2 x T x b(weights) (exp_avg, exp_avg_sq);
 * reference: rl in full fine-tuning keeps a frozen copy of the policy (N x b(weights));
   with LoRA the reference is the policy with its adapters off, and dpo computes the
   reference log-probs once before training: both cost nothing;
 * the PM in rl: its parameters x b(compute dtype, else float32);
 * activations kept for the backward pass, per process, for ``B`` sequences of ``S``
-  tokens (``B`` = the stage's micro-batch over the processes): per decoder layer and
-  token ``2h x 4 + (5h + 3 kv + 4 i) x c`` bytes (h hidden, kv = kv heads x head dim,
-  i the MLP width, c the compute dtype's bytes: the residual stream and norm inputs
-  in float32, the projections' and MLP's outputs in the compute dtype; attention runs
-  in a fused kernel, so no S x S scores are kept); with gradient checkpointing only each
-  layer's input (``h x 4``) plus one layer's full set. The output logits cost
-  ``B x S x V x (c + 8)``: the logits, their float32 log-softmax and its gradient
-  (the PM's score head has no vocabulary-wide logits);
+  tokens (``B`` = the stage's micro-batch over the processes, ``S`` its longest sequence:
+  a batch is padded to it). Counted on the embedded Llama with saved-tensor hooks
+  (``benchmarks/bench_sft_memory.py``), per decoder layer and token, with h hidden, kv =
+  kv heads x head dim, i the MLP width, c the compute dtype's bytes and w the trained
+  weights' (4: float32 masters):
+
+  - the two RMSNorms: each its input in float32 (4h) and, where its weight trains, its
+    normalised input (w h);
+  - the linear layers' inputs: under autocast each layer casts its input itself, so the
+    five that read a norm (q, k, v, gate, up) keep 5h x c; without autocast each norm's
+    output is kept once (2h x c). A frozen layer (LoRA's base) keeps none;
+  - attention: q, k, v and its output, (2h + 2kv) x c, or 4h x c in a padded batch (with
+    an attention mask the kernel is given k and v repeated to every query head); no S x S
+    scores (a fused kernel); a padded batch's mask, B x S x S x c, once for all layers;
+  - the MLP: the gate's and up's outputs, the activation's and their product, 4i x c
+    (3i x c under LoRA, where the frozen down projection keeps no input);
+  - each LoRA adapter on a layer of input width d: its dropout's mask (d x w, when
+    lora_dropout > 0), its input in the compute dtype (d x c) and the rank-r middle (r x c).
+
+  So bf16-mixed full fine-tuning keeps 16h + (9h + 4i) x 2 bytes a layer and token in a
+  padded batch (31,872 for the 135M model: 0.91 MiB a token over its 30 layers). With
+  gradient checkpointing only each layer's input (h x 4) plus one layer's full set. The
+  output logits cost ``B x S x V x 12``: cross-entropy keeps their float32 log-softmax
+  and the backward pass starts with its incoming gradient and its own, three float32
+  copies (the forward's compute-dtype logits and their float32 copy, c + 8, are fewer);
+  the PM's score head has no vocabulary-wide logits. Under autocast the output head's
+  weight is cast too (V x h x c, among the autocast copies);
 * the KV cache of generation: ``layers x 2 x kv x tokens x sequences x c``;
 * sharded (FSDP, ``P`` processes): weights, gradients and AdamW state divided by P, plus
   two decoder layers gathered whole (the one running and the one prefetched).
@@ -176,18 +196,37 @@ def largest(*options: "Memory") -> "Memory":
     return max(options, key=lambda m: m.total)
 
 
-def activations(shape: ModelShape, seqs: int, tokens: int, compute_bytes: int, checkpointing: bool,
-                lm_logits: bool = True) -> int:
-    """Activations kept for the backward pass of ``seqs`` sequences of ``tokens`` tokens (see
-    the module docstring)."""
-    per_layer = 2 * shape.hidden * 4 + (5 * shape.hidden + 3 * shape.kv_dim + 4 * shape.intermediate) * compute_bytes
+def layer_activations(shape: ModelShape, compute_bytes: int, weight_bytes: int, casts: bool, padded: bool,
+                      lora: tuple[int, list[str], bool] | None = None) -> int:
+    """Bytes one decoder layer keeps for the backward pass per token (see the module docstring).
+    ``casts``: autocast casts each linear layer's input (float32 masters, a lower compute
+    dtype); ``padded``: a batch of several sequences (an attention mask); ``lora``: (rank,
+    target modules, dropout on) of a frozen base with adapters."""
+    h, kv, i, c = shape.hidden, shape.kv_dim, shape.intermediate, compute_bytes
+    attention = (4 * h if padded else 2 * h + 2 * kv) * c
+    if lora is None:
+        norms = 2 * (4 * h + weight_bytes * h)
+        inputs = (5 if casts else 2) * h * c
+        return norms + inputs + attention + 4 * i * c
+    r, targets, dropout = lora
+    every = list(targets) == ["all-linear"]
+    adapters = sum(d * ((weight_bytes if dropout else 0) + c) + r * c
+                   for name, d, _ in shape.linears if every or name in targets) // max(1, shape.layers)
+    return 2 * 4 * h + attention + 3 * i * c + adapters
+
+
+def activations(shape: ModelShape, seqs: int, tokens: int, per_layer: int, checkpointing: bool,
+                compute_bytes: int, lm_logits: bool = True) -> int:
+    """Activations kept for the backward pass of ``seqs`` sequences of ``tokens`` tokens,
+    ``per_layer`` bytes a decoder layer and token (:func:`layer_activations`)."""
     n = seqs * tokens
     if checkpointing:
         body = n * (shape.layers * shape.hidden * 4 + per_layer)
     else:
         body = n * shape.layers * per_layer
-    logits = n * shape.vocab * (compute_bytes + 8) if lm_logits else 0
-    return body + logits
+    mask = seqs * tokens * tokens * compute_bytes if seqs > 1 else 0
+    logits = n * shape.vocab * 12 if lm_logits else 0
+    return body + mask + logits
 
 
 def training(shape: ModelShape, prec, tc, seqs: int, tokens: int, world: int = 1, sharded: bool = False,
@@ -212,11 +251,16 @@ def training(shape: ModelShape, prec, tc, seqs: int, tokens: int, world: int = 1
     if sharded and world > 1:
         parts = {k: v // world for k, v in parts.items()}
         parts["gathered layers"] = 2 * shape.layer_params * wb
-    if prec.compute and not lora:
-        parts["autocast copies"] = shape.linear_params * DTYPE_BYTES[prec.compute]
+    casts = bool(prec.compute) and not lora
+    if casts:  # the output head's weight too (the PM's score head is one column)
+        head = 0 if classifier else shape.vocab * shape.hidden
+        parts["autocast copies"] = (shape.linear_params + head) * DTYPE_BYTES[prec.compute]
     if reference_copy and not lora:
         parts["reference"] = n * wb
-    parts["activations"] = activations(shape, seqs, tokens, cb, tc.gradient_checkpointing, lm_logits=not classifier)
+    adapters = (tc.lora_r, tc.lora_target_modules, tc.lora_dropout > 0) if lora else None
+    per_layer = layer_activations(shape, cb, wb, casts, seqs > 1, adapters)
+    parts["activations"] = activations(shape, seqs, tokens, per_layer, tc.gradient_checkpointing, cb,
+                                       lm_logits=not classifier)
     return Memory(parts, f"{seqs} sequences x {tokens} tokens per pass")
 
 

@@ -301,7 +301,7 @@ def estimate(inputs: PlanInputs) -> Cost:
     from cai.training import point_saves, resolve_precision
 
     dc = inputs.cfg.dpo
-    n, n_test, length = inputs.training_pairs("dpo", dc.max_length)
+    n, n_test, length, longest = inputs.training_pairs("dpo", dc.max_length)
     seqs = 2 * n * dc.epochs if dc.max_steps is None else min(2 * n * dc.epochs, 2 * dc.max_steps * dc.batch_size)
     steps = math.ceil(seqs / 2 / dc.batch_size)
     # the train sequences whose reference log-probs are computed once (SimPO has no reference)
@@ -310,7 +310,8 @@ def estimate(inputs: PlanInputs) -> Cost:
     if shape is not None:
         per_pass = math.ceil(2 * max(1, dc.batch_size // dc.grad_accum) / inputs.world)  # chosen and rejected
         prec = resolve_precision(dc.dtype, inputs.device, "dpo.dtype", lambda _m: None, planning=True)
-        memory = training(shape, prec, dc, per_pass, length, inputs.world, dc.sharding == "fsdp")
+        memory = training(shape, prec, dc, per_pass, longest, inputs.world,  # padded to the longest
+                          dc.sharding == "fsdp")
         disk = training_disk(shape.params, prec, dc, 1 + point_saves(steps, dc.frontier_points, dc.method),
                              (steps - 1) // dc.checkpoint_every)
     micro = max(1, dc.batch_size // dc.grad_accum)  # pairs per pass (chosen and rejected)

@@ -182,14 +182,14 @@ def estimate(inputs: PlanInputs) -> Cost:
     from cai.training import resolve_precision
 
     pc = inputs.cfg.preference_model
-    n, n_test, length = inputs.training_pairs("preference_model", pc.max_length)
+    n, n_test, length, longest = inputs.training_pairs("preference_model", pc.max_length)
     seqs = 2 * n * pc.epochs if pc.max_steps is None else min(2 * n * pc.epochs, 2 * pc.max_steps * pc.batch_size)
     steps = math.ceil(seqs / 2 / pc.batch_size)
     shape, memory, disk = inputs.shape(pc.model), None, 0
     if shape is not None:
         per_pass = math.ceil(2 * max(1, pc.batch_size // pc.grad_accum) / inputs.world)  # both answers of a pair
         prec = resolve_precision(pc.dtype, inputs.device, "preference_model.dtype", lambda _m: None, planning=True)
-        memory = training(shape, prec, pc, per_pass, length, inputs.world,
+        memory = training(shape, prec, pc, per_pass, longest, inputs.world,  # padded to the longest
                           classifier=True)
         disk = training_disk(shape.pm_params, prec, pc, 1, (steps - 1) // pc.checkpoint_every)
     micro = max(1, pc.batch_size // pc.grad_accum)  # pairs per pass (two sequences each)

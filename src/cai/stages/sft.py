@@ -165,7 +165,8 @@ def estimate(inputs: PlanInputs) -> Cost:
     own = inputs.own_rows("sft")
     if own is not None:  # the user's file: its rows as they are
         n, n_test = len(own["train"]), len(own["test"])
-        per = sum(count(r["messages"]) for r in own["train"]) / max(1, n)
+        sizes = [count(r["messages"]) for r in own["train"]]
+        per = sum(sizes) / max(1, n)
     else:  # about what critique_revision will write: a final revision per red-team prompt, and helpful answers
         reds = inputs.capped("red_team", cr.max_prompts)
         helpful = inputs.sets["helpful"]
@@ -173,14 +174,18 @@ def estimate(inputs: PlanInputs) -> Cost:
         n = len(train) + min(len(helpful.get("train", [])), round(cr.helpful_ratio * len(train)))
         n_test = len(test) + min(len(helpful.get("test", [])), round(cr.helpful_ratio * len(test)))
         per = sum(count(p.messages) for p in train) / max(1, len(train)) + cr.max_new_tokens
+        mixed = inputs.helpful_beside({"train": train}, cr.helpful_ratio)
+        sizes = [count(p.messages) + cr.max_new_tokens for p in train + mixed]
     length = int(min(per, sc.max_length))
+    # memory: the batch that holds the longest example is padded to it
+    longest = int(min(max(sizes, default=0), sc.max_length))
     seen = n * sc.epochs if sc.max_steps is None else min(n * sc.epochs, sc.max_steps * sc.batch_size)
     steps = math.ceil(seen / sc.batch_size)
     shape, memory, disk = inputs.shape(sc.model or inputs.cfg.engine.model), None, 0
     if shape is not None:
         seqs = math.ceil(max(1, sc.batch_size // sc.grad_accum) / inputs.world)
         prec = resolve_precision(sc.dtype, inputs.device, "sft.dtype", lambda _m: None, planning=True)
-        memory = training(shape, prec, sc, seqs, length, inputs.world, sc.sharding == "fsdp")
+        memory = training(shape, prec, sc, min(seqs, max(1, n)), longest, inputs.world, sc.sharding == "fsdp")
         disk = training_disk(shape.params, prec, sc, 1, (steps - 1) // sc.checkpoint_every)
     micro = max(1, sc.batch_size // sc.grad_accum)
     # held-out loss before and after training; a checkpoint every checkpoint_every steps but the last
