@@ -254,7 +254,11 @@ def _cai_run(tmp_path, tiny_model, template):
     cmd = [sys.executable, "-m", "cai", "run", f"run_dir={tmp_path / 'run'}", f"engine.model={tiny_model}",
            f"engine.serve={template}", "engine.cache=false", *CR]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # SIGINT back to its default in the child: a shell that runs the tests in the background
+    # (`pytest ... &` from a script) ignores it, the child inherits that, and Python then never
+    # turns SIGINT into KeyboardInterrupt (the SIGINT case failed so, run that way)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _server_pid(run_dir: Path, proc, timeout=120) -> int:
