@@ -21,6 +21,7 @@ keeps logits only at the option positions.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
 import cai.engines.hf_compat as hf_compat
 import cai.engines.shared_prefix as shared_prefix
@@ -67,11 +68,15 @@ def _quantize_int8(model, device: str, calibration_ids=None):
     # glibc keeps them, the int8 copies land elsewhere, and the engine's load peaks at the
     # float model plus its int8 copy and the loader's leftovers (+998 against +548 MiB,
     # measured on an SFT checkpoint of the embedded model).
-    # Every 4th block: a trim costs ~13 ms (62 blocks on the embedded model: 0.8 s a load),
-    # and what 4 blocks' float layers hold back meanwhile is small beside the model.
-    blocks = iter(range(1 << 30))
-    model = quantize_linear_layers(model, calibration_ids=calibration_ids,
-                                   after_module=lambda: next(blocks) % 4 == 3 and return_free_memory(collect=False))
+    # After every 4th block: a trim costs ~13 ms (62 blocks on the embedded model: 0.8 s a
+    # load), and what 4 blocks' float layers hold back meanwhile is small beside the model.
+    blocks = itertools.count(1)
+
+    def trim_every_4th() -> None:
+        if next(blocks) % 4 == 0:
+            return_free_memory(collect=False)
+
+    model = quantize_linear_layers(model, calibration_ids=calibration_ids, after_module=trim_every_4th)
     return_free_memory()
     return model
 

@@ -190,27 +190,31 @@ def held_out_prompts(ctx: StageContext) -> dict[str, list[Prompt]]:
 
 
 def answer_prompts(ctx: StageContext, models: dict[str, str], items: list[tuple[str, Prompt]],
-                   params: SamplingParams, keep: str | None = None) -> tuple[list[dict], dict[str, dict[str, list[str]]]]:
-    """Every model's answer to every ``(set, prompt)`` item: the answer rows (a standard
-    set's rows keep the prompt's ``meta``, which its questions read) and the answer texts
-    by set and model, in prompt order, for the pairwise comparisons. One model in memory at
-    a time, each released after it answered, except the model setting ``keep`` (the judge's):
-    its engine stays for the judge, so it is not loaded twice."""
+                   params: SamplingParams, keep: str | None = None) -> list[dict]:
+    """Every model's answer to every ``(set, prompt)`` item, as answer rows in model then
+    prompt order (a standard set's rows keep the prompt's ``meta``, which its questions
+    read). One model in memory at a time, each released after it answered, except the model
+    setting ``keep`` (the judge's): its engine stays for the judge, so it is not loaded twice."""
     rows: list[dict] = []
-    answers: dict[str, dict[str, list[str]]] = {s: {} for s in SETS}
     for name, model in models.items():
         engine = ctx.engine(model)
         with ctx.progress(len(items), f"answers of {name}") as update:
             outs = engine.generate([p.messages for _, p in items], params, progress=update) if items else []
-        for (s, p), out in zip(items, outs):
-            text = out[0].strip()
-            answers.setdefault(s, {}).setdefault(name, []).append(text)
-            rows.append({"model": name, "set": s, "id": p.id, "category": p.category, "prompt": p.messages,
-                         "answer": text, **({"meta": p.meta} if s in evalsets.SETS else {})})
+        rows += [{"model": name, "set": s, "id": p.id, "category": p.category, "prompt": p.messages,
+                  "answer": out[0].strip(), **({"meta": p.meta} if s in evalsets.SETS else {})}
+                 for (s, p), out in zip(items, outs)]
         del engine
         if model != keep:
             ctx.release_engine(model)  # the next one (or the judge) loads into the room it leaves
-    return rows, answers
+    return rows
+
+
+def answer_texts(rows: list[dict]) -> dict[str, dict[str, list[str]]]:
+    """The answer texts by set and model, in the rows' order, for the pairwise comparisons."""
+    answers: dict[str, dict[str, list[str]]] = {s: {} for s in SETS}
+    for r in rows:
+        answers.setdefault(r["set"], {}).setdefault(r["model"], []).append(r["answer"])
+    return answers
 
 
 def judge_last(models: dict[str, str], judge: str | None) -> tuple[dict[str, str], dict[str, str]]:
@@ -294,16 +298,12 @@ def run(ctx: StageContext) -> dict:
     # for the judge; a served judge (evaluate.judge_endpoints) keeps nothing.
     keep = None if ev.judge_endpoints else ctx.model_path(judge_model(cfg, "evaluate"))
     first, last = judge_last(models, keep)
-    rows, answers = answer_prompts(ctx, first, items, params)
+    rows = answer_prompts(ctx, first, items, params)
     points = frontier_points(ctx.run_dir) if ev.frontier else []
     point_rows = frontier_answers(ctx, points, items, params, names)
-    if last:
-        more_rows, more = answer_prompts(ctx, last, items, params, keep=keep)
-        rows += more_rows
-        for s, by_model in more.items():
-            answers.setdefault(s, {}).update(by_model)
+    rows += answer_prompts(ctx, last, items, params, keep=keep)
     rows.sort(key=lambda r: names.index(r["model"]))  # the models' order (stable: prompts stay in order)
-    answers = {s: {n: by_model[n] for n in names if n in by_model} for s, by_model in answers.items()}
+    answers = answer_texts(rows)
 
     # 2. The judge reads every answer: pairs for Elo, each answer's own questions, the sets' rubrics.
     # evaluate.judge (default engine.model), or a served judge on evaluate.judge_endpoints
@@ -463,7 +463,8 @@ def estimate(inputs: PlanInputs) -> Cost:
             phases.append(frozen_model(shape.pm_params, ib))
         memory = largest(*phases)
         # the judge loads apart unless it runs an evaluated model's engine (kept after it answered)
-        judge_apart = not ev.judge_endpoints and judge_model(cfg, "evaluate") != cfg.engine.model
+        evaluated = {cfg.engine.model, *ev.extra_models.values(), *([SL_CAI] if "sft" in cfg.stages else [])}
+        judge_apart = not ev.judge_endpoints and judge_model(cfg, "evaluate") not in evaluated
         loads = models + points + (1 if judge_apart else 0) + (1 if pm else 0)
     prompt += int(points * len(ps) * avg)
     steps = inputs.batching.decode_steps  # one generate call a model, one a frontier point
