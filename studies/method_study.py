@@ -328,7 +328,7 @@ def main(argv=None) -> int:
     p.add_argument("--root", default="runs/study", help="folder holding one run directory per row")
     p.add_argument("--evaluate", type=Path, help="table/samples: read this evaluate folder "
                    "(e.g. runs/cpu-full/evaluate) instead of the study's compare run")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # `run --root DIR row...`: options may sit among the rows
     root = Path(a.root)
     if a.action == "run":
         unknown = [n for n in a.rows if n not in BY_NAME]

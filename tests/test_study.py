@@ -117,3 +117,12 @@ def test_compare_anchors_every_row_on_the_initial_model_and_the_preset_row(tmp_p
     assert cfg.evaluate.anchors == ["initial", m.PRESET_ROW]
     without = m.compare_command(tmp_path, {k: v for k, v in models.items() if k != m.PRESET_ROW}, [])
     assert without[-1] == "evaluate.anchors=[initial]"
+
+
+def test_options_may_sit_among_the_rows(tmp_path, monkeypatch):
+    m = _study()
+    ran = []
+    monkeypatch.setattr(m, "run_rows", lambda names, root: ran.append((names, root)) or 0)
+    assert m.main(["run", "--root", str(tmp_path), "sl-2r-2e", "dpo-sl"]) == 0
+    assert m.main(["--root", str(tmp_path), "run", "tiny"]) == 0
+    assert ran == [(["sl-2r-2e", "dpo-sl"], tmp_path), (["tiny"], tmp_path)]
