@@ -81,7 +81,7 @@ def main() -> int:
         return forward(*args, **kwargs)
 
     engine.model.forward = counting
-    ways = {"length": length_batches, "prefix": local._prefix_batches}
+    ways = {"length": length_batches, "prefix": local._prefix_batches}  # the CPU engine batches with the latter
     results = {w: {"seconds": [], "tokens": None, "calls": None, "logprobs": None} for w in ways}
     engine.choice_logprobs(queries[:2], [OPTIONS] * 2)  # warm-up
     busy = []

@@ -95,6 +95,34 @@ def test_choice_logprobs_match_a_full_forward_pass(tiny_engine, options):
         assert math.isclose(score, ref, rel_tol=1e-4, abs_tol=1e-4)
 
 
+def test_scoring_batches_keep_the_questions_about_one_prompt_together():
+    from cai.engines.local import _prefix_batches
+
+    # three prompts' questions (a 30-token start each, after a 5-token start all share), mixed up
+    seqs = [[1] * 5 + [10 + p] * 25 + [100 + q] * (3 + q) for q in range(6) for p in range(3)]
+    batches = _prefix_batches(seqs, 16)
+    assert sorted(i for b in batches for i in b) == list(range(len(seqs)))  # every row once
+    assert sorted(sorted({seqs[i][5] for i in b}) for b in batches) == [[10], [11], [12]]  # a prompt a batch
+    small = _prefix_batches(seqs, 4)  # no batch over its size; a prompt's 6 rows in two batches
+    assert max(map(len, small)) == 4 and len(small) == 6
+    assert all(len({seqs[i][5] for i in b}) == 1 for b in small)
+    # rows that share nothing much still fill batches (one batch of rows is cheaper than many)
+    assert [len(b) for b in _prefix_batches([[i, 1, 2] for i in range(10)], 4)] == [4, 4, 2]
+
+
+def test_a_judges_questions_score_the_same_batched_by_prompt_as_alone(tiny_engine):
+    """Questions about two prompts, each asked about several answers: batched by their shared
+    starts, each question's options score as they do asked alone."""
+    convs = [[{"role": "user", "content": f"About {topic}: is answer {ans} safe?"},
+              {"role": "assistant", "content": "The answer is: ("}]
+             for ans in ("one", "two and more", "three") for topic in ("red things in the garden", "blue")]
+    options = [["A", "B"]] * len(convs)
+    together = tiny_engine.choice_logprobs(convs, options)
+    alone = [tiny_engine.choice_logprobs([c], [o])[0] for c, o in zip(convs, options)]
+    for got, ref in zip(together, alone):
+        assert got == pytest.approx(ref, rel=1e-4, abs=1e-4)
+
+
 def test_cache_answers_repeats_and_resumes(tiny_engine, tmp_path):
     calls = []
 

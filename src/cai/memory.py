@@ -297,9 +297,17 @@ def generation(shape: ModelShape, dtype_bytes: int, seqs: int, tokens: int, int8
                   + (f" ({shared} shared)" if shared else ""))
 
 
-def frozen_model(params: int, dtype_bytes: int, name: str = "PM") -> Memory:
-    """A model held for scoring only (the PM in rl and evaluate)."""
-    return Memory({name: params * dtype_bytes})
+def frozen_model(params: int, dtype_bytes: int, name: str = "PM", shape: ModelShape | None = None,
+                 seqs: int = 0, tokens: int = 0) -> Memory:
+    """A model held for scoring only (the PM in rl and evaluate). With ``shape``, ``seqs``
+    and ``tokens`` also its scoring pass's workspace where this phase has no other: one
+    layer's inputs and MLP, and attention's scores (no KV cache: ``cai.reward.rewards``
+    keeps none)."""
+    parts = {name: params * dtype_bytes}
+    if shape is not None and seqs and tokens:
+        parts[f"{name} scoring workspace"] = (seqs * tokens * (4 * shape.hidden + 2 * shape.intermediate) * dtype_bytes
+                                              + 3 * seqs * shape.heads * tokens * tokens * 4)
+    return Memory(parts, f"{seqs} sequences x {tokens} tokens" if parts.get(f"{name} scoring workspace") else "")
 
 
 # -- the device and the fit check ---------------------------------------------------------------

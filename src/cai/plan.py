@@ -201,13 +201,13 @@ def measure_training(cfg: RunConfig, log=print, recalibrate: bool = False) -> di
     def train_pass(size) -> None:
         ids = batches[size]
         with prec.autocast():
-            loss = token_loss(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, ids)
+            loss = token_loss(model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits, ids)
         loss.backward()
 
     def forward(size) -> None:
         ids = batches[size]
         with torch.no_grad(), prec.autocast():
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
 
     def opt_step() -> None:
         opt.step()

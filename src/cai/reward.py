@@ -119,7 +119,9 @@ def rewards(model, seqs: list[list[int]], pad_id: int, device):
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+    # no KV cache: a scoring pass reads each sequence once, and the cache would hold every
+    # layer's keys and values for every token (~45 KiB a token on the embedded model) until it ends
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
     return out.logits[:, 0].float()
 
 

@@ -582,7 +582,8 @@ def answer_logprobs(model, batch: dict, entropy: bool = False):
     labelled = labels != IGNORE
     first = int(labelled.float().argmax(-1).min()) if bool(labelled.any()) else 0
     keep = labels.size(1) - max(first - 1, 0)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
+                   use_cache=False).logits
     logits = logits[:, -keep:, :]
     kept = labels[:, -keep:]
     logp = sequence_logprobs(logits, kept)

@@ -459,8 +459,9 @@ def estimate(inputs: PlanInputs) -> Cost:
         phases = [generation(shape, ib, local.in_flight(len(ps) + std_n), int(avg) + ev.max_new_tokens, int8),
                   generation(shape, ib, local.in_flight(pair_q + judge_q, "score"),
                              int(avg + demo + 2 * ev.max_new_tokens + 80), int8, shared=local.kept_prefix(demo))]
-        if pm:
-            phases.append(frozen_model(shape.pm_params, ib))
+        if pm:  # its texts: the answers, and the revisions where chains are scored
+            longest = max(ev.max_new_tokens, cr.max_new_tokens if pm > models * (r + h) else 0)
+            phases.append(frozen_model(shape.pm_params, ib, shape=shape, seqs=8, tokens=int(avg) + longest))
         memory = largest(*phases)
         # the judge loads apart unless it runs an evaluated model's engine (kept after it answered)
         evaluated = {cfg.engine.model, *ev.extra_models.values(), *([SL_CAI] if "sft" in cfg.stages else [])}

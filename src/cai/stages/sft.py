@@ -55,7 +55,7 @@ def evaluate_loss(model, examples, pad_id, device, batch_size: int, prec) -> flo
     with torch.no_grad(), prec.autocast():
         for i in range(0, len(examples), batch_size):
             batch = pad_batch(examples[i:i + batch_size], pad_id, device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
             n = int((batch["labels"][:, 1:] != IGNORE).sum())
             total += float(token_loss(logits, batch["labels"])) * n
             count += n
@@ -91,7 +91,8 @@ class NextTokens(ShareOfBatches):
         batch = pad_batch([self.train[i] for i in items], self.pad_id, self.accelerator.device)
         batch_labels = sum(self.learned[i] for i in self.batch) or 1  # the whole batch's, over all processes
         with self.prec.autocast():
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                use_cache=False).logits
             share = self.weight * sum(self.learned[i] for i in items) / batch_labels
             loss = token_loss(logits, batch["labels"]) * share  # its part of the batch's token mean
         self.tokens_seen += int(self.weight) * sum(len(self.train[i]["input_ids"]) for i in items)
