@@ -264,6 +264,15 @@ def training(shape: ModelShape, prec, tc, seqs: int, tokens: int, world: int = 1
     return Memory(parts, f"{seqs} sequences x {tokens} tokens per pass")
 
 
+def no_grad_workspace(shape: ModelShape, dtype_bytes: int, seqs: int, tokens: int, int8: bool = False) -> int:
+    """One layer's no-grad workspace over ``seqs`` x ``tokens``: its inputs and the MLP's
+    (int8 layers also hold float temporaries of a layer's input while quantizing it per
+    token, about four copies), and attention's scores of every query against every key, in
+    float32 (about three copies: the scores, the mask, the softmax)."""
+    return (seqs * tokens * (4 * shape.hidden + (6 if int8 else 2) * shape.intermediate) * dtype_bytes
+            + 3 * seqs * shape.heads * tokens * tokens * 4)
+
+
 def generation(shape: ModelShape, dtype_bytes: int, seqs: int, tokens: int, int8: bool = False,
                shared: int = 0) -> Memory:
     """An inference engine's peak: its weights (``engine.quantize=int8``: linear layers in
@@ -273,12 +282,8 @@ def generation(shape: ModelShape, dtype_bytes: int, seqs: int, tokens: int, int8
     are a prefix every sequence shares (few-shot demonstrations), which the local engine
     keeps once for the batch."""
     own = max(1, tokens - shared)
-    # one layer's no-grad workspace at prefill: its inputs and the MLP's (int8 layers also hold
-    # float temporaries of a layer's input while quantizing it per token, about four copies), and
-    # attention's scores of every query against every key of its own, in float32 (about three
-    # copies: the scores, the mask, the softmax; a shared prefix is attended by a fused kernel)
-    work = seqs * own * (4 * shape.hidden + (6 if int8 else 2) * shape.intermediate) * dtype_bytes
-    work += 3 * seqs * shape.heads * own * own * 4
+    # the prefill's workspace over the rows' own tokens (a shared prefix is attended by a fused kernel)
+    work = no_grad_workspace(shape, dtype_bytes, seqs, own, int8)
     # a batch is prefilled in groups of similar length whose KV caches are then laid into the
     # batch's cache: while that happens the cache is held twice
     run = {"kv cache": 2 * shape.kv_bytes(seqs * own, dtype_bytes) + shape.kv_bytes(shared, dtype_bytes),
@@ -305,8 +310,7 @@ def frozen_model(params: int, dtype_bytes: int, name: str = "PM", shape: ModelSh
     keeps none)."""
     parts = {name: params * dtype_bytes}
     if shape is not None and seqs and tokens:
-        parts[f"{name} scoring workspace"] = (seqs * tokens * (4 * shape.hidden + 2 * shape.intermediate) * dtype_bytes
-                                              + 3 * seqs * shape.heads * tokens * tokens * 4)
+        parts[f"{name} scoring workspace"] = no_grad_workspace(shape, dtype_bytes, seqs, tokens)
     return Memory(parts, f"{seqs} sequences x {tokens} tokens" if parts.get(f"{name} scoring workspace") else "")
 
 
