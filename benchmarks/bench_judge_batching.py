@@ -13,7 +13,8 @@ This builds evaluate's pairwise questions on ``--prompts`` red-team and helpful 
 them with the embedded model on the int8 engine, both ways, interleaved (length, prefix,
 prefix, length). It reports the tokens the model read (a count, not a time: the same on
 every machine), the median seconds of each way, their ratio, and the largest difference
-between the two ways' log-probs.
+between the two ways' log-probs; with ``--alone`` also each way's distance from asking
+every question alone.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_judge_batching.py
 """
@@ -44,6 +45,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=12, help="prompts (half red-team, half helpful)")
     ap.add_argument("--models", type=int, default=4, help="answers per prompt (the models compared, all pairs)")
+    ap.add_argument("--alone", action="store_true", help="also ask every question alone (batch 1) and report how far "
+                    "each way's log-probs are from that (int8 scores move with their batch: docs/engine.md)")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args()
 
@@ -111,6 +114,12 @@ def main() -> int:
         "largest_logprob_difference": diff,
         "score_batch_size": engine.score_batch_size,
     }
+    if a.alone:
+        alone = [engine.choice_logprobs([q], [OPTIONS])[0] for q in queries]
+        for way in ways:
+            diffs = sorted(abs(x - y) for got, ref in zip(results[way]["logprobs"], alone) for x, y in zip(got, ref))
+            summary[f"{way}_vs_alone"] = {"mean": round(sum(diffs) / len(diffs), 5),
+                                          "median": round(diffs[len(diffs) // 2], 5), "largest": round(diffs[-1], 5)}
     warning = _common.starved_warning(_common.usable_cores(), busy)
     report = {"what": __doc__.splitlines()[0], "settings": vars(a) | {"out": str(a.out)},
               "machine": _common.machine_info(), "summary": summary, "warning": warning,
