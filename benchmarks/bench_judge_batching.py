@@ -35,12 +35,6 @@ import _common  # noqa: E402
 OUT = Path(__file__).resolve().parent / "results" / "judge_batching.json"
 
 
-def length_batches(seqs: list[list[int]], size: int) -> list[list[int]]:
-    """The batching before: longest first, ``size`` at a time."""
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    return [order[i:i + size] for i in range(0, len(order), size)]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=12, help="prompts (half red-team, half helpful)")
@@ -84,7 +78,7 @@ def main() -> int:
         return forward(*args, **kwargs)
 
     engine.model.forward = counting
-    ways = {"length": length_batches, "prefix": local._prefix_batches}  # the CPU engine batches with the latter
+    ways = {"length": local._length_batches, "prefix": local._prefix_batches}  # the CPU engine batches with the latter
     results = {w: {"seconds": [], "tokens": None, "calls": None, "logprobs": None} for w in ways}
     engine.choice_logprobs(queries[:2], [OPTIONS] * 2)  # warm-up
     busy = []

@@ -308,10 +308,11 @@ def frozen_model(params: int, dtype_bytes: int, name: str = "PM", shape: ModelSh
     and ``tokens`` also its scoring pass's workspace where this phase has no other: one
     layer's inputs and MLP, and attention's scores (no KV cache: ``cai.reward.rewards``
     keeps none)."""
-    parts = {name: params * dtype_bytes}
-    if shape is not None and seqs and tokens:
-        parts[f"{name} scoring workspace"] = no_grad_workspace(shape, dtype_bytes, seqs, tokens)
-    return Memory(parts, f"{seqs} sequences x {tokens} tokens" if parts.get(f"{name} scoring workspace") else "")
+    if shape is None or not (seqs and tokens):
+        return Memory({name: params * dtype_bytes})
+    return Memory({name: params * dtype_bytes,
+                   f"{name} scoring workspace": no_grad_workspace(shape, dtype_bytes, seqs, tokens)},
+                  f"{seqs} sequences x {tokens} tokens")
 
 
 # -- the device and the fit check ---------------------------------------------------------------

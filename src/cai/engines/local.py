@@ -67,9 +67,8 @@ def _prefix_batches(seqs: list[list[int]], size: int) -> list[list[int]]:
     batch: list[int] = []
     common = 0
     for i in order:
-        if batch:
-            c = _common_prefix_len([seqs[batch[-1]], seqs[i]])  # in token order, the batch's common
-            c = min(c, common) if len(batch) > 1 else c        # start is the least adjacent one
+        if batch:  # in token order, a batch's common start is its least adjacent one
+            c = min(common, _common_prefix_len([seqs[batch[-1]], seqs[i]]))
             if len(batch) >= size or len(batch) * c < (len(batch) - 1) * common:
                 batches.append(batch)
                 batch = []
@@ -81,6 +80,13 @@ def _prefix_batches(seqs: list[list[int]], size: int) -> list[list[int]]:
     if batch:
         batches.append(batch)
     return batches
+
+
+def _length_batches(seqs: list[list[int]], size: int) -> list[list[int]]:
+    """The rows' indices longest first, ``size`` at a time (each batch pads to lengths close
+    to its own)."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    return [order[i:i + size] for i in range(0, len(order), size)]
 
 
 def _quantize_int8(model, device: str, calibration_ids=None):
@@ -660,12 +666,10 @@ class LocalEngine(Engine):
 
     def _score_batches(self, seqs: list[list[int]]) -> list[list[int]]:
         """Scoring batches: by shared start where the engine keeps a batch's prefix once (the
-        CPU, :func:`_prefix_batches`); elsewhere longest first, ``score_batch_size`` at a time
-        (on a GPU more, smaller batches cost launches; not measured there, so not changed)."""
+        CPU, :func:`_prefix_batches`); elsewhere longest first (:func:`_length_batches`; on a GPU more, smaller batches cost launches; not measured there, so not changed)."""
         if self.score_batch_size > 1 and self._shared_prefix_ok():
             return _prefix_batches(seqs, self.score_batch_size)
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-        return [order[i:i + self.score_batch_size] for i in range(0, len(order), self.score_batch_size)]
+        return _length_batches(seqs, self.score_batch_size)
 
     def _score_singles(self, singles, scores, progress, on_result) -> None:
         torch = self.torch
